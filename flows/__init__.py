@@ -1,0 +1,1 @@
+"""tlflow wiring: the Prefect flow and the `tlflow` command. No stage logic here."""

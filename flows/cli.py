@@ -1,0 +1,91 @@
+"""The `tlflow` command. It works on the project in the current directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from tasks.errors import TlflowError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tlflow", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the pipeline as a Prefect flow (only stale stages)")
+    r.add_argument("--force", action="store_true", help="rerun every stage")
+    s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
+    s.add_argument("name", help="ingest | extract | train | evaluate")
+    return p
+
+
+def cmd_stage(name: str) -> int:
+    """Run one stage in this process."""
+    from flows.stages import stage_runner
+    from tasks.params import load_params
+
+    runner = stage_runner(name)
+    runner(load_params())
+    return 0
+
+
+def cmd_run(force: bool) -> int:
+    """Run the flow; print which stages ran and the metrics."""
+    from tasks.params import load_params
+
+    params = load_params()  # bad params stop here, before Prefect starts
+    from flows.pipeline import BAD_INPUT, pipeline
+
+    state = pipeline(force=force, return_state=True)
+    if state.is_failed():
+        print(f"error: {state.message}", file=sys.stderr)
+        return 2 if state.name == BAD_INPUT else 1
+    _summary(state.result(), params)
+    return 0
+
+
+def _summary(results: list, params: object) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tlflow run")
+    for col in ("stage", "ran", "why", "seconds"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
+    console = Console()
+    console.print(table)
+    paths = params.base.paths
+    if paths.eval_metrics.is_file() and paths.probe_metrics.is_file():
+        probe = json.loads(paths.probe_metrics.read_text())["best"]
+        test = json.loads(paths.eval_metrics.read_text())["probe"]
+        console.print(
+            f"probe: layer {probe['layer']}, C={probe['C']:g}, "
+            f"val accuracy {probe['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
+            f"macro F1 {test['macro_f1']:.4f}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: expected failures print one line and exit 2, without a traceback."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "stage":
+            return cmd_stage(args.name)
+        return cmd_run(args.force)
+    except TlflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def console() -> None:
+    """Console-script wrapper: exit with main's status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

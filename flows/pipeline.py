@@ -1,0 +1,61 @@
+"""The Prefect flow: ingest -> extract -> train -> evaluate, rerunning only stale stages.
+
+Freshness has one source of truth: DVC's dvc.lock. A stage runs in-process when `dvc status`
+calls it stale, then `dvc commit` records it, so `dvc repro` and `tlflow run` agree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
+
+from flows.stages import STAGES, commit, stage_runner, why_stale
+from tasks.errors import TlflowError
+from tasks.params import load_params
+
+BAD_INPUT = "BadInput"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What happened to one stage in one run."""
+
+    name: str
+    ran: bool
+    reason: str
+    seconds: float
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}")
+def run_stage(name: str, force: bool = False) -> StageResult | State:
+    """Run one stage if DVC calls it stale (or when forced), then record it in dvc.lock."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    reason = "forced" if force else why_stale(name)
+    if reason is None:
+        logger.info("%s: up to date, skipped", name)
+        return StageResult(name, False, "up to date", 0.0)
+    logger.info("%s: running (%s)", name, reason)
+    try:
+        stage_runner(name)(load_params())
+    except TlflowError as err:
+        logger.error("%s", err)
+        return Failed(name=BAD_INPUT, message=str(err))
+    commit(name)
+    return StageResult(name, True, reason, time.perf_counter() - t0)
+
+
+@flow(name="tlflow-pipeline", log_prints=True)
+def pipeline(force: bool = False) -> list[StageResult] | State:
+    """Every stage in order; a stage that fails stops the run and keeps what came before."""
+    results = []
+    for name in STAGES:
+        state = run_stage(name, force, return_state=True)
+        if state.is_failed():
+            return Failed(name=state.name, message=state.message)
+        results.append(state.result())
+    return results

@@ -1,0 +1,67 @@
+"""Evaluate: the probe on the test split, touched once. Metrics JSON and a confusion CSV."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+from tasks.errors import TlflowError
+from tasks.extract import current_store
+from tasks.featurestore import FeatureStore
+from tasks.head import LinearHead, load_head
+from tasks.ingest import read_manifest
+from tasks.io import atomic_path, write_json
+from tasks.params import Params
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """Accuracy, macro F1 and a per-class table (precision, recall, f1, support)."""
+    report = classification_report(
+        y_true, y_pred, labels=list(classes), output_dict=True, zero_division=0
+    )
+    per_class = {
+        c: {k: (int(v) if k == "support" else float(v)) for k, v in report[c].items()}
+        for c in classes
+    }
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=list(classes), average="macro",
+                                   zero_division=0)),
+        "n": len(y_true),
+        "per_class": per_class,
+    }
+
+
+def write_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+    """One row per test image (actual, predicted): the shape DVC's confusion template reads."""
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(("actual", "predicted"))
+        w.writerows(zip(y_true, y_pred, strict=True))
+
+
+def predict_codes(head: LinearHead, store: FeatureStore, keys: list[str]) -> np.ndarray:
+    """Labels the head gives to the stored codes of these image hashes."""
+    return head.predict(store.read(head.meta["layer"], keys))
+
+
+def run(params: Params) -> dict:
+    """Score the probe on the test split; write metrics/eval.json and plots/confusion.csv."""
+    paths = params.base.paths
+    test = [r for r in read_manifest(paths.manifest) if r.split == "test"]
+    if not test:
+        raise TlflowError("evaluate: the test split is empty; set ingest.test_fraction above 0")
+    path = current_store(paths.features)
+    head = load_head(paths.head, extractor_id=path.stem)
+    with FeatureStore(path) as store:
+        y_pred = predict_codes(head, store, [r.sha256 for r in test])
+    y_true = np.array([r.label for r in test])
+    metrics = {"probe": score(y_true, y_pred, head.classes)}
+    write_json(paths.eval_metrics, metrics)
+    write_confusion(paths.confusion, y_true, y_pred)
+    p = metrics["probe"]
+    print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "
+          f"on {p['n']} images -> {paths.eval_metrics}", flush=True)
+    return metrics

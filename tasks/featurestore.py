@@ -1,0 +1,121 @@
+"""The HDF5 feature store: CNN codes addressed by the sha256 of the image's bytes.
+
+One file per extractor (features/<extractor-id>.h5). Datasets: `keys` (N, S64) and
+`layers/<name>` (N x D, chunked along N). Rows are appended in batches; the attribute
+`n_committed` is advanced only after a batch is flushed, and readers trust only rows below it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tasks.errors import TlflowError
+
+COMMITTED = "n_committed"
+EXTRACTOR = "extractor"
+_CHUNK_ROWS = 256
+
+
+def extractor_id(extractor: dict[str, Any]) -> str:
+    """Short hash of the canonical JSON of everything that changes a code."""
+    canonical = json.dumps(extractor, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class FeatureStore:
+    """Read and append codes in one HDF5 file."""
+
+    def __init__(self, path: Path, mode: str = "r") -> None:
+        self.path = Path(path)
+        if mode == "r" and not self.path.is_file():
+            raise TlflowError(f"{self.path}: feature store not found (run `tlflow stage extract`)")
+        try:
+            self._h5 = h5py.File(self.path, mode)
+        except OSError as err:
+            raise TlflowError(f"{self.path}: not a readable HDF5 feature store ({err})") from None
+
+    @classmethod
+    def create(
+        cls, path: Path, extractor: dict[str, Any], dims: dict[str, int], dtype: str
+    ) -> FeatureStore:
+        """Open the store for appending, creating it with these layers if it is new."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = cls(path, "a")
+        h5 = store._h5
+        if EXTRACTOR not in h5.attrs:
+            h5.create_dataset("keys", (0,), dtype="S64", maxshape=(None,), chunks=(4096,))
+            for name, dim in dims.items():
+                h5.create_dataset(
+                    f"layers/{name}", (0, dim), dtype=dtype, maxshape=(None, dim),
+                    chunks=(_CHUNK_ROWS, dim),
+                )
+            h5.attrs[EXTRACTOR] = json.dumps(extractor, sort_keys=True)
+            h5.attrs[COMMITTED] = 0
+            h5.flush()
+        elif json.loads(h5.attrs[EXTRACTOR]) != extractor:
+            store.close()
+            raise TlflowError(f"{path}: holds codes of another extractor; remove it or rename it")
+        return store
+
+    # -- reading
+    @property
+    def extractor(self) -> dict[str, Any]:
+        return json.loads(self._h5.attrs[EXTRACTOR])
+
+    @property
+    def n_committed(self) -> int:
+        return int(self._h5.attrs[COMMITTED])
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer name -> code size."""
+        return {name: ds.shape[1] for name, ds in self._h5["layers"].items()}
+
+    def keys(self) -> list[str]:
+        """The committed keys, in row order."""
+        return [k.decode() for k in self._h5["keys"][: self.n_committed]]
+
+    def read(self, layer: str, keys: Iterable[str]) -> np.ndarray:
+        """Codes of `layer` for `keys` (float32, in the order given)."""
+        if layer not in self._h5["layers"]:
+            raise TlflowError(f"{self.path}: no layer {layer!r}; has {sorted(self.layers)}")
+        index = {k: i for i, k in enumerate(self.keys())}
+        keys = list(keys)
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise TlflowError(
+                f"{self.path}: {len(missing)} image(s) have no codes, e.g. {missing[0]} "
+                "(run `tlflow stage extract`)"
+            )
+        rows = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+        data = self._h5["layers"][layer][: self.n_committed]
+        return data[rows].astype(np.float32)
+
+    # -- writing
+    def append(self, keys: list[str], codes: dict[str, np.ndarray]) -> None:
+        """Append one batch, flush it, then advance the committed counter."""
+        n, m = self.n_committed, len(keys)
+        self._h5["keys"].resize((n + m,))
+        self._h5["keys"][n:] = np.array(keys, dtype="S64")
+        for name, ds in self._h5["layers"].items():
+            ds.resize((n + m, ds.shape[1]))
+            ds[n:] = codes[name]
+        self._h5.flush()
+        self._h5.attrs[COMMITTED] = n + m
+        self._h5.flush()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""A linear head on disk: safetensors (weight, bias, feature mean and scale) plus a JSON sidecar.
+
+No pickle: loading reads tensors and JSON only, and never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import TlflowError
+from tasks.io import atomic_path, write_json
+
+FORMAT = "tlflow.linear_head/1"
+_TENSORS = ("weight", "bias", "mean", "scale")
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """softmax(((x - mean) / scale) @ weight.T + bias) over `classes`."""
+
+    weight: np.ndarray  # (K, D)
+    bias: np.ndarray  # (K,)
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    classes: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)  # layer, extractor_id, C, val_accuracy...
+
+    def logits(self, codes: np.ndarray) -> np.ndarray:
+        """Class scores for a batch of codes (N, D) -> (N, K)."""
+        return ((codes - self.mean) / self.scale) @ self.weight.T + self.bias
+
+    def predict_proba(self, codes: np.ndarray) -> np.ndarray:
+        z = self.logits(codes)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def predict(self, codes: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes)[self.logits(codes).argmax(axis=1)]
+
+
+def tensors_path(stem: Path) -> Path:
+    """The head's tensors: <stem>.safetensors."""
+    return Path(f"{stem}.safetensors")
+
+
+def meta_path(stem: Path) -> Path:
+    """The head's JSON sidecar: <stem>.json."""
+    return Path(f"{stem}.json")
+
+
+def save_head(head: LinearHead, stem: Path) -> None:
+    """Write tensors then sidecar, each atomically."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(getattr(head, k), dtype=np.float32) for k in _TENSORS}
+    with atomic_path(tensors_path(stem)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    write_json(meta_path(stem), {**head.meta, "format": FORMAT, "classes": list(head.classes)})
+
+
+def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
+    """Read a head; refuse a pickle, a truncated file or one from another extractor."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path, sidecar = tensors_path(stem), meta_path(stem)
+    if not path.is_file() or not sidecar.is_file():
+        raise TlflowError(f"{path} or its sidecar {sidecar.name}: not found "
+                          "(run `tlflow stage train`)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TlflowError(f"{path}: not a safetensors head (pickles are refused): {err}") from None
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TlflowError(f"{sidecar}: not valid JSON: {err}") from None
+    if meta.get("format") != FORMAT or set(tensors) != set(_TENSORS):
+        raise TlflowError(f"{path}: not a {FORMAT} head (tensors {sorted(tensors)})")
+    if extractor_id is not None and meta.get("extractor_id") != extractor_id:
+        raise TlflowError(
+            f"{path}: trained on codes of extractor {meta.get('extractor_id')}, "
+            f"not {extractor_id}; rerun `tlflow stage train`"
+        )
+    classes = tuple(meta.pop("classes"))
+    meta.pop("format")
+    return LinearHead(**{k: tensors[k] for k in _TENSORS}, classes=classes, meta=meta)

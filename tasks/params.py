@@ -1,0 +1,121 @@
+"""params.yaml, typed once at the edge: frozen pydantic models, one per section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import TlflowError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    """Every path the pipeline reads or writes, relative to the project root."""
+
+    images: Path
+    manifest: Path
+    features: Path
+    head: Path
+    probe_metrics: Path
+    eval_metrics: Path
+    confusion: Path
+
+
+
+class Base(_Section):
+    seed: int = Field(0, ge=0)
+    paths: Paths
+
+
+class Ingest(_Section):
+    source: Literal["digits", "folder", "csv"] = "digits"
+    path: Path | None = None
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_train(cls, v: float, info) -> float:
+        if info.data.get("val_fraction", 0.0) + v >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1 (train needs images)")
+        return v
+
+
+class Extract(_Section):
+    backbone: str = "timm/tf_efficientnet_lite0"
+    weights: str = "packaged"
+    layers: tuple[str, ...] = Field(("pooled",), min_length=1)
+    image_size: int | None = Field(None, ge=8, le=4096)
+    batch_size: int = Field(64, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["float16", "float32"] = "float16"
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers must be unique, got {list(v)}")
+        return v
+
+
+class Train(_Section):
+    classifier: Literal["logistic"] = "logistic"
+    C_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)
+    max_iter: int = Field(1000, ge=1)
+
+    @field_validator("C_grid")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(c <= 0 for c in v):
+            raise ValueError(f"every C must be > 0, got {list(v)}")
+        return v
+
+
+class Params(_Section):
+    base: Base
+    ingest: Ingest = Ingest()
+    extract: Extract = Extract()
+    train: Train = Train()
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    """One line per problem: the dotted key, what was expected, what was given."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        given = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}{given}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise TlflowError naming each bad key."""
+    if not isinstance(raw, dict):
+        raise TlflowError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise TlflowError(_describe(err, source)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise TlflowError(f"{path}: not found (run tlflow from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise TlflowError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
