@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny generated images, params for them, and a copy of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tasks.params import Params, parse_params
+
+# The suite needs no network: hubs answer "offline" at once instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+BIN = Path(sys.executable).parent
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests are skipped where there is no CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_image(path: Path, colour: tuple[int, int, int], seed: int, size: int = 24) -> Path:
+    """A small noisy image of one dominant colour (distinct bytes per seed)."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """root/<class>/<image>: three colour classes, 12 images each."""
+    root = tmp_path / "src"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(12):
+            write_image(root / name / f"{i:02d}.png", colour, seed=100 * c + i)
+    return root
+
+
+def make_params(tmp_path: Path, **sections: dict) -> Params:
+    """Params for a project rooted in tmp_path, overriding sections as given."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["base"]["paths"] = {k: str(tmp_path / v) for k, v in raw["base"]["paths"].items()}
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values}
+    return parse_params(raw)
+
+
+PROJECT_FILES = ("params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's pipeline files and stage code in a fresh git repo at dest."""
+    for rel in PROJECT_FILES:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    for pkg in ("tasks", "flows"):
+        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
+    subprocess.run([*git, "-C", str(dest), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(dest), "commit", "-qm", "init"], check=True)
+    return dest
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running `tlflow` and `dvc` from the test's venv, offline."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300):
+    """Run a command, capturing its output."""
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

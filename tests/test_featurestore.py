@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tasks.errors import TlflowError
+from tasks.featurestore import COMMITTED, FeatureStore, extractor_id
+
+EXTRACTOR = {"backbone": "timm/x", "layers": ["a", "b"], "dtype": "float16"}
+DIMS = {"a": 4, "b": 2}
+
+
+def _codes(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=(n, d)).astype(np.float16) for k, d in DIMS.items()}
+
+
+def test_round_trip_in_any_key_order(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    a, b = _codes(3, 0), _codes(2, 1)
+    with FeatureStore.create(path, EXTRACTOR, DIMS, "float16") as store:
+        store.append(["k0", "k1", "k2"], a)
+        store.append(["k3", "k4"], b)
+    with FeatureStore(path) as store:
+        assert store.keys() == ["k0", "k1", "k2", "k3", "k4"]
+        assert store.layers == DIMS
+        assert store.extractor == EXTRACTOR
+        got = store.read("a", ["k4", "k0"])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.vstack([b["a"][1], a["a"][0]]).astype(np.float32))
+
+
+def test_rows_past_the_counter_are_not_trusted(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    with FeatureStore.create(path, EXTRACTOR, DIMS, "float16") as store:
+        store.append(["k0", "k1"], _codes(2, 0))
+    with h5py.File(path, "a") as h5:  # a writer died after resizing, before committing
+        h5.attrs[COMMITTED] = 1
+    with FeatureStore(path) as store:
+        assert store.keys() == ["k0"]
+        with pytest.raises(TlflowError, match="1 image.s. have no codes, e.g. k1"):
+            store.read("a", ["k1"])
+    with FeatureStore.create(path, EXTRACTOR, DIMS, "float16") as store:
+        store.append(["k1"], _codes(1, 5))  # the next batch overwrites the torn row
+        assert store.keys() == ["k0", "k1"]
+
+
+def test_another_extractor_is_refused(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    FeatureStore.create(path, EXTRACTOR, DIMS, "float16").close()
+    with pytest.raises(TlflowError, match="codes of another extractor"):
+        FeatureStore.create(path, {**EXTRACTOR, "dtype": "float32"}, DIMS, "float32")
+
+
+def test_unknown_layer_and_missing_or_corrupt_file(tmp_path: Path):
+    with pytest.raises(TlflowError, match="feature store not found"):
+        FeatureStore(tmp_path / "none.h5")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(TlflowError, match="not a readable HDF5"):
+        FeatureStore(bad)
+    path = tmp_path / "s.h5"
+    FeatureStore.create(path, EXTRACTOR, DIMS, "float16").close()
+    with FeatureStore(path) as store, pytest.raises(TlflowError, match="no layer 'c'"):
+        store.read("c", [])
+
+
+def test_extractor_id_is_canonical():
+    assert extractor_id({"a": 1, "b": [2]}) == extractor_id({"b": [2], "a": 1})
+    assert extractor_id({"a": 1}) != extractor_id({"a": 2})

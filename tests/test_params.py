@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.errors import TlflowError
+from tasks.params import load_params, parse_params
+from tests.conftest import ROOT, cli_env, run_cli
+
+
+def _raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.ingest.source == "digits"
+    assert params.extract.layers[0] == "pooled" and len(params.extract.layers) >= 2
+    assert params.train.classifier == "logistic"
+
+
+def test_params_are_frozen():
+    params = parse_params(_raw())
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
+        params.train.max_iter = 3
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "needle"),
+    [
+        ("train", "C_gird", [1.0], "train.C_gird: unknown key"),
+        ("train", "C_grid", [0.0, 1.0], "train.C_grid: every C must be > 0"),
+        ("extract", "batch_size", "many", "extract.batch_size"),
+        ("extract", "device", "tpu", "extract.device"),
+        ("ingest", "source", "s3", "ingest.source"),
+        ("ingest", "test_fraction", 0.9, "ingest.test_fraction"),
+        ("extract", "layers", [], "extract.layers"),
+    ],
+)
+def test_bad_values_name_the_key(section, key, value, needle):
+    raw = _raw()
+    raw[section][key] = value
+    with pytest.raises(TlflowError, match=None) as err:
+        parse_params(raw)
+    assert needle in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(TlflowError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("base: [unclosed\n")
+    with pytest.raises(TlflowError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_cli_exits_2_without_traceback(tmp_path: Path):
+    raw = _raw()
+    raw["train"]["bogus"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for args in (["tlflow", "stage", "train"], ["tlflow", "run"]):
+        proc = run_cli(args, tmp_path, cli_env(tmp_path), timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "train.bogus: unknown key" in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_unknown_stage(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = run_cli(["tlflow", "stage", "fly"], tmp_path, cli_env(tmp_path))
+    assert proc.returncode == 2 and "unknown stage 'fly'" in proc.stderr
