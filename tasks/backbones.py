@@ -88,7 +88,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader error means a bad file
+    except Exception as err:
         raise TlflowError(f"extract.weights: cannot read {path}: {err}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -117,7 +117,7 @@ def _timm(model_name: str, weights: str, seed: int) -> Backbone:
     if weights == "imagenet":
         try:
             model = timm.create_model(model_name, pretrained=True)
-        except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        except Exception as err:
             raise TlflowError(
                 f"extract.weights: imagenet weights of timm/{model_name} could not be "
                 f"downloaded ({type(err).__name__}); without network use weights: packaged, "
@@ -169,7 +169,7 @@ def _torchvision(model_name: str, weights: str, seed: int) -> Backbone:
     if weights == "imagenet":
         try:
             model = torchvision.models.get_model(model_name, weights=default)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise TlflowError(
                 f"extract.weights: imagenet weights of torchvision/{model_name} could not be "
                 f"downloaded ({type(err).__name__}); without network use a local file"

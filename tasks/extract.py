@@ -65,7 +65,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 return self.transform(img.convert("RGB"))
-        except Exception as err:  # noqa: BLE001 - decoders raise many types
+        except Exception as err:
             raise TlflowError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
 
 

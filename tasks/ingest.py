@@ -137,7 +137,9 @@ def _class_images(class_dir: Path, root: Path, split: str | None) -> list[Item]:
 def _class_dirs(folder: Path) -> list[Path]:
     dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
-        raise TlflowError(f"ingest: {folder} has no class folders (expected {folder}/<class>/<image>)")
+        raise TlflowError(
+            f"ingest: {folder} has no class folders (expected {folder}/<class>/<image>)"
+        )
     return dirs
 
 

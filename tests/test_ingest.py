@@ -96,17 +96,17 @@ def test_class_folder_without_images(tmp_path: Path, image_folder: Path):
 
 
 def test_folder_source_needs_path(tmp_path: Path):
-    with pytest.raises(TlflowError, match="ingest.path: required"):
+    with pytest.raises(TlflowError, match=r"ingest\.path: required"):
         ingest.run(make_params(tmp_path, ingest={"source": "folder"}))
 
 
 def test_unknown_label_in_csv(tmp_path: Path, image_folder: Path):
     csv_path = image_folder / "labels.csv"
-    rows = [f"red/{i:02d}.png,red," for i in range(6)] + [f"blue/{i:02d}.png,blue," for i in range(6)]
+    rows = [f"{c}/{i:02d}.png,{c}," for c in ("red", "blue") for i in range(6)]
     rows.append("green/00.png,green,test")  # no train row has 'green'
     csv_path.write_text("path,label,split\n" + "\n".join(rows) + "\n")
     params = make_params(tmp_path, ingest={"source": "csv", "path": str(csv_path)})
-    with pytest.raises(TlflowError, match="label 'green' of green/00.png is unknown"):
+    with pytest.raises(TlflowError, match=r"label 'green' of green/00\.png is unknown"):
         ingest.run(params)
 
 

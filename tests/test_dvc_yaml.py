@@ -1,0 +1,89 @@
+"""dvc.yaml and params.yaml say each path once and agree; stage cmds are `tlflow stage`."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.stages import STAGES
+from tests.conftest import ROOT
+
+# What each stage reads from params.yaml besides its paths (dvc.yaml lists exactly these).
+PARAMS_READ = {
+    "ingest": {"base.seed", "ingest"},
+    "extract": {"base.seed", "extract"},
+    "train": {"base.seed", "train"},
+    "evaluate": set(),
+}
+
+
+@pytest.fixture(scope="module")
+def stages():
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {s.name: s for s in repo.index.stages}
+
+
+@pytest.fixture(scope="module")
+def paths() -> dict[str, str]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())["base"]["paths"]
+
+
+def _outs(stage) -> set[str]:
+    return {str(o.def_path) for o in stage.outs}
+
+
+def _deps(stage) -> set[str]:
+    return {str(d.def_path) for d in stage.deps if not hasattr(d, "params")}
+
+
+def test_stages_match_the_flow(stages):
+    assert tuple(stages) == STAGES
+    for name, stage in stages.items():
+        assert stage.cmd == f"tlflow stage {name}"
+
+
+def test_every_path_is_an_output_of_one_stage(stages, paths):
+    outs = {name: _outs(s) for name, s in stages.items()}
+    paths = dict(paths)
+    head = paths.pop("head")
+    expected = {
+        "ingest": {paths["images"], paths["manifest"]},
+        "extract": {paths["features"]},
+        "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"]},
+        "evaluate": {paths["eval_metrics"], paths["confusion"]},
+    }
+    assert outs == expected
+
+
+def test_each_stage_depends_on_what_it_reads(stages, paths):
+    head = paths["head"]
+    data = {
+        "ingest": set(),
+        "extract": {paths["manifest"]},
+        "train": {paths["manifest"], paths["features"]},
+        "evaluate": {paths["manifest"], paths["features"], f"{head}.safetensors",
+                     f"{head}.json"},
+    }
+    for name, stage in stages.items():
+        deps = _deps(stage)
+        assert f"tasks/{name}.py" in deps
+        assert {d for d in deps if not d.startswith("tasks/")} == data[name]
+        for code in (d for d in deps if d.startswith("tasks/")):
+            assert (ROOT / code).is_file(), code
+
+
+def test_params_are_exactly_what_each_stage_reads(stages):
+    for name, stage in stages.items():
+        declared = {key for dep in stage.deps if hasattr(dep, "params") for key in dep.params}
+        assert declared == PARAMS_READ[name], name
+
+
+def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
+    metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
+    assert metrics == {paths["probe_metrics"], paths["eval_metrics"]}
+    (plot,) = [o for s in stages.values() for o in s.outs if o.plot]
+    assert str(plot.def_path) == paths["confusion"]
+    assert plot.plot["template"] == "confusion"
+    assert Path(ROOT / "dvc.yaml").read_text().count("template: confusion") == 1

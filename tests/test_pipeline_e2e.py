@@ -1,0 +1,92 @@
+"""End to end in tmp_path: the real Prefect flow and real DVC on the embedded digits."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.stages import STAGES
+from tests.conftest import cli_env, copy_project, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    env = cli_env(root)
+    proc = run_cli(["tlflow", "run"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root, env, proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> set[str]:
+    """Stages the flow ran, from its log lines."""
+    return {m for m in STAGES if re.search(rf"\b{m}: running \(", output)}
+
+
+def _set_C_grid(root: Path, grid: list[float]) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["C_grid"] = grid
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _dvc_up_to_date(root: Path, env: dict) -> None:
+    proc = run_cli(["dvc", "status"], root, env)
+    assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_first_run_trains_an_accurate_probe(project):
+    root, env, output = project
+    assert _ran(output) == set(STAGES)
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    assert metrics["probe"]["accuracy"] >= 0.97
+    assert set(metrics["probe"]["per_class"]) == {str(d) for d in range(10)}
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    assert probe["best"]["layer"] != "pooled"  # the intermediate stage wins on digits
+    assert "test accuracy" in output  # the summary
+    _dvc_up_to_date(root, env)
+
+
+def test_a_second_run_skips_everything(project):
+    root, env, _ = project
+    proc = run_cli(["tlflow", "run"], root, env)
+    assert proc.returncode == 0, proc.stderr
+    assert _ran(proc.stdout + proc.stderr) == set()
+    _dvc_up_to_date(root, env)
+
+
+def test_changing_C_grid_reruns_only_train_and_evaluate(project):
+    root, env, _ = project
+    _set_C_grid(root, [0.05, 0.5])
+    proc = run_cli(["dvc", "repro"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = set(re.findall(r"Running stage '(\w+)'", proc.stdout))
+    assert ran == {"train", "evaluate"}, proc.stdout
+    _dvc_up_to_date(root, env)
+    assert json.loads((root / "metrics/probe.json").read_text())["best"]["C"] in (0.05, 0.5)
+
+    _set_C_grid(root, [0.2, 2.0])
+    proc = run_cli(["tlflow", "run"], root, env)
+    assert proc.returncode == 0, proc.stderr
+    assert _ran(proc.stdout + proc.stderr) == {"train", "evaluate"}
+    _dvc_up_to_date(root, env)
+    assert json.loads((root / "metrics/probe.json").read_text())["best"]["C"] in (0.2, 2.0)
+
+
+def test_bad_input_in_the_flow_exits_2_and_keeps_outputs(project, tmp_path: Path):
+    root, env, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ingest"] = {**params["ingest"], "source": "folder", "path": str(tmp_path / "gone")}
+    original = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = run_cli(["tlflow", "run"], root, env)
+    finally:
+        (root / "params.yaml").write_text(original)
+    assert proc.returncode == 2
+    assert "gone does not exist" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (root / "models/head.safetensors").is_file()  # nothing already done is lost
