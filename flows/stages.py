@@ -33,17 +33,21 @@ def why_stale(name: str, root: Path = Path()) -> str | None:
 
 
 def _describe(change: object) -> str:
-    if isinstance(change, str):
+    """Compact reason from one `dvc status` entry, e.g. "params: train.C_grid; deps: data/x"."""
+    if isinstance(change, str):  # e.g. "changed command", "always changed"
         return change
     parts = []
-    for kind, items in change.items():  # e.g. {"changed deps": {"params.yaml": {...}}}
-        if isinstance(items, dict):
-            detail = ", ".join(
-                f"{p} ({', '.join(v) if isinstance(v, dict) else v})" for p, v in items.items()
-            )
-        else:
-            detail = str(items)
-        parts.append(f"{kind}: {detail}")
+    for kind, items in change.items():  # {"changed deps": {"params.yaml": {...}, "a.py": ...}}
+        what = kind.removeprefix("changed ")
+        if not isinstance(items, dict):
+            parts.append(f"{what}: {items}")
+            continue
+        params = [key for v in items.values() if isinstance(v, dict) for key in v]
+        paths = [p for p, v in items.items() if not isinstance(v, dict)]
+        if params:
+            parts.append(f"params: {', '.join(params)}")
+        if paths:
+            parts.append(f"{what}: {', '.join(paths)}")
     return "; ".join(parts)
 
 

@@ -20,6 +20,7 @@ from tasks.errors import TlflowError
 
 COMMITTED = "n_committed"
 EXTRACTOR = "extractor"
+VERSIONS = "versions"
 _CHUNK_ROWS = 256
 
 
@@ -27,6 +28,19 @@ def extractor_id(extractor: dict[str, Any]) -> str:
     """Short hash of the canonical JSON of everything that changes a code."""
     canonical = json.dumps(extractor, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries that computed the codes (informative, not part of the id)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "timm", "torchvision", "h5py", "numpy", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
 
 
 class FeatureStore:
@@ -57,6 +71,7 @@ class FeatureStore:
                     chunks=(_CHUNK_ROWS, dim),
                 )
             h5.attrs[EXTRACTOR] = json.dumps(extractor, sort_keys=True)
+            h5.attrs[VERSIONS] = json.dumps(_library_versions(), sort_keys=True)
             h5.attrs[COMMITTED] = 0
             h5.flush()
         elif json.loads(h5.attrs[EXTRACTOR]) != extractor:
@@ -68,6 +83,10 @@ class FeatureStore:
     @property
     def extractor(self) -> dict[str, Any]:
         return json.loads(self._h5.attrs[EXTRACTOR])
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return json.loads(self._h5.attrs.get(VERSIONS, "{}"))
 
     @property
     def n_committed(self) -> int:

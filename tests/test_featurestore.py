@@ -26,6 +26,7 @@ def test_round_trip_in_any_key_order(tmp_path: Path):
         assert store.keys() == ["k0", "k1", "k2", "k3", "k4"]
         assert store.layers == DIMS
         assert store.extractor == EXTRACTOR
+        assert store.versions["h5py"] == h5py.__version__
         got = store.read("a", ["k4", "k0"])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, np.vstack([b["a"][1], a["a"][0]]).astype(np.float32))
