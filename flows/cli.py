@@ -17,6 +17,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun every stage")
     s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
     s.add_argument("name", help="ingest | extract | train | evaluate")
+    f = sub.add_parser("features", help="inspect or prune the feature stores")
+    fsub = f.add_subparsers(dest="action", required=True)
+    i = fsub.add_parser("info", help="a store's extractor, rows, layers and dims")
+    i.add_argument("store", nargs="?", help="an .h5 file (default: the current store)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    g = fsub.add_parser("gc", help="prune rows that the manifest no longer references")
+    g.add_argument("--dry-run", action="store_true", help="only count what would go")
     return p
 
 
@@ -27,6 +34,54 @@ def cmd_stage(name: str) -> int:
 
     runner = stage_runner(name)
     runner(load_params())
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """`tlflow features info|gc`."""
+    from pathlib import Path
+
+    from tasks import extract
+    from tasks.params import load_params
+
+    params = load_params()
+    if args.action == "info":
+        store = Path(args.store) if args.store else extract.current_store(
+            params.base.paths.features)
+        facts = extract.info(store)
+        if args.json:
+            print(json.dumps(facts, indent=2, sort_keys=True))
+        else:
+            _print_info(facts)
+        return 0
+    return _gc(params, args.dry_run)
+
+
+def _print_info(facts: dict) -> None:
+    print(f"store:     {facts['store']} ({facts['bytes'] / 2**20:.1f} MiB)")
+    print(f"rows:      {facts['rows']}")
+    for name, dim in facts["layers"].items():
+        print(f"layer:     {name} ({dim})")
+    print(f"extractor: {json.dumps(facts['extractor'], sort_keys=True)}")
+    print(f"versions:  {json.dumps(facts['versions'], sort_keys=True)}")
+
+
+def _gc(params: object, dry_run: bool) -> int:
+    """Prune the stores; record the result in dvc.lock when extract was up to date before."""
+    from pathlib import Path
+
+    from tasks import extract
+
+    in_dvc = Path(".dvc").is_dir()
+    if in_dvc:
+        from flows.stages import commit, why_stale
+
+        was_fresh = why_stale("extract") is None
+    for store, kept, removed in extract.gc(params, dry_run):
+        verb = "would remove" if dry_run else "removed"
+        print(f"{store}: kept {kept} rows, {verb} {removed}")
+    if in_dvc and was_fresh and not dry_run:
+        commit("extract")
     return 0
 
 
@@ -73,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "stage":
             return cmd_stage(args.name)
+        if args.command == "features":
+            return cmd_features(args)
         return cmd_run(args.force)
     except TlflowError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from tasks.errors import TlflowError
-from tasks.extract import current_store
+from tasks.extract import bad_images, current_store
 from tasks.featurestore import FeatureStore
 from tasks.head import LinearHead, load_head
 from tasks.ingest import read_manifest
@@ -50,7 +50,9 @@ def predict_codes(head: LinearHead, store: FeatureStore, keys: list[str]) -> np.
 def run(params: Params) -> dict:
     """Score the probe on the test split; write metrics/eval.json and plots/confusion.csv."""
     paths = params.base.paths
-    test = [r for r in read_manifest(paths.manifest) if r.split == "test"]
+    bad = bad_images(paths.extract_report)
+    rows = read_manifest(paths.manifest)
+    test = [r for r in rows if r.split == "test" and r.sha256 not in bad]
     if not test:
         raise TlflowError("evaluate: the test split is empty; set ingest.test_fraction above 0")
     path = current_store(paths.features)
@@ -58,10 +60,14 @@ def run(params: Params) -> dict:
     with FeatureStore(path) as store:
         y_pred = predict_codes(head, store, [r.sha256 for r in test])
     y_true = np.array([r.label for r in test])
-    metrics = {"probe": score(y_true, y_pred, head.classes)}
+    skipped = sorted({r.relpath: bad[r.sha256] for r in rows if r.sha256 in bad}.items())
+    metrics = {"probe": score(y_true, y_pred, head.classes),
+               "skipped_images": [{"relpath": p, "reason": why} for p, why in skipped]}
     write_json(paths.eval_metrics, metrics)
     write_confusion(paths.confusion, y_true, y_pred)
     p = metrics["probe"]
     print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "
           f"on {p['n']} images -> {paths.eval_metrics}", flush=True)
+    for relpath, why in skipped:
+        print(f"evaluate: skipped unreadable {relpath}: {why}", flush=True)
     return metrics

@@ -7,9 +7,13 @@ One file per extractor (features/<extractor-id>.h5). Datasets: `keys` (N, S64) a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,37 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def writer_lock(store: Path, timeout: float, poll: float = 0.5) -> Iterator[None]:
+    """One writer per store: wait (saying so once) up to `timeout` seconds, then fail."""
+    lock = store.with_name(store.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TlflowError(
+                        f"{store}: another extract run holds {lock.name} "
+                        f"(waited {timeout:g} s; extract.lock_timeout)"
+                    ) from None
+                if not told:
+                    print(f"extract: waiting for another run to release {lock}", flush=True)
+                    told = True
+                time.sleep(poll)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class FeatureStore:
     """Read and append codes in one HDF5 file."""
 
@@ -50,8 +85,8 @@ class FeatureStore:
         self.path = Path(path)
         if mode == "r" and not self.path.is_file():
             raise TlflowError(f"{self.path}: feature store not found (run `tlflow stage extract`)")
-        try:
-            self._h5 = h5py.File(self.path, mode)
+        try:  # readers take no HDF5 file lock: they never block, and trust committed rows only
+            self._h5 = h5py.File(self.path, mode, locking=mode != "r")
         except OSError as err:
             raise TlflowError(f"{self.path}: not a readable HDF5 feature store ({err})") from None
 
@@ -130,6 +165,9 @@ class FeatureStore:
         self._h5.attrs[COMMITTED] = n + m
         self._h5.flush()
 
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
     def close(self) -> None:
         self._h5.close()
 
@@ -138,3 +176,31 @@ class FeatureStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def prune(path: Path, keep: set[str]) -> tuple[int, int]:
+    """Rewrite the store with only the committed rows whose key is in `keep`.
+
+    The new file is built beside the old one and renamed over it, so a crash keeps the old.
+    Returns (rows kept, rows removed). The caller holds the writer lock.
+    """
+    from tasks.io import atomic_path
+
+    with FeatureStore(path) as old:
+        keys = old.keys()
+        rows = np.array([i for i, k in enumerate(keys) if k in keep], dtype=np.int64)
+        if len(rows) == len(keys):
+            return len(keys), 0
+        with atomic_path(path) as tmp:
+            new = FeatureStore.create(tmp, old.extractor, old.layers, _dtype(old))
+            with new:
+                new._h5.attrs[VERSIONS] = old._h5.attrs.get(VERSIONS, "{}")
+                for start in range(0, len(rows), 4096):
+                    part = rows[start : start + 4096]
+                    new.append([keys[i] for i in part],
+                               {n: old._h5["layers"][n][part] for n in old.layers})
+    return len(rows), len(keys) - len(rows)
+
+
+def _dtype(store: FeatureStore) -> str:
+    return str(next(iter(store._h5["layers"].values())).dtype)

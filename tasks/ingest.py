@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from tasks.errors import TlflowError
-from tasks.io import atomic_path, sha256_file
+from tasks.hashcache import HashCache, sha256_bytes
+from tasks.io import atomic_path
 from tasks.params import Ingest, Params
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -219,19 +220,25 @@ def source_items(cfg: Ingest) -> list[Item]:
 # ---------------------------------------------------------------- shell
 
 
-def snapshot(items: list[Item], images_dir: Path) -> list[tuple[Item, str]]:
-    """Mirror the items under images_dir (copying only what changed); return their hashes."""
+def snapshot(items: list[Item], images_dir: Path, cache: HashCache) -> list[tuple[Item, str]]:
+    """Mirror the items under images_dir, copying only what changed; return their hashes.
+
+    Unchanged files are neither copied nor re-read: their stat finds the hash in the cache.
+    """
     hashed = []
     for it in items:
         dest = images_dir / it.relpath
         if it.data is not None:
-            if not (dest.is_file() and dest.read_bytes() == it.data):
+            sha = sha256_bytes(it.data)
+            if not dest.is_file() or cache.sha256(dest) != sha:
                 with atomic_path(dest) as tmp:
                     tmp.write_bytes(it.data)
-        elif not _same_file(it.src, dest):
-            with atomic_path(dest) as tmp:
-                shutil.copy2(it.src, tmp)
-        hashed.append((it, sha256_file(dest)))
+        else:
+            if not _same_file(it.src, dest):
+                with atomic_path(dest) as tmp:
+                    shutil.copy2(it.src, tmp)
+            sha = cache.sha256(dest)
+        hashed.append((it, sha))
     _prune(images_dir, {it.relpath for it in items})
     return hashed
 
@@ -239,8 +246,8 @@ def snapshot(items: list[Item], images_dir: Path) -> list[tuple[Item, str]]:
 def _same_file(src: Path, dest: Path) -> bool:
     if not dest.is_file():
         return False
-    a, b = src.stat(), dest.stat()
-    return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+    a, b = src.stat(), dest.stat()  # copy2 keeps the source's mtime on the copy
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
 def _prune(images_dir: Path, keep: set[str]) -> None:
@@ -277,7 +284,8 @@ def run(params: Params) -> list[Row]:
     items = source_items(params.ingest)
     paths = params.base.paths
     paths.images.mkdir(parents=True, exist_ok=True)
-    hashed = snapshot(items, paths.images)
+    with HashCache(paths.hash_cache) as cache:
+        hashed = snapshot(items, paths.images, cache)
     rows = build_manifest(hashed, params.ingest, params.base.seed)
     write_manifest(rows, paths.manifest)
     counts = Counter(r.split for r in rows)

@@ -22,7 +22,9 @@ class Paths(_Section):
 
     images: Path
     manifest: Path
+    hash_cache: Path
     features: Path
+    extract_report: Path
     head: Path
     probe_metrics: Path
     eval_metrics: Path
@@ -57,6 +59,10 @@ class Extract(_Section):
     batch_size: int = Field(64, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float16", "float32"] = "float16"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA; CPU computes fp32
+    num_workers: int | None = Field(None, ge=0)  # decoder processes; null = auto
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    lock_timeout: float = Field(600.0, ge=0)  # seconds to wait for another writer
 
     @field_validator("layers")
     @classmethod

@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from tasks.errors import TlflowError
-from tasks.extract import current_store
+from tasks.extract import current_store, usable
 from tasks.featurestore import FeatureStore
 from tasks.head import LinearHead, save_head
 from tasks.ingest import Row, read_manifest
@@ -83,7 +83,7 @@ def load_splits(store: FeatureStore, rows: list[Row]) -> tuple[dict[str, Split],
 def run(params: Params) -> LinearHead:
     """Sweep layers and C on val, refit the best on train + val, save head and sweep table."""
     cfg, paths, seed = params.train, params.base.paths, params.base.seed
-    rows = read_manifest(paths.manifest)
+    rows = usable(read_manifest(paths.manifest), paths.extract_report)
     path = current_store(paths.features)
     with FeatureStore(path) as store:
         splits, y_all = load_splits(store, rows)

@@ -48,9 +48,10 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     outs = {name: _outs(s) for name, s in stages.items()}
     paths = dict(paths)
     head = paths.pop("head")
+    assert paths.pop("hash_cache").startswith(".")  # a cache, not versioned data
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
-        "extract": {paths["features"]},
+        "extract": {paths["features"], paths["extract_report"]},
         "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"]},
         "evaluate": {paths["eval_metrics"], paths["confusion"]},
     }
@@ -62,9 +63,9 @@ def test_each_stage_depends_on_what_it_reads(stages, paths):
     data = {
         "ingest": set(),
         "extract": {paths["manifest"]},
-        "train": {paths["manifest"], paths["features"]},
-        "evaluate": {paths["manifest"], paths["features"], f"{head}.safetensors",
-                     f"{head}.json"},
+        "train": {paths["manifest"], paths["features"], paths["extract_report"]},
+        "evaluate": {paths["manifest"], paths["features"], paths["extract_report"],
+                     f"{head}.safetensors", f"{head}.json"},
     }
     for name, stage in stages.items():
         deps = _deps(stage)
@@ -82,7 +83,7 @@ def test_params_are_exactly_what_each_stage_reads(stages):
 
 def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
-    assert metrics == {paths["probe_metrics"], paths["eval_metrics"]}
+    assert metrics == {paths["extract_report"], paths["probe_metrics"], paths["eval_metrics"]}
     (plot,) = [o for s in stages.values() for o in s.outs if o.plot]
     assert str(plot.def_path) == paths["confusion"]
     assert plot.plot["template"] == "confusion"

@@ -1,3 +1,6 @@
+import json
+import os
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +10,7 @@ from tasks import extract, ingest
 from tasks.backbones import create_backbone
 from tasks.errors import TlflowError
 from tasks.extract import current_store, describe_extractor, resolve_device
-from tasks.featurestore import FeatureStore, extractor_id
+from tasks.featurestore import FeatureStore, extractor_id, writer_lock
 from tests.conftest import COLOURS, make_params, write_image
 
 TINY = {"weights": "packaged", "layers": ["pooled", "blocks.2"], "image_size": 32,
@@ -80,11 +83,190 @@ def test_extractor_id_covers_what_changes_a_code(tmp_path: Path):
     assert ext_id(weights="none") != base
 
 
-def test_bad_image_names_the_file(ingested, image_folder: Path):
-    (image_folder / "red" / "broken.png").write_bytes(b"")
+def _bomb_png(path: Path) -> None:
+    """A valid PNG header that declares 100,000 x 100,000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _add_bad_images(folder: Path) -> dict[str, str]:
+    (folder / "red" / "empty.png").write_bytes(b"")
+    (folder / "red" / "notes.jpg").write_text("not an image at all")
+    good = folder / "green" / "00.png"
+    from PIL import Image
+
+    Image.open(good).convert("RGB").resize((200, 200)).save(folder / "green" / "cut.jpg")
+    data = (folder / "green" / "cut.jpg").read_bytes()
+    (folder / "green" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    _bomb_png(folder / "blue" / "bomb.png")
+    return {"red/empty.png": "empty file", "red/notes.jpg": "not an image",
+            "green/cut.jpg": "truncated", "blue/bomb.png": "decompression bomb"}
+
+
+def test_bad_images_are_skipped_and_reported(ingested, image_folder: Path, capsys):
+    from tasks import evaluate, train
+
+    expected = _add_bad_images(image_folder)
     ingest.run(ingested)
-    with pytest.raises(TlflowError, match=r"red/broken.png: cannot read image"):
-        extract.run(ingested)
+    capsys.readouterr()
+    extract.run(ingested)
+    out = capsys.readouterr().out
+    report = json.loads(ingested.base.paths.extract_report.read_text())
+    assert report["skipped"] == 4
+    reasons = {b["relpath"]: b["reason"] for b in report["bad_images"]}
+    assert set(reasons) == set(expected)
+    for relpath, needle in expected.items():
+        assert needle in reasons[relpath] and relpath in reasons[relpath]
+        assert f"{relpath}: cannot read image" in out  # one line per file
+    train.run(ingested)  # everything else proceeds
+    metrics = evaluate.run(ingested)
+    assert {s["relpath"] for s in metrics["skipped_images"]} == set(expected)
+
+
+def test_bad_image_fails_the_run_when_asked(tmp_path: Path, image_folder: Path):
+    (image_folder / "red" / "empty.png").write_bytes(b"")
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)},
+                         extract={**TINY, "on_bad_image": "fail"})
+    ingest.run(params)
+    with pytest.raises(TlflowError, match=r"red/empty\.png: cannot read image: empty file"):
+        extract.run(params)
+
+
+def test_a_second_writer_waits_then_fails_clearly(ingested):
+    import threading
+    import time
+
+    path = extract.run(ingested)
+    with writer_lock(path, 1.0):
+        short = ingested.model_copy(update={"extract": ingested.extract.model_copy(
+            update={"lock_timeout": 0.5})})
+        with pytest.raises(TlflowError, match=r"another extract run holds .*\.h5\.lock"):
+            extract.run(short)
+
+    holding = threading.Event()
+
+    def hold() -> None:
+        with writer_lock(path, 1.0):
+            holding.set()
+            time.sleep(1.5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    holding.wait()
+    t0 = time.monotonic()
+    extract.run(ingested)  # waits for the holder, then proceeds
+    assert time.monotonic() - t0 >= 1.0
+    t.join()
+
+
+def test_oom_halves_the_batch():
+    import torch
+
+    class Picky(torch.nn.Module):
+        sizes: typing.ClassVar[list[int]] = []
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            if len(x) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return {"pooled": x.flatten(1)[:, :3]}
+
+    x = torch.arange(7 * 3 * 2 * 2, dtype=torch.float32).reshape(7, 3, 2, 2)
+    out = extract.encode(Picky(), x, torch.device("cpu"), "fp32")
+    np.testing.assert_array_equal(out["pooled"], x.flatten(1)[:, :3].numpy())
+    assert max(Picky.sizes) == 7 and Picky.sizes.count(7) == 1
+
+
+def test_gc_prunes_unreferenced_rows_and_info_reports(ingested, image_folder: Path):
+    path = extract.run(ingested)
+    for p in sorted((image_folder / "red").iterdir())[:5]:
+        p.unlink()
+    ingest.run(ingested)
+    assert extract.gc(ingested, dry_run=True) == [(path, 31, 5)]
+    assert extract.gc(ingested) == [(path, 31, 0 + 5)]
+    facts = extract.info(path)
+    assert facts["rows"] == 31 and facts["layers"] == {"blocks.2": 40, "pooled": 1280}
+    assert facts["extractor"]["backbone"] == "timm/tf_efficientnet_lite0"
+    rows = ingest.read_manifest(ingested.base.paths.manifest)
+    with FeatureStore(path) as store:  # the kept codes are intact
+        assert np.isfinite(store.read("pooled", [r.sha256 for r in rows])).all()
+    assert extract.gc(ingested) == [(path, 31, 0)]
+
+
+KILLER = """
+import os, signal, sys
+import numpy as np
+from flows.cli import main
+from tasks.featurestore import FeatureStore
+
+calls = 0
+real_append = FeatureStore.append
+
+def append(self, keys, codes):
+    global calls
+    calls += 1
+    if calls < {k}:
+        return real_append(self, keys, codes)
+    n = self.n_committed  # write the rows of batch k, flush, die before committing them
+    self._h5["keys"].resize((n + len(keys),))
+    self._h5["keys"][n:] = np.array(keys, dtype="S64")
+    for name, ds in self._h5["layers"].items():
+        ds.resize((n + len(keys), ds.shape[1]))
+        ds[n:] = codes[name]
+    self._h5.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+FeatureStore.append = append
+sys.exit(main(["stage", "extract"]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_batch_then_resume_gives_the_same_codes(tmp_path: Path, image_folder: Path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    def project(name: str) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        raw["ingest"].update(source="folder", path=str(image_folder))
+        raw["extract"].update(TINY, batch_size=4)
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        return root
+
+    def run(root: Path, code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    stage = "import sys; from flows.cli import main; sys.exit(main(['stage', '{s}']))"
+    killed, whole = project("killed"), project("whole")
+    for root in (killed, whole):
+        assert run(root, stage.format(s="ingest")).returncode == 0
+    proc = run(killed, KILLER.format(k=4))
+    assert proc.returncode == -9, proc.stderr
+    store = next((killed / "features").glob("*.h5"))
+    with FeatureStore(store) as s:
+        assert s.n_committed == 12  # three batches of 4 committed, the fourth torn
+    proc = run(killed, stage.format(s="extract"))
+    assert proc.returncode == 0 and "24 of 36 images to compute" in proc.stdout, proc.stderr
+    assert run(whole, stage.format(s="extract")).returncode == 0
+    keys = [r.sha256 for r in ingest.read_manifest(whole / "data/manifest.csv")]
+    with FeatureStore(store) as a, FeatureStore(whole / "features" / store.name) as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for layer in a.layers:
+            np.testing.assert_array_equal(a.read(layer, keys), b.read(layer, keys))
 
 
 def test_missing_manifest_and_unknown_device(tmp_path: Path):
