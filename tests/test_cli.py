@@ -1,0 +1,49 @@
+"""The `tlflow` command in-process: features info and gc on a small project."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tasks import extract, ingest
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def project(tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["ingest"].update(source="folder", path=str(image_folder))
+    raw["extract"].update(layers=["pooled"], image_size=32)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["stage", "ingest"]) == 0 and main(["stage", "extract"]) == 0
+    return tmp_path
+
+
+def test_features_info(project: Path, capsys: pytest.CaptureFixture):
+    capsys.readouterr()
+    assert main(["features", "info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["rows"] == 36 and facts["layers"] == {"pooled": 1280}
+    assert main(["features", "info"]) == 0
+    assert "rows:      36" in capsys.readouterr().out
+
+
+def test_features_gc(project: Path, image_folder: Path, capsys: pytest.CaptureFixture):
+    (image_folder / "red" / "00.png").unlink()
+    assert main(["stage", "ingest"]) == 0
+    capsys.readouterr()
+    assert main(["features", "gc", "--dry-run"]) == 0
+    assert "kept 35 rows, would remove 1" in capsys.readouterr().out
+    assert main(["features", "gc"]) == 0
+    assert "kept 35 rows, removed 1" in capsys.readouterr().out
+    store = extract.current_store(Path("features"))
+    assert extract.info(store)["rows"] == 35
+    assert len(ingest.read_manifest(Path("data/manifest.csv"))) == 35
+
+
+def test_features_info_on_a_missing_store(project: Path, capsys: pytest.CaptureFixture):
+    assert main(["features", "info", "nope.h5"]) == 2
+    assert "nope.h5: feature store not found" in capsys.readouterr().err
