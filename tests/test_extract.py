@@ -282,3 +282,22 @@ def test_missing_manifest_and_unknown_device(tmp_path: Path):
     if not has_cuda:
         with pytest.raises(TlflowError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_codes_match_cpu_codes():
+    """bf16 autocast and channels_last on the GPU give the CPU's codes within bf16 error."""
+    import torch
+
+    from tasks.backbones import CodeExtractor
+
+    b = create_backbone("timm/tf_efficientnet_lite0", "packaged", image_size=96)
+    model = CodeExtractor(b, ("pooled", "blocks.4"))
+    x = torch.randn(16, 3, 96, 96)
+    cpu = extract.encode(model, x, torch.device("cpu"), "fp32")
+    gpu_model = model.to("cuda", memory_format=torch.channels_last)
+    for precision, tol in (("fp32", 1e-3), ("bf16", 5e-2)):
+        got = extract.encode(gpu_model, x, torch.device("cuda"), precision)
+        for k in cpu:
+            rel = np.abs(got[k] - cpu[k]).max() / np.abs(cpu[k]).max()
+            assert rel < tol, (precision, k, rel)
