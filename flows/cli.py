@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tasks.errors import TlflowError
 
@@ -39,8 +40,6 @@ def cmd_stage(name: str) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     """`tlflow features info|gc`."""
-    from pathlib import Path
-
     from tasks import extract
     from tasks.params import load_params
 
@@ -68,8 +67,6 @@ def _print_info(facts: dict) -> None:
 
 def _gc(params: object, dry_run: bool) -> int:
     """Prune the stores; record the result in dvc.lock when extract was up to date before."""
-    from pathlib import Path
-
     from tasks import extract
 
     in_dvc = Path(".dvc").is_dir()
@@ -90,6 +87,9 @@ def cmd_run(force: bool) -> int:
     from tasks.params import load_params
 
     params = load_params()  # bad params stop here, before Prefect starts
+    for needed, hint in ((".dvc", "run `dvc init` here"), ("dvc.yaml", "copy tlflow's dvc.yaml")):
+        if not Path(needed).exists():
+            raise TlflowError(f"{needed}: not found; `tlflow run` needs a DVC project ({hint})")
     from flows.pipeline import BAD_INPUT, pipeline
 
     state = pipeline(force=force, return_state=True)

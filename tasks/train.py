@@ -51,7 +51,7 @@ def sweep(splits: dict[str, Split], cfg: Train, seed: int) -> list[dict]:
 
 
 def best(table: list[dict]) -> dict:
-    """Highest val accuracy; ties go to the earlier layer and the smaller C (more regular)."""
+    """Highest val accuracy; ties go to the first row (layers in store order, C in grid order)."""
     return max(table, key=lambda r: r["val_accuracy"])
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from flows.cli import main
 from tasks import extract, ingest
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_env, run_cli
 
 
 @pytest.fixture
@@ -47,3 +47,27 @@ def test_features_gc(project: Path, image_folder: Path, capsys: pytest.CaptureFi
 def test_features_info_on_a_missing_store(project: Path, capsys: pytest.CaptureFixture):
     assert main(["features", "info", "nope.h5"]) == 2
     assert "nope.h5: feature store not found" in capsys.readouterr().err
+
+
+def test_cli_exits_2_without_traceback(tmp_path: Path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["bogus"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for args in (["tlflow", "stage", "train"], ["tlflow", "run"]):
+        proc = run_cli(args, tmp_path, cli_env(tmp_path), timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "train.bogus: unknown key" in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_unknown_stage(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = run_cli(["tlflow", "stage", "fly"], tmp_path, cli_env(tmp_path))
+    assert proc.returncode == 2 and "unknown stage 'fly'" in proc.stderr
+
+
+def test_run_outside_a_dvc_project_says_so(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = run_cli(["tlflow", "run"], tmp_path, cli_env(tmp_path))
+    assert proc.returncode == 2 and ".dvc: not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

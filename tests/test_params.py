@@ -5,7 +5,7 @@ import yaml
 
 from tasks.errors import TlflowError
 from tasks.params import load_params, parse_params
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT
 
 
 def _raw() -> dict:
@@ -51,20 +51,3 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("base: [unclosed\n")
     with pytest.raises(TlflowError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
-
-
-def test_cli_exits_2_without_traceback(tmp_path: Path):
-    raw = _raw()
-    raw["train"]["bogus"] = 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    for args in (["tlflow", "stage", "train"], ["tlflow", "run"]):
-        proc = run_cli(args, tmp_path, cli_env(tmp_path), timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert "train.bogus: unknown key" in proc.stderr
-        assert "Traceback" not in proc.stderr + proc.stdout
-
-
-def test_cli_unknown_stage(tmp_path: Path):
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    proc = run_cli(["tlflow", "stage", "fly"], tmp_path, cli_env(tmp_path))
-    assert proc.returncode == 2 and "unknown stage 'fly'" in proc.stderr
