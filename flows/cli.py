@@ -18,6 +18,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun every stage")
     s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
     s.add_argument("name", help="ingest | extract | train | evaluate")
+    pr = sub.add_parser("predict", help="label images with the trained head")
+    pr.add_argument("target", type=Path, help="an image or a folder of images")
+    pr.add_argument("--top-k", type=int, default=1, help="how many labels per image")
+    pr.add_argument("--out", type=Path, help="also write the predictions to this CSV")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
     fsub = f.add_subparsers(dest="action", required=True)
     i = fsub.add_parser("info", help="a store's extractor, rows, layers and dims")
@@ -130,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stage(args.name)
         if args.command == "features":
             return cmd_features(args)
+        if args.command == "predict":
+            from tasks import predict
+            from tasks.params import load_params
+
+            predict.run(load_params(), args.target, args.top_k, args.out)
+            return 0
         return cmd_run(args.force)
     except TlflowError as err:
         print(f"error: {err}", file=sys.stderr)

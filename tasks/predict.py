@@ -1,0 +1,128 @@
+"""Predict: labels for new images with the trained head; codes already in the store are reused.
+
+Read-only: it never writes to the feature store (a DVC output), and it refuses to run when the
+current params describe another extractor than the one the head was trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import TlflowError
+from tasks.head import LinearHead, load_head
+from tasks.ingest import IMAGE_SUFFIXES
+from tasks.io import atomic_path, sha256_file
+from tasks.params import Params
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k labels of one image with their probabilities."""
+
+    path: str
+    labels: tuple[str, ...]
+    scores: tuple[float, ...]
+
+
+def top_k(head: LinearHead, codes: np.ndarray, k: int) -> list[tuple[tuple, tuple]]:
+    """(labels, probabilities) of the k most probable classes for each row of codes."""
+    proba = head.predict_proba(codes)
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    classes = np.asarray(head.classes)
+    return [(tuple(classes[o]), tuple(float(p) for p in proba[i, o]))
+            for i, o in enumerate(order)]
+
+
+def image_files(target: Path) -> list[Path]:
+    """The image itself, or every image under a folder."""
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise TlflowError(f"{target}: no such image or folder")
+    files = sorted(p for p in target.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TlflowError(f"{target}: holds no images")
+    return files
+
+
+def codes_for(files: list[Path], head: LinearHead, params: Params) -> tuple[np.ndarray, int]:
+    """Codes of the head's layer: from the store where present, else one forward pass each.
+
+    Returns the codes and how many images had to be computed.
+    """
+    from tasks.extract import current_store
+    from tasks.featurestore import FeatureStore
+
+    keys = [sha256_file(f) for f in files]
+    store_path = current_store(params.base.paths.features)
+    layer = head.meta["layer"]
+    with FeatureStore(store_path) as store:
+        have = set(store.keys())
+        cached = [k for k in keys if k in have]
+        stored = dict(zip(cached, store.read(layer, cached), strict=True)) if cached else {}
+    todo = [i for i, k in enumerate(keys) if k not in stored]
+    computed = _compute([files[i] for i in todo], layer, head, params) if todo else []
+    fresh = dict(zip(todo, computed, strict=True))
+    return np.stack([stored[k] if k in stored else fresh[i] for i, k in enumerate(keys)]), len(todo)
+
+
+def _compute(files: list[Path], layer: str, head: LinearHead, params: Params) -> list:
+    """Forward passes with the extractor the head was trained on (checked by its id)."""
+    import torch
+
+    from tasks.backbones import CodeExtractor, create_backbone
+    from tasks.extract import describe_extractor, encode, read_image, resolve_device
+    from tasks.featurestore import extractor_id
+
+    cfg = params.extract
+    backbone = create_backbone(cfg.backbone, cfg.weights, cfg.image_size, params.base.seed)
+    ext_id = extractor_id(describe_extractor(backbone.identity(), cfg))
+    if ext_id != head.meta["extractor_id"]:
+        raise TlflowError(
+            f"params.yaml: extract describes extractor {ext_id}, the head was trained on "
+            f"{head.meta['extractor_id']}; run `tlflow run` first"
+        )
+    device = resolve_device(cfg.device)
+    model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
+    transform = backbone.transform()
+    out = []
+    for start in range(0, len(files), cfg.batch_size):
+        x = torch.stack([read_image(f, transform) for f in files[start:start + cfg.batch_size]])
+        out.extend(encode(model, x, device, cfg.precision)[layer])
+    return out
+
+
+def write_predictions(dest: Path, preds: list[Prediction]) -> None:
+    """CSV: path, then label_i and probability_i for each of the top k."""
+    k = len(preds[0].labels)
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"label_{i}",
+                                                                    f"probability_{i}")]])
+        for p in preds:
+            w.writerow([p.path, *[v for pair in zip(p.labels, p.scores, strict=True)
+                                  for v in (pair[0], f"{pair[1]:.6f}")]])
+
+
+def run(params: Params, target: Path, k: int = 1, out: Path | None = None) -> list[Prediction]:
+    """Predict every image of `target`; print one line each; write a CSV when asked."""
+    head = load_head(params.base.paths.head)
+    if not 1 <= k <= len(head.classes):
+        raise TlflowError(f"--top-k: must be between 1 and {len(head.classes)}, got {k}")
+    files = image_files(target)
+    codes, n_computed = codes_for(files, head, params)
+    preds = [Prediction(str(f), labels, scores)
+             for f, (labels, scores) in zip(files, top_k(head, codes, k), strict=True)]
+    for p in preds:
+        print(p.path, "  ".join(f"{lab} {s:.3f}" for lab, s in zip(p.labels, p.scores,
+                                                                     strict=True)))
+    print(f"predict: {len(files)} images, {len(files) - n_computed} codes from the store, "
+          f"{n_computed} computed", flush=True)
+    if out is not None:
+        write_predictions(out, preds)
+    return preds

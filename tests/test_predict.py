@@ -1,0 +1,70 @@
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tests.conftest import COLOURS, ROOT, write_image
+
+
+@pytest.fixture
+def trained(tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["ingest"].update(source="folder", path=str(image_folder))
+    raw["extract"].update(layers=["pooled", "blocks.2"], image_size=32)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    for stage in ("ingest", "extract", "train"):
+        assert main(["stage", stage]) == 0
+    return tmp_path
+
+
+def test_a_cached_image_is_not_recomputed(trained: Path, monkeypatch, capsys):
+    import tasks.backbones
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the backbone was built for an image already in the store")
+
+    monkeypatch.setattr(tasks.backbones, "create_backbone", no_model)
+    capsys.readouterr()
+    assert main(["predict", "data/images/red/00.png"]) == 0
+    out = capsys.readouterr().out
+    assert "1 codes from the store, 0 computed" in out
+    assert out.startswith("data/images/red/00.png red ")
+
+
+def test_new_images_are_computed_and_written(trained: Path, tmp_path: Path, capsys):
+    new = tmp_path / "new"
+    for name, colour in COLOURS.items():
+        write_image(new / f"{name}.png", colour, seed=4242)
+    capsys.readouterr()
+    assert main(["predict", str(new), "--top-k", "2", "--out", "preds.csv"]) == 0
+    assert "0 codes from the store, 3 computed" in capsys.readouterr().out
+    with open("preds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).stem for r in rows] == sorted(COLOURS)
+    for r in rows:
+        assert r["label_1"] == Path(r["path"]).stem  # colour is easy
+        assert 1.0 >= float(r["probability_1"]) >= float(r["probability_2"]) >= 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["predict", "nowhere.png"], "nowhere.png: no such image or folder"),
+        (["predict", "data/images", "--top-k", "9"], "--top-k: must be between 1 and 3"),
+    ],
+)
+def test_bad_predict_input(trained: Path, capsys, args, needle):
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_predict_refuses_changed_params(trained: Path, tmp_path: Path, capsys):
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["extract"]["image_size"] = 48
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    write_image(tmp_path / "x.png", COLOURS["red"], seed=9999)  # bytes not in the store
+    assert main(["predict", str(tmp_path / "x.png")]) == 2
+    assert "the head was trained on" in capsys.readouterr().err
