@@ -32,7 +32,14 @@ class LinearHead:
 
     def logits(self, codes: np.ndarray) -> np.ndarray:
         """Class scores for a batch of codes (N, D) -> (N, K)."""
+        if self.meta.get("normalize") == "l2":
+            codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
         return ((codes - self.mean) / self.scale) @ self.weight.T + self.bias
+
+    @property
+    def has_probabilities(self) -> bool:
+        """False for a linear SVM: its scores are decision values, not probabilities."""
+        return self.meta.get("scores", "probability") == "probability"
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
         z = self.logits(codes)

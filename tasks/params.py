@@ -73,9 +73,12 @@ class Extract(_Section):
 
 
 class Train(_Section):
-    classifier: Literal["logistic"] = "logistic"
+    classifier: Literal["logistic", "linear_svm"] = "logistic"
     C_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)
     max_iter: int = Field(1000, ge=1)
+    normalize: Literal["standardize", "l2", "none"] = "standardize"
+    class_weight: Literal["balanced"] | None = None
+    cv: int | None = Field(None, ge=2)  # k folds on train when there is no val split
 
     @field_validator("C_grid")
     @classmethod

@@ -29,8 +29,8 @@ class Prediction:
 
 
 def top_k(head: LinearHead, codes: np.ndarray, k: int) -> list[tuple[tuple, tuple]]:
-    """(labels, probabilities) of the k most probable classes for each row of codes."""
-    proba = head.predict_proba(codes)
+    """(labels, probabilities) of the k best classes per row; decision scores for an SVM."""
+    proba = head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     classes = np.asarray(head.classes)
     return [(tuple(classes[o]), tuple(float(p) for p in proba[i, o]))
@@ -97,13 +97,13 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params) ->
     return out
 
 
-def write_predictions(dest: Path, preds: list[Prediction]) -> None:
-    """CSV: path, then label_i and probability_i for each of the top k."""
+def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
+    """CSV: path, then label_i and probability_i (or decision_i) for each of the top k."""
     k = len(preds[0].labels)
     with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"label_{i}",
-                                                                    f"probability_{i}")]])
+                                                                    f"{score}_{i}")]])
         for p in preds:
             w.writerow([p.path, *[v for pair in zip(p.labels, p.scores, strict=True)
                                   for v in (pair[0], f"{pair[1]:.6f}")]])
@@ -123,6 +123,9 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None) -> li
                                                                      strict=True)))
     print(f"predict: {len(files)} images, {len(files) - n_computed} codes from the store, "
           f"{n_computed} computed", flush=True)
+    score = "probability" if head.has_probabilities else "decision"
+    if not head.has_probabilities:
+        print("predict: the scores are the linear SVM's decision values, not probabilities")
     if out is not None:
-        write_predictions(out, preds)
+        write_predictions(out, preds, score)
     return preds

@@ -37,18 +37,19 @@ def test_layer_sweep_picks_the_informative_layer():
     assert top["layer"] == "signal" and top["val_accuracy"] > 0.9
 
 
-def test_C_selection_picks_the_right_end_of_the_grid():
+def _imbalanced(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Separable but imbalanced (80/20): a tiny C shrinks the weights to nothing and the
-    unpenalized intercept predicts the majority class; the largest C separates."""
-    rng = np.random.default_rng(0)
+    unpenalized intercept predicts the majority class; a large C separates."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.2).astype(int)
+    x = rng.normal(size=(n, 5))
+    x[:, 0] += 3.0 * (2 * y - 1)
+    return x, y.astype(str)
 
-    def data(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = (rng.random(n) < 0.2).astype(int)
-        x = rng.normal(size=(n, 5))
-        x[:, 0] += 3.0 * (2 * y - 1)
-        return x, y.astype(str)
 
-    table = sweep({"x": Split(*data(200), *data(200))}, Train(C_grid=(1e-4, 1e-2, 10.0)), 0)
+def test_C_selection_picks_the_right_end_of_the_grid():
+    split = Split(*_imbalanced(200, 0), *_imbalanced(200, 1))
+    table = sweep({"x": split}, Train(C_grid=(1e-4, 1e-2, 10.0)), 0)
     assert [r["C"] for r in table] == [1e-4, 1e-2, 10.0]
     assert table[0]["val_accuracy"] < 0.85  # the majority class, about 0.8
     assert best(table)["C"] == 10.0 and best(table)["val_accuracy"] > 0.97
@@ -66,6 +67,33 @@ def test_head_matches_sklearn_and_round_trips(tmp_path: Path, n_classes: int):
     again = load_head(tmp_path / "head", extractor_id="e1")
     assert again.classes == head.classes and again.meta == head.meta
     np.testing.assert_allclose(again.predict_proba(x), head.predict_proba(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "linear_svm"])
+@pytest.mark.parametrize("normalize", ["standardize", "l2", "none"])
+def test_every_classifier_and_normalization_exports_exactly(tmp_path, classifier, normalize):
+    x, y = _blobs(120, True, 0)
+    x += 2.0  # away from the origin, so l2 normalization matters
+    cfg = Train(classifier=classifier, normalize=normalize, class_weight="balanced")
+    probe = make_probe(1.0, cfg, 0).fit(x, y)
+    assert probe.score(x, y) > 0.9  # separable
+    head = to_head(probe, {"layer": "a", "extractor_id": "e1"})
+    save_head(head, tmp_path / "head")
+    head = load_head(tmp_path / "head")
+    np.testing.assert_array_equal(head.predict(x), probe.predict(x))
+    if classifier == "logistic":
+        np.testing.assert_allclose(head.predict_proba(x), probe.predict_proba(x), atol=1e-5)
+    else:
+        assert not head.has_probabilities
+        np.testing.assert_allclose(head.logits(x), probe.decision_function(x), atol=1e-4)
+
+
+def test_cv_chooses_C_when_there_is_no_val_split():
+    x, y = _imbalanced(200, 0)
+    empty = np.empty((0, x.shape[1]))
+    table = sweep({"a": Split(x, y, empty, np.array([], dtype=str))},
+                  Train(C_grid=(1e-4, 10.0), cv=3), seed=0)
+    assert best(table)["C"] == 10.0 and best(table)["val_accuracy"] > 0.97
 
 
 def _saved_head(tmp_path: Path) -> Path:
@@ -107,6 +135,16 @@ def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path):
     assert probe["best"]["layer"] == head.meta["layer"]
     assert head.classes == ("blue", "green", "red")
     assert probe["best"]["val_accuracy"] >= 0.8  # colour is easy
+
+
+def test_train_uses_cv_without_a_val_split(tmp_path: Path, image_folder: Path):
+    params = make_params(
+        tmp_path, ingest={"source": "folder", "path": str(image_folder), "val_fraction": 0.0},
+        extract={"layers": ["pooled"], "image_size": 32}, train={"cv": 3},
+    )
+    for stage in (ingest, extract):
+        stage.run(params)
+    assert train.run(params).meta["val_accuracy"] >= 0.8
 
 
 def test_train_needs_a_val_split(tmp_path: Path, image_folder: Path):
