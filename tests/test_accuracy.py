@@ -1,0 +1,24 @@
+"""Accuracy claims on real images: the linear probe on hymenoptera (ants and bees)."""
+
+from pathlib import Path
+
+import pytest
+
+from tasks import evaluate, extract, ingest, train
+from tests.conftest import HYMENOPTERA, make_params
+
+
+@pytest.mark.slow
+def test_probe_on_hymenoptera(tmp_path: Path):
+    """train/ gives train and val, val/ is the test set; pooled codes at 224 px: >= 0.93."""
+    params = make_params(
+        tmp_path, ingest={"source": "folder", "path": str(HYMENOPTERA)},
+        extract={"image_size": None, "layers": ["pooled", "blocks.4"]},
+    )
+    rows = ingest.run(params)
+    assert sum(r.split == "test" for r in rows) == 153
+    extract.run(params)
+    head = train.run(params)
+    metrics = evaluate.run(params)
+    assert head.meta["layer"] == "pooled"  # ants and bees are ImageNet-like: late codes win
+    assert metrics["probe"]["accuracy"] >= 0.93, metrics["probe"]
