@@ -51,6 +51,21 @@ def test_new_images_cost_only_their_passes(ingested, image_folder: Path, capsys)
         assert len(store.keys()) == 39
 
 
+def test_renamed_moved_and_deleted_images_cost_no_pass(ingested, image_folder: Path, capsys):
+    path = extract.run(ingested)
+    (image_folder / "red" / "00.png").rename(image_folder / "red" / "renamed.png")
+    (image_folder / "blue" / "01.png").rename(image_folder / "red" / "moved.png")
+    (image_folder / "green" / "02.png").unlink()
+    ingest.run(ingested)
+    capsys.readouterr()
+    assert extract.run(ingested) == path
+    assert "0 of 35 images to compute" in capsys.readouterr().out
+    rows = ingest.read_manifest(ingested.base.paths.manifest)
+    assert {r.relpath for r in rows} >= {"red/renamed.png", "red/moved.png"}
+    with FeatureStore(path) as store:
+        assert len(store.keys()) == 36  # the deleted image's row stays until `features gc`
+
+
 def test_codes_match_a_direct_forward_pass(ingested):
     """The stored float16 codes are the backbone's codes of the preprocessed file."""
     import torch
