@@ -152,6 +152,25 @@ class FeatureStore:
         data = self._h5["layers"][layer][: self.n_committed]
         return data[rows].astype(np.float32)
 
+    def blocks(
+        self, layer: str, rows: int = 8192, order: Iterable[int] | None = None
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Committed (keys, float32 codes) of `layer`, `rows` store rows at a time.
+
+        Block b holds rows [b * rows, (b + 1) * rows); `order` gives the block numbers to read
+        (default: all, in order). One block is in memory at a time: the way to stream a store
+        larger than memory.
+        """
+        if layer not in self._h5["layers"]:
+            raise TlflowError(f"{self.path}: no layer {layer!r}; has {sorted(self.layers)}")
+        ds, keys, n = self._h5["layers"][layer], self._h5["keys"], self.n_committed
+        for b in range(-(-n // rows)) if order is None else order:
+            start, stop = b * rows, min((b + 1) * rows, n)
+            yield [k.decode() for k in keys[start:stop]], ds[start:stop].astype(np.float32)
+
+    def n_blocks(self, rows: int) -> int:
+        return -(-self.n_committed // rows)
+
     # -- writing
     def append(self, keys: list[str], codes: dict[str, np.ndarray]) -> None:
         """Append one batch, flush it, then advance the committed counter."""

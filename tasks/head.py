@@ -39,10 +39,17 @@ class LinearHead:
     @property
     def has_probabilities(self) -> bool:
         """False for a linear SVM: its scores are decision values, not probabilities."""
-        return self.meta.get("scores", "probability") == "probability"
+        return self.meta.get("scores", "probability") != "decision"
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
+        """Softmax of the logits; for a one-vs-rest head (sgd, log loss) the normalized
+        sigmoids, as scikit-learn computes them."""
+        from scipy.special import expit
+
         z = self.logits(codes)
+        if self.meta.get("scores") == "ovr_probability":
+            p = expit(z)
+            return p / p.sum(axis=1, keepdims=True)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 

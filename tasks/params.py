@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import TlflowError
 
@@ -73,12 +80,15 @@ class Extract(_Section):
 
 
 class Train(_Section):
-    classifier: Literal["logistic", "linear_svm"] = "logistic"
+    classifier: Literal["logistic", "linear_svm", "sgd"] = "logistic"
     C_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)
     max_iter: int = Field(1000, ge=1)
     normalize: Literal["standardize", "l2", "none"] = "standardize"
     class_weight: Literal["balanced"] | None = None
     cv: int | None = Field(None, ge=2)  # k folds on train when there is no val split
+    loss: Literal["log_loss", "hinge"] = "log_loss"  # sgd only
+    epochs: int = Field(5, ge=1)  # sgd only: passes over the streamed codes
+    buffer_rows: int = Field(8192, ge=256)  # sgd only: codes held in memory at once
 
     @field_validator("C_grid")
     @classmethod
@@ -86,6 +96,13 @@ class Train(_Section):
         if any(c <= 0 for c in v):
             raise ValueError(f"every C must be > 0, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _cv_needs_memory(self) -> Train:
+        if self.cv is not None and self.classifier == "sgd":
+            raise ValueError("cv: k-fold CV is for the in-memory classifiers (logistic, "
+                             "linear_svm); sgd streams and needs a val split")
+        return self
 
 
 class Params(_Section):
@@ -102,6 +119,9 @@ def _describe(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         given = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
         msg = e["msg"].removeprefix("Value error, ")
+        if isinstance(e.get("input"), dict):  # a check across keys: it names its own key
+            field, _, msg = msg.partition(": ")
+            key, given = f"{key}.{field}", ""
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{source}: {key}: {msg}{given}")

@@ -3,6 +3,9 @@
 The linear-probe protocol: for each layer in the store and each C in the grid, fit on train
 and score on val (or by k-fold CV on train when there is no val split); the best (layer, C)
 is refit on train + val. The test split is touched once, in evaluate.
+
+`logistic` and `linear_svm` hold one layer's codes in memory; `sgd` streams them from the
+store (tasks/stream.py), for stores larger than memory.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.base import TransformerMixin
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from tasks.errors import TlflowError
@@ -35,33 +39,62 @@ class Split:
     y_val: np.ndarray
 
 
+def make_norm(normalize: str) -> TransformerMixin:
+    """The feature normalization, unfitted: standardize | l2 | none."""
+    return {"standardize": StandardScaler, "l2": Normalizer,
+            "none": FunctionTransformer}[normalize]()
+
+
+def make_clf(C: float, cfg: Train, seed: int, warm_start: bool = False):
+    """The in-memory linear classifier; warm_start reuses the last fit's weights."""
+    if cfg.classifier == "logistic":  # multinomial softmax, L-BFGS
+        return LogisticRegression(C=C, max_iter=cfg.max_iter, class_weight=cfg.class_weight,
+                                  random_state=seed, warm_start=warm_start)
+    if cfg.classifier == "linear_svm":  # liblinear: no warm start
+        return LinearSVC(C=C, max_iter=cfg.max_iter, class_weight=cfg.class_weight,
+                         random_state=seed)
+    raise TlflowError(f"train.classifier: {cfg.classifier} streams its codes (tasks/stream.py)")
+
+
 def make_probe(C: float, cfg: Train, seed: int) -> Pipeline:
     """Normalization (fit on the data it is fitted on) then the linear classifier."""
-    norm = {"standardize": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}
-    if cfg.classifier == "logistic":  # multinomial softmax, L-BFGS
-        clf = LogisticRegression(C=C, max_iter=cfg.max_iter, class_weight=cfg.class_weight,
-                                 random_state=seed)
-    else:
-        clf = LinearSVC(C=C, max_iter=cfg.max_iter, class_weight=cfg.class_weight,
-                        random_state=seed)
-    return Pipeline([("norm", norm[cfg.normalize]), ("clf", clf)])
+    return Pipeline([("norm", make_norm(cfg.normalize)), ("clf", make_clf(C, cfg, seed))])
 
 
-def _val_accuracy(s: Split, C: float, cfg: Train, seed: int) -> float:
-    if len(s.y_val):
-        return float(make_probe(C, cfg, seed).fit(s.x_train, s.y_train).score(s.x_val, s.y_val))
-    folds = StratifiedKFold(cfg.cv, shuffle=True, random_state=seed)
-    return float(cross_val_score(make_probe(C, cfg, seed), s.x_train, s.y_train, cv=folds).mean())
+def _layer_accuracies(s: Split, cfg: Train, seed: int) -> dict[float, float]:
+    """Val (or k-fold CV) accuracy for each C of the grid.
+
+    With a val split the normalization is fitted once on train, and C goes from small to
+    large with warm starts: each fit starts from the last one's weights (the regularization
+    path), which L-BFGS finishes in a fraction of the iterations of a cold start.
+    """
+    if not len(s.y_val):
+        folds = StratifiedKFold(cfg.cv, shuffle=True, random_state=seed)
+        return {C: float(cross_val_score(make_probe(C, cfg, seed), s.x_train, s.y_train,
+                                         cv=folds).mean()) for C in cfg.C_grid}
+    norm = make_norm(cfg.normalize).fit(s.x_train)
+    x_train, x_val = norm.transform(s.x_train), norm.transform(s.x_val)
+    clf, out = None, {}
+    for C in sorted(cfg.C_grid):
+        clf = make_clf(C, cfg, seed, warm_start=True) if clf is None else clf.set_params(C=C)
+        out[C] = float(clf.fit(x_train, s.y_train).score(x_val, s.y_val))
+    return out
 
 
 def sweep(splits: dict[str, Split], cfg: Train, seed: int) -> list[dict]:
-    """Val (or CV) accuracy of every (layer, C); one row per pair."""
-    return [
-        {"layer": layer, "dim": int(s.x_train.shape[1]), "C": C,
-         "val_accuracy": _val_accuracy(s, C, cfg, seed)}
-        for layer, s in splits.items()
-        for C in cfg.C_grid
-    ]
+    """Val (or CV) accuracy of every (layer, C); one row per pair, C in grid order."""
+    table = []
+    for layer, s in splits.items():
+        acc = _layer_accuracies(s, cfg, seed)
+        table += [{"layer": layer, "dim": int(s.x_train.shape[1]), "C": C,
+                   "val_accuracy": acc[C]} for C in cfg.C_grid]
+    return table
+
+
+def layer_table(table: list[dict]) -> list[dict]:
+    """The sweep reduced to one row per layer: dim, best C, its val accuracy."""
+    layers = dict.fromkeys(r["layer"] for r in table)
+    return [best([r for r in table if r["layer"] == layer]) for layer in layers]
 
 
 def best(table: list[dict]) -> dict:
@@ -81,9 +114,19 @@ def to_head(probe: Pipeline, meta: dict) -> LinearHead:
     else:
         mean, scale = np.zeros(dim), np.ones(dim)
         kind = "l2" if isinstance(norm, Normalizer) else "none"
-    scores = "probability" if isinstance(clf, LogisticRegression) else "decision"
+    scores = _scores(clf, len(clf.classes_))
     meta = {**meta, "normalize": kind, "scores": scores}
     return LinearHead(w, b, mean, scale, tuple(map(str, clf.classes_)), meta)
+
+
+def _scores(clf, n_classes: int) -> str:
+    """What the head's scores mean: softmax probabilities, one-vs-rest ones, or SVM margins."""
+    if isinstance(clf, LogisticRegression):
+        return "probability"
+    if isinstance(clf, SGDClassifier) and clf.loss == "log_loss":
+        # binary: one logit, exported as a two-way softmax, which is the sigmoid exactly
+        return "probability" if n_classes == 2 else "ovr_probability"
+    return "decision"
 
 
 def load_splits(store: FeatureStore, rows: list[Row],
@@ -104,23 +147,57 @@ def load_splits(store: FeatureStore, rows: list[Row],
     return splits, np.concatenate([y_tr, y_va])
 
 
+def _sweep_stream(path, rows: list[Row], layers: dict[str, int], cfg: Train,
+                  seed: int) -> tuple[list[dict], Pipeline]:
+    """The sweep for `sgd`: every (layer, C) trained on codes streamed from the store."""
+    from tasks import stream
+
+    train_set = {r.sha256: r.label for r in rows if r.split == "train"}
+    val_set = {r.sha256: r.label for r in rows if r.split == "val"}
+    if not val_set:
+        raise TlflowError("train: the val split is empty; classifier sgd needs one "
+                          "(set ingest.val_fraction above 0)")
+    table = []
+    for layer, dim in layers.items():
+        tr = stream.Stream(path, layer, train_set, cfg.buffer_rows)
+        va = stream.Stream(path, layer, val_set, cfg.buffer_rows)
+        for C in cfg.C_grid:
+            acc = stream.accuracy(stream.probe(tr, C, cfg, seed), va)
+            table.append({"layer": layer, "dim": dim, "C": C, "val_accuracy": acc})
+            print(f"train: {layer} C={C:g} val accuracy {acc:.4f}", flush=True)
+    top = best(table)
+    both = stream.Stream(path, top["layer"], {**train_set, **val_set}, cfg.buffer_rows)
+    return table, stream.probe(both, top["C"], cfg, seed)
+
+
+def _sweep_in_memory(path, rows: list[Row], cfg: Train,
+                     seed: int) -> tuple[list[dict], Pipeline]:
+    """The sweep for logistic and linear_svm: codes of train and val loaded per layer."""
+    with FeatureStore(path) as store:
+        splits, y_all = load_splits(store, rows, cfg.cv)
+    table = sweep(splits, cfg, seed)
+    top = best(table)
+    s = splits[top["layer"]]
+    return table, make_probe(top["C"], cfg, seed).fit(np.vstack([s.x_train, s.x_val]), y_all)
+
+
 def run(params: Params) -> LinearHead:
     """Sweep layers and C on val, refit the best on train + val, save head and sweep table."""
     cfg, paths, seed = params.train, params.base.paths, params.base.seed
     rows = usable(read_manifest(paths.manifest), paths.extract_report)
     path = current_store(paths.features)
-    with FeatureStore(path) as store:
-        splits, y_all = load_splits(store, rows, cfg.cv)
-        ext_id = path.stem
-    table = sweep(splits, cfg, seed)
+    if cfg.classifier == "sgd":
+        with FeatureStore(path) as store:
+            layers = store.layers
+        table, probe = _sweep_stream(path, rows, layers, cfg, seed)
+    else:
+        table, probe = _sweep_in_memory(path, rows, cfg, seed)
     top = best(table)
-    s = splits[top["layer"]]
-    probe = make_probe(top["C"], cfg, seed).fit(np.vstack([s.x_train, s.x_val]), y_all)
-    meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": ext_id,
+    meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
             "C": top["C"], "val_accuracy": top["val_accuracy"]}
     head = to_head(probe, meta)
     save_head(head, paths.head)
-    write_json(paths.probe_metrics, {"best": meta, "sweep": table})
+    write_json(paths.probe_metrics, {"best": meta, "layers": layer_table(table), "sweep": table})
     print(f"train: best layer {top['layer']} (C={top['C']:g}), val accuracy "
           f"{top['val_accuracy']:.4f} -> {paths.head}", flush=True)
     return head

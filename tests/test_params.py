@@ -51,3 +51,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("base: [unclosed\n")
     with pytest.raises(TlflowError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_a_check_across_keys_names_its_key():
+    raw = _raw()
+    raw["train"].update(classifier="sgd", cv=3)
+    with pytest.raises(TlflowError, match=r"^params.yaml: train.cv: k-fold CV is for the"):
+        parse_params(raw)

@@ -122,17 +122,21 @@ def test_refuses_pickle_truncated_and_foreign_heads(tmp_path: Path):
         load_head(tmp_path / "absent")
 
 
-def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path):
+@pytest.mark.parametrize("classifier", ["logistic", "sgd"])
+def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path, classifier: str):
     params = make_params(
         tmp_path, ingest={"source": "folder", "path": str(image_folder)},
         extract={"layers": ["pooled", "blocks.2"], "image_size": 32},
+        train={"classifier": classifier},
     )
     ingest.run(params)
     extract.run(params)
     head = train.run(params)
     probe = json.loads(params.base.paths.probe_metrics.read_text())
     assert len(probe["sweep"]) == 2 * len(params.train.C_grid)
+    assert sorted(r["layer"] for r in probe["layers"]) == ["blocks.2", "pooled"]
     assert probe["best"]["layer"] == head.meta["layer"]
+    assert head.meta["classifier"] == classifier
     assert head.classes == ("blue", "green", "red")
     assert probe["best"]["val_accuracy"] >= 0.8  # colour is easy
 
