@@ -45,12 +45,12 @@ def cmd_stage(name: str) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     """`tlflow features info|gc`."""
     from tasks import extract
+    from tasks.featurestore import current_store
     from tasks.params import load_params
 
     params = load_params()
     if args.action == "info":
-        store = Path(args.store) if args.store else extract.current_store(
-            params.base.paths.features)
+        store = Path(args.store) if args.store else current_store(params.base.paths.features)
         facts = extract.info(store)
         if args.json:
             print(json.dumps(facts, indent=2, sort_keys=True))

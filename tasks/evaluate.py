@@ -8,8 +8,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from tasks.errors import TlflowError
-from tasks.extract import bad_images, current_store
-from tasks.featurestore import FeatureStore
+from tasks.featurestore import FeatureStore, bad_images, current_store
 from tasks.head import LinearHead, load_head
 from tasks.ingest import read_manifest
 from tasks.io import atomic_path, write_json

@@ -9,7 +9,6 @@ the extract report lists how many codes were computed and which images could not
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,13 +22,12 @@ from PIL import Image
 
 from tasks.backbones import Backbone, CodeExtractor, create_backbone
 from tasks.errors import TlflowError
-from tasks.featurestore import FeatureStore, extractor_id, writer_lock
+from tasks.featurestore import POINTER, FeatureStore, extractor_id, writer_lock
 from tasks.ingest import Row, read_manifest
 from tasks.io import write_json
 from tasks.params import Extract, Params
 from tasks.progress import Progress
 
-POINTER = "current.json"
 POOLING = "avg"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,12 +87,6 @@ def _reason(path: Path, err: Exception) -> str:
     if isinstance(err, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return f"decompression bomb ({err})"
     return f"{type(err).__name__}: {err}"
-
-
-def usable(rows: list[Row], report: Path) -> list[Row]:
-    """The manifest rows minus the images the extract report lists as unreadable."""
-    bad = bad_images(report)
-    return [r for r in rows if r.sha256 not in bad]
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -180,21 +172,6 @@ def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Ite
 def store_path(features_dir: Path, ext_id: str) -> Path:
     """Where the codes of one extractor live."""
     return features_dir / f"{ext_id}.h5"
-
-
-def current_store(features_dir: Path) -> Path:
-    """The store the last extract run selected (read from the pointer file)."""
-    pointer = features_dir / POINTER
-    if not pointer.is_file():
-        raise TlflowError(f"{pointer}: not found (run `tlflow stage extract` first)")
-    return features_dir / json.loads(pointer.read_text())["store"]
-
-
-def bad_images(report: Path) -> dict[str, str]:
-    """sha256 -> reason of the images the last extract run could not read."""
-    if not report.is_file():
-        return {}
-    return {b["sha256"]: b["reason"] for b in json.loads(report.read_text())["bad_images"]}
 
 
 def _loader(todo: list[Row], images: Path, backbone: Backbone, cfg: Extract,

@@ -15,13 +15,17 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from tasks.errors import TlflowError
 
+if TYPE_CHECKING:
+    from tasks.ingest import Row
+
+POINTER = "current.json"  # <features>/current.json: the store the current params select
 COMMITTED = "n_committed"
 EXTRACTOR = "extractor"
 VERSIONS = "versions"
@@ -223,3 +227,25 @@ def prune(path: Path, keep: set[str]) -> tuple[int, int]:
 
 def _dtype(store: FeatureStore) -> str:
     return str(next(iter(store._h5["layers"].values())).dtype)
+
+
+# ------------------------------------------------ what extract hands on to the stages downstream
+def current_store(features_dir: Path) -> Path:
+    """The store the last extract run selected (read from the pointer file)."""
+    pointer = features_dir / POINTER
+    if not pointer.is_file():
+        raise TlflowError(f"{pointer}: not found (run `tlflow stage extract` first)")
+    return features_dir / json.loads(pointer.read_text())["store"]
+
+
+def bad_images(report: Path) -> dict[str, str]:
+    """sha256 -> reason of the images the last extract run could not read."""
+    if not report.is_file():
+        return {}
+    return {b["sha256"]: b["reason"] for b in json.loads(report.read_text())["bad_images"]}
+
+
+def usable(rows: list[Row], report: Path) -> list[Row]:
+    """The manifest rows minus the images the extract report lists as unreadable."""
+    bad = bad_images(report)
+    return [r for r in rows if r.sha256 not in bad]

@@ -55,8 +55,7 @@ def codes_for(files: list[Path], head: LinearHead, params: Params) -> tuple[np.n
 
     Returns the codes and how many images had to be computed.
     """
-    from tasks.extract import current_store
-    from tasks.featurestore import FeatureStore
+    from tasks.featurestore import FeatureStore, current_store
 
     keys = [sha256_file(f) for f in files]
     store_path = current_store(params.base.paths.features)

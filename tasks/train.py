@@ -21,8 +21,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 
 from tasks.errors import TlflowError
-from tasks.extract import current_store, usable
-from tasks.featurestore import FeatureStore
+from tasks.featurestore import FeatureStore, current_store, usable
 from tasks.head import LinearHead, save_head
 from tasks.ingest import Row, read_manifest
 from tasks.io import write_json

@@ -8,6 +8,7 @@ import yaml
 
 from flows.cli import main
 from tasks import extract, ingest
+from tasks.featurestore import current_store
 from tests.conftest import ROOT, cli_env, run_cli
 
 
@@ -39,7 +40,7 @@ def test_features_gc(project: Path, image_folder: Path, capsys: pytest.CaptureFi
     assert "kept 35 rows, would remove 1" in capsys.readouterr().out
     assert main(["features", "gc"]) == 0
     assert "kept 35 rows, removed 1" in capsys.readouterr().out
-    store = extract.current_store(Path("features"))
+    store = current_store(Path("features"))
     assert extract.info(store)["rows"] == 35
     assert len(ingest.read_manifest(Path("data/manifest.csv"))) == 35
 

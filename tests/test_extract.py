@@ -9,8 +9,8 @@ import pytest
 from tasks import extract, ingest
 from tasks.backbones import create_backbone
 from tasks.errors import TlflowError
-from tasks.extract import current_store, describe_extractor, resolve_device
-from tasks.featurestore import FeatureStore, extractor_id, writer_lock
+from tasks.extract import describe_extractor, resolve_device
+from tasks.featurestore import FeatureStore, current_store, extractor_id, writer_lock
 from tests.conftest import COLOURS, make_params, write_image
 
 TINY = {"weights": "packaged", "layers": ["pooled", "blocks.2"], "image_size": 32,
