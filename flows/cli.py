@@ -116,14 +116,21 @@ def _summary(results: list, params: object) -> None:
     console = Console()
     console.print(table)
     paths = params.base.paths
-    if paths.eval_metrics.is_file() and paths.probe_metrics.is_file():
-        probe = json.loads(paths.probe_metrics.read_text())["best"]
-        test = json.loads(paths.eval_metrics.read_text())["probe"]
-        console.print(
-            f"probe: layer {probe['layer']}, C={probe['C']:g}, "
-            f"val accuracy {probe['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
-            f"macro F1 {test['macro_f1']:.4f}"
-        )
+    if not (paths.eval_metrics.is_file() and paths.probe_metrics.is_file()):
+        return
+    probe = json.loads(paths.probe_metrics.read_text())
+    sweep = Table(title="layer sweep (val)")
+    for col in ("layer", "dim", "best C", "val accuracy"):
+        sweep.add_column(col)
+    for r in probe.get("layers", []):
+        sweep.add_row(r["layer"], str(r["dim"]), f"{r['C']:g}", f"{r['val_accuracy']:.4f}")
+    console.print(sweep)
+    best, test = probe["best"], json.loads(paths.eval_metrics.read_text())["probe"]
+    console.print(
+        f"probe: {best['classifier']} on layer {best['layer']}, C={best['C']:g}, "
+        f"val accuracy {best['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
+        f"macro F1 {test['macro_f1']:.4f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Evaluate: the probe on the test split, touched once. Metrics JSON and a confusion CSV."""
+"""Evaluate: the probe on the test split, touched once. Metrics JSON, confusion CSV and PNG."""
 
 from __future__ import annotations
 
@@ -41,13 +41,33 @@ def write_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray) -> None:
         w.writerows(zip(y_true, y_pred, strict=True))
 
 
+def plot_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray,
+                   classes: tuple[str, ...], title: str) -> None:
+    """The confusion matrix as a PNG (scikit-learn's display), for `dvc plots show`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    side = min(4.0 + 0.45 * len(classes), 24.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(classes), ax=ax,
+                                            colorbar=False, xticks_rotation="vertical")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def predict_codes(head: LinearHead, store: FeatureStore, keys: list[str]) -> np.ndarray:
     """Labels the head gives to the stored codes of these image hashes."""
     return head.predict(store.read(head.meta["layer"], keys))
 
 
 def run(params: Params) -> dict:
-    """Score the probe on the test split; write metrics/eval.json and plots/confusion.csv."""
+    """Score the probe on the test split; write the metrics and the confusion matrix."""
     paths = params.base.paths
     bad = bad_images(paths.extract_report)
     rows = read_manifest(paths.manifest)
@@ -65,6 +85,8 @@ def run(params: Params) -> dict:
     write_json(paths.eval_metrics, metrics)
     write_confusion(paths.confusion, y_true, y_pred)
     p = metrics["probe"]
+    plot_confusion(paths.confusion_png, y_true, y_pred, head.classes,
+                   f"probe on {head.meta['layer']}: test accuracy {p['accuracy']:.3f}")
     print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "
           f"on {p['n']} images -> {paths.eval_metrics}", flush=True)
     for relpath, why in skipped:

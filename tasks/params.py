@@ -36,6 +36,10 @@ class Paths(_Section):
     probe_metrics: Path
     eval_metrics: Path
     confusion: Path
+    confusion_png: Path
+    finetuned: Path
+    finetune_curve: Path
+    finetune_checkpoints: Path
 
 
 
@@ -105,11 +109,45 @@ class Train(_Section):
         return self
 
 
+class Finetune(_Section):
+    """Fine-tuning the network itself; off by default (the probe is the default model)."""
+
+    enabled: bool = False
+    trainable: Literal["head", "last_n_blocks", "all"] = "last_n_blocks"
+    n_blocks: int = Field(2, ge=1)  # last_n_blocks: the backbone's last N stages train
+    init_head: Literal["probe", "random"] = "probe"
+    bn: Literal["frozen", "train"] = "frozen"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)  # the head's learning rate
+    backbone_lr_ratio: float = Field(0.1, gt=0, le=1)  # the body's lr = lr * ratio
+    layer_decay: float | None = Field(None, gt=0, le=1)  # per block further from the head
+    weight_decay: float = Field(0.01, ge=0)  # never on norm parameters or biases
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    patience: int = Field(3, ge=1)  # epochs without a better val accuracy before stopping
+    batch_size: int = Field(32, ge=1)
+    image_size: int | None = Field(None, ge=8, le=4096)  # null: extract.image_size
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # random resized crop, share of the area
+    hflip: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA
+    num_workers: int | None = Field(None, ge=0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {v}")
+        return v
+
+
 class Params(_Section):
     base: Base
     ingest: Ingest = Ingest()
     extract: Extract = Extract()
     train: Train = Train()
+    finetune: Finetune = Finetune()
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -119,7 +157,8 @@ def _describe(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         given = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
         msg = e["msg"].removeprefix("Value error, ")
-        if isinstance(e.get("input"), dict):  # a check across keys: it names its own key
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a check across keys (a model validator): its message starts with its key
             field, _, msg = msg.partition(": ")
             key, given = f"{key}.{field}", ""
         if e["type"] == "extra_forbidden":

@@ -103,7 +103,8 @@ def accuracy(model: Pipeline, stream: Stream) -> float:
     return right / max(len(stream), 1)
 
 
-def probe(stream: Stream, C: float, cfg: Train, seed: int) -> Pipeline:
-    """Normalization then SGD, fitted on the stream: the same shape as the in-memory probes."""
-    norm = fit_norm(stream, cfg.normalize)
+def probe(stream: Stream, C: float, cfg: Train, seed: int,
+          norm: TransformerMixin | None = None) -> Pipeline:
+    """Normalization (fitted on the stream unless given) then SGD: the in-memory probes' shape."""
+    norm = fit_norm(stream, cfg.normalize) if norm is None else norm
     return Pipeline([("norm", norm), ("clf", fit_sgd(stream, norm, C, cfg, seed))])

@@ -160,8 +160,9 @@ def _sweep_stream(path, rows: list[Row], layers: dict[str, int], cfg: Train,
     for layer, dim in layers.items():
         tr = stream.Stream(path, layer, train_set, cfg.buffer_rows)
         va = stream.Stream(path, layer, val_set, cfg.buffer_rows)
+        norm = stream.fit_norm(tr, cfg.normalize)  # one pass, shared by every C
         for C in cfg.C_grid:
-            acc = stream.accuracy(stream.probe(tr, C, cfg, seed), va)
+            acc = stream.accuracy(stream.probe(tr, C, cfg, seed, norm), va)
             table.append({"layer": layer, "dim": dim, "C": C, "val_accuracy": acc})
             print(f"train: {layer} C={C:g} val accuracy {acc:.4f}", flush=True)
     top = best(table)

@@ -53,7 +53,7 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"]},
         "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"]},
-        "evaluate": {paths["eval_metrics"], paths["confusion"]},
+        "evaluate": {paths["eval_metrics"], paths["confusion"], paths["confusion_png"]},
     }
     assert outs == expected
 
@@ -84,7 +84,8 @@ def test_params_are_exactly_what_each_stage_reads(stages):
 def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
     assert metrics == {paths["extract_report"], paths["probe_metrics"], paths["eval_metrics"]}
-    (plot,) = [o for s in stages.values() for o in s.outs if o.plot]
-    assert str(plot.def_path) == paths["confusion"]
-    assert plot.plot["template"] == "confusion"
+    csv, png = [o for s in stages.values() for o in s.outs if o.plot]
+    assert str(csv.def_path) == paths["confusion"]
+    assert csv.plot["template"] == "confusion"
+    assert str(png.def_path) == paths["confusion_png"]
     assert Path(ROOT / "dvc.yaml").read_text().count("template: confusion") == 1

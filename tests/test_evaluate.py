@@ -48,6 +48,10 @@ def test_evaluate_writes_metrics_and_confusion(trained):
     assert probe["n"] == n_test
     with open(trained.base.paths.confusion) as f:
         assert sum(1 for _ in f) == n_test + 1
+    from PIL import Image
+
+    with Image.open(trained.base.paths.confusion_png) as png:
+        assert png.format == "PNG" and min(png.size) >= 300
 
 
 def test_evaluate_refuses_a_head_of_another_extractor(trained):

@@ -46,7 +46,8 @@ def test_first_run_trains_an_accurate_probe(project):
     assert set(metrics["probe"]["per_class"]) == {str(d) for d in range(10)}
     probe = json.loads((root / "metrics/probe.json").read_text())
     assert probe["best"]["layer"] != "pooled"  # the intermediate stage wins on digits
-    assert "test accuracy" in output  # the summary
+    assert "test accuracy" in output and "layer sweep" in output  # the summary
+    assert (root / "plots/confusion.png").stat().st_size > 0
     _dvc_up_to_date(root, env)
 
 
