@@ -17,11 +17,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the pipeline as a Prefect flow (only stale stages)")
     r.add_argument("--force", action="store_true", help="rerun every stage")
     s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
-    s.add_argument("name", help="ingest | extract | train | evaluate")
+    s.add_argument("name", help="ingest | extract | train | finetune | evaluate")
     pr = sub.add_parser("predict", help="label images with the trained head")
     pr.add_argument("target", type=Path, help="an image or a folder of images")
     pr.add_argument("--top-k", type=int, default=1, help="how many labels per image")
     pr.add_argument("--out", type=Path, help="also write the predictions to this CSV")
+    pr.add_argument("--model", choices=("probe", "finetuned"), default="probe",
+                    help="the linear probe on the codes (default) or the fine-tuned network")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
     fsub = f.add_subparsers(dest="action", required=True)
     i = fsub.add_parser("info", help="a store's extractor, rows, layers and dims")
@@ -125,12 +127,22 @@ def _summary(results: list, params: object) -> None:
     for r in probe.get("layers", []):
         sweep.add_row(r["layer"], str(r["dim"]), f"{r['C']:g}", f"{r['val_accuracy']:.4f}")
     console.print(sweep)
-    best, test = probe["best"], json.loads(paths.eval_metrics.read_text())["probe"]
+    metrics = json.loads(paths.eval_metrics.read_text())
+    best, test = probe["best"], metrics["probe"]
     console.print(
         f"probe: {best['classifier']} on layer {best['layer']}, C={best['C']:g}, "
         f"val accuracy {best['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
         f"macro F1 {test['macro_f1']:.4f}"
     )
+    if "finetune" in metrics:
+        from tasks.finetune import read_meta
+
+        meta, ft = read_meta(paths.finetuned), metrics["finetune"]
+        console.print(
+            f"fine-tuned: {meta.get('trainable')}, best epoch {meta.get('best_epoch')}, val "
+            f"accuracy {meta.get('val_accuracy', float('nan')):.4f}, test accuracy "
+            f"{ft['accuracy']:.4f}, macro F1 {ft['macro_f1']:.4f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tasks import predict
             from tasks.params import load_params
 
-            predict.run(load_params(), args.target, args.top_k, args.out)
+            predict.run(load_params(), args.target, args.top_k, args.out, args.model)
             return 0
         return cmd_run(args.force)
     except TlflowError as err:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tasks.params import Params
 
-STAGES = ("ingest", "extract", "train", "evaluate")
+STAGES = ("ingest", "extract", "train", "finetune", "evaluate")
 
 
 def stage_runner(name: str) -> Callable[[Params], object]:

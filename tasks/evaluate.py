@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
@@ -10,7 +11,7 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 from tasks.errors import TlflowError
 from tasks.featurestore import FeatureStore, bad_images, current_store
 from tasks.head import LinearHead, load_head
-from tasks.ingest import read_manifest
+from tasks.ingest import Row, read_manifest
 from tasks.io import atomic_path, write_json
 from tasks.params import Params
 
@@ -61,6 +62,29 @@ def plot_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray,
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class Labels:
+    predict: np.ndarray
+    classes: tuple[str, ...]
+
+
+def evaluate_finetuned(params: Params, test: list[Row]) -> Labels | None:
+    """The fine-tuned network's labels for the test images; None when finetune is off."""
+    from tasks.finetune import read_meta
+
+    if not read_meta(params.base.paths.finetuned).get("enabled"):
+        return None
+    from tasks.extract import resolve_device
+    from tasks.network import load_network
+    from tasks.tuning import predict_files
+
+    net = load_network(params.base.paths.finetuned)
+    device = resolve_device(params.finetune.device, "finetune.device")
+    files = [params.base.paths.images / r.relpath for r in test]
+    proba = predict_files(net, files, device, params.finetune.batch_size)
+    return Labels(np.asarray(net.classes)[proba.argmax(axis=1)], net.classes)
+
+
 def predict_codes(head: LinearHead, store: FeatureStore, keys: list[str]) -> np.ndarray:
     """Labels the head gives to the stored codes of these image hashes."""
     return head.predict(store.read(head.meta["layer"], keys))
@@ -80,11 +104,18 @@ def run(params: Params) -> dict:
         y_pred = predict_codes(head, store, [r.sha256 for r in test])
     y_true = np.array([r.label for r in test])
     skipped = sorted({r.relpath: bad[r.sha256] for r in rows if r.sha256 in bad}.items())
-    metrics = {"probe": score(y_true, y_pred, head.classes),
-               "skipped_images": [{"relpath": p, "reason": why} for p, why in skipped]}
+    metrics = {"probe": score(y_true, y_pred, head.classes)}
+    finetuned = evaluate_finetuned(params, test)
+    if finetuned is not None:
+        metrics["finetune"] = score(y_true, finetuned.predict, finetuned.classes)
+    metrics["skipped_images"] = [{"relpath": p, "reason": why} for p, why in skipped]
     write_json(paths.eval_metrics, metrics)
     write_confusion(paths.confusion, y_true, y_pred)
     p = metrics["probe"]
+    if "finetune" in metrics:
+        f = metrics["finetune"]
+        print(f"evaluate: fine-tuned network: test accuracy {f['accuracy']:.4f}, macro F1 "
+              f"{f['macro_f1']:.4f}", flush=True)
     plot_confusion(paths.confusion_png, y_true, y_pred, head.classes,
                    f"probe on {head.meta['layer']}: test accuracy {p['accuracy']:.3f}")
     print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "

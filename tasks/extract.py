@@ -32,12 +32,12 @@ POOLING = "avg"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, key: str = "extract.device") -> torch.device:
     """`auto` is the first CUDA GPU when present, else the CPU."""
     if spec == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise TlflowError(f"extract.device: {spec!r} asked for, but no CUDA GPU is available")
+        raise TlflowError(f"{key}: {spec!r} asked for, but no CUDA GPU is available")
     return torch.device(spec)
 
 

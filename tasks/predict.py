@@ -1,4 +1,5 @@
-"""Predict: labels for new images with the trained head; codes already in the store are reused.
+"""Predict: labels for new images with the probe (codes in the store are reused) or the
+fine-tuned network.
 
 Read-only: it never writes to the feature store (a DVC output), and it refuses to run when the
 current params describe another extractor than the one the head was trained on.
@@ -28,13 +29,17 @@ class Prediction:
     scores: tuple[float, ...]
 
 
-def top_k(head: LinearHead, codes: np.ndarray, k: int) -> list[tuple[tuple, tuple]]:
-    """(labels, probabilities) of the k best classes per row; decision scores for an SVM."""
-    proba = head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
-    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    classes = np.asarray(head.classes)
-    return [(tuple(classes[o]), tuple(float(p) for p in proba[i, o]))
+def top_k(scores: np.ndarray, classes: tuple[str, ...], k: int) -> list[tuple[tuple, tuple]]:
+    """(labels, scores) of the k best classes per row."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    names = np.asarray(classes)
+    return [(tuple(names[o]), tuple(float(p) for p in scores[i, o]))
             for i, o in enumerate(order)]
+
+
+def head_scores(head: LinearHead, codes: np.ndarray) -> np.ndarray:
+    """Probabilities; for a linear SVM, its decision values."""
+    return head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
 
 
 def image_files(target: Path) -> list[Path]:
@@ -108,23 +113,41 @@ def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
                                   for v in (pair[0], f"{pair[1]:.6f}")]])
 
 
-def run(params: Params, target: Path, k: int = 1, out: Path | None = None) -> list[Prediction]:
+def _finetuned_scores(params: Params, files: list[Path]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Softmax probabilities of the fine-tuned network, straight from the images."""
+    from tasks.extract import resolve_device
+    from tasks.network import load_network
+    from tasks.tuning import predict_files
+
+    net = load_network(params.base.paths.finetuned)
+    device = resolve_device(params.finetune.device, "finetune.device")
+    return predict_files(net, files, device, params.finetune.batch_size), net.classes
+
+
+def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
+        model: str = "probe") -> list[Prediction]:
     """Predict every image of `target`; print one line each; write a CSV when asked."""
-    head = load_head(params.base.paths.head)
-    if not 1 <= k <= len(head.classes):
-        raise TlflowError(f"--top-k: must be between 1 and {len(head.classes)}, got {k}")
     files = image_files(target)
-    codes, n_computed = codes_for(files, head, params)
-    preds = [Prediction(str(f), labels, scores)
-             for f, (labels, scores) in zip(files, top_k(head, codes, k), strict=True)]
+    if model == "finetuned":
+        scores, classes = _finetuned_scores(params, files)
+        kind, note = "probability", f"predict: {len(files)} images, fine-tuned network"
+    else:
+        head = load_head(params.base.paths.head)
+        codes, n_computed = codes_for(files, head, params)
+        scores, classes = head_scores(head, codes), head.classes
+        kind = "probability" if head.has_probabilities else "decision"
+        note = (f"predict: {len(files)} images, {len(files) - n_computed} codes from the "
+                f"store, {n_computed} computed")
+    if not 1 <= k <= len(classes):
+        raise TlflowError(f"--top-k: must be between 1 and {len(classes)}, got {k}")
+    preds = [Prediction(str(f), labels, values)
+             for f, (labels, values) in zip(files, top_k(scores, classes, k), strict=True)]
     for p in preds:
-        print(p.path, "  ".join(f"{lab} {s:.3f}" for lab, s in zip(p.labels, p.scores,
+        print(p.path, "  ".join(f"{lab} {v:.3f}" for lab, v in zip(p.labels, p.scores,
                                                                      strict=True)))
-    print(f"predict: {len(files)} images, {len(files) - n_computed} codes from the store, "
-          f"{n_computed} computed", flush=True)
-    score = "probability" if head.has_probabilities else "decision"
-    if not head.has_probabilities:
+    print(note, flush=True)
+    if kind == "decision":
         print("predict: the scores are the linear SVM's decision values, not probabilities")
     if out is not None:
-        write_predictions(out, preds, score)
+        write_predictions(out, preds, kind)
     return preds

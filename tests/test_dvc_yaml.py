@@ -13,6 +13,8 @@ PARAMS_READ = {
     "ingest": {"base.seed", "ingest"},
     "extract": {"base.seed", "extract"},
     "train": {"base.seed", "train"},
+    "finetune": {"base.seed", "extract.backbone", "extract.weights", "extract.image_size",
+                 "finetune"},
     "evaluate": set(),
 }
 
@@ -47,25 +49,29 @@ def test_stages_match_the_flow(stages):
 def test_every_path_is_an_output_of_one_stage(stages, paths):
     outs = {name: _outs(s) for name, s in stages.items()}
     paths = dict(paths)
-    head = paths.pop("head")
+    head, finetuned = paths.pop("head"), paths.pop("finetuned")
     assert paths.pop("hash_cache").startswith(".")  # a cache, not versioned data
+    assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"]},
         "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"]},
+        "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
         "evaluate": {paths["eval_metrics"], paths["confusion"], paths["confusion_png"]},
     }
     assert outs == expected
 
 
 def test_each_stage_depends_on_what_it_reads(stages, paths):
-    head = paths["head"]
+    head, finetuned = paths["head"], paths["finetuned"]
+    probe = {paths["manifest"], paths["features"], paths["extract_report"],
+             f"{head}.safetensors", f"{head}.json"}
     data = {
         "ingest": set(),
         "extract": {paths["manifest"]},
         "train": {paths["manifest"], paths["features"], paths["extract_report"]},
-        "evaluate": {paths["manifest"], paths["features"], paths["extract_report"],
-                     f"{head}.safetensors", f"{head}.json"},
+        "finetune": {*probe, paths["images"], paths["probe_metrics"]},
+        "evaluate": {*probe, paths["images"], f"{finetuned}.safetensors", f"{finetuned}.json"},
     }
     for name, stage in stages.items():
         deps = _deps(stage)
@@ -84,7 +90,8 @@ def test_params_are_exactly_what_each_stage_reads(stages):
 def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
     assert metrics == {paths["extract_report"], paths["probe_metrics"], paths["eval_metrics"]}
-    csv, png = [o for s in stages.values() for o in s.outs if o.plot]
+    curve, csv, png = [o for s in stages.values() for o in s.outs if o.plot]
+    assert str(curve.def_path) == paths["finetune_curve"] and curve.plot["x"] == "epoch"
     assert str(csv.def_path) == paths["confusion"]
     assert csv.plot["template"] == "confusion"
     assert str(png.def_path) == paths["confusion_png"]

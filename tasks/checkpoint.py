@@ -1,0 +1,96 @@
+"""Resumable training state: tensors in safetensors, everything else in JSON; no pickle.
+
+`<dir>/state.json` is the commit point. It is written atomically after the epoch's tensors
+(`epoch-NNNN.safetensors`: model and optimizer) and names them, so a run killed at any moment
+finds either the previous epoch's state or this one's, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.io import atomic_path, write_json
+
+STATE = "state.json"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state dict into tensors and JSON-able values."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save(directory: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+         sched: torch.optim.lr_scheduler.LRScheduler, meta: dict[str, Any]) -> None:
+    """Commit the state after `epoch`: tensors first, then state.json; drop older tensors."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().cpu()
+               for k, v in model.state_dict().items()}
+    opt_tensors, opt_json = _optimizer_tensors(opt)
+    name = f"epoch-{epoch:04d}.safetensors"
+    with atomic_path(directory / name) as tmp:
+        save_file({**tensors, **opt_tensors}, str(tmp))
+    write_json(directory / STATE, {**meta, "epoch": epoch, "tensors": name,
+                                   "optimizer": opt_json, "scheduler": sched.state_dict()})
+    keep = {name, meta.get("best_file")}
+    for old in directory.glob("*.safetensors"):
+        if old.name not in keep:
+            old.unlink()
+
+
+def save_weights(path: Path, model: nn.Module) -> None:
+    """The model's state dict alone (the best epoch's weights)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp))
+
+
+def load_state(directory: Path) -> dict[str, Any] | None:
+    """The committed state.json, or None when there is none (or it is unreadable)."""
+    path = directory / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return state if (directory / state["tensors"]).is_file() else None
+
+
+def restore(directory: Path, state: dict[str, Any], model: nn.Module,
+            opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Load model, optimizer and scheduler as they were after state["epoch"]."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / state["tensors"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                          strict=True)
+    opt_state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[key] = v
+    for k, v in state["optimizer"]["scalars"].items():
+        idx, key = k.split(".", 1)
+        opt_state.setdefault(int(idx), {})[key] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    sched.load_state_dict(state["scheduler"])
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)), strict=True)

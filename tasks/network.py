@@ -1,0 +1,188 @@
+"""The backbone as a whole network for fine-tuning: a new head, frozen and trainable parts.
+
+Blocks are the backbone's stages (timm's feature_info, torchvision's top-level children with
+parameters). `last_n_blocks` trains the last N of them and everything after them (for
+EfficientNet: conv_head, bn2 and the classifier); everything before stays frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.backbones import Backbone, create_backbone
+from tasks.errors import TlflowError
+from tasks.finetune import FORMAT, read_meta
+from tasks.head import LinearHead
+from tasks.io import atomic_path, write_json
+from tasks.params import Finetune
+
+
+@dataclass
+class Network:
+    """A backbone whose classifier predicts `classes`."""
+
+    backbone: Backbone
+    classes: tuple[str, ...]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.backbone.model
+
+    @property
+    def head_name(self) -> str:
+        return next(n for n, m in self.model.named_modules() if m is self.backbone.classifier)
+
+    def blocks(self) -> tuple[str, ...]:
+        """The stages one may unfreeze, first to last."""
+        head = self.head_name
+        return tuple(
+            n for n in self.backbone.layer_names
+            if n != head and not head.startswith(n + ".")
+            and any(True for _ in self.model.get_submodule(n).parameters())
+        )
+
+
+def new_network(backbone: Backbone, classes: tuple[str, ...]) -> Network:
+    """Replace the backbone's classifier by a freshly initialized one for `classes`."""
+    old = backbone.classifier
+    name = next(n for n, m in backbone.model.named_modules() if m is old)
+    new = nn.Linear(old.in_features, len(classes))
+    parent, _, attr = name.rpartition(".")
+    setattr(backbone.model.get_submodule(parent) if parent else backbone.model, attr, new)
+    backbone.classifier = new
+    return Network(backbone, classes)
+
+
+def init_from_probe(net: Network, head: LinearHead) -> None:
+    """Fold the probe's standardization into the new classifier: same logits on the same codes.
+
+    logits = ((x - mean) / scale) @ W.T + b = x @ (W / scale).T + (b - (W / scale) @ mean)
+    """
+    if head.meta.get("normalize") == "l2":
+        raise TlflowError("finetune.init_head: a probe with train.normalize: l2 is not linear in "
+                          "the codes and cannot start the network's head; use init_head: random")
+    if tuple(head.classes) != net.classes:
+        raise TlflowError(f"finetune.init_head: the probe's classes {list(head.classes)} differ "
+                          f"from the train split's {list(net.classes)}")
+    w = head.weight / head.scale
+    b = head.bias - w @ head.mean
+    with torch.no_grad():
+        net.backbone.classifier.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        net.backbone.classifier.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- what trains
+
+
+def trainable_start(net: Network, cfg: Finetune) -> int:
+    """Index, in named_parameters order, of the first parameter that trains."""
+    names = [n for n, _ in net.model.named_parameters()]
+    if cfg.trainable == "all":
+        return 0
+    if cfg.trainable == "head":
+        first = net.head_name
+    else:
+        blocks = net.blocks()
+        if cfg.n_blocks > len(blocks):
+            raise TlflowError(
+                f"finetune.n_blocks: {cfg.n_blocks}, but {net.backbone.name} has "
+                f"{len(blocks)} blocks ({', '.join(blocks)})"
+            )
+        first = blocks[-cfg.n_blocks]
+    return next(i for i, n in enumerate(names) if n.startswith(first + "."))
+
+
+def freeze(net: Network, cfg: Finetune) -> None:
+    """requires_grad on the parameters from the first trainable one on, off before it."""
+    start = trainable_start(net, cfg)
+    for i, (_, p) in enumerate(net.model.named_parameters()):
+        p.requires_grad_(i >= start)
+
+
+def train_mode(net: Network, bn: str) -> None:
+    """train() for what learns; eval() for frozen modules (their BatchNorm statistics and
+    dropout stay fixed: requires_grad=False alone does not stop running statistics from
+    updating under train()) and, with bn: frozen, for every BatchNorm."""
+    net.model.train()
+    for m in net.model.modules():
+        params = list(m.parameters(recurse=True))
+        frozen = bool(params) and not any(p.requires_grad for p in params)
+        if frozen or (bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            m.eval()
+
+
+def param_groups(net: Network, cfg: Finetune) -> list[dict[str, Any]]:
+    """Head at lr, body at lr * backbone_lr_ratio (times layer_decay per block further from
+    the head); no weight decay on norm parameters and biases (1-d tensors)."""
+    head = net.head_name + "."
+    blocks = net.blocks()
+    names = [n for n, _ in net.model.named_parameters()]
+    starts = [next(i for i, n in enumerate(names) if n.startswith(b + ".")) for b in blocks]
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for i, (name, p) in enumerate(net.model.named_parameters()):
+        if not p.requires_grad:
+            continue
+        lr = cfg.lr
+        if not name.startswith(head):
+            lr *= cfg.backbone_lr_ratio
+            if cfg.layer_decay is not None:
+                lr *= cfg.layer_decay ** (len(blocks) - sum(s <= i for s in starts))
+        decay = cfg.weight_decay if p.ndim > 1 else 0.0
+        groups.setdefault((lr, decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+# ---------------------------------------------------------------- on disk
+
+
+def save_network(net: Network, stem: Path, meta: dict[str, Any]) -> None:
+    """<stem>.safetensors (the state dict) and <stem>.json (what rebuilds the network)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in net.model.state_dict().items()}
+    with atomic_path(Path(f"{stem}.safetensors")) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in
+           net.backbone.data_config.items()}
+    write_json(Path(f"{stem}.json"), {
+        **meta, "format": FORMAT, "enabled": True, "backbone": net.backbone.name,
+        "classes": list(net.classes), "data_config": cfg,
+    })
+
+
+def load_network(stem: Path) -> Network:
+    """Rebuild the fine-tuned network from its sidecar and weights (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_meta(stem)
+    if not meta.get("enabled"):
+        raise TlflowError(f"{stem}.json: no fine-tuned network (set finetune.enabled: true "
+                          "and run `tlflow run`)")
+    backbone = create_backbone(meta["backbone"], "none")
+    cfg = meta["data_config"]
+    backbone.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    net = new_network(backbone, tuple(meta["classes"]))
+    try:
+        state = load_file(f"{stem}.safetensors")
+    except (SafetensorError, OSError) as err:
+        raise TlflowError(f"{stem}.safetensors: not a safetensors file: {err}") from None
+    try:
+        net.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise TlflowError(f"{stem}.safetensors: does not fit {meta['backbone']}: {err}") from None
+    net.model.eval()
+    return net
+
+
+def build(backbone_name: str, weights: str, image_size: int | None, seed: int,
+          classes: tuple[str, ...]) -> Network:
+    """The pretrained backbone with a new head for `classes` (seeded initialization)."""
+    backbone = create_backbone(backbone_name, weights, image_size, seed)
+    torch.manual_seed(seed)
+    return new_network(backbone, classes)

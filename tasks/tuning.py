@@ -1,0 +1,305 @@
+"""The fine-tuning loop: keep training the pretrained network on the new images.
+
+The notes' practice: train the head and the later blocks (early layers hold generic features,
+late ones the original classes'), with a smaller learning rate for the pretrained body than
+for the head, and start the head from the trained linear probe (linear-probe-then-fine-tune,
+Kumar et al. 2022) so that the first steps don't wreck the pretrained features.
+
+Each epoch ends with a checkpoint (tasks/checkpoint.py); a killed run continues from its last
+epoch and ends with the same weights as an uninterrupted one (CPU, same seed): every epoch
+reseeds its shuffling, augmentation and dropout from (seed, epoch). Early stopping on val; the
+best-on-val weights go to <finetuned>.safetensors with a JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tasks import checkpoint
+from tasks.errors import TlflowError
+from tasks.extract import read_image, resolve_device
+from tasks.featurestore import FeatureStore, current_store, usable
+from tasks.head import LinearHead, load_head
+from tasks.ingest import Row, read_manifest
+from tasks.io import sha256_file
+from tasks.network import (
+    Network,
+    build,
+    freeze,
+    init_from_probe,
+    param_groups,
+    save_network,
+    train_mode,
+)
+from tasks.params import Finetune, Params
+from tasks.progress import Progress
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Images(torch.utils.data.Dataset):
+    """(image tensor, class index) for manifest rows; files under the ingest snapshot."""
+
+    def __init__(self, rows: list[Row], root: Path, classes: tuple[str, ...],
+                 transform: Callable) -> None:
+        index = {c: i for i, c in enumerate(classes)}
+        self.files = [root / r.relpath for r in rows]
+        self.targets = [index[r.label] for r in rows]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return read_image(self.files[i], self.transform), self.targets[i]
+
+
+def train_transform(net: Network, cfg: Finetune) -> Callable:
+    """Random resized crop and horizontal flip, then the model's own normalization."""
+    from timm.data import create_transform
+
+    dc = net.backbone.data_config
+    return create_transform(dc["input_size"], is_training=True, scale=cfg.crop_scale,
+                            hflip=cfg.hflip, color_jitter=0.0, interpolation=dc["interpolation"],
+                            mean=dc["mean"], std=dc["std"], re_prob=0.0)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in _AUTOCAST:
+        return torch.autocast("cuda", dtype=_AUTOCAST[precision])
+    return contextlib.nullcontext()
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Every source of randomness of one epoch, from (seed, epoch) alone."""
+    s = seed * 100_003 + epoch
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return torch.Generator().manual_seed(s)
+
+
+def _loader(ds: Images, cfg: Finetune, device: torch.device, shuffle: bool,
+            generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    workers = cfg.num_workers if cfg.num_workers is not None else (
+        4 if device.type == "cuda" else 0)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
+        num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
+    )
+
+
+def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched, cfg: Finetune,
+                device: torch.device, label: str) -> float:
+    """One pass over the train split; returns the mean training loss."""
+    train_mode(net, cfg.bn)
+    total, n = 0.0, 0
+    progress = Progress(label, len(loader.dataset))
+    try:
+        for x, y in loader:
+            x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with _autocast(device, cfg.precision):
+                loss = F.cross_entropy(net.model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+            progress.advance(len(y))
+    finally:
+        progress.close()
+    return total / max(n, 1)
+
+
+@torch.inference_mode()
+def logits(net: Network, loader, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """The network's class scores for every image of the loader (eval mode)."""
+    net.model.eval()
+    out = []
+    for x, _ in loader:
+        x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
+        with _autocast(device, precision):
+            out.append(net.model(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.empty((0, len(net.classes)))
+
+
+def val_accuracy(net: Network, loader, device: torch.device, precision: str) -> float:
+    z = logits(net, loader, device, precision)
+    return float((z.argmax(1) == np.asarray(loader.dataset.targets)).mean())
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base rates, then cosine decay to 0."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def make_optimizer(net: Network, cfg: Finetune) -> torch.optim.Optimizer:
+    groups = param_groups(net, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# ---------------------------------------------------------------- the probe as a start
+
+
+def probe_for_init(params: Params, classes: tuple[str, ...]) -> LinearHead:
+    """The trained probe when it reads the pooled codes; otherwise a logistic probe fitted
+    here on the store's pooled codes of train + val (the network's head reads those)."""
+    from tasks.backbones import POOLED
+
+    paths = params.base.paths
+    store = current_store(paths.features)
+    head = load_head(paths.head, extractor_id=store.stem)
+    if head.meta["layer"] == POOLED and head.meta.get("normalize") != "l2":
+        return head
+    from tasks.params import Train
+    from tasks.train import make_probe, to_head
+
+    rows = [r for r in usable(read_manifest(paths.manifest), paths.extract_report)
+            if r.split in ("train", "val")]
+    with FeatureStore(store) as s:
+        if POOLED not in s.layers:
+            raise TlflowError("finetune.init_head: probe needs pooled codes in the store "
+                              "(add pooled to extract.layers) or init_head: random")
+        x = s.read(POOLED, [r.sha256 for r in rows])
+    table = json.loads(paths.probe_metrics.read_text()).get("layers", [])
+    C = next((r["C"] for r in table if r["layer"] == POOLED), 1.0)
+    probe = make_probe(C, Train(C_grid=(C,)), params.base.seed).fit(
+        x, [r.label for r in rows])
+    print(f"finetune: the probe reads {head.meta['layer']}; the head starts from a probe "
+          f"fitted on {POOLED} codes (C={C:g})", flush=True)
+    return to_head(probe, {"layer": POOLED, "extractor_id": store.stem})
+
+
+# ---------------------------------------------------------------- the shell
+
+
+def _fingerprint(params: Params, manifest: Path, head_files: list[Path]) -> str:
+    """What a checkpoint must share with this run to be resumed by it."""
+    ext = params.extract
+    blob = json.dumps({
+        "finetune": params.finetune.model_dump(mode="json"), "seed": params.base.seed,
+        "backbone": ext.backbone, "weights": ext.weights, "image_size": ext.image_size,
+        "manifest": sha256_file(manifest),
+        "head": [sha256_file(p) for p in head_files if p.is_file()],
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fine_tune(params: Params) -> dict:
+    """Fine-tune, resuming a matching checkpoint; save the best-on-val network."""
+    from tasks.finetune import write_curve
+
+    cfg, paths, seed = params.finetune, params.base.paths, params.base.seed
+    rows = usable(read_manifest(paths.manifest), paths.extract_report)
+    train_rows = [r for r in rows if r.split == "train"]
+    val_rows = [r for r in rows if r.split == "val"]
+    if not val_rows:
+        raise TlflowError("finetune: the val split is empty; early stopping and the best "
+                          "epoch need one (set ingest.val_fraction above 0)")
+    classes = tuple(sorted({r.label for r in train_rows}))
+    head_files = [Path(f"{paths.head}.safetensors"), Path(f"{paths.head}.json")]
+    image_size = cfg.image_size or params.extract.image_size
+    device = resolve_device(cfg.device, "finetune.device")
+
+    net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
+    if cfg.init_head == "probe":
+        init_from_probe(net, probe_for_init(params, classes))
+    freeze(net, cfg)
+    net.model.to(device, memory_format=torch.channels_last)
+    eval_tf = net.backbone.transform()
+    train_ds = Images(train_rows, paths.images, classes, train_transform(net, cfg))
+    val_loader = _loader(Images(val_rows, paths.images, classes, eval_tf), cfg, device, False)
+
+    opt = make_optimizer(net, cfg)
+    steps = math.ceil(len(train_ds) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+    ckpt = paths.finetune_checkpoints
+    fingerprint = _fingerprint(params, paths.manifest, head_files if cfg.init_head == "probe"
+                               else [])
+    state = checkpoint.load_state(ckpt)
+    if state is not None and state.get("fingerprint") == fingerprint:
+        checkpoint.restore(ckpt, state, net.model, opt, sched)
+        print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
+    else:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        state = {"epoch": 0, "curve": [], "best_accuracy": -1.0, "best_epoch": 0,
+                 "best_file": None, "stopped_early": False}
+    trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
+    print(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
+          f"images, {device}, up to {cfg.epochs} epochs", flush=True)
+
+    epoch = state["epoch"]
+    while epoch < cfg.epochs and not state["stopped_early"]:
+        epoch += 1
+        t0 = time.perf_counter()
+        gen = _seed_epoch(seed, epoch)
+        loss = train_epoch(net, _loader(train_ds, cfg, device, True, gen), opt, sched, cfg,
+                           device, f"finetune epoch {epoch}")
+        acc = val_accuracy(net, val_loader, device, cfg.precision)
+        state["curve"].append({"epoch": epoch, "train_loss": round(loss, 6),
+                               "val_accuracy": round(acc, 6)})
+        better = acc > state["best_accuracy"]
+        if better:
+            state["best_file"] = f"best-{epoch:04d}.safetensors"
+            checkpoint.save_weights(ckpt / state["best_file"], net.model)
+            state.update(best_accuracy=acc, best_epoch=epoch)
+        state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
+        checkpoint.save(ckpt, epoch, net.model, opt, sched,
+                        {**{k: state[k] for k in ("curve", "best_accuracy", "best_epoch",
+                                                  "best_file", "stopped_early")},
+                         "fingerprint": fingerprint})
+        write_curve(paths.finetune_curve, state["curve"])
+        print(f"finetune: epoch {epoch}/{cfg.epochs}: train loss {loss:.4f}, val accuracy "
+              f"{acc:.4f}{' (best)' if better else ''}, {time.perf_counter() - t0:.1f} s",
+              flush=True)
+    if state["stopped_early"]:
+        print(f"finetune: stopped early: no better val accuracy for {cfg.patience} epochs",
+              flush=True)
+
+    checkpoint.load_weights(ckpt / state["best_file"], net.model)
+    meta = {"trainable": cfg.trainable, "n_blocks": cfg.n_blocks, "init_head": cfg.init_head,
+            "image_size": image_size, "best_epoch": state["best_epoch"],
+            "val_accuracy": state["best_accuracy"], "epochs_run": epoch,
+            "stopped_early": state["stopped_early"]}
+    net.model.to("cpu", memory_format=torch.contiguous_format)
+    save_network(net, paths.finetuned, meta)
+    write_curve(paths.finetune_curve, state["curve"])
+    print(f"finetune: best epoch {state['best_epoch']}, val accuracy "
+          f"{state['best_accuracy']:.4f} -> {paths.finetuned}", flush=True)
+    return meta
+
+
+def predict_files(net: Network, files: list[Path], device: torch.device,
+                  batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities of the fine-tuned network for image files."""
+    ds = Images([Row(str(f), "", net.classes[0], "") for f in files], Path(), net.classes,
+                net.backbone.transform())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    net.model.to(device, memory_format=torch.channels_last)
+    z = logits(net, loader, device)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
