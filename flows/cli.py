@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, help="also write the predictions to this CSV")
     pr.add_argument("--model", choices=("probe", "finetuned"), default="probe",
                     help="the linear probe on the codes (default) or the fine-tuned network")
+    a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
+    a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
     fsub = f.add_subparsers(dest="action", required=True)
     i = fsub.add_parser("info", help="a store's extractor, rows, layers and dims")
@@ -41,6 +43,31 @@ def cmd_stage(name: str) -> int:
 
     runner = stage_runner(name)
     runner(load_params())
+    return 0
+
+
+def cmd_advise(as_json: bool) -> int:
+    """Measure size and similarity now (from the manifest, the sweep and the store)."""
+    from tasks import advise
+    from tasks.featurestore import usable
+    from tasks.ingest import read_manifest
+    from tasks.params import load_params
+
+    params = load_params()
+    paths = params.base.paths
+    if not paths.probe_metrics.is_file():
+        raise TlflowError(f"{paths.probe_metrics}: not found (run `tlflow run` first: the "
+                          "advice reads the train stage's layer sweep)")
+    rows = usable(read_manifest(paths.manifest), paths.extract_report)
+    layers = json.loads(paths.probe_metrics.read_text()).get("layers", [])
+    decision = advise.measure(params, rows, layers).as_json()
+    if as_json:
+        print(json.dumps(decision, indent=2, sort_keys=True))
+    else:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(advise.table(decision)))
     return 0
 
 
@@ -153,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stage(args.name)
         if args.command == "features":
             return cmd_features(args)
+        if args.command == "advise":
+            return cmd_advise(args.json)
         if args.command == "predict":
             from tasks import predict
             from tasks.params import load_params

@@ -49,6 +49,19 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     return StageResult(name, True, reason, time.perf_counter() - t0)
 
 
+def publish_advice() -> None:
+    """The advice (metrics/strategy.json) as a markdown artifact of the run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.advise import read_decision, table
+
+    decision = read_decision(load_params().base.paths.strategy)
+    if decision is not None:
+        create_markdown_artifact(markdown="# Strategy\n\n" + table(decision),
+                                 key="tlflow-strategy",
+                                 description="The data set in the 2x2 table, and the plan")
+
+
 @flow(name="tlflow-pipeline", log_prints=True)
 def pipeline(force: bool = False) -> list[StageResult] | State:
     """Every stage in order; a stage that fails stops the run and keeps what came before."""
@@ -58,4 +71,5 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
         if state.is_failed():
             return Failed(name=state.name, message=state.message)
         results.append(state.result())
+    publish_advice()
     return results

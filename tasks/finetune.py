@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.errors import TlflowError
 from tasks.io import atomic_path, write_json
-from tasks.params import Params
+from tasks.params import Finetune, Params
 
 FORMAT = "tlflow.finetuned/1"
 CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
@@ -52,14 +52,33 @@ def write_curve(dest: Path, curve: list[dict]) -> None:
         w.writerows(curve)
 
 
+def plan(params: Params) -> tuple[Finetune | None, bool, str]:
+    """What to fine-tune: (config or None, then all layers?, why). advise.strategy manual
+    follows finetune.enabled; otherwise the plan train wrote to metrics/strategy.json."""
+    cfg = params.finetune
+    if params.advise.strategy == "manual":
+        return (cfg if cfg.enabled else None), False, "finetune.enabled"
+    path = params.base.paths.strategy
+    if not path.is_file():
+        raise TlflowError(f"{path}: not found (run `tlflow stage train` first)")
+    chosen = json.loads(path.read_text())["plan"]
+    why = f"plan {chosen} ({path})"
+    if chosen == "finetune_all":
+        return cfg.model_copy(update={"trainable": "all"}), False, why
+    if chosen == "finetune_top":
+        return cfg.model_copy(update={"trainable": "last_n_blocks"}), True, why
+    return None, False, why
+
+
 def run(params: Params) -> dict | None:
-    """Fine-tune when enabled (resuming a matching checkpoint); else say it is off."""
+    """Fine-tune when enabled or planned (resuming a matching checkpoint); else say so."""
     paths = params.base.paths
-    if not params.finetune.enabled:
+    cfg, then_all, why = plan(params)
+    if cfg is None:
         save_disabled(paths.finetuned)
         write_curve(paths.finetune_curve, [])
-        print("finetune: disabled (finetune.enabled: false)", flush=True)
+        print(f"finetune: off ({why})", flush=True)
         return None
     from tasks.tuning import fine_tune
 
-    return fine_tune(params)
+    return fine_tune(params, cfg, then_all)

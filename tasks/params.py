@@ -37,6 +37,7 @@ class Paths(_Section):
     eval_metrics: Path
     confusion: Path
     confusion_png: Path
+    strategy: Path
     finetuned: Path
     finetune_curve: Path
     finetune_checkpoints: Path
@@ -142,12 +143,26 @@ class Finetune(_Section):
         return v
 
 
+class Advise(_Section):
+    """The notes' 2x2 table, measured (tasks/advise.py), and whether its plan is carried out."""
+
+    # manual: train and finetune do as their sections say (the advice is still written);
+    # auto: carry out the measured plan; probe | early_probe | finetune_top | finetune_all: force
+    strategy: Literal["manual", "auto", "probe", "early_probe", "finetune_top",
+                      "finetune_all"] = "manual"
+    large_per_class: int = Field(500, ge=1)  # train images per class (median) from which large
+    layer_margin: float = Field(0.01, ge=0)  # an earlier layer's val lead that means dissimilar
+    max_top10_variance: float = Field(0.5, gt=0, le=1)  # pooled codes' top-10 PCA share
+    min_images_for_spread: int = Field(100, ge=11)  # fewer: the spread is not used
+
+
 class Params(_Section):
     base: Base
     ingest: Ingest = Ingest()
     extract: Extract = Extract()
     train: Train = Train()
     finetune: Finetune = Finetune()
+    advise: Advise = Advise()
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -10,6 +10,7 @@ store (tasks/stream.py), for stores larger than memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,8 +147,11 @@ def load_splits(store: FeatureStore, rows: list[Row],
     return splits, np.concatenate([y_tr, y_va])
 
 
+Refit = Callable[[dict], Pipeline]  # the chosen sweep row -> a probe fitted on train + val
+
+
 def _sweep_stream(path, rows: list[Row], layers: dict[str, int], cfg: Train,
-                  seed: int) -> tuple[list[dict], Pipeline]:
+                  seed: int) -> tuple[list[dict], Refit]:
     """The sweep for `sgd`: every (layer, C) trained on codes streamed from the store."""
     from tasks import stream
 
@@ -165,39 +169,61 @@ def _sweep_stream(path, rows: list[Row], layers: dict[str, int], cfg: Train,
             acc = stream.accuracy(stream.probe(tr, C, cfg, seed, norm), va)
             table.append({"layer": layer, "dim": dim, "C": C, "val_accuracy": acc})
             print(f"train: {layer} C={C:g} val accuracy {acc:.4f}", flush=True)
-    top = best(table)
-    both = stream.Stream(path, top["layer"], {**train_set, **val_set}, cfg.buffer_rows)
-    return table, stream.probe(both, top["C"], cfg, seed)
+
+    def refit(top: dict) -> Pipeline:
+        both = stream.Stream(path, top["layer"], {**train_set, **val_set}, cfg.buffer_rows)
+        return stream.probe(both, top["C"], cfg, seed)
+
+    return table, refit
 
 
 def _sweep_in_memory(path, rows: list[Row], cfg: Train,
-                     seed: int) -> tuple[list[dict], Pipeline]:
+                     seed: int) -> tuple[list[dict], Refit]:
     """The sweep for logistic and linear_svm: codes of train and val loaded per layer."""
     with FeatureStore(path) as store:
         splits, y_all = load_splits(store, rows, cfg.cv)
-    table = sweep(splits, cfg, seed)
-    top = best(table)
-    s = splits[top["layer"]]
-    return table, make_probe(top["C"], cfg, seed).fit(np.vstack([s.x_train, s.x_val]), y_all)
+
+    def refit(top: dict) -> Pipeline:
+        s = splits[top["layer"]]
+        return make_probe(top["C"], cfg, seed).fit(np.vstack([s.x_train, s.x_val]), y_all)
+
+    return sweep(splits, cfg, seed), refit
+
+
+def choose(params: Params, rows: list[Row], table: list[dict]) -> tuple[dict, dict]:
+    """The advice (always measured and written) and the sweep row the probe is refit from:
+    the best overall, or under advise.strategy the plan's layer (pooled or an earlier one)."""
+    from tasks import advise
+
+    decision = advise.measure(params, rows, layer_table(table))
+    carried_out = params.advise.strategy != "manual"
+    layer = advise.layer_for(decision, layer_table(table)) if carried_out else None
+    top = best([r for r in table if layer is None or r["layer"] == layer])
+    return {**decision.as_json(), "carried_out": carried_out}, top
 
 
 def run(params: Params) -> LinearHead:
-    """Sweep layers and C on val, refit the best on train + val, save head and sweep table."""
+    """Sweep layers and C on val, refit the chosen one on train + val; save the head, the
+    sweep table and the advice."""
     cfg, paths, seed = params.train, params.base.paths, params.base.seed
     rows = usable(read_manifest(paths.manifest), paths.extract_report)
     path = current_store(paths.features)
     if cfg.classifier == "sgd":
         with FeatureStore(path) as store:
             layers = store.layers
-        table, probe = _sweep_stream(path, rows, layers, cfg, seed)
+        table, refit = _sweep_stream(path, rows, layers, cfg, seed)
     else:
-        table, probe = _sweep_in_memory(path, rows, cfg, seed)
-    top = best(table)
+        table, refit = _sweep_in_memory(path, rows, cfg, seed)
+    decision, top = choose(params, rows, table)
     meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
             "C": top["C"], "val_accuracy": top["val_accuracy"]}
-    head = to_head(probe, meta)
+    head = to_head(refit(top), meta)
     save_head(head, paths.head)
     write_json(paths.probe_metrics, {"best": meta, "layers": layer_table(table), "sweep": table})
-    print(f"train: best layer {top['layer']} (C={top['C']:g}), val accuracy "
+    write_json(paths.strategy, decision)
+    print(f"train: layer {top['layer']} (C={top['C']:g}), val accuracy "
           f"{top['val_accuracy']:.4f} -> {paths.head}", flush=True)
+    print(f"train: advice: {decision['size']} and {decision['similarity']} -> "
+          f"{decision['plan']}{'' if decision['carried_out'] else ' (advise.strategy: manual)'}",
+          flush=True)
     return head

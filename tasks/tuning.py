@@ -18,9 +18,9 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -195,11 +195,11 @@ def probe_for_init(params: Params, classes: tuple[str, ...]) -> LinearHead:
 # ---------------------------------------------------------------- the shell
 
 
-def _fingerprint(params: Params, manifest: Path, head_files: list[Path]) -> str:
+def _fingerprint(params: Params, cfg: Finetune, manifest: Path, head_files: list[Path]) -> str:
     """What a checkpoint must share with this run to be resumed by it."""
     ext = params.extract
     blob = json.dumps({
-        "finetune": params.finetune.model_dump(mode="json"), "seed": params.base.seed,
+        "finetune": cfg.model_dump(mode="json"), "seed": params.base.seed,
         "backbone": ext.backbone, "weights": ext.weights, "image_size": ext.image_size,
         "manifest": sha256_file(manifest),
         "head": [sha256_file(p) for p in head_files if p.is_file()],
@@ -207,11 +207,82 @@ def _fingerprint(params: Params, manifest: Path, head_files: list[Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fine_tune(params: Params) -> dict:
-    """Fine-tune, resuming a matching checkpoint; save the best-on-val network."""
+@dataclass
+class Phase:
+    """One training phase's fixed inputs: what trains, where its checkpoints go."""
+
+    cfg: Finetune
+    ckpt: Path
+    fingerprint: str
+    first_epoch: int = 1  # curve numbering: a second phase continues the first's
+
+
+def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: int,
+              device: torch.device, curve_path: Path, curve_before: list[dict]) -> dict:
+    """Train until epochs or patience run out, resuming a matching checkpoint; the returned
+    state names the best epoch, whose weights are loaded into the network at the end."""
     from tasks.finetune import write_curve
 
-    cfg, paths, seed = params.finetune, params.base.paths, params.base.seed
+    cfg, ckpt = phase.cfg, phase.ckpt
+    freeze(net, cfg)
+    opt = make_optimizer(net, cfg)
+    steps = math.ceil(len(train_ds) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+    state = checkpoint.load_state(ckpt)
+    if state is not None and state.get("fingerprint") == phase.fingerprint:
+        checkpoint.restore(ckpt, state, net.model, opt, sched)
+        print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
+    else:
+        for old in (ckpt.glob("*.safetensors") if ckpt.is_dir() else ()):
+            old.unlink()
+        ckpt.mkdir(parents=True, exist_ok=True)
+        state = {"epoch": 0, "curve": [], "best_accuracy": -1.0, "best_epoch": 0,
+                 "best_file": None, "stopped_early": False}
+    trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
+    print(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
+          f"images, {device}, up to {cfg.epochs} epochs", flush=True)
+
+    epoch = state["epoch"]
+    while epoch < cfg.epochs and not state["stopped_early"]:
+        epoch += 1
+        t0 = time.perf_counter()
+        gen = _seed_epoch(seed + 7 * phase.first_epoch, epoch)
+        loss = train_epoch(net, _loader(train_ds, cfg, device, True, gen), opt, sched, cfg,
+                           device, f"finetune epoch {epoch}")
+        acc = val_accuracy(net, val_loader, device, cfg.precision)
+        state["curve"].append({"epoch": phase.first_epoch + epoch - 1,
+                               "train_loss": round(loss, 6), "val_accuracy": round(acc, 6)})
+        better = acc > state["best_accuracy"]
+        if better:
+            state["best_file"] = f"best-{epoch:04d}.safetensors"
+            checkpoint.save_weights(ckpt / state["best_file"], net.model)
+            state.update(best_accuracy=acc, best_epoch=epoch)
+        state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
+        checkpoint.save(ckpt, epoch, net.model, opt, sched,
+                        {**{k: state[k] for k in ("curve", "best_accuracy", "best_epoch",
+                                                  "best_file", "stopped_early")},
+                         "fingerprint": phase.fingerprint})
+        write_curve(curve_path, curve_before + state["curve"])
+        print(f"finetune: epoch {epoch}/{cfg.epochs} ({cfg.trainable}): train loss "
+              f"{loss:.4f}, val accuracy {acc:.4f}{' (best)' if better else ''}, "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    if state["stopped_early"]:
+        print(f"finetune: stopped early: no better val accuracy for {cfg.patience} epochs",
+              flush=True)
+    checkpoint.load_weights(ckpt / state["best_file"], net.model)
+    state["epochs_run"] = epoch
+    return state
+
+
+def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = False) -> dict:
+    """Fine-tune (cfg, default params.finetune), resuming matching checkpoints; with then_all,
+    a second phase trains everything from the first's best weights, kept only if val
+    improves. Saves the best-on-val network, its sidecar and the learning curve."""
+    from tasks.finetune import write_curve
+
+    cfg = cfg or params.finetune
+    paths, seed = params.base.paths, params.base.seed
     rows = usable(read_manifest(paths.manifest), paths.extract_report)
     train_rows = [r for r in rows if r.split == "train"]
     val_rows = [r for r in rows if r.split == "val"]
@@ -226,70 +297,39 @@ def fine_tune(params: Params) -> dict:
     net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
         init_from_probe(net, probe_for_init(params, classes))
-    freeze(net, cfg)
     net.model.to(device, memory_format=torch.channels_last)
-    eval_tf = net.backbone.transform()
     train_ds = Images(train_rows, paths.images, classes, train_transform(net, cfg))
-    val_loader = _loader(Images(val_rows, paths.images, classes, eval_tf), cfg, device, False)
-
-    opt = make_optimizer(net, cfg)
-    steps = math.ceil(len(train_ds) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+    val_loader = _loader(Images(val_rows, paths.images, classes, net.backbone.transform()),
+                         cfg, device, False)
+    fingerprint = _fingerprint(params, cfg, paths.manifest,
+                               head_files if cfg.init_head == "probe" else [])
     ckpt = paths.finetune_checkpoints
-    fingerprint = _fingerprint(params, paths.manifest, head_files if cfg.init_head == "probe"
-                               else [])
-    state = checkpoint.load_state(ckpt)
-    if state is not None and state.get("fingerprint") == fingerprint:
-        checkpoint.restore(ckpt, state, net.model, opt, sched)
-        print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
-    else:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        ckpt.mkdir(parents=True, exist_ok=True)
-        state = {"epoch": 0, "curve": [], "best_accuracy": -1.0, "best_epoch": 0,
-                 "best_file": None, "stopped_early": False}
-    trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
-    print(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
-          f"images, {device}, up to {cfg.epochs} epochs", flush=True)
-
-    epoch = state["epoch"]
-    while epoch < cfg.epochs and not state["stopped_early"]:
-        epoch += 1
-        t0 = time.perf_counter()
-        gen = _seed_epoch(seed, epoch)
-        loss = train_epoch(net, _loader(train_ds, cfg, device, True, gen), opt, sched, cfg,
-                           device, f"finetune epoch {epoch}")
-        acc = val_accuracy(net, val_loader, device, cfg.precision)
-        state["curve"].append({"epoch": epoch, "train_loss": round(loss, 6),
-                               "val_accuracy": round(acc, 6)})
-        better = acc > state["best_accuracy"]
-        if better:
-            state["best_file"] = f"best-{epoch:04d}.safetensors"
-            checkpoint.save_weights(ckpt / state["best_file"], net.model)
-            state.update(best_accuracy=acc, best_epoch=epoch)
-        state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
-        checkpoint.save(ckpt, epoch, net.model, opt, sched,
-                        {**{k: state[k] for k in ("curve", "best_accuracy", "best_epoch",
-                                                  "best_file", "stopped_early")},
-                         "fingerprint": fingerprint})
-        write_curve(paths.finetune_curve, state["curve"])
-        print(f"finetune: epoch {epoch}/{cfg.epochs}: train loss {loss:.4f}, val accuracy "
-              f"{acc:.4f}{' (best)' if better else ''}, {time.perf_counter() - t0:.1f} s",
-              flush=True)
-    if state["stopped_early"]:
-        print(f"finetune: stopped early: no better val accuracy for {cfg.patience} epochs",
-              flush=True)
-
-    checkpoint.load_weights(ckpt / state["best_file"], net.model)
-    meta = {"trainable": cfg.trainable, "n_blocks": cfg.n_blocks, "init_head": cfg.init_head,
-            "image_size": image_size, "best_epoch": state["best_epoch"],
-            "val_accuracy": state["best_accuracy"], "epochs_run": epoch,
-            "stopped_early": state["stopped_early"]}
+    first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_loader, seed, device,
+                      paths.finetune_curve, [])
+    final, curve, phases = first, first["curve"], [cfg.trainable]
+    if then_all:
+        every = cfg.model_copy(update={"trainable": "all"})
+        print(f"finetune: then all layers, from the best {cfg.trainable} weights", flush=True)
+        second = run_phase(net, Phase(every, ckpt / "all", f"{fingerprint}+all",
+                                      first["epochs_run"] + 1),
+                           train_ds, val_loader, seed, device, paths.finetune_curve, curve)
+        curve = curve + second["curve"]
+        if second["best_accuracy"] > first["best_accuracy"]:
+            final, phases = second, [cfg.trainable, "all"]
+        else:
+            print("finetune: all layers did not improve val; keeping the first phase",
+                  flush=True)
+            checkpoint.load_weights(ckpt / first["best_file"], net.model)
+    meta = {"trainable": "+".join(phases), "n_blocks": cfg.n_blocks,
+            "init_head": cfg.init_head, "image_size": image_size,
+            "best_epoch": final["curve"][final["best_epoch"] - 1]["epoch"],
+            "val_accuracy": final["best_accuracy"], "epochs_run": len(curve),
+            "stopped_early": final["stopped_early"]}
     net.model.to("cpu", memory_format=torch.contiguous_format)
     save_network(net, paths.finetuned, meta)
-    write_curve(paths.finetune_curve, state["curve"])
-    print(f"finetune: best epoch {state['best_epoch']}, val accuracy "
-          f"{state['best_accuracy']:.4f} -> {paths.finetuned}", flush=True)
+    write_curve(paths.finetune_curve, curve)
+    print(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
+          f"{meta['val_accuracy']:.4f} -> {paths.finetuned}", flush=True)
     return meta
 
 

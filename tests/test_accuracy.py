@@ -1,5 +1,6 @@
 """Accuracy claims on real images: the linear probe on hymenoptera (ants and bees)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,7 @@ def test_probe_on_hymenoptera(tmp_path: Path):
     metrics = evaluate.run(params)
     assert head.meta["layer"] == "pooled"  # ants and bees are ImageNet-like: late codes win
     assert metrics["probe"]["accuracy"] >= 0.93, metrics["probe"]
+
+    advice = json.loads(params.base.paths.strategy.read_text())
+    assert (advice["size"], advice["similarity"], advice["plan"]) == ("small", "similar", "probe")
+    assert advice["evidence"]["similarity"]["spread"]["top10_variance"] < 0.5

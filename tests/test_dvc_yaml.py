@@ -12,9 +12,10 @@ from tests.conftest import ROOT
 PARAMS_READ = {
     "ingest": {"base.seed", "ingest"},
     "extract": {"base.seed", "extract"},
-    "train": {"base.seed", "train"},
+    "train": {"base.seed", "extract.backbone", "extract.weights", "extract.image_size", "train",
+              "advise"},
     "finetune": {"base.seed", "extract.backbone", "extract.weights", "extract.image_size",
-                 "finetune"},
+                 "finetune", "advise.strategy"},
     "evaluate": set(),
 }
 
@@ -55,7 +56,8 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"]},
-        "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"]},
+        "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"],
+                  paths["strategy"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
         "evaluate": {paths["eval_metrics"], paths["confusion"], paths["confusion_png"]},
     }
@@ -70,7 +72,7 @@ def test_each_stage_depends_on_what_it_reads(stages, paths):
         "ingest": set(),
         "extract": {paths["manifest"]},
         "train": {paths["manifest"], paths["features"], paths["extract_report"]},
-        "finetune": {*probe, paths["images"], paths["probe_metrics"]},
+        "finetune": {*probe, paths["images"], paths["probe_metrics"], paths["strategy"]},
         "evaluate": {*probe, paths["images"], f"{finetuned}.safetensors", f"{finetuned}.json"},
     }
     for name, stage in stages.items():
@@ -89,7 +91,8 @@ def test_params_are_exactly_what_each_stage_reads(stages):
 
 def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
-    assert metrics == {paths["extract_report"], paths["probe_metrics"], paths["eval_metrics"]}
+    assert metrics == {paths["extract_report"], paths["probe_metrics"], paths["strategy"],
+                       paths["eval_metrics"]}
     curve, csv, png = [o for s in stages.values() for o in s.outs if o.plot]
     assert str(curve.def_path) == paths["finetune_curve"] and curve.plot["x"] == "epoch"
     assert str(csv.def_path) == paths["confusion"]

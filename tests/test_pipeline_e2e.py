@@ -46,6 +46,8 @@ def test_first_run_trains_an_accurate_probe(project):
     assert set(metrics["probe"]["per_class"]) == {str(d) for d in range(10)}
     probe = json.loads((root / "metrics/probe.json").read_text())
     assert probe["best"]["layer"] != "pooled"  # the intermediate stage wins on digits
+    advice = json.loads((root / "metrics/strategy.json").read_text())
+    assert (advice["similarity"], advice["plan"]) == ("dissimilar", "early_probe"), advice
     assert "test accuracy" in output and "layer sweep" in output  # the summary
     assert (root / "plots/confusion.png").stat().st_size > 0
     _dvc_up_to_date(root, env)

@@ -1,0 +1,143 @@
+"""The advice: the data set placed in the 2x2 table from measured size and similarity."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from flows.cli import main
+from tasks import advise, extract, finetune, ingest, train
+from tasks.finetune import read_meta
+from tasks.params import Advise
+from tests.conftest import make_params, write_image
+
+LAYERS = {
+    "pooled_wins": [{"layer": "pooled", "val_accuracy": 0.95}, {"layer": "blocks.4",
+                                                                "val_accuracy": 0.90}],
+    "earlier_wins": [{"layer": "pooled", "val_accuracy": 0.90}, {"layer": "blocks.4",
+                                                                 "val_accuracy": 0.97}],
+}
+
+
+def _rows(per_class: int) -> list[ingest.Row]:
+    return [ingest.Row(f"{c}/{i}.png", f"{c}{i}", c, "train")
+            for c in "ab" for i in range(per_class)]
+
+
+def _spread(top10: float, images: int = 200) -> dict:
+    return {"images": images, "top10_variance": top10, "imagenet_confidence": None}
+
+
+@pytest.mark.parametrize(("per_class", "layers", "spread", "cell"), [
+    (50, "pooled_wins", _spread(0.3), ("small", "similar", "probe")),
+    (50, "earlier_wins", _spread(0.3), ("small", "dissimilar", "early_probe")),
+    (50, "pooled_wins", _spread(0.9), ("small", "dissimilar", "early_probe")),
+    (50, "pooled_wins", _spread(0.9, images=30), ("small", "similar", "probe")),  # too few
+    (600, "pooled_wins", _spread(0.3), ("large", "similar", "finetune_top")),
+    (600, "earlier_wins", None, ("large", "dissimilar", "finetune_all")),
+])
+def test_each_cell_of_the_table(per_class, layers, spread, cell):
+    d = advise.decide(_rows(per_class), LAYERS[layers], spread, Advise(strategy="auto"))
+    assert (d.size, d.similarity, d.plan) == cell
+    assert d.evidence["size"]["train_images_per_class_median"] == per_class
+    assert advise.PLANS[d.size, d.similarity] == d.plan
+
+
+def test_a_forced_plan_is_kept_with_its_evidence():
+    d = advise.decide(_rows(50), LAYERS["pooled_wins"], _spread(0.3),
+                      Advise(strategy="finetune_all"))
+    assert (d.plan, d.forced, d.size, d.similarity) == ("finetune_all", True, "small", "similar")
+    assert "forced" in advise.table(d.as_json())
+
+
+def test_imagenet_confidence_is_the_mean_top1_probability():
+    w, b = np.eye(3), np.zeros(3)
+    sure, flat = np.array([[50.0, 0, 0]]), np.zeros((1, 3))
+    assert advise.imagenet_confidence(sure, w, b) == pytest.approx(1.0)
+    assert advise.imagenet_confidence(flat, w, b) == pytest.approx(1 / 3)
+
+
+def test_top10_variance_measures_how_the_variance_spreads():
+    rng = np.random.default_rng(0)
+    flat = rng.normal(size=(2000, 64))
+    assert 10 / 64 < advise.top10_variance(flat) < 0.25  # 10/64, plus sampling noise
+    narrow = rng.normal(size=(2000, 3)) @ rng.normal(size=(3, 64))
+    assert advise.top10_variance(narrow) == pytest.approx(1.0)
+
+
+def test_many_images_per_class_flip_the_size(tmp_path: Path):
+    """Generated folders: 12 images per class is small, 80 is large (large_per_class: 40)."""
+    placed = {}
+    for n in (12, 80):
+        src = tmp_path / f"src{n}"
+        for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+            for i in range(n):
+                write_image(src / f"c{c}" / f"{i}.png", colour, seed=1000 * c + i, size=8)
+        params = make_params(tmp_path / f"p{n}", ingest={"source": "folder", "path": str(src)},
+                             advise={"large_per_class": 40})
+        placed[n] = advise.size_of(ingest.run(params), params.advise)[0]
+    assert placed == {12: "small", 80: "large"}
+
+
+def _textures(root: Path, per_class: int = 45) -> Path:
+    """Sine gratings in noise: three spatial frequencies, nothing like ImageNet's photos."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    for c in range(3):
+        for i in range(per_class):
+            angle, freq = rng.uniform(0, np.pi), 0.15 + 0.2 * c
+            wave = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
+            arr = 128 + 90 * wave + rng.normal(0, 30, (64, 64, 3))
+            (root / f"f{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"f{c}/{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tex")
+    params = make_params(tmp, ingest={"source": "folder", "path": str(_textures(tmp / "src"))},
+                         extract={"layers": ["pooled", "blocks.2"], "image_size": 64},
+                         advise={"strategy": "auto"})
+    for stage in (ingest, extract, train):
+        stage.run(params)
+    return params
+
+
+def test_textures_are_placed_dissimilar_and_the_plan_is_carried_out(textures):
+    advice = json.loads(textures.base.paths.strategy.read_text())
+    assert (advice["size"], advice["similarity"], advice["plan"]) == (
+        "small", "dissimilar", "early_probe")
+    spread = advice["evidence"]["similarity"]["spread"]
+    assert advice["evidence"]["similarity"]["spread_used"] and spread["top10_variance"] > 0.5
+    assert advice["carried_out"]
+    head = json.loads(Path(f"{textures.base.paths.head}.json").read_text())
+    assert head["layer"] == "blocks.2"  # early_probe: the earlier layer, whatever the sweep
+    assert finetune.run(textures) is None  # a probe plan fine-tunes nothing
+
+
+def test_tlflow_advise_prints_the_table(textures, tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(textures.model_dump(mode="json")))
+    monkeypatch.chdir(tmp_path)
+    assert main(["advise"]) == 0
+    out = capsys.readouterr().out
+    assert "early_probe ← this data set" in out and "top 10 components" in out
+    assert main(["advise", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"] == "early_probe"
+
+
+def test_forced_finetune_top_trains_the_last_blocks_then_all(textures):
+    raw = textures.model_dump(mode="json")
+    raw["advise"]["strategy"] = "finetune_top"
+    raw["finetune"].update(epochs=1, batch_size=16, init_head="random")
+    params = type(textures).model_validate(raw)
+    train.run(params)
+    assert json.loads(params.base.paths.strategy.read_text())["plan"] == "finetune_top"
+    meta = finetune.run(params)
+    assert meta["trainable"] in ("last_n_blocks", "last_n_blocks+all")
+    assert meta["epochs_run"] == 2  # one epoch per phase
+    assert read_meta(params.base.paths.finetuned)["enabled"]
+    assert len(params.base.paths.finetune_curve.read_text().splitlines()) == 3
