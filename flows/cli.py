@@ -16,6 +16,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the pipeline as a Prefect flow (only stale stages)")
     r.add_argument("--force", action="store_true", help="rerun every stage")
+    st = sub.add_parser("status", help="each stage: up to date, or stale and why (dvc status)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    sv = sub.add_parser("serve", help="serve the pipeline flow on a schedule (Prefect)")
+    _schedule_args(sv)
+    dp = sub.add_parser("deploy", help="create a deployment on a Prefect work pool")
+    dp.add_argument("--pool", required=True, help="the work pool's name")
+    _schedule_args(dp)
     s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
     s.add_argument("name", help="ingest | extract | train | finetune | evaluate")
     pr = sub.add_parser("predict", help="label images with the trained head")
@@ -34,6 +41,66 @@ def _parser() -> argparse.ArgumentParser:
     g = fsub.add_parser("gc", help="prune rows that the manifest no longer references")
     g.add_argument("--dry-run", action="store_true", help="only count what would go")
     return p
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="a cron expression, e.g. '0 3 * * *'")
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    p.add_argument("--name", default="tlflow", help="the deployment's name (default tlflow)")
+
+
+def _check_project() -> None:
+    """Bad params and a missing DVC project stop here, before Prefect starts."""
+    from tasks.params import load_params
+
+    load_params()
+    for needed, hint in ((".dvc", "run `dvc init` here"), ("dvc.yaml", "copy tlflow's dvc.yaml")):
+        if not Path(needed).exists():
+            raise TlflowError(f"{needed}: not found; tlflow needs a DVC project ({hint})")
+
+
+def cmd_status(as_json: bool) -> int:
+    """Each stage: up to date, or stale and why; the same answer as `dvc status`."""
+    from flows.stages import status
+
+    _check_project()
+    report = status()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max(map(len, report))
+    for name, why in report.items():
+        print(f"{name:<{width}}  {'up to date' if why is None else 'stale: ' + why}")
+    return 0
+
+
+def cmd_serve(cron: str | None, interval: float | None, name: str) -> int:
+    """Serve the flow in this process; each scheduled run takes the data source as it is."""
+    _check_project()
+    from flows.pipeline import pipeline
+
+    # limit=1: runs of one project never overlap (they share its files and dvc.lock)
+    pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+    return 0
+
+
+def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str) -> int:
+    """Register a deployment of this project's flow on a work pool (workers run it here)."""
+    _check_project()
+    from flows.pipeline import pipeline
+
+    source = pipeline.from_source(source=str(Path.cwd()),
+                                  entrypoint="flows/pipeline.py:pipeline")
+    try:
+        deployment = source.deploy(name=name, work_pool_name=pool, cron=cron,
+                                   interval=interval, concurrency_limit=1,
+                                   print_next_steps=False)
+    except Exception as err:  # Prefect's errors: no server, unknown pool...
+        raise TlflowError(f"tlflow deploy: {type(err).__name__}: {err}") from None
+    print(f"deployment tlflow-pipeline/{name} ({deployment}) on work pool {pool!r}; start a "
+          f"worker with `prefect worker start --pool {pool}`")
+    return 0
 
 
 def cmd_stage(name: str) -> int:
@@ -119,10 +186,8 @@ def cmd_run(force: bool) -> int:
     """Run the flow; print which stages ran and the metrics."""
     from tasks.params import load_params
 
-    params = load_params()  # bad params stop here, before Prefect starts
-    for needed, hint in ((".dvc", "run `dvc init` here"), ("dvc.yaml", "copy tlflow's dvc.yaml")):
-        if not Path(needed).exists():
-            raise TlflowError(f"{needed}: not found; `tlflow run` needs a DVC project ({hint})")
+    params = load_params()
+    _check_project()
     from flows.pipeline import BAD_INPUT, pipeline
 
     state = pipeline(force=force, return_state=True)
@@ -182,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_features(args)
         if args.command == "advise":
             return cmd_advise(args.json)
+        if args.command == "status":
+            return cmd_status(args.json)
+        if args.command == "serve":
+            return cmd_serve(args.cron, args.interval, args.name)
+        if args.command == "deploy":
+            return cmd_deploy(args.pool, args.cron, args.interval, args.name)
         if args.command == "predict":
             from tasks import predict
             from tasks.params import load_params

@@ -30,12 +30,26 @@ class StageResult:
     seconds: float
 
 
+def _not_bad_input(_task, _task_run, state: State) -> bool:
+    """Retry transient failures only: bad configuration or input fails the same way again."""
+    return state.name != BAD_INPUT
+
+
+def _external_source(name: str) -> str | None:
+    """Folder and CSV sources live outside DVC: ingest rescans them on every run (the stat
+    cache makes that cheap) and the stages after it rerun only if the manifest changed."""
+    if name != "ingest":
+        return None
+    source = load_params().ingest.source
+    return f"{source} source rescanned" if source in ("folder", "csv") else None
+
+
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
 def run_stage(name: str, force: bool = False) -> StageResult | State:
     """Run one stage if DVC calls it stale (or when forced), then record it in dvc.lock."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    reason = "forced" if force else why_stale(name)
+    reason = "forced" if force else (why_stale(name) or _external_source(name))
     if reason is None:
         logger.info("%s: up to date, skipped", name)
         return StageResult(name, False, "up to date", 0.0)
@@ -64,12 +78,25 @@ def publish_advice() -> None:
 
 @flow(name="tlflow-pipeline", log_prints=True)
 def pipeline(force: bool = False) -> list[StageResult] | State:
-    """Every stage in order; a stage that fails stops the run and keeps what came before."""
+    """Every stage in order; a stage that fails stops the run and keeps what came before.
+
+    Transient failures are retried (run.retries); the summary and the per-class metrics are
+    published as artifacts, against what the previous run left.
+    """
+    from flows.report import Snapshot, publish_summary
+
+    cfg = load_params().run
+    stage = run_stage.with_options(retries=cfg.retries,
+                                   retry_delay_seconds=cfg.retry_delay_seconds,
+                                   retry_condition_fn=_not_bad_input)
+    before = Snapshot.take()
     results = []
     for name in STAGES:
-        state = run_stage(name, force, return_state=True)
+        state = stage(name, force, return_state=True)
         if state.is_failed():
+            publish_summary(before, results, failed=f"{name}: {state.message}")
             return Failed(name=state.name, message=state.message)
         results.append(state.result())
     publish_advice()
+    publish_summary(before, results)
     return results

@@ -32,6 +32,19 @@ def why_stale(name: str, root: Path = Path()) -> str | None:
     return "; ".join(_describe(c) for c in changes)
 
 
+def status(root: Path = Path()) -> dict[str, str | None]:
+    """Every stage's staleness as one `dvc status` reports it (None: up to date)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        report = repo.status()
+    out = {}
+    for name in STAGES:
+        changes = report.get(f"dvc.yaml:{name}") or report.get(name)
+        out[name] = "; ".join(_describe(c) for c in changes) if changes else None
+    return out
+
+
 def _describe(change: object) -> str:
     """Compact reason from one `dvc status` entry, e.g. "params: train.C_grid; deps: data/x"."""
     if isinstance(change, str):  # e.g. "changed command", "always changed"

@@ -119,7 +119,7 @@ class Finetune(_Section):
     init_head: Literal["probe", "random"] = "probe"
     bn: Literal["frozen", "train"] = "frozen"
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)  # the head's learning rate
+    lr: float = Field(1e-4, gt=0)  # the head's learning rate
     backbone_lr_ratio: float = Field(0.1, gt=0, le=1)  # the body's lr = lr * ratio
     layer_decay: float | None = Field(None, gt=0, le=1)  # per block further from the head
     weight_decay: float = Field(0.01, ge=0)  # never on norm parameters or biases
@@ -156,6 +156,13 @@ class Advise(_Section):
     min_images_for_spread: int = Field(100, ge=11)  # fewer: the spread is not used
 
 
+class Run(_Section):
+    """How `tlflow run` and scheduled runs behave."""
+
+    retries: int = Field(1, ge=0)  # per stage, for transient failures (never for bad input)
+    retry_delay_seconds: float = Field(10.0, ge=0)
+
+
 class Params(_Section):
     base: Base
     ingest: Ingest = Ingest()
@@ -163,6 +170,7 @@ class Params(_Section):
     train: Train = Train()
     finetune: Finetune = Finetune()
     advise: Advise = Advise()
+    run: Run = Run()
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -137,9 +137,19 @@ def logits(net: Network, loader, device: torch.device, precision: str = "fp32") 
     return np.concatenate(out) if out else np.empty((0, len(net.classes)))
 
 
-def val_accuracy(net: Network, loader, device: torch.device, precision: str) -> float:
-    z = logits(net, loader, device, precision)
-    return float((z.argmax(1) == np.asarray(loader.dataset.targets)).mean())
+def val_scores(net: Network, loader, device: torch.device,
+               precision: str) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the val split."""
+    z = torch.from_numpy(logits(net, loader, device, precision))
+    y = torch.as_tensor(loader.dataset.targets)
+    return float((z.argmax(1) == y).float().mean()), float(F.cross_entropy(z, y))
+
+
+def improves(acc: float, loss: float, best_acc: float, best_loss: float,
+             min_delta: float = 1e-4) -> bool:
+    """Higher val accuracy, or the same with a val loss lower by min_delta: on a small val
+    split the accuracy ties often (a few dozen images), and the loss tells epochs apart."""
+    return acc > best_acc or (acc == best_acc and loss < best_loss - min_delta)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -237,7 +247,8 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
         for old in (ckpt.glob("*.safetensors") if ckpt.is_dir() else ()):
             old.unlink()
         ckpt.mkdir(parents=True, exist_ok=True)
-        state = {"epoch": 0, "curve": [], "best_accuracy": -1.0, "best_epoch": 0,
+        state = {"epoch": 0, "curve": [], "best_accuracy": -1.0, "best_loss": math.inf,
+                 "best_epoch": 0,
                  "best_file": None, "stopped_early": False}
     trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
     print(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
@@ -250,17 +261,18 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
         gen = _seed_epoch(seed + 7 * phase.first_epoch, epoch)
         loss = train_epoch(net, _loader(train_ds, cfg, device, True, gen), opt, sched, cfg,
                            device, f"finetune epoch {epoch}")
-        acc = val_accuracy(net, val_loader, device, cfg.precision)
+        acc, val_loss = val_scores(net, val_loader, device, cfg.precision)
         state["curve"].append({"epoch": phase.first_epoch + epoch - 1,
                                "train_loss": round(loss, 6), "val_accuracy": round(acc, 6)})
-        better = acc > state["best_accuracy"]
+        better = improves(acc, val_loss, state["best_accuracy"], state["best_loss"])
         if better:
             state["best_file"] = f"best-{epoch:04d}.safetensors"
             checkpoint.save_weights(ckpt / state["best_file"], net.model)
-            state.update(best_accuracy=acc, best_epoch=epoch)
+            state.update(best_accuracy=acc, best_loss=val_loss, best_epoch=epoch)
         state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
         checkpoint.save(ckpt, epoch, net.model, opt, sched,
-                        {**{k: state[k] for k in ("curve", "best_accuracy", "best_epoch",
+                        {**{k: state[k] for k in ("curve", "best_accuracy", "best_loss",
+                                                  "best_epoch",
                                                   "best_file", "stopped_early")},
                          "fingerprint": phase.fingerprint})
         write_curve(curve_path, curve_before + state["curve"])
@@ -268,7 +280,7 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
               f"{loss:.4f}, val accuracy {acc:.4f}{' (best)' if better else ''}, "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     if state["stopped_early"]:
-        print(f"finetune: stopped early: no better val accuracy for {cfg.patience} epochs",
+        print(f"finetune: stopped early: no better val score for {cfg.patience} epochs",
               flush=True)
     checkpoint.load_weights(ckpt / state["best_file"], net.model)
     state["epochs_run"] = epoch
@@ -314,7 +326,8 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
                                       first["epochs_run"] + 1),
                            train_ds, val_loader, seed, device, paths.finetune_curve, curve)
         curve = curve + second["curve"]
-        if second["best_accuracy"] > first["best_accuracy"]:
+        if improves(second["best_accuracy"], second["best_loss"], first["best_accuracy"],
+                    first["best_loss"]):
             final, phases = second, [cfg.trainable, "all"]
         else:
             print("finetune: all layers did not improve val; keeping the first phase",

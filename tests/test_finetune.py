@@ -137,6 +137,13 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_ties_in_val_accuracy_go_to_the_lower_val_loss():
+    assert tuning.improves(0.9, 0.5, 0.8, 0.1)
+    assert tuning.improves(0.9, 0.3, 0.9, 0.4)
+    assert not tuning.improves(0.9, 0.4, 0.9, 0.4 + 1e-6)  # noise is not progress
+    assert not tuning.improves(0.8, 0.1, 0.9, 0.4)
+
+
 def test_early_stopping_stops(project):
     params = _with(project, enabled=True, epochs=10, patience=1, lr=1e-12, batch_size=16,
                    init_head="random")

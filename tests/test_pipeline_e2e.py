@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,51 @@ def test_bad_input_in_the_flow_exits_2_and_keeps_outputs(project, tmp_path: Path
     assert "gone does not exist" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert (root / "models/head.safetensors").is_file()  # nothing already done is lost
+
+
+def test_tlflow_status_agrees_with_dvc_status(project):
+    root, env, _ = project
+    original = (root / "params.yaml").read_text()
+    _set_C_grid(root, [0.7])
+    try:
+        mine = json.loads(run_cli(["tlflow", "status", "--json"], root, env).stdout)
+        dvc = json.loads(run_cli(["dvc", "status", "--json"], root, env).stdout)
+    finally:
+        (root / "params.yaml").write_text(original)
+    assert {n for n, why in mine.items() if why} == {k.split(":")[-1] for k in dvc} == {"train"}
+    assert "params: train" in mine["train"]  # dvc.yaml declares the section
+    proc = run_cli(["tlflow", "status"], root, env)
+    assert proc.returncode == 0 and proc.stdout.count("up to date") == len(STAGES), proc.stdout
+
+
+def test_push_then_pull_round_trips_data_features_and_models(project, tmp_path: Path):
+    root, env, _ = project
+    remote = tmp_path / "remote"
+    assert run_cli(["dvc", "remote", "modify", "--local", "local", "url", str(remote)],
+                   root, env).returncode == 0
+    before = run_cli(["tlflow", "predict", "data/images/3", "--top-k", "2", "--out",
+                      str(tmp_path / "before.csv")], root, env)
+    assert before.returncode == 0, before.stderr
+    proc = run_cli(["dvc", "push"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for gone in ("data", "features", "models", ".dvc/cache"):
+        shutil.rmtree(root / gone)
+    proc = run_cli(["dvc", "pull"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _dvc_up_to_date(root, env)
+    after = run_cli(["tlflow", "predict", "data/images/3", "--top-k", "2", "--out",
+                     str(tmp_path / "after.csv")], root, env)
+    assert after.returncode == 0, after.stderr
+    assert (tmp_path / "before.csv").read_text() == (tmp_path / "after.csv").read_text()
+    assert "codes from the store, 0 computed" in after.stdout
+
+
+def test_dvc_experiments_run_and_show(project):
+    root, env, _ = project
+    proc = run_cli(["dvc", "exp", "run", "-S", "train.C_grid=[0.3]"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    show = run_cli(["dvc", "exp", "show", "--json"], root, env)
+    assert show.returncode == 0, show.stderr
+    text = show.stdout
+    assert "train.C_grid" in text or '"C_grid"' in text
+    assert "metrics/eval.json" in text and "accuracy" in text
