@@ -226,6 +226,9 @@ def _summary(results: list, params: object) -> None:
         f"val accuracy {best['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
         f"macro F1 {test['macro_f1']:.4f}"
     )
+    promotion = probe.get("promotion", {})
+    if promotion and not promotion["promoted"]:
+        console.print(f"model: the new probe was not promoted ({promotion['why']})")
     if "finetune" in metrics:
         from tasks.finetune import read_meta
 

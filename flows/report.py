@@ -52,6 +52,12 @@ def summary_markdown(before: Snapshot, after: Snapshot, results: list,
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"
               for r in results]
     lines.append("")
+    paths = load_params().base.paths
+    if any(r.name == "train" and r.ran for r in results) and paths.probe_metrics.is_file():
+        promotion = json.loads(paths.probe_metrics.read_text()).get("promotion")
+        if promotion:
+            verdict = "promoted" if promotion["promoted"] else "**not promoted**"
+            lines.append(f"- new probe: {verdict} ({promotion['why']})")
     for model in ("probe", "finetune"):
         now = after.metrics.get(model)
         if not now:

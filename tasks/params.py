@@ -94,6 +94,7 @@ class Train(_Section):
     loss: Literal["log_loss", "hinge"] = "log_loss"  # sgd only
     epochs: int = Field(5, ge=1)  # sgd only: passes over the streamed codes
     buffer_rows: int = Field(8192, ge=256)  # sgd only: codes held in memory at once
+    promote_margin: float | None = Field(0.0, ge=0)  # null: every new probe replaces the last
 
     @field_validator("C_grid")
     @classmethod

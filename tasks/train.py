@@ -10,8 +10,11 @@ store (tasks/stream.py), for stores larger than memory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import TransformerMixin
@@ -23,7 +26,7 @@ from sklearn.svm import LinearSVC
 
 from tasks.errors import TlflowError
 from tasks.featurestore import FeatureStore, current_store, usable
-from tasks.head import LinearHead, save_head
+from tasks.head import LinearHead, load_head, meta_path, save_head
 from tasks.ingest import Row, read_manifest
 from tasks.io import write_json
 from tasks.params import Params, Train
@@ -202,9 +205,40 @@ def choose(params: Params, rows: list[Row], table: list[dict]) -> tuple[dict, di
     return {**decision.as_json(), "carried_out": carried_out}, top
 
 
+def val_set_id(rows: list[Row]) -> str:
+    """Names the val split (its image hashes): val accuracies compare only on the same one."""
+    keys = sorted(r.sha256 for r in rows if r.split == "val")
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def promotion(current: dict | None, candidate: dict,
+              margin: float | None) -> tuple[bool, str]:
+    """Does the candidate replace the current model? Only if its val accuracy is not worse
+    than the current one's by more than `margin`, when the two are comparable."""
+    if margin is None:
+        return True, "promotion check off (train.promote_margin: null)"
+    if current is None:
+        return True, "no current model"
+    for key in ("extractor_id", "val_set", "classes"):
+        if current.get(key) != candidate.get(key):
+            return True, f"the current model has other {key}: not comparable"
+    new, old = candidate["val_accuracy"], current["val_accuracy"]
+    if new >= old - margin:
+        return True, f"val accuracy {new:.4f} >= current {old:.4f} - margin {margin:g}"
+    return False, (f"val accuracy {new:.4f} < current {old:.4f} - margin {margin:g}: "
+                   "the current model stays")
+
+
+def _current_meta(stem: Path) -> dict | None:
+    try:
+        return json.loads(meta_path(stem).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def run(params: Params) -> LinearHead:
-    """Sweep layers and C on val, refit the chosen one on train + val; save the head, the
-    sweep table and the advice."""
+    """Sweep layers and C on val, refit the chosen one on train + val; save the head (when it
+    is promoted), the sweep table and the advice."""
     cfg, paths, seed = params.train, params.base.paths, params.base.seed
     rows = usable(read_manifest(paths.manifest), paths.extract_report)
     path = current_store(paths.features)
@@ -216,13 +250,20 @@ def run(params: Params) -> LinearHead:
         table, refit = _sweep_in_memory(path, rows, cfg, seed)
     decision, top = choose(params, rows, table)
     meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
-            "C": top["C"], "val_accuracy": top["val_accuracy"]}
+            "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows)}
     head = to_head(refit(top), meta)
-    save_head(head, paths.head)
-    write_json(paths.probe_metrics, {"best": meta, "layers": layer_table(table), "sweep": table})
+    promoted, why = promotion(_current_meta(paths.head),
+                              {**head.meta, "classes": list(head.classes)}, cfg.promote_margin)
+    if promoted:
+        save_head(head, paths.head)
+    else:
+        head = load_head(paths.head)
+    write_json(paths.probe_metrics, {"best": meta, "layers": layer_table(table), "sweep": table,
+                                     "promotion": {"promoted": promoted, "why": why}})
     write_json(paths.strategy, decision)
     print(f"train: layer {top['layer']} (C={top['C']:g}), val accuracy "
-          f"{top['val_accuracy']:.4f} -> {paths.head}", flush=True)
+          f"{top['val_accuracy']:.4f}; {'promoted' if promoted else 'not promoted'}: {why}",
+          flush=True)
     print(f"train: advice: {decision['size']} and {decision['similarity']} -> "
           f"{decision['plan']}{'' if decision['carried_out'] else ' (advise.strategy: manual)'}",
           flush=True)

@@ -29,8 +29,10 @@ def _ran(output: str) -> set[str]:
 
 
 def _set_C_grid(root: Path, grid: list[float]) -> None:
+    """A new grid, and every new probe promoted: these tests are about what reruns."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["C_grid"] = grid
+    params["train"]["promote_margin"] = None
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

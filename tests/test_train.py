@@ -160,3 +160,29 @@ def test_train_needs_a_val_split(tmp_path: Path, image_folder: Path):
     extract.run(params)
     with pytest.raises(TlflowError, match="val split is empty"):
         train.run(params)
+
+
+def test_promotion_rule():
+    cur = {"extractor_id": "e", "val_set": "v", "classes": ["a", "b"], "val_accuracy": 0.9}
+    assert train.promotion(None, cur, 0.0)[0]
+    assert train.promotion(cur, {**cur, "val_accuracy": 0.9}, 0.0)[0]
+    assert not train.promotion(cur, {**cur, "val_accuracy": 0.85}, 0.0)[0]
+    assert train.promotion(cur, {**cur, "val_accuracy": 0.85}, 0.1)[0]
+    assert train.promotion(cur, {**cur, "val_accuracy": 0.5, "val_set": "w"}, 0.0)[0]
+    assert train.promotion(cur, {**cur, "val_accuracy": 0.5}, None)[0]
+
+
+def test_a_worse_probe_does_not_replace_the_current_one(tmp_path: Path, image_folder: Path):
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)},
+                         extract={"layers": ["pooled"], "image_size": 32})
+    for stage in (ingest, extract, train):
+        stage.run(params)
+    before = tensors_path(params.base.paths.head).read_bytes()
+    raw = params.model_dump(mode="json")
+    raw["train"]["C_grid"] = [1e-7]  # weights shrink to nothing: the majority class
+    worse = type(params).model_validate(raw)
+    head = train.run(worse)
+    probe = json.loads(params.base.paths.probe_metrics.read_text())
+    assert probe["promotion"]["promoted"] is False, probe["promotion"]
+    assert probe["best"]["val_accuracy"] < head.meta["val_accuracy"]
+    assert tensors_path(params.base.paths.head).read_bytes() == before
