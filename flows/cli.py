@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun every stage")
     st = sub.add_parser("status", help="each stage: up to date, or stale and why (dvc status)")
     st.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("history", help="one line per versioned run (git's history of dvc.lock)")
     sv = sub.add_parser("serve", help="serve the pipeline flow on a schedule (Prefect)")
     _schedule_args(sv)
     dp = sub.add_parser("deploy", help="create a deployment on a Prefect work pool")
@@ -252,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_advise(args.json)
         if args.command == "status":
             return cmd_status(args.json)
+        if args.command == "history":
+            from flows import history
+            from tasks.params import load_params
+
+            print("\n".join(history.run(load_params())))
+            return 0
         if args.command == "serve":
             return cmd_serve(args.cron, args.interval, args.name)
         if args.command == "deploy":

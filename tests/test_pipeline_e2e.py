@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,29 @@ def test_push_then_pull_round_trips_data_features_and_models(project, tmp_path: 
     assert after.returncode == 0, after.stderr
     assert (tmp_path / "before.csv").read_text() == (tmp_path / "after.csv").read_text()
     assert "codes from the store, 0 computed" in after.stdout
+
+
+def test_history_has_one_line_per_committed_run(project):
+    root, env, _ = project
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+
+    def commit(message: str) -> None:
+        tracked = ("dvc.lock", "params.yaml", "metrics", "plots", ".gitignore",
+                   "data/.gitignore", "models/.gitignore")
+        subprocess.run([*git, "add", *(p for p in tracked if (root / p).exists())], check=True)
+        subprocess.run([*git, "commit", "-qm", message], check=True)
+
+    commit("first versioned run")
+    _set_C_grid(root, [0.4])
+    assert run_cli(["tlflow", "run"], root, env).returncode == 0
+    commit("C grid [0.4]")
+    proc = run_cli(["tlflow", "history"], root, env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2, proc.stdout
+    assert "first run" in lines[0] and "(1797 images)" in lines[0]
+    assert "train.C_grid=[0.4]" in lines[1] and "(+0 -0, 1797 images)" in lines[1]
+    assert "extractor " in lines[1] and "test acc 0." in lines[1]
 
 
 def test_dvc_experiments_run_and_show(project):
