@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
-    when = p.add_mutually_exclusive_group()
+    when = p.add_mutually_exclusive_group(required=p.prog.endswith("serve"))
     when.add_argument("--cron", help="a cron expression, e.g. '0 3 * * *'")
     when.add_argument("--interval", type=float, help="seconds between runs")
     p.add_argument("--name", default="tlflow", help="the deployment's name (default tlflow)")
@@ -82,7 +82,10 @@ def cmd_serve(cron: str | None, interval: float | None, name: str) -> int:
     from flows.pipeline import pipeline
 
     # limit=1: runs of one project never overlap (they share its files and dvc.lock)
-    pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+    try:
+        pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+    except (ValueError, TypeError) as err:  # e.g. a cron expression Prefect cannot parse
+        raise TlflowError(f"tlflow serve: {err}") from None
     return 0
 
 
@@ -128,7 +131,7 @@ def cmd_advise(as_json: bool) -> int:
                           "advice reads the train stage's layer sweep)")
     rows = usable(read_manifest(paths.manifest), paths.extract_report)
     layers = json.loads(paths.probe_metrics.read_text()).get("layers", [])
-    decision = advise.measure(params, rows, layers).as_json()
+    decision = advise.measure(params, rows, layers, confidence=True).as_json()
     if as_json:
         print(json.dumps(decision, indent=2, sort_keys=True))
     else:
@@ -221,7 +224,7 @@ def _summary(results: list, params: object) -> None:
         sweep.add_row(r["layer"], str(r["dim"]), f"{r['C']:g}", f"{r['val_accuracy']:.4f}")
     console.print(sweep)
     metrics = json.loads(paths.eval_metrics.read_text())
-    best, test = probe["best"], metrics["probe"]
+    best, test = probe.get("model", probe["best"]), metrics["probe"]  # the deployed probe
     console.print(
         f"probe: {best['classifier']} on layer {best['layer']}, C={best['C']:g}, "
         f"val accuracy {best['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "

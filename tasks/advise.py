@@ -18,9 +18,9 @@ Similarity, two signals, both from the cached codes (no forward pass):
   above advise.max_top10_variance places the data set dissimilar (measured on 2 cores:
   hymenoptera 0.34, digits at 64 px 0.61, sine-grating textures 0.91). It needs
   advise.min_images_for_spread images; below that it is reported but not used.
-Either signal placing it dissimilar places it dissimilar. The ImageNet head's mean top-1
-probability is reported too, but not used: it is no guide (digits at 64 px get 0.82, more
-than hymenoptera's 0.71; gratings get 0.06 at 224 px but 0.69 at 64 px).
+Either signal placing it dissimilar places it dissimilar. `tlflow advise` also reports the
+ImageNet head's mean top-1 probability, but it is not used: it is no guide (digits at 64 px
+get 0.82, more than hymenoptera's 0.71; gratings get 0.06 at 224 px but 0.69 at 64 px).
 """
 
 from __future__ import annotations
@@ -142,8 +142,10 @@ def _classifier(params: Params) -> tuple[np.ndarray, np.ndarray] | None:
 SPREAD_SAMPLE = 4096  # images the spread is measured on, at most (a seeded sample)
 
 
-def measure(params: Params, rows: list[Row], layers: list[dict]) -> Decision:
-    """Decide from the manifest rows, the sweep's per-layer table and the store."""
+def measure(params: Params, rows: list[Row], layers: list[dict],
+            confidence: bool = False) -> Decision:
+    """Decide from the manifest rows, the sweep's per-layer table and the store; with
+    `confidence`, also report the ImageNet head's (it builds the backbone: torch)."""
     from tasks.featurestore import FeatureStore, current_store
 
     spread = None
@@ -156,15 +158,24 @@ def measure(params: Params, rows: list[Row], layers: list[dict]) -> Decision:
             codes = store.read(POOLED, keys)
             spread = {"images": len(keys), "top10_variance": top10_variance(codes),
                       "imagenet_confidence": None}
-            clf = _classifier(params)
-            if clf is not None:
+            clf = _classifier(params) if confidence else None
+            if clf is not None and clf[0].shape[1] == codes.shape[1]:
                 spread["imagenet_confidence"] = imagenet_confidence(codes, *clf)
     return decide(rows, layers, spread, params.advise)
 
 
 def layer_for(decision: Decision, layers: list[dict]) -> str | None:
-    """The probe's layer under the plan: pooled, the best earlier one, or the sweep's best."""
+    """The probe's layer under the plan: pooled, the best earlier one, or the sweep's best.
+    A measured plan (auto) whose layer was not extracted takes the sweep's best and says so;
+    a forced one stops with an error."""
     names = [r["layer"] for r in layers]
+    wanted = POOLED if decision.plan == "probe" else "an earlier layer"
+    missing = (decision.plan == "probe" and POOLED not in names) or (
+        decision.plan == "early_probe" and all(n == POOLED for n in names))
+    if missing and not decision.forced:
+        print(f"train: plan {decision.plan} wants {wanted}, not extracted; the probe takes "
+              "the sweep's best layer (add it to extract.layers)", flush=True)
+        return None
     if decision.plan == "probe":
         if POOLED not in names:
             raise TlflowError("advise.strategy: the plan 'probe' reads pooled codes; add pooled "

@@ -133,7 +133,8 @@ class Finetune(_Section):
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random resized crop, share of the area
     hflip: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA
+    # autocast on CUDA; no fp16: training in it needs loss scaling, which bf16 does not
+    precision: Literal["bf16", "fp32"] = "bf16"
     num_workers: int | None = Field(None, ge=0)
 
     @field_validator("crop_scale")

@@ -19,6 +19,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
+from tasks.errors import TlflowError
 from tasks.featurestore import FeatureStore
 from tasks.params import Train
 
@@ -42,7 +43,7 @@ class Stream:
         rng = None if seed is None else np.random.default_rng(seed)
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
-        held = 0
+        held = seen = 0
         with FeatureStore(self.path) as store:
             rows = max(1, min(256, self.buffer_rows // MIX))  # 256: the store's HDF5 chunk
             order = None if rng is None else rng.permutation(store.n_blocks(rows))
@@ -50,6 +51,7 @@ class Stream:
                 pick = [i for i, k in enumerate(keys) if k in self.labels]
                 if not pick:
                     continue
+                seen += len(pick)
                 xs.append(codes[pick])
                 ys.append(np.array([self.labels[keys[i]] for i in pick]))
                 held += len(pick)
@@ -58,6 +60,9 @@ class Stream:
                     xs, ys, held = [], [], 0
         if held:
             yield _mix(xs, ys, rng)
+        if seen < len(self.labels):
+            raise TlflowError(f"{self.path}: {len(self.labels) - seen} image(s) have no "
+                              f"{self.layer} codes (run `tlflow stage extract`)")
 
 
 def _mix(xs: list[np.ndarray], ys: list[np.ndarray],

@@ -258,7 +258,9 @@ def run(params: Params) -> LinearHead:
         save_head(head, paths.head)
     else:
         head = load_head(paths.head)
-    write_json(paths.probe_metrics, {"best": meta, "layers": layer_table(table), "sweep": table,
+    decision["carried_out"] = decision["carried_out"] and promoted
+    write_json(paths.probe_metrics, {"best": meta, "model": head.meta,
+                                     "layers": layer_table(table), "sweep": table,
                                      "promotion": {"promoted": promoted, "why": why}})
     write_json(paths.strategy, decision)
     print(f"train: layer {top['layer']} (C={top['C']:g}), val accuracy "

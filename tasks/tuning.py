@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import checkpoint
+from tasks import checkpoint, network
 from tasks.errors import TlflowError
 from tasks.extract import read_image, resolve_device
-from tasks.featurestore import FeatureStore, current_store, usable
+from tasks.featurestore import FeatureStore, bad_images, current_store, usable
 from tasks.head import LinearHead, load_head
 from tasks.ingest import Row, read_manifest
 from tasks.io import sha256_file
@@ -166,8 +167,16 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 def make_optimizer(net: Network, cfg: Finetune) -> torch.optim.Optimizer:
     groups = param_groups(net, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _optimizer_and_schedule(net: Network, cfg: Finetune, steps_per_epoch: int):
+    """A fresh optimizer and its warm-up + cosine schedule over the whole run."""
+    opt = make_optimizer(net, cfg)
+    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup))
 
 
 # ---------------------------------------------------------------- the probe as a start
@@ -212,6 +221,8 @@ def _fingerprint(params: Params, cfg: Finetune, manifest: Path, head_files: list
         "finetune": cfg.model_dump(mode="json"), "seed": params.base.seed,
         "backbone": ext.backbone, "weights": ext.weights, "image_size": ext.image_size,
         "manifest": sha256_file(manifest),
+        "code": [sha256_file(Path(f)) for f in (checkpoint.__file__, network.__file__, __file__)],
+        "skipped": sorted(bad_images(params.base.paths.extract_report)),
         "head": [sha256_file(p) for p in head_files if p.is_file()],
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -235,15 +246,21 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
 
     cfg, ckpt = phase.cfg, phase.ckpt
     freeze(net, cfg)
-    opt = make_optimizer(net, cfg)
+    initial = {k: v.clone() for k, v in net.model.state_dict().items()}
     steps = math.ceil(len(train_ds) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+    opt, sched = _optimizer_and_schedule(net, cfg, steps)
     state = checkpoint.load_state(ckpt)
     if state is not None and state.get("fingerprint") == phase.fingerprint:
-        checkpoint.restore(ckpt, state, net.model, opt, sched)
-        print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
-    else:
+        try:
+            checkpoint.restore(ckpt, state, net.model, opt, sched)
+            print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
+        except Exception as err:  # a damaged or foreign checkpoint: never fatal, start afresh
+            print(f"finetune: {ckpt} unusable ({type(err).__name__}: {err}); starting afresh",
+                  flush=True)
+            net.model.load_state_dict(initial)
+            opt, sched = _optimizer_and_schedule(net, cfg, steps)
+            state = None
+    if state is None or state.get("fingerprint") != phase.fingerprint:
         for old in (ckpt.glob("*.safetensors") if ckpt.is_dir() else ()):
             old.unlink()
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -301,7 +318,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     if not val_rows:
         raise TlflowError("finetune: the val split is empty; early stopping and the best "
                           "epoch need one (set ingest.val_fraction above 0)")
-    classes = tuple(sorted({r.label for r in train_rows}))
+    classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
     head_files = [Path(f"{paths.head}.safetensors"), Path(f"{paths.head}.json")]
     image_size = cfg.image_size or params.extract.image_size
     device = resolve_device(cfg.device, "finetune.device")
@@ -341,6 +358,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     net.model.to("cpu", memory_format=torch.contiguous_format)
     save_network(net, paths.finetuned, meta)
     write_curve(paths.finetune_curve, curve)
+    shutil.rmtree(ckpt, ignore_errors=True)  # done: a rerun (forced, or new code) starts afresh
     print(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
           f"{meta['val_accuracy']:.4f} -> {paths.finetuned}", flush=True)
     return meta

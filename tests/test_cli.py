@@ -72,3 +72,17 @@ def test_run_outside_a_dvc_project_says_so(tmp_path: Path):
     proc = run_cli(["tlflow", "run"], tmp_path, cli_env(tmp_path))
     assert proc.returncode == 2 and ".dvc: not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_needs_a_schedule_and_commands_need_a_dvc_project(tmp_path: Path, monkeypatch,
+                                                                 capsys):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve"])
+    assert exit_.value.code == 2 and "--cron" in capsys.readouterr().err
+    for args in (["serve", "--interval", "60"], ["status"], ["deploy", "--pool", "p"]):
+        assert main(args) == 2
+        assert ".dvc: not found" in capsys.readouterr().err
+    assert main(["history"]) == 2
+    assert "no git repository" in capsys.readouterr().err

@@ -70,3 +70,18 @@ def test_unknown_layer_and_missing_or_corrupt_file(tmp_path: Path):
 def test_extractor_id_is_canonical():
     assert extractor_id({"a": 1, "b": [2]}) == extractor_id({"b": [2], "a": 1})
     assert extractor_id({"a": 1}) != extractor_id({"a": 2})
+
+
+def test_a_few_rows_are_read_alone_and_agree_with_a_full_read(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    codes = _codes(100, 3)
+    keys = [f"k{i}" for i in range(100)]
+    with FeatureStore.create(path, EXTRACTOR, DIMS, "float16") as store:
+        store.append(keys, codes)
+    with FeatureStore(path) as store:
+        few = ["k70", "k3", "k70", "k99"]  # below a quarter of the rows: read alone
+        np.testing.assert_array_equal(store.read("a", few),
+                                      codes["a"][[70, 3, 70, 99]].astype(np.float32))
+        np.testing.assert_array_equal(store.read("b", keys[::-1]),
+                                      codes["b"][::-1].astype(np.float32))
+        assert store.read("a", []).shape == (0, 4)

@@ -151,6 +151,7 @@ def test_early_stopping_stops(project):
     assert meta["stopped_early"] and meta["epochs_run"] == 2 and meta["best_epoch"] == 1
     lines = params.base.paths.finetune_curve.read_text().splitlines()
     assert lines[0] == "epoch,train_loss,val_accuracy" and len(lines) == 3
+    assert not params.base.paths.finetune_checkpoints.exists()  # done: a rerun starts afresh
 
 
 def test_finetuned_network_is_evaluated_and_predicts(project):

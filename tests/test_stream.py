@@ -100,3 +100,12 @@ def test_sgd_head_exports_exactly(store, tmp_path: Path, loss, normalize):
     else:
         assert not head.has_probabilities
         np.testing.assert_allclose(head.logits(x), probe.decision_function(x), atol=1e-4)
+
+
+def test_images_without_codes_are_an_error_not_a_skip(store):
+    from tasks.errors import TlflowError
+
+    path, train, _ = store
+    ghost = {**train, "f" * 64: "0"}
+    with pytest.raises(TlflowError, match=r"1 image\(s\) have no signal codes"):
+        list(stream.Stream(path, "signal", ghost).batches())
