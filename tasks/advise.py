@@ -16,7 +16,7 @@ Similarity, two signals, both from the cached codes (no forward pass):
   parts and objects; images unlike ImageNet's excite few of them, and the codes' variance
   gathers in a few directions. The share of variance in the top 10 principal components
   above advise.max_top10_variance places the data set dissimilar (measured on 2 cores:
-  hymenoptera 0.34, digits at 64 px 0.61, sine-grating textures 0.91). It needs
+  hymenoptera 0.36, digits at 64 px 0.61, sine-grating textures 0.91). It needs
   advise.min_images_for_spread images; below that it is reported but not used.
 Either signal placing it dissimilar places it dissimilar. `tlflow advise` also reports the
 ImageNet head's mean top-1 probability, but it is not used: it is no guide (digits at 64 px
