@@ -7,8 +7,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.errors import TlflowError
+
+if TYPE_CHECKING:
+    from tasks.params import Params
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,14 +55,15 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="tlflow", help="the deployment's name (default tlflow)")
 
 
-def _check_project() -> None:
+def _check_project() -> Params:
     """Bad params and a missing DVC project stop here, before Prefect starts."""
     from tasks.params import load_params
 
-    load_params()
+    params = load_params()
     for needed, hint in ((".dvc", "run `dvc init` here"), ("dvc.yaml", "copy tlflow's dvc.yaml")):
         if not Path(needed).exists():
             raise TlflowError(f"{needed}: not found; tlflow needs a DVC project ({hint})")
+    return params
 
 
 def cmd_status(as_json: bool) -> int:
@@ -188,10 +193,7 @@ def _gc(params: object, dry_run: bool) -> int:
 
 def cmd_run(force: bool) -> int:
     """Run the flow; print which stages ran and the metrics."""
-    from tasks.params import load_params
-
-    params = load_params()
-    _check_project()
+    params = _check_project()
     from flows.pipeline import BAD_INPUT, pipeline
 
     state = pipeline(force=force, return_state=True)

@@ -7,10 +7,10 @@ project's own files, so there is no second ledger to drift.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 
+from tasks.ingest import read_manifest
 from tasks.io import sha256_file
 from tasks.params import load_params
 
@@ -28,8 +28,7 @@ class Snapshot:
         paths = load_params().base.paths
         if not paths.manifest.is_file():
             return cls(None)
-        with open(paths.manifest, newline="") as f:
-            images = frozenset(r["sha256"] for r in csv.DictReader(f))
+        images = frozenset(r.sha256 for r in read_manifest(paths.manifest))
         metrics = (json.loads(paths.eval_metrics.read_text())
                    if paths.eval_metrics.is_file() else {})
         return cls(sha256_file(paths.manifest)[:12], images, metrics)

@@ -25,11 +25,7 @@ def why_stale(name: str, root: Path = Path()) -> str | None:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        status = repo.status(targets=[name])
-    changes = status.get(f"dvc.yaml:{name}") or status.get(name)
-    if not changes:
-        return None
-    return "; ".join(_describe(c) for c in changes)
+        return _reason(repo.status(targets=[name]), name)
 
 
 def status(root: Path = Path()) -> dict[str, str | None]:
@@ -38,11 +34,13 @@ def status(root: Path = Path()) -> dict[str, str | None]:
 
     with Repo(str(root)) as repo:
         report = repo.status()
-    out = {}
-    for name in STAGES:
-        changes = report.get(f"dvc.yaml:{name}") or report.get(name)
-        out[name] = "; ".join(_describe(c) for c in changes) if changes else None
-    return out
+    return {name: _reason(report, name) for name in STAGES}
+
+
+def _reason(report: dict, name: str) -> str | None:
+    """One stage's entry of a `dvc status` report, compacted (None: up to date)."""
+    changes = report.get(f"dvc.yaml:{name}") or report.get(name)
+    return "; ".join(_describe(c) for c in changes) if changes else None
 
 
 def _describe(change: object) -> str:

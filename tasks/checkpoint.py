@@ -19,6 +19,11 @@ from tasks.io import atomic_path, write_json
 STATE = "state.json"
 
 
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors, ready for safetensors."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer's state dict into tensors and JSON-able values."""
     sd = opt.state_dict()
@@ -37,8 +42,7 @@ def save(directory: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimiz
     """Commit the state after `epoch`: tensors first, then state.json; drop older tensors."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous().cpu()
-               for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in state_tensors(model).items()}
     opt_tensors, opt_json = _optimizer_tensors(opt)
     name = f"epoch-{epoch:04d}.safetensors"
     with atomic_path(directory / name) as tmp:
@@ -56,8 +60,7 @@ def save_weights(path: Path, model: nn.Module) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(tmp))
+        save_file(state_tensors(model), str(tmp))
 
 
 def load_state(directory: Path) -> dict[str, Any] | None:

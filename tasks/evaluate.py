@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
@@ -62,27 +61,17 @@ def plot_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray,
     plt.close(fig)
 
 
-@dataclass(frozen=True)
-class Labels:
-    predict: np.ndarray
-    classes: tuple[str, ...]
-
-
-def evaluate_finetuned(params: Params, test: list[Row]) -> Labels | None:
-    """The fine-tuned network's labels for the test images; None when finetune is off."""
+def score_finetuned(params: Params, test: list[Row], y_true: np.ndarray) -> dict | None:
+    """The fine-tuned network's scores on the test images; None when finetune is off."""
     from tasks.finetune import read_meta
 
     if not read_meta(params.base.paths.finetuned).get("enabled"):
         return None
-    from tasks.extract import resolve_device
-    from tasks.network import load_network
-    from tasks.tuning import predict_files
+    from tasks.tuning import finetuned_probabilities
 
-    net = load_network(params.base.paths.finetuned)
-    device = resolve_device(params.finetune.device, "finetune.device")
     files = [params.base.paths.images / r.relpath for r in test]
-    proba = predict_files(net, files, device, params.finetune.batch_size)
-    return Labels(np.asarray(net.classes)[proba.argmax(axis=1)], net.classes)
+    proba, classes = finetuned_probabilities(params, files)
+    return score(y_true, np.asarray(classes)[proba.argmax(axis=1)], classes)
 
 
 def predict_codes(head: LinearHead, store: FeatureStore, keys: list[str]) -> np.ndarray:
@@ -105,9 +94,9 @@ def run(params: Params) -> dict:
     y_true = np.array([r.label for r in test])
     skipped = sorted({r.relpath: bad[r.sha256] for r in rows if r.sha256 in bad}.items())
     metrics = {"probe": score(y_true, y_pred, head.classes)}
-    finetuned = evaluate_finetuned(params, test)
+    finetuned = score_finetuned(params, test, y_true)
     if finetuned is not None:
-        metrics["finetune"] = score(y_true, finetuned.predict, finetuned.classes)
+        metrics["finetune"] = finetuned
     metrics["skipped_images"] = [{"relpath": p, "reason": why} for p, why in skipped]
     write_json(paths.eval_metrics, metrics)
     write_confusion(paths.confusion, y_true, y_pred)

@@ -41,11 +41,18 @@ def resolve_device(spec: str, key: str = "extract.device") -> torch.device:
     return torch.device(spec)
 
 
-def resolve_workers(cfg: Extract, device: torch.device) -> int:
+def resolve_workers(num_workers: int | None, device: torch.device, most: int = 8) -> int:
     """Decoder processes: on CUDA they overlap the GPU; on CPU they would take its cores."""
-    if cfg.num_workers is not None:
-        return cfg.num_workers
-    return min(8, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    if num_workers is not None:
+        return num_workers
+    return min(most, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 or fp16); the CPU computes in fp32."""
+    if device.type == "cuda" and precision in _AUTOCAST:
+        return torch.autocast("cuda", dtype=_AUTOCAST[precision])
+    return contextlib.nullcontext()
 
 
 def describe_extractor(identity: dict[str, Any], cfg: Extract) -> dict[str, Any]:
@@ -129,10 +136,8 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
 def encode(model: CodeExtractor, x: torch.Tensor, device: torch.device,
            precision: str) -> dict[str, np.ndarray]:
     """Codes of one batch (float32 numpy); on CUDA out-of-memory, halve the batch and retry."""
-    autocast = (torch.autocast("cuda", dtype=_AUTOCAST[precision])
-                if device.type == "cuda" and precision in _AUTOCAST else contextlib.nullcontext())
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(device, precision):
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
             return {k: v.float().cpu().numpy() for k, v in model(x).items()}
     except torch.cuda.OutOfMemoryError:
@@ -176,7 +181,7 @@ def store_path(features_dir: Path, ext_id: str) -> Path:
 
 def _loader(todo: list[Row], images: Path, backbone: Backbone, cfg: Extract,
             device: torch.device) -> torch.utils.data.DataLoader:
-    workers = resolve_workers(cfg, device)
+    workers = resolve_workers(cfg.num_workers, device)
     if device.type == "cpu":  # decoders and the forward pass share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     return torch.utils.data.DataLoader(

@@ -172,7 +172,7 @@ class FeatureStore:
         if layer not in self._h5["layers"]:
             raise TlflowError(f"{self.path}: no layer {layer!r}; has {sorted(self.layers)}")
         ds, keys, n = self._h5["layers"][layer], self._h5["keys"], self.n_committed
-        for b in range(-(-n // rows)) if order is None else order:
+        for b in range(self.n_blocks(rows)) if order is None else order:
             start, stop = b * rows, min((b + 1) * rows, n)
             yield [k.decode() for k in keys[start:stop]], ds[start:stop].astype(np.float32)
 

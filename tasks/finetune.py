@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import TlflowError
+from tasks.head import meta_path, tensors_path
 from tasks.io import atomic_path, write_json
 from tasks.params import Finetune, Params
 
@@ -25,14 +26,14 @@ def save_disabled(stem: Path) -> None:
     """The stage's outputs when finetune.enabled is false: a sidecar that says so."""
     from safetensors.numpy import save_file
 
-    with atomic_path(Path(f"{stem}.safetensors")) as tmp:
+    with atomic_path(tensors_path(stem)) as tmp:
         save_file({}, str(tmp), metadata={"format": FORMAT, "enabled": "false"})
-    write_json(Path(f"{stem}.json"), {"format": FORMAT, "enabled": False})
+    write_json(meta_path(stem), {"format": FORMAT, "enabled": False})
 
 
 def read_meta(stem: Path) -> dict[str, Any]:
     """The sidecar; {"enabled": False} when the stage has not produced a network."""
-    path = Path(f"{stem}.json")
+    path = meta_path(stem)
     if not path.is_file():
         return {"enabled": False}
     try:

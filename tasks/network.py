@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from tasks.backbones import Backbone, create_backbone
+from tasks.checkpoint import state_tensors
 from tasks.errors import TlflowError
 from tasks.finetune import FORMAT, read_meta
-from tasks.head import LinearHead
+from tasks.head import LinearHead, meta_path, tensors_path
 from tasks.io import atomic_path, write_json
 from tasks.params import Finetune
 
@@ -144,14 +145,11 @@ def save_network(net: Network, stem: Path, meta: dict[str, Any]) -> None:
     """<stem>.safetensors (the state dict) and <stem>.json (what rebuilds the network)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in net.model.state_dict().items()}
-    with atomic_path(Path(f"{stem}.safetensors")) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in
-           net.backbone.data_config.items()}
-    write_json(Path(f"{stem}.json"), {
+    with atomic_path(tensors_path(stem)) as tmp:
+        save_file(state_tensors(net.model), str(tmp), metadata={"format": FORMAT})
+    write_json(meta_path(stem), {
         **meta, "format": FORMAT, "enabled": True, "backbone": net.backbone.name,
-        "classes": list(net.classes), "data_config": cfg,
+        "classes": list(net.classes), "data_config": net.backbone.identity()["preprocess"],
     })
 
 
@@ -162,20 +160,21 @@ def load_network(stem: Path) -> Network:
 
     meta = read_meta(stem)
     if not meta.get("enabled"):
-        raise TlflowError(f"{stem}.json: no fine-tuned network (set finetune.enabled: true "
+        raise TlflowError(f"{meta_path(stem)}: no fine-tuned network (set finetune.enabled: true "
                           "and run `tlflow run`)")
     backbone = create_backbone(meta["backbone"], "none")
     cfg = meta["data_config"]
     backbone.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     net = new_network(backbone, tuple(meta["classes"]))
     try:
-        state = load_file(f"{stem}.safetensors")
+        state = load_file(str(tensors_path(stem)))
     except (SafetensorError, OSError) as err:
-        raise TlflowError(f"{stem}.safetensors: not a safetensors file: {err}") from None
+        raise TlflowError(f"{tensors_path(stem)}: not a safetensors file: {err}") from None
     try:
         net.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise TlflowError(f"{stem}.safetensors: does not fit {meta['backbone']}: {err}") from None
+        raise TlflowError(f"{tensors_path(stem)}: does not fit {meta['backbone']}: "
+                          f"{err}") from None
     net.model.eval()
     return net
 

@@ -113,15 +113,9 @@ def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
                                   for v in (pair[0], f"{pair[1]:.6f}")]])
 
 
-def _finetuned_scores(params: Params, files: list[Path]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Softmax probabilities of the fine-tuned network, straight from the images."""
-    from tasks.extract import resolve_device
-    from tasks.network import load_network
-    from tasks.tuning import predict_files
-
-    net = load_network(params.base.paths.finetuned)
-    device = resolve_device(params.finetune.device, "finetune.device")
-    return predict_files(net, files, device, params.finetune.batch_size), net.classes
+def _check_k(k: int, n_classes: int) -> None:
+    if not 1 <= k <= n_classes:
+        raise TlflowError(f"--top-k: must be between 1 and {n_classes}, got {k}")
 
 
 def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
@@ -129,17 +123,19 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     """Predict every image of `target`; print one line each; write a CSV when asked."""
     files = image_files(target)
     if model == "finetuned":
-        scores, classes = _finetuned_scores(params, files)
+        from tasks.tuning import finetuned_probabilities
+
+        scores, classes = finetuned_probabilities(params, files)
+        _check_k(k, len(classes))
         kind, note = "probability", f"predict: {len(files)} images, fine-tuned network"
     else:
         head = load_head(params.base.paths.head)
+        _check_k(k, len(head.classes))  # before any forward pass
         codes, n_computed = codes_for(files, head, params)
         scores, classes = head_scores(head, codes), head.classes
         kind = "probability" if head.has_probabilities else "decision"
         note = (f"predict: {len(files)} images, {len(files) - n_computed} codes from the "
                 f"store, {n_computed} computed")
-    if not 1 <= k <= len(classes):
-        raise TlflowError(f"--top-k: must be between 1 and {len(classes)}, got {k}")
     preds = [Prediction(str(f), labels, values)
              for f, (labels, values) in zip(files, top_k(scores, classes, k), strict=True)]
     for p in preds:

@@ -16,12 +16,13 @@ import numpy as np
 from sklearn.base import TransformerMixin
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from tasks.errors import TlflowError
 from tasks.featurestore import FeatureStore
 from tasks.params import Train
+from tasks.train import make_norm
 
 MIX = 32  # a buffer gathers at least this many blocks read from random places in the store
 
@@ -75,15 +76,13 @@ def _mix(xs: list[np.ndarray], ys: list[np.ndarray],
 
 
 def fit_norm(stream: Stream, normalize: str) -> TransformerMixin:
-    """standardize: mean and scale accumulated over the stream (one pass); l2; none."""
-    if normalize == "l2":
-        return Normalizer()
-    if normalize == "none":
-        return FunctionTransformer()
-    scaler = StandardScaler()
-    for x, _ in stream.batches():
-        scaler.partial_fit(x)
-    return scaler
+    """standardize: mean and scale accumulated over the stream (one pass); l2 and none are
+    stateless."""
+    norm = make_norm(normalize)
+    if isinstance(norm, StandardScaler):
+        for x, _ in stream.batches():
+            norm.partial_fit(x)
+    return norm
 
 
 def fit_sgd(stream: Stream, norm: TransformerMixin, C: float, cfg: Train,

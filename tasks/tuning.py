@@ -13,7 +13,6 @@ best-on-val weights go to <finetuned>.safetensors with a JSON sidecar.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -30,9 +29,9 @@ import torch.nn.functional as F
 
 from tasks import checkpoint, network
 from tasks.errors import TlflowError
-from tasks.extract import read_image, resolve_device
+from tasks.extract import autocast, read_image, resolve_device, resolve_workers
 from tasks.featurestore import FeatureStore, bad_images, current_store, usable
-from tasks.head import LinearHead, load_head
+from tasks.head import LinearHead, load_head, meta_path, tensors_path
 from tasks.ingest import Row, read_manifest
 from tasks.io import sha256_file
 from tasks.network import (
@@ -46,8 +45,6 @@ from tasks.network import (
 )
 from tasks.params import Finetune, Params
 from tasks.progress import Progress
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Images(torch.utils.data.Dataset):
@@ -77,12 +74,6 @@ def train_transform(net: Network, cfg: Finetune) -> Callable:
                             mean=dc["mean"], std=dc["std"], re_prob=0.0)
 
 
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in _AUTOCAST:
-        return torch.autocast("cuda", dtype=_AUTOCAST[precision])
-    return contextlib.nullcontext()
-
-
 def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
     """Every source of randomness of one epoch, from (seed, epoch) alone."""
     s = seed * 100_003 + epoch
@@ -94,8 +85,7 @@ def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
 
 def _loader(ds: Images, cfg: Finetune, device: torch.device, shuffle: bool,
             generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    workers = cfg.num_workers if cfg.num_workers is not None else (
-        4 if device.type == "cuda" else 0)
+    workers = resolve_workers(cfg.num_workers, device, most=4)
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
         num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
@@ -112,7 +102,7 @@ def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched, cfg: Fi
         for x, y in loader:
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            with _autocast(device, cfg.precision):
+            with autocast(device, cfg.precision):
                 loss = F.cross_entropy(net.model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,7 +123,7 @@ def logits(net: Network, loader, device: torch.device, precision: str = "fp32") 
     out = []
     for x, _ in loader:
         x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out.append(net.model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, len(net.classes)))
 
@@ -228,6 +218,11 @@ def _fingerprint(params: Params, cfg: Finetune, manifest: Path, head_files: list
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# A phase's progress, as a checkpoint keeps it (besides the epoch and the tensors).
+_FRESH = {"curve": [], "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
+          "best_file": None, "stopped_early": False}
+
+
 @dataclass
 class Phase:
     """One training phase's fixed inputs: what trains, where its checkpoints go."""
@@ -264,9 +259,7 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
         for old in (ckpt.glob("*.safetensors") if ckpt.is_dir() else ()):
             old.unlink()
         ckpt.mkdir(parents=True, exist_ok=True)
-        state = {"epoch": 0, "curve": [], "best_accuracy": -1.0, "best_loss": math.inf,
-                 "best_epoch": 0,
-                 "best_file": None, "stopped_early": False}
+        state = {"epoch": 0, **_FRESH, "curve": []}
     trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
     print(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
           f"images, {device}, up to {cfg.epochs} epochs", flush=True)
@@ -288,10 +281,7 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
             state.update(best_accuracy=acc, best_loss=val_loss, best_epoch=epoch)
         state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
         checkpoint.save(ckpt, epoch, net.model, opt, sched,
-                        {**{k: state[k] for k in ("curve", "best_accuracy", "best_loss",
-                                                  "best_epoch",
-                                                  "best_file", "stopped_early")},
-                         "fingerprint": phase.fingerprint})
+                        {**{k: state[k] for k in _FRESH}, "fingerprint": phase.fingerprint})
         write_curve(curve_path, curve_before + state["curve"])
         print(f"finetune: epoch {epoch}/{cfg.epochs} ({cfg.trainable}): train loss "
               f"{loss:.4f}, val accuracy {acc:.4f}{' (best)' if better else ''}, "
@@ -319,7 +309,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
         raise TlflowError("finetune: the val split is empty; early stopping and the best "
                           "epoch need one (set ingest.val_fraction above 0)")
     classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
-    head_files = [Path(f"{paths.head}.safetensors"), Path(f"{paths.head}.json")]
+    head_files = [tensors_path(paths.head), meta_path(paths.head)]
     image_size = cfg.image_size or params.extract.image_size
     device = resolve_device(cfg.device, "finetune.device")
 
@@ -367,10 +357,19 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
 def predict_files(net: Network, files: list[Path], device: torch.device,
                   batch_size: int = 32) -> np.ndarray:
     """Softmax probabilities of the fine-tuned network for image files."""
+    from scipy.special import softmax
+
     ds = Images([Row(str(f), "", net.classes[0], "") for f in files], Path(), net.classes,
                 net.backbone.transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
     net.model.to(device, memory_format=torch.channels_last)
-    z = logits(net, loader, device)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    return softmax(logits(net, loader, device), axis=1)
+
+
+def finetuned_probabilities(params: Params, files: list[Path]) -> tuple[np.ndarray, tuple]:
+    """The saved fine-tuned network's probabilities for image files, and its classes."""
+    from tasks.network import load_network
+
+    net = load_network(params.base.paths.finetuned)
+    device = resolve_device(params.finetune.device, "finetune.device")
+    return predict_files(net, files, device, params.finetune.batch_size), net.classes
