@@ -85,12 +85,13 @@ def build_manifest(
         split = split or assign_split(sha, seed, val_f, test_f)
         rows.append(Row(item.relpath, sha, item.label, split))
     rows.sort(key=lambda r: r.relpath)
-    _check_classes(rows)
+    _check_splits(rows)
     return rows
 
 
-def _check_classes(rows: list[Row]) -> None:
-    """Every class needs training images, and there must be at least two classes."""
+def _check_splits(rows: list[Row]) -> None:
+    """Every class needs training images, there must be at least two classes, and a test
+    split (evaluate scores on it): caught here, before any stage has spent time."""
     if not rows:
         raise TlflowError("ingest: the source holds no images")
     labels = sorted({r.label for r in rows})
@@ -102,6 +103,11 @@ def _check_classes(rows: list[Row]) -> None:
         raise TlflowError(
             f"ingest: label(s) {missing} have no image in the train split "
             "(add images, or lower val_fraction / test_fraction)"
+        )
+    if not any(r.split == "test" for r in rows):
+        raise TlflowError(
+            "ingest: the test split is empty and evaluate needs one "
+            "(set ingest.test_fraction above 0, or give the source a test split)"
         )
 
 

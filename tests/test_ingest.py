@@ -160,3 +160,11 @@ def test_a_corrupt_hash_cache_is_rebuilt(tmp_path: Path, image_folder: Path):
     cache_path.write_bytes(b"garbage" * 100)
     with HashCache(cache_path) as cache:
         assert len(cache.sha256(image_folder / "red" / "00.png")) == 64
+
+
+def test_an_empty_test_split_stops_ingest_not_evaluate(tmp_path: Path, image_folder: Path):
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder),
+                                           "test_fraction": 0.0})
+    with pytest.raises(TlflowError, match=r"ingest\.test_fraction"):
+        ingest.run(params)
+    assert not params.base.paths.manifest.exists()  # no stage downstream has anything to run on
