@@ -132,6 +132,7 @@ class Finetune(_Section):
     image_size: int | None = Field(None, ge=8, le=4096)  # null: extract.image_size
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random resized crop, share of the area
     hflip: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # training loss only
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # autocast on CUDA; no fp16: training in it needs loss scaling, which bf16 does not
     precision: Literal["bf16", "fp32"] = "bf16"

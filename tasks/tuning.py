@@ -31,7 +31,7 @@ from tasks import checkpoint, network
 from tasks.errors import TlflowError
 from tasks.extract import autocast, read_image, resolve_device, resolve_workers
 from tasks.featurestore import FeatureStore, bad_images, current_store, usable
-from tasks.head import LinearHead, load_head, meta_path, tensors_path
+from tasks.head import LinearHead
 from tasks.ingest import Row, read_manifest
 from tasks.io import sha256_file
 from tasks.network import (
@@ -103,7 +103,7 @@ def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched, cfg: Fi
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
             y = y.to(device, non_blocking=True)
             with autocast(device, cfg.precision):
-                loss = F.cross_entropy(net.model(x), y)
+                loss = F.cross_entropy(net.model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -172,21 +172,19 @@ def _optimizer_and_schedule(net: Network, cfg: Finetune, steps_per_epoch: int):
 # ---------------------------------------------------------------- the probe as a start
 
 
-def probe_for_init(params: Params, classes: tuple[str, ...]) -> LinearHead:
-    """The trained probe when it reads the pooled codes; otherwise a logistic probe fitted
-    here on the store's pooled codes of train + val (the network's head reads those)."""
+def probe_for_init(params: Params) -> LinearHead:
+    """The head's start: a logistic probe on the store's pooled codes of the train split only,
+    at the C the sweep chose for pooled (train.C_grid on val).
+
+    Not the saved probe, which is refit on train + val: a head that has seen the val images
+    scores them near 1.0 from step 0, and val could no longer tell epochs apart."""
     from tasks.backbones import POOLED
+    from tasks.train import make_probe, to_head
 
     paths = params.base.paths
     store = current_store(paths.features)
-    head = load_head(paths.head, extractor_id=store.stem)
-    if head.meta["layer"] == POOLED and head.meta.get("normalize") != "l2":
-        return head
-    from tasks.params import Train
-    from tasks.train import make_probe, to_head
-
     rows = [r for r in usable(read_manifest(paths.manifest), paths.extract_report)
-            if r.split in ("train", "val")]
+            if r.split == "train"]
     with FeatureStore(store) as s:
         if POOLED not in s.layers:
             raise TlflowError("finetune.init_head: probe needs pooled codes in the store "
@@ -194,17 +192,19 @@ def probe_for_init(params: Params, classes: tuple[str, ...]) -> LinearHead:
         x = s.read(POOLED, [r.sha256 for r in rows])
     table = json.loads(paths.probe_metrics.read_text()).get("layers", [])
     C = next((r["C"] for r in table if r["layer"] == POOLED), 1.0)
-    probe = make_probe(C, Train(C_grid=(C,)), params.base.seed).fit(
-        x, [r.label for r in rows])
-    print(f"finetune: the probe reads {head.meta['layer']}; the head starts from a probe "
-          f"fitted on {POOLED} codes (C={C:g})", flush=True)
+    cfg = params.train.model_copy(update={"classifier": "logistic", "C_grid": (C,),
+                                          "normalize": "standardize"})
+    probe = make_probe(C, cfg, params.base.seed)
+    probe.fit(x, [r.label for r in rows])
+    print(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
+          f"(C={C:g})", flush=True)
     return to_head(probe, {"layer": POOLED, "extractor_id": store.stem})
 
 
 # ---------------------------------------------------------------- the shell
 
 
-def _fingerprint(params: Params, cfg: Finetune, manifest: Path, head_files: list[Path]) -> str:
+def _fingerprint(params: Params, cfg: Finetune, manifest: Path, probe: list[Path]) -> str:
     """What a checkpoint must share with this run to be resumed by it."""
     ext = params.extract
     blob = json.dumps({
@@ -213,7 +213,7 @@ def _fingerprint(params: Params, cfg: Finetune, manifest: Path, head_files: list
         "manifest": sha256_file(manifest),
         "code": [sha256_file(Path(f)) for f in (checkpoint.__file__, network.__file__, __file__)],
         "skipped": sorted(bad_images(params.base.paths.extract_report)),
-        "head": [sha256_file(p) for p in head_files if p.is_file()],
+        "probe": [sha256_file(p) for p in probe if p.is_file()],
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -309,19 +309,18 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
         raise TlflowError("finetune: the val split is empty; early stopping and the best "
                           "epoch need one (set ingest.val_fraction above 0)")
     classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
-    head_files = [tensors_path(paths.head), meta_path(paths.head)]
     image_size = cfg.image_size or params.extract.image_size
     device = resolve_device(cfg.device, "finetune.device")
 
     net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
-        init_from_probe(net, probe_for_init(params, classes))
+        init_from_probe(net, probe_for_init(params))
     net.model.to(device, memory_format=torch.channels_last)
     train_ds = Images(train_rows, paths.images, classes, train_transform(net, cfg))
     val_loader = _loader(Images(val_rows, paths.images, classes, net.backbone.transform()),
                          cfg, device, False)
     fingerprint = _fingerprint(params, cfg, paths.manifest,
-                               head_files if cfg.init_head == "probe" else [])
+                               [paths.probe_metrics] if cfg.init_head == "probe" else [])
     ckpt = paths.finetune_checkpoints
     first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_loader, seed, device,
                       paths.finetune_curve, [])

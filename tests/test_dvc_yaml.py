@@ -15,7 +15,7 @@ PARAMS_READ = {
     "train": {"base.seed", "extract.backbone", "extract.weights", "extract.image_size", "train",
               "advise"},
     "finetune": {"base.seed", "extract.backbone", "extract.weights", "extract.image_size",
-                 "finetune", "advise.strategy"},
+                 "train.max_iter", "train.class_weight", "finetune", "advise.strategy"},
     "evaluate": set(),
 }
 
@@ -72,7 +72,9 @@ def test_each_stage_depends_on_what_it_reads(stages, paths):
         "ingest": set(),
         "extract": {paths["manifest"]},
         "train": {paths["manifest"], paths["features"], paths["extract_report"]},
-        "finetune": {*probe, paths["images"], paths["probe_metrics"], paths["strategy"]},
+        # not the saved probe: the network's head starts from one fitted on train only
+        "finetune": {paths["manifest"], paths["features"], paths["extract_report"],
+                     paths["images"], paths["probe_metrics"], paths["strategy"]},
         "evaluate": {*probe, paths["images"], f"{finetuned}.safetensors", f"{finetuned}.json"},
     }
     for name, stage in stages.items():

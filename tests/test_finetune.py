@@ -137,6 +137,34 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_the_head_starts_from_a_probe_that_never_saw_val(project):
+    """The saved probe is refit on train + val; the network's start must not be, or val
+    would score near 1.0 from step 0 and could not choose an epoch."""
+    from tasks.train import make_probe
+
+    paths = project.base.paths
+    rows = ingest.read_manifest(paths.manifest)
+    with FeatureStore(current_store(paths.features)) as store:
+        codes = {s: store.read("pooled", [r.sha256 for r in rows if r.split == s])
+                 for s in ("train", "val")}
+    labels = {s: [r.label for r in rows if r.split == s] for s in ("train", "val")}
+    layers = json.loads(paths.probe_metrics.read_text())["layers"]
+    C = next(r["C"] for r in layers if r["layer"] == "pooled")  # the sweep's choice on val
+    start = tuning.probe_for_init(project)
+    train_only = make_probe(C, project.train, 0).fit(codes["train"], labels["train"])
+    both = make_probe(C, project.train, 0).fit(np.vstack([codes["train"], codes["val"]]),
+                                               labels["train"] + labels["val"])
+    x = codes["val"]
+    np.testing.assert_allclose(start.logits(x), _logits(train_only, x), atol=1e-4)
+    assert not np.allclose(start.logits(x), _logits(both, x), atol=1e-4)
+
+
+def _logits(probe, x):
+    from tasks.train import to_head
+
+    return to_head(probe, {"layer": "pooled"}).logits(x)
+
+
 def test_ties_in_val_accuracy_go_to_the_lower_val_loss():
     assert tuning.improves(0.9, 0.5, 0.8, 0.1)
     assert tuning.improves(0.9, 0.3, 0.9, 0.4)
