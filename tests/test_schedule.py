@@ -144,7 +144,7 @@ def test_transient_failures_are_retried_bad_input_is_not(server: str, tmp_path: 
 
     from flows import pipeline as pl
 
-    root = _project(tmp_path / "project", _colours(tmp_path / "src", 4))
+    root = _project(tmp_path / "project", _colours(tmp_path / "src", 12))
     monkeypatch.chdir(root)
     calls: list[str] = []
     hiccups = [OSError("transient: the disk hiccuped")]  # the first call only
