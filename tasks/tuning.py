@@ -2,7 +2,7 @@
 
 The notes' practice: train the head and the later blocks (early layers hold generic features,
 late ones the original classes'), with a smaller learning rate for the pretrained body than
-for the head, and start the head from the trained linear probe (linear-probe-then-fine-tune,
+for the head, and start the head from a linear probe (linear-probe-then-fine-tune,
 Kumar et al. 2022) so that the first steps don't wreck the pretrained features.
 
 Each epoch ends with a checkpoint (tasks/checkpoint.py); a killed run continues from its last
