@@ -180,5 +180,9 @@ def test_transient_failures_are_retried_bad_input_is_not(server: str, tmp_path: 
         calls.clear()
         with pytest.raises(FailedRun, match="gone does not exist"):
             one_stage()
+        # send this process's queued run logs while the server still listens (not at exit)
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
     assert calls == ["ingest"]  # failed once, not retried
     assert (root / "data/manifest.csv").is_file()  # the last good manifest stays
