@@ -85,16 +85,13 @@ def add_new_images(folder: Path, n: int) -> None:
 
 def stage_rate(folder: Path, work: Path, batch: int, size: int) -> dict[str, float]:
     """The extract stage on the folder: steady rate, start-up, and the cost of 1% new images."""
-    import yaml
-
     from tasks import extract, ingest
-    from tasks.params import parse_params
+    from tasks.params import params_under
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["base"]["paths"] = {k: str(work / v) for k, v in raw["base"]["paths"].items()}
-    raw["ingest"].update(source="folder", path=str(folder))
-    raw["extract"].update(layers=["pooled", "blocks.4"], image_size=size, batch_size=batch)
-    params = parse_params(raw)
+    params = params_under(work, ROOT / "params.yaml",
+                          ingest={"source": "folder", "path": str(folder)},
+                          extract={"layers": ["pooled", "blocks.4"], "image_size": size,
+                                   "batch_size": batch})
     rows = ingest.run(params)
     t0 = time.perf_counter()
     extract.run(params)

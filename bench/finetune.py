@@ -65,19 +65,16 @@ def parse_set(items: list[str]) -> dict[str, dict]:
 def run_scenario(name: str, epochs: int | None, seed: int, extra: dict[str, dict]) -> dict:
     from tasks import evaluate, extract, finetune, ingest, train
     from tasks.finetune import read_meta
-    from tasks.params import parse_params
+    from tasks.params import params_under
 
+    sections = {s: {**SCENARIOS[name].get(s, {}), **extra.get(s, {})}
+                for s in {*SCENARIOS[name], *extra}}
+    sections["base"] = {**sections.get("base", {}), "seed": seed}
+    if epochs is not None:
+        sections["finetune"] = {**sections["finetune"], "epochs": epochs}
     work = Path(tempfile.mkdtemp(prefix=f"tlflow-bench-ft-{name}-"))
     try:
-        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        raw["base"]["paths"] = {k: str(work / v) for k, v in raw["base"]["paths"].items()}
-        for overrides in (SCENARIOS[name], extra):
-            for section, values in overrides.items():
-                raw[section] = {**raw[section], **values}
-        if epochs is not None:
-            raw["finetune"]["epochs"] = epochs
-        raw["base"]["seed"] = seed
-        params = parse_params(raw)
+        params = params_under(work, ROOT / "params.yaml", **sections)
         seconds = {}
         for stage in (ingest, extract, train, finetune, evaluate):
             t0 = time.perf_counter()

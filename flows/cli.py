@@ -24,10 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("history", help="one line per versioned run (git's history of dvc.lock)")
     sv = sub.add_parser("serve", help="serve the pipeline flow on a schedule (Prefect)")
-    _schedule_args(sv)
+    _schedule_args(sv, required=True)
     dp = sub.add_parser("deploy", help="create a deployment on a Prefect work pool")
     dp.add_argument("--pool", required=True, help="the work pool's name")
-    _schedule_args(dp)
+    _schedule_args(dp, required=False)
     s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
     s.add_argument("name", help="ingest | extract | train | finetune | evaluate")
     pr = sub.add_parser("predict", help="label images with the trained head")
@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _schedule_args(p: argparse.ArgumentParser) -> None:
-    when = p.add_mutually_exclusive_group(required=p.prog.endswith("serve"))
+def _schedule_args(p: argparse.ArgumentParser, required: bool) -> None:
+    when = p.add_mutually_exclusive_group(required=required)
     when.add_argument("--cron", help="a cron expression, e.g. '0 3 * * *'")
     when.add_argument("--interval", type=float, help="seconds between runs")
     p.add_argument("--name", default="tlflow", help="the deployment's name (default tlflow)")

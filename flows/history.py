@@ -36,16 +36,19 @@ class Entry:
     metrics: dict[str, Any]
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, check: bool = True) -> str | None:
+    """git's output; on failure an error, or None with check=False."""
     proc = subprocess.run(["git", *args], capture_output=True, text=True)
-    if proc.returncode:
+    if proc.returncode == 0:
+        return proc.stdout
+    if check:
         raise TlflowError(f"git {' '.join(args)}: {proc.stderr.strip() or 'failed'}")
-    return proc.stdout
+    return None
 
 
 def _show(rev: str, path: str) -> str | None:
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
-    return proc.stdout if proc.returncode == 0 else None
+    """A file as committed in rev; None when it was not there."""
+    return _git("show", f"{rev}:{path}", check=False)
 
 
 def _out_md5(lock: dict, stage: str, path: str) -> str | None:

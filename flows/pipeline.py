@@ -15,7 +15,7 @@ from prefect.states import Failed, State
 
 from flows.stages import STAGES, commit, stage_runner, why_stale
 from tasks.errors import TlflowError
-from tasks.params import load_params
+from tasks.params import Params, Paths, load_params
 
 BAD_INPUT = "BadInput"
 
@@ -35,12 +35,12 @@ def _not_bad_input(_task, _task_run, state: State) -> bool:
     return state.name != BAD_INPUT
 
 
-def _external_source(name: str) -> str | None:
+def _external_source(name: str, params: Params) -> str | None:
     """Folder and CSV sources live outside DVC: ingest rescans them on every run (the stat
     cache makes that cheap) and the stages after it rerun only if the manifest changed."""
     if name != "ingest":
         return None
-    source = load_params().ingest.source
+    source = params.ingest.source
     return f"{source} source rescanned" if source in ("folder", "csv") else None
 
 
@@ -49,13 +49,14 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     """Run one stage if DVC calls it stale (or when forced), then record it in dvc.lock."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    reason = "forced" if force else (why_stale(name) or _external_source(name))
+    params = load_params()
+    reason = "forced" if force else (why_stale(name) or _external_source(name, params))
     if reason is None:
         logger.info("%s: up to date, skipped", name)
         return StageResult(name, False, "up to date", 0.0)
     logger.info("%s: running (%s)", name, reason)
     try:
-        stage_runner(name)(load_params())
+        stage_runner(name)(params)
     except TlflowError as err:
         logger.error("%s", err)
         return Failed(name=BAD_INPUT, message=str(err))
@@ -63,13 +64,13 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     return StageResult(name, True, reason, time.perf_counter() - t0)
 
 
-def publish_advice() -> None:
+def publish_advice(paths: Paths) -> None:
     """The advice (metrics/strategy.json) as a markdown artifact of the run."""
     from prefect.artifacts import create_markdown_artifact
 
     from tasks.advise import read_decision, table
 
-    decision = read_decision(load_params().base.paths.strategy)
+    decision = read_decision(paths.strategy)
     if decision is not None:
         create_markdown_artifact(markdown="# Strategy\n\n" + table(decision),
                                  key="tlflow-strategy",
@@ -85,18 +86,19 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     """
     from flows.report import Snapshot, publish_summary
 
-    cfg = load_params().run
+    params = load_params()
+    paths, cfg = params.base.paths, params.run
     stage = run_stage.with_options(retries=cfg.retries,
                                    retry_delay_seconds=cfg.retry_delay_seconds,
                                    retry_condition_fn=_not_bad_input)
-    before = Snapshot.take()
+    before = Snapshot.take(paths)
     results = []
     for name in STAGES:
         state = stage(name, force, return_state=True)
         if state.is_failed():
-            publish_summary(before, results, failed=f"{name}: {state.message}")
+            publish_summary(paths, before, results, failed=f"{name}: {state.message}")
             return Failed(name=state.name, message=state.message)
         results.append(state.result())
-    publish_advice()
-    publish_summary(before, results)
+    publish_advice(paths)
+    publish_summary(paths, before, results)
     return results

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tasks.ingest import read_manifest
 from tasks.io import sha256_file
-from tasks.params import load_params
+from tasks.params import Paths
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,7 @@ class Snapshot:
     metrics: dict = field(default_factory=dict)
 
     @classmethod
-    def take(cls) -> Snapshot:
-        paths = load_params().base.paths
+    def take(cls, paths: Paths) -> Snapshot:
         if not paths.manifest.is_file():
             return cls(None)
         images = frozenset(r.sha256 for r in read_manifest(paths.manifest))
@@ -38,7 +37,7 @@ def _delta(now: float, before: float | None) -> str:
     return f"{now:.4f}" if before is None else f"{now:.4f} ({now - before:+.4f})"
 
 
-def summary_markdown(before: Snapshot, after: Snapshot, results: list,
+def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: list,
                      failed: str | None = None) -> str:
     """The run's summary: data version, stages (ran or skipped, and why), metrics."""
     added, removed = len(after.images - before.images), len(before.images - after.images)
@@ -51,7 +50,6 @@ def summary_markdown(before: Snapshot, after: Snapshot, results: list,
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"
               for r in results]
     lines.append("")
-    paths = load_params().base.paths
     if any(r.name == "train" and r.ran for r in results) and paths.probe_metrics.is_file():
         promotion = json.loads(paths.probe_metrics.read_text()).get("promotion")
         if promotion:
@@ -75,12 +73,13 @@ def per_class_rows(metrics: dict) -> list[dict]:
             for c, m in metrics[model]["per_class"].items()]
 
 
-def publish_summary(before: Snapshot, results: list, failed: str | None = None) -> None:
+def publish_summary(paths: Paths, before: Snapshot, results: list,
+                    failed: str | None = None) -> None:
     """Create the run's markdown summary and per-class table artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    after = Snapshot.take()
-    create_markdown_artifact(markdown=summary_markdown(before, after, results, failed),
+    after = Snapshot.take(paths)
+    create_markdown_artifact(markdown=summary_markdown(paths, before, after, results, failed),
                              key="tlflow-run-summary",
                              description="Data version, stages run or skipped, metrics")
     rows = per_class_rows(after.metrics)

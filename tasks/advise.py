@@ -168,26 +168,21 @@ def layer_for(decision: Decision, layers: list[dict]) -> str | None:
     """The probe's layer under the plan: pooled, the best earlier one, or the sweep's best.
     A measured plan (auto) whose layer was not extracted takes the sweep's best and says so;
     a forced one stops with an error."""
-    names = [r["layer"] for r in layers]
-    wanted = POOLED if decision.plan == "probe" else "an earlier layer"
-    missing = (decision.plan == "probe" and POOLED not in names) or (
-        decision.plan == "early_probe" and all(n == POOLED for n in names))
-    if missing and not decision.forced:
-        print(f"train: plan {decision.plan} wants {wanted}, not extracted; the probe takes "
-              "the sweep's best layer (add it to extract.layers)", flush=True)
-        return None
     if decision.plan == "probe":
-        if POOLED not in names:
-            raise TlflowError("advise.strategy: the plan 'probe' reads pooled codes; add pooled "
-                              "to extract.layers")
-        return POOLED
-    if decision.plan == "early_probe":
+        layer = POOLED if any(r["layer"] == POOLED for r in layers) else None
+        needs = "pooled codes; add pooled to extract.layers"
+    elif decision.plan == "early_probe":
         earlier = [r for r in layers if r["layer"] != POOLED]
-        if not earlier:
-            raise TlflowError("advise.strategy: the plan 'early_probe' needs an earlier layer "
-                              "in extract.layers (e.g. blocks.4)")
-        return max(earlier, key=lambda r: r["val_accuracy"])["layer"]
-    return None  # fine-tuning plans: the probe is the head's start; the sweep's best serves
+        layer = max(earlier, key=lambda r: r["val_accuracy"])["layer"] if earlier else None
+        needs = "an earlier layer in extract.layers (e.g. blocks.4)"
+    else:
+        return None  # fine-tuning plans: the probe is the head's start; the sweep's best serves
+    if layer is None:
+        if decision.forced:
+            raise TlflowError(f"advise.strategy: the plan '{decision.plan}' needs {needs}")
+        print(f"train: plan {decision.plan} needs {needs}; not extracted, so the probe takes "
+              "the sweep's best layer", flush=True)
+    return layer
 
 
 def read_decision(path: Path) -> dict[str, Any] | None:

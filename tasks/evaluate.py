@@ -67,11 +67,13 @@ def score_finetuned(params: Params, test: list[Row], y_true: np.ndarray) -> dict
 
     if not read_meta(params.base.paths.finetuned).get("enabled"):
         return None
+    from tasks.network import load_network
     from tasks.tuning import finetuned_probabilities
 
-    files = [params.base.paths.images / r.relpath for r in test]
-    proba, classes = finetuned_probabilities(params, files)
-    return score(y_true, np.asarray(classes)[proba.argmax(axis=1)], classes)
+    net = load_network(params.base.paths.finetuned)
+    proba = finetuned_probabilities(params, net, [params.base.paths.images / r.relpath
+                                                  for r in test])
+    return score(y_true, np.asarray(net.classes)[proba.argmax(axis=1)], net.classes)
 
 
 def predict_codes(head: LinearHead, store: FeatureStore, keys: list[str]) -> np.ndarray:

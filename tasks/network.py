@@ -50,13 +50,12 @@ class Network:
 
 def new_network(backbone: Backbone, classes: tuple[str, ...]) -> Network:
     """Replace the backbone's classifier by a freshly initialized one for `classes`."""
-    old = backbone.classifier
-    name = next(n for n, m in backbone.model.named_modules() if m is old)
-    new = nn.Linear(old.in_features, len(classes))
-    parent, _, attr = name.rpartition(".")
+    net = Network(backbone, classes)
+    parent, _, attr = net.head_name.rpartition(".")
+    new = nn.Linear(backbone.classifier.in_features, len(classes))
     setattr(backbone.model.get_submodule(parent) if parent else backbone.model, attr, new)
     backbone.classifier = new
-    return Network(backbone, classes)
+    return net
 
 
 def init_from_probe(net: Network, head: LinearHead) -> None:
@@ -80,6 +79,11 @@ def init_from_probe(net: Network, head: LinearHead) -> None:
 # ---------------------------------------------------------------- what trains
 
 
+def _first_index(names: list[str], module: str) -> int:
+    """Index of the first parameter name under `module`."""
+    return next(i for i, n in enumerate(names) if n.startswith(module + "."))
+
+
 def trainable_start(net: Network, cfg: Finetune) -> int:
     """Index, in named_parameters order, of the first parameter that trains."""
     names = [n for n, _ in net.model.named_parameters()]
@@ -95,7 +99,7 @@ def trainable_start(net: Network, cfg: Finetune) -> int:
                 f"{len(blocks)} blocks ({', '.join(blocks)})"
             )
         first = blocks[-cfg.n_blocks]
-    return next(i for i, n in enumerate(names) if n.startswith(first + "."))
+    return _first_index(names, first)
 
 
 def freeze(net: Network, cfg: Finetune) -> None:
@@ -123,7 +127,7 @@ def param_groups(net: Network, cfg: Finetune) -> list[dict[str, Any]]:
     head = net.head_name + "."
     blocks = net.blocks()
     names = [n for n, _ in net.model.named_parameters()]
-    starts = [next(i for i, n in enumerate(names) if n.startswith(b + ".")) for b in blocks]
+    starts = [_first_index(names, b) for b in blocks]
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for i, (name, p) in enumerate(net.model.named_parameters()):
         if not p.requires_grad:

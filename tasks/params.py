@@ -213,3 +213,14 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     except yaml.YAMLError as err:
         raise TlflowError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, str(path))
+
+
+def params_under(root: Path | str, source: Path | str = PARAMS_FILE,
+                 **sections: dict) -> Params:
+    """The params of `source` for a project rooted elsewhere: every path under `root`, and
+    each given section's keys overridden (tests and benchmarks build projects this way)."""
+    raw = yaml.safe_load(Path(source).read_text())
+    raw["base"]["paths"] = {k: str(Path(root) / v) for k, v in raw["base"]["paths"].items()}
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values}
+    return parse_params(raw, str(source))

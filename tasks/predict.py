@@ -123,10 +123,12 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     """Predict every image of `target`; print one line each; write a CSV when asked."""
     files = image_files(target)
     if model == "finetuned":
+        from tasks.network import load_network
         from tasks.tuning import finetuned_probabilities
 
-        scores, classes = finetuned_probabilities(params, files)
-        _check_k(k, len(classes))
+        net = load_network(params.base.paths.finetuned)
+        _check_k(k, len(net.classes))  # before any forward pass
+        scores, classes = finetuned_probabilities(params, net, files), net.classes
         kind, note = "probability", f"predict: {len(files)} images, fine-tuned network"
     else:
         head = load_head(params.base.paths.head)

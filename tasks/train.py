@@ -193,14 +193,16 @@ def _sweep_in_memory(path, rows: list[Row], cfg: Train,
     return sweep(splits, cfg, seed), refit
 
 
-def choose(params: Params, rows: list[Row], table: list[dict]) -> tuple[dict, dict]:
+def choose(params: Params, rows: list[Row], table: list[dict],
+           layers: list[dict]) -> tuple[dict, dict]:
     """The advice (always measured and written) and the sweep row the probe is refit from:
-    the best overall, or under advise.strategy the plan's layer (pooled or an earlier one)."""
+    the best overall, or under advise.strategy the plan's layer (pooled or an earlier one).
+    `layers` is layer_table(table)."""
     from tasks import advise
 
-    decision = advise.measure(params, rows, layer_table(table))
+    decision = advise.measure(params, rows, layers)
     carried_out = params.advise.strategy != "manual"
-    layer = advise.layer_for(decision, layer_table(table)) if carried_out else None
+    layer = advise.layer_for(decision, layers) if carried_out else None
     top = best([r for r in table if layer is None or r["layer"] == layer])
     return {**decision.as_json(), "carried_out": carried_out}, top
 
@@ -248,19 +250,22 @@ def run(params: Params) -> LinearHead:
         table, refit = _sweep_stream(path, rows, layers, cfg, seed)
     else:
         table, refit = _sweep_in_memory(path, rows, cfg, seed)
-    decision, top = choose(params, rows, table)
+    layers = layer_table(table)
+    decision, top = choose(params, rows, table, layers)
     meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
             "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows)}
-    head = to_head(refit(top), meta)
-    promoted, why = promotion(_current_meta(paths.head),
-                              {**head.meta, "classes": list(head.classes)}, cfg.promote_margin)
+    # the classes the refit will have (scikit-learn sorts the labels): no refit to compare
+    classes = sorted({r.label for r in rows if r.split in ("train", "val")})
+    promoted, why = promotion(_current_meta(paths.head), {**meta, "classes": classes},
+                              cfg.promote_margin)
     if promoted:
+        head = to_head(refit(top), meta)
         save_head(head, paths.head)
     else:
         head = load_head(paths.head)
     decision["carried_out"] = decision["carried_out"] and promoted
     write_json(paths.probe_metrics, {"best": meta, "model": head.meta,
-                                     "layers": layer_table(table), "sweep": table,
+                                     "layers": layers, "sweep": table,
                                      "promotion": {"promoted": promoted, "why": why}})
     write_json(paths.strategy, decision)
     print(f"train: layer {top['layer']} (C={top['C']:g}), val accuracy "

@@ -96,7 +96,8 @@ def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched, cfg: Fi
                 device: torch.device, label: str) -> float:
     """One pass over the train split; returns the mean training loss."""
     train_mode(net, cfg.bn)
-    total, n = 0.0, 0
+    # the loss is summed on the device: reading it each step would wait for the GPU
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     progress = Progress(label, len(loader.dataset))
     try:
         for x, y in loader:
@@ -108,12 +109,12 @@ def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched, cfg: Fi
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach().double() * len(y)
             n += len(y)
             progress.advance(len(y))
     finally:
         progress.close()
-    return total / max(n, 1)
+    return float(total) / max(n, 1)
 
 
 @torch.inference_mode()
@@ -172,7 +173,7 @@ def _optimizer_and_schedule(net: Network, cfg: Finetune, steps_per_epoch: int):
 # ---------------------------------------------------------------- the probe as a start
 
 
-def probe_for_init(params: Params) -> LinearHead:
+def probe_for_init(params: Params, train_rows: list[Row]) -> LinearHead:
     """The head's start: a logistic probe on the store's pooled codes of the train split only,
     at the C the sweep chose for pooled (train.C_grid on val).
 
@@ -183,19 +184,17 @@ def probe_for_init(params: Params) -> LinearHead:
 
     paths = params.base.paths
     store = current_store(paths.features)
-    rows = [r for r in usable(read_manifest(paths.manifest), paths.extract_report)
-            if r.split == "train"]
     with FeatureStore(store) as s:
         if POOLED not in s.layers:
             raise TlflowError("finetune.init_head: probe needs pooled codes in the store "
                               "(add pooled to extract.layers) or init_head: random")
-        x = s.read(POOLED, [r.sha256 for r in rows])
+        x = s.read(POOLED, [r.sha256 for r in train_rows])
     table = json.loads(paths.probe_metrics.read_text()).get("layers", [])
     C = next((r["C"] for r in table if r["layer"] == POOLED), 1.0)
     cfg = params.train.model_copy(update={"classifier": "logistic", "C_grid": (C,),
                                           "normalize": "standardize"})
     probe = make_probe(C, cfg, params.base.seed)
-    probe.fit(x, [r.label for r in rows])
+    probe.fit(x, [r.label for r in train_rows])
     print(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
           f"(C={C:g})", flush=True)
     return to_head(probe, {"layer": POOLED, "extractor_id": store.stem})
@@ -241,11 +240,13 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
 
     cfg, ckpt = phase.cfg, phase.ckpt
     freeze(net, cfg)
-    initial = {k: v.clone() for k, v in net.model.state_dict().items()}
     steps = math.ceil(len(train_ds) / cfg.batch_size)
     opt, sched = _optimizer_and_schedule(net, cfg, steps)
     state = checkpoint.load_state(ckpt)
-    if state is not None and state.get("fingerprint") == phase.fingerprint:
+    if state is not None and state.get("fingerprint") != phase.fingerprint:
+        state = None
+    if state is not None:
+        initial = {k: v.clone() for k, v in net.model.state_dict().items()}
         try:
             checkpoint.restore(ckpt, state, net.model, opt, sched)
             print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
@@ -255,7 +256,8 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
             net.model.load_state_dict(initial)
             opt, sched = _optimizer_and_schedule(net, cfg, steps)
             state = None
-    if state is None or state.get("fingerprint") != phase.fingerprint:
+        del initial
+    if state is None:
         for old in (ckpt.glob("*.safetensors") if ckpt.is_dir() else ()):
             old.unlink()
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -314,7 +316,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
 
     net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
-        init_from_probe(net, probe_for_init(params))
+        init_from_probe(net, probe_for_init(params, train_rows))
     net.model.to(device, memory_format=torch.channels_last)
     train_ds = Images(train_rows, paths.images, classes, train_transform(net, cfg))
     val_loader = _loader(Images(val_rows, paths.images, classes, net.backbone.transform()),
@@ -353,22 +355,13 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     return meta
 
 
-def predict_files(net: Network, files: list[Path], device: torch.device,
-                  batch_size: int = 32) -> np.ndarray:
-    """Softmax probabilities of the fine-tuned network for image files."""
+def finetuned_probabilities(params: Params, net: Network, files: list[Path]) -> np.ndarray:
+    """Softmax probabilities of the fine-tuned network for image files (finetune.device)."""
     from scipy.special import softmax
 
+    device = resolve_device(params.finetune.device, "finetune.device")
     ds = Images([Row(str(f), "", net.classes[0], "") for f in files], Path(), net.classes,
                 net.backbone.transform())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=params.finetune.batch_size)
     net.model.to(device, memory_format=torch.channels_last)
     return softmax(logits(net, loader, device), axis=1)
-
-
-def finetuned_probabilities(params: Params, files: list[Path]) -> tuple[np.ndarray, tuple]:
-    """The saved fine-tuned network's probabilities for image files, and its classes."""
-    from tasks.network import load_network
-
-    net = load_network(params.base.paths.finetuned)
-    device = resolve_device(params.finetune.device, "finetune.device")
-    return predict_files(net, files, device, params.finetune.batch_size), net.classes

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from tasks.params import Params, parse_params
+from tasks.params import Params, params_under
 
 # The suite needs no network: hubs answer "offline" at once instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,11 +56,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 def make_params(tmp_path: Path, **sections: dict) -> Params:
     """Params for a project rooted in tmp_path, overriding sections as given."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["base"]["paths"] = {k: str(tmp_path / v) for k, v in raw["base"]["paths"].items()}
-    for name, values in sections.items():
-        raw[name] = {**raw[name], **values}
-    return parse_params(raw)
+    return params_under(tmp_path, ROOT / "params.yaml", **sections)
 
 
 PROJECT_FILES = ("params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore")

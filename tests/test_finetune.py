@@ -150,7 +150,7 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
     labels = {s: [r.label for r in rows if r.split == s] for s in ("train", "val")}
     layers = json.loads(paths.probe_metrics.read_text())["layers"]
     C = next(r["C"] for r in layers if r["layer"] == "pooled")  # the sweep's choice on val
-    start = tuning.probe_for_init(project)
+    start = tuning.probe_for_init(project, [r for r in rows if r.split == "train"])
     train_only = make_probe(C, project.train, 0).fit(codes["train"], labels["train"])
     both = make_probe(C, project.train, 0).fit(np.vstack([codes["train"], codes["val"]]),
                                                labels["train"] + labels["val"])

@@ -65,9 +65,9 @@ def test_a_second_run_skips_everything(project):
     _dvc_up_to_date(root, env)
 
 
-# A new probe is the fine-tune stage's starting head, so the stages downstream of train rerun
-# (with finetune.enabled: false the fine-tune stage only rewrites its "disabled" sidecar);
-# ingest and extract do not.
+# The fine-tune stage reads train's sweep (the C its starting head is fitted with), so the
+# stages downstream of train rerun (with finetune.enabled: false the fine-tune stage only
+# rewrites its "disabled" sidecar); ingest and extract do not.
 DOWNSTREAM_OF_TRAIN = {"train", "finetune", "evaluate"}
 
 
