@@ -59,8 +59,8 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tasks.params import Train
-    from tasks.train import Split, best, sweep
+    from tasks.lib.params import Train
+    from tasks.lib.probes import Split, best, sweep
 
     rng = np.random.default_rng(1)
     n_val = rows // 5
@@ -91,9 +91,9 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
 
 def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
     """A project whose store holds `rows` generated codes, ready for `tlflow stage train`."""
-    from tasks.featurestore import POINTER, FeatureStore
-    from tasks.ingest import Row, write_manifest
-    from tasks.io import write_json
+    from tasks.lib.featurestore import FeatureStore
+    from tasks.lib.handoff import ExtractReport, write_extract_report, write_pointer
+    from tasks.lib.manifest import Row, write_manifest
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update(classifier="sgd", epochs=epochs)
@@ -112,9 +112,8 @@ def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
             manifest += [Row(f"img/{k[-8:]}.png", k, label, "val" if i % 100 < 15 else "train")
                          for i, (k, label) in enumerate(zip(keys, y, strict=True), start)]
     write_manifest(manifest, paths["manifest"])
-    write_json(paths["features"] / POINTER, {"extractor_id": "bench", "store": store.name})
-    write_json(paths["extract_report"], {"extractor_id": "bench", "images": rows,
-                                         "skipped": 0, "bad_images": []})
+    write_pointer(paths["features"], store, {"bench": "generated"})
+    write_extract_report(paths["extract_report"], ExtractReport(store.stem, rows, ()))
     return store
 
 

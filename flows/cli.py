@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.errors import TlflowError
+from tasks.lib.errors import TlflowError
 
 if TYPE_CHECKING:
-    from tasks.params import Params
+    from tasks.lib.params import Params
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def _schedule_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _check_project() -> Params:
     """Bad params and a missing DVC project stop here, before Prefect starts."""
-    from tasks.params import load_params
+    from tasks.lib.params import load_params
 
     params = load_params()
     for needed, hint in ((".dvc", "run `dvc init` here"), ("dvc.yaml", "copy tlflow's dvc.yaml")):
@@ -115,7 +115,7 @@ def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str) -
 def cmd_stage(name: str) -> int:
     """Run one stage in this process."""
     from flows.stages import stage_runner
-    from tasks.params import load_params
+    from tasks.lib.params import load_params
 
     runner = stage_runner(name)
     runner(load_params())
@@ -125,38 +125,30 @@ def cmd_stage(name: str) -> int:
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store)."""
     from tasks import advise
-    from tasks.featurestore import usable
-    from tasks.ingest import read_manifest
-    from tasks.params import load_params
+    from tasks.lib.advice import table
+    from tasks.lib.params import load_params, scoped
 
-    params = load_params()
-    paths = params.base.paths
-    if not paths.probe_metrics.is_file():
-        raise TlflowError(f"{paths.probe_metrics}: not found (run `tlflow run` first: the "
-                          "advice reads the train stage's layer sweep)")
-    rows = usable(read_manifest(paths.manifest), paths.extract_report)
-    layers = json.loads(paths.probe_metrics.read_text()).get("layers", [])
-    decision = advise.measure(params, rows, layers, confidence=True).as_json()
+    decision = advise.run(scoped(load_params(), advise.PARAMS))
     if as_json:
         print(json.dumps(decision, indent=2, sort_keys=True))
     else:
         from rich.console import Console
         from rich.markdown import Markdown
 
-        Console().print(Markdown(advise.table(decision)))
+        Console().print(Markdown(table(decision)))
     return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
     """`tlflow features info|gc`."""
-    from tasks import extract
-    from tasks.featurestore import current_store
-    from tasks.params import load_params
+    from tasks.lib.featurestore import info
+    from tasks.lib.handoff import current_store
+    from tasks.lib.params import load_params
 
     params = load_params()
     if args.action == "info":
         store = Path(args.store) if args.store else current_store(params.base.paths.features)
-        facts = extract.info(store)
+        facts = info(store)
         if args.json:
             print(json.dumps(facts, indent=2, sort_keys=True))
         else:
@@ -174,16 +166,19 @@ def _print_info(facts: dict) -> None:
     print(f"versions:  {json.dumps(facts['versions'], sort_keys=True)}")
 
 
-def _gc(params: object, dry_run: bool) -> int:
+def _gc(params: Params, dry_run: bool) -> int:
     """Prune the stores; record the result in dvc.lock when extract was up to date before."""
-    from tasks import extract
+    from tasks.lib.featurestore import gc
+    from tasks.lib.manifest import read_manifest
 
     in_dvc = Path(".dvc").is_dir()
     if in_dvc:
         from flows.stages import commit, why_stale
 
         was_fresh = why_stale("extract") is None
-    for store, kept, removed in extract.gc(params, dry_run):
+    paths = params.base.paths
+    keep = {r.sha256 for r in read_manifest(paths.manifest)}
+    for store, kept, removed in gc(paths.features, keep, params.extract.lock_timeout, dry_run):
         verb = "would remove" if dry_run else "removed"
         print(f"{store}: kept {kept} rows, {verb} {removed}")
     if in_dvc and was_fresh and not dry_run:
@@ -204,7 +199,7 @@ def cmd_run(force: bool) -> int:
     return 0
 
 
-def _summary(results: list, params: object) -> None:
+def _summary(results: list, params: Params) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -215,28 +210,27 @@ def _summary(results: list, params: object) -> None:
         table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
     console = Console()
     console.print(table)
+    from tasks.lib.handoff import read_eval_metrics, read_probe_report
+
     paths = params.base.paths
     if not (paths.eval_metrics.is_file() and paths.probe_metrics.is_file()):
         return
-    probe = json.loads(paths.probe_metrics.read_text())
+    probe = read_probe_report(paths.probe_metrics)
     sweep = Table(title="layer sweep (val)")
     for col in ("layer", "dim", "best C", "val accuracy"):
         sweep.add_column(col)
-    for r in probe.get("layers", []):
+    for r in probe["layers"]:
         sweep.add_row(r["layer"], str(r["dim"]), f"{r['C']:g}", f"{r['val_accuracy']:.4f}")
     console.print(sweep)
-    metrics = json.loads(paths.eval_metrics.read_text())
-    best, test = probe.get("model", probe["best"]), metrics["probe"]  # the deployed probe
+    metrics = read_eval_metrics(paths.eval_metrics)
+    best, test = probe["best"], metrics["probe"]
     console.print(
         f"probe: {best['classifier']} on layer {best['layer']}, C={best['C']:g}, "
         f"val accuracy {best['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
         f"macro F1 {test['macro_f1']:.4f}"
     )
-    promotion = probe.get("promotion", {})
-    if promotion and not promotion["promoted"]:
-        console.print(f"model: the new probe was not promoted ({promotion['why']})")
     if "finetune" in metrics:
-        from tasks.finetune import read_meta
+        from tasks.lib.network import read_meta
 
         meta, ft = read_meta(paths.finetuned), metrics["finetune"]
         console.print(
@@ -260,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args.json)
         if args.command == "history":
             from flows import history
-            from tasks.params import load_params
+            from tasks.lib.params import load_params
 
             print("\n".join(history.run(load_params())))
             return 0
@@ -270,9 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_deploy(args.pool, args.cron, args.interval, args.name)
         if args.command == "predict":
             from tasks import predict
-            from tasks.params import load_params
+            from tasks.lib.params import load_params, scoped
 
-            predict.run(load_params(), args.target, args.top_k, args.out, args.model)
+            predict.run(scoped(load_params(), predict.PARAMS), args.target, args.top_k,
+                        args.out, args.model)
             return 0
         return cmd_run(args.force)
     except TlflowError as err:

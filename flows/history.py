@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import TlflowError
-from tasks.params import Params
+from tasks.lib.errors import TlflowError
+from tasks.lib.params import Params
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,15 @@ def _out_md5(lock: dict, stage: str, path: str) -> str | None:
     return None
 
 
-def _cached(md5: str | None) -> Path | None:
-    """The file a DVC cache holds for this md5 (DVC 3 layout), if it is here."""
-    if not md5:
+def _dvc_read(path: str, rev: str) -> str | None:
+    """A DVC-tracked file as of `rev`, through dvc.api (any cache dir, or the remote); None
+    when neither the cache nor the remote still has it."""
+    import dvc.api
+
+    try:
+        return dvc.api.read(path, repo=".", rev=rev)
+    except Exception:  # DVC's errors for a missing cache entry or an unknown path vary
         return None
-    path = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
-    return path if path.is_file() else None
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -87,11 +90,11 @@ def entry(rev: str, when: str, params: Params) -> Entry:
     lock = yaml.safe_load(_show(rev, "dvc.lock") or "{}") or {}
     manifest_md5 = _out_md5(lock, "ingest", str(paths.manifest))
     images = None
-    if (cached := _cached(manifest_md5)) is not None:
-        images = frozenset(r["sha256"] for r in csv.DictReader(io.StringIO(cached.read_text())))
+    if manifest_md5 and (text := _dvc_read(str(paths.manifest), rev)) is not None:
+        images = frozenset(r["sha256"] for r in csv.DictReader(io.StringIO(text)))
     model_md5 = _out_md5(lock, "train", f"{paths.head}.safetensors")
-    head_json = _cached(_out_md5(lock, "train", f"{paths.head}.json"))
-    head = json.loads(head_json.read_text()) if head_json else {}
+    head_json = _dvc_read(f"{paths.head}.json", rev)
+    head = json.loads(head_json) if head_json else {}
     metrics_text = _show(rev, str(paths.eval_metrics))
     metrics = json.loads(metrics_text) if metrics_text else {}
     return Entry(rev, when, manifest_md5, images, model_md5, head, _params(lock), metrics)

@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from flows.stages import STAGES, commit, stage_runner, why_stale
-from tasks.errors import TlflowError
-from tasks.params import Params, Paths, load_params
+from tasks.lib.errors import TlflowError
+from tasks.lib.params import Params, Paths, load_params
 
 BAD_INPUT = "BadInput"
 
@@ -68,11 +68,11 @@ def publish_advice(paths: Paths) -> None:
     """The advice (metrics/strategy.json) as a markdown artifact of the run."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.advise import read_decision, table
+    from tasks.lib.advice import table
+    from tasks.lib.handoff import read_strategy
 
-    decision = read_decision(paths.strategy)
-    if decision is not None:
-        create_markdown_artifact(markdown="# Strategy\n\n" + table(decision),
+    if paths.strategy.is_file():
+        create_markdown_artifact(markdown="# Strategy\n\n" + table(read_strategy(paths.strategy)),
                                  key="tlflow-strategy",
                                  description="The data set in the 2x2 table, and the plan")
 

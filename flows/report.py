@@ -7,12 +7,12 @@ project's own files, so there is no second ledger to drift.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-from tasks.ingest import read_manifest
-from tasks.io import sha256_file
-from tasks.params import Paths
+from tasks.lib.files import sha256_file
+from tasks.lib.handoff import read_eval_metrics
+from tasks.lib.manifest import read_manifest
+from tasks.lib.params import Paths
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class Snapshot:
         if not paths.manifest.is_file():
             return cls(None)
         images = frozenset(r.sha256 for r in read_manifest(paths.manifest))
-        metrics = (json.loads(paths.eval_metrics.read_text())
-                   if paths.eval_metrics.is_file() else {})
+        metrics = read_eval_metrics(paths.eval_metrics) if paths.eval_metrics.is_file() else {}
         return cls(sha256_file(paths.manifest)[:12], images, metrics)
 
 
@@ -50,11 +49,6 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"
               for r in results]
     lines.append("")
-    if any(r.name == "train" and r.ran for r in results) and paths.probe_metrics.is_file():
-        promotion = json.loads(paths.probe_metrics.read_text()).get("promotion")
-        if promotion:
-            verdict = "promoted" if promotion["promoted"] else "**not promoted**"
-            lines.append(f"- new probe: {verdict} ({promotion['why']})")
     for model in ("probe", "finetune"):
         now = after.metrics.get(model)
         if not now:

@@ -6,18 +6,20 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.params import Params
+from tasks.lib.params import Params, scoped
 
 STAGES = ("ingest", "extract", "train", "finetune", "evaluate")
 
 
 def stage_runner(name: str) -> Callable[[Params], object]:
-    """The `run` shell of tasks/<name>.py (imported lazily: torch is slow to import)."""
+    """The `run` shell of tasks/<name>.py (imported lazily: torch is slow to import), given
+    only the params the stage declares (its PARAMS, which dvc.yaml lists)."""
     if name not in STAGES:
-        from tasks.errors import TlflowError
+        from tasks.lib.errors import TlflowError
 
         raise TlflowError(f"unknown stage {name!r}; stages: {list(STAGES)}")
-    return importlib.import_module(f"tasks.{name}").run
+    module = importlib.import_module(f"tasks.{name}")
+    return lambda params: module.run(scoped(params, module.PARAMS))
 
 
 def why_stale(name: str, root: Path = Path()) -> str | None:

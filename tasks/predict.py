@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import TlflowError
-from tasks.head import LinearHead, load_head
-from tasks.ingest import IMAGE_SUFFIXES
-from tasks.io import atomic_path, sha256_file
-from tasks.params import Params
+from tasks.lib.errors import TlflowError
+from tasks.lib.files import atomic_path, sha256_file
+from tasks.lib.head import LinearHead, load_head
+from tasks.lib.images import image_files
+from tasks.lib.params import Params
+
+# what predict reads besides base.paths: the extractor (to compute codes the store lacks)
+# and where the fine-tuned network runs
+PARAMS = ("base.seed", "extract", "finetune.device", "finetune.batch_size")
 
 
 @dataclass(frozen=True)
@@ -42,30 +46,17 @@ def head_scores(head: LinearHead, codes: np.ndarray) -> np.ndarray:
     return head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
 
 
-def image_files(target: Path) -> list[Path]:
-    """The image itself, or every image under a folder."""
-    if target.is_file():
-        return [target]
-    if not target.is_dir():
-        raise TlflowError(f"{target}: no such image or folder")
-    files = sorted(p for p in target.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise TlflowError(f"{target}: holds no images")
-    return files
-
-
 def codes_for(files: list[Path], head: LinearHead, params: Params) -> tuple[np.ndarray, int]:
     """Codes of the head's layer: from the store where present, else one forward pass each.
 
     Returns the codes and how many images had to be computed.
     """
-    from tasks.featurestore import FeatureStore, current_store
+    from tasks.lib.featurestore import FeatureStore
+    from tasks.lib.handoff import current_store
 
     keys = [sha256_file(f) for f in files]
-    store_path = current_store(params.base.paths.features)
     layer = head.meta["layer"]
-    with FeatureStore(store_path) as store:
+    with FeatureStore(current_store(params.base.paths.features)) as store:
         have = set(store.keys())
         cached = [k for k in keys if k in have]
         stored = dict(zip(cached, store.read(layer, cached), strict=True)) if cached else {}
@@ -77,28 +68,21 @@ def codes_for(files: list[Path], head: LinearHead, params: Params) -> tuple[np.n
 
 def _compute(files: list[Path], layer: str, head: LinearHead, params: Params) -> list:
     """Forward passes with the extractor the head was trained on (checked by its id)."""
-    import torch
-
-    from tasks.backbones import CodeExtractor, create_backbone
-    from tasks.extract import describe_extractor, encode, read_image, resolve_device
-    from tasks.featurestore import extractor_id
+    from tasks.lib.backbones import create_backbone
+    from tasks.lib.device import resolve_device
+    from tasks.lib.extraction import compute_codes, describe_extractor
+    from tasks.lib.featurestore import extractor_id
 
     cfg = params.extract
+    device = resolve_device(cfg.device)
     backbone = create_backbone(cfg.backbone, cfg.weights, cfg.image_size, params.base.seed)
-    ext_id = extractor_id(describe_extractor(backbone.identity(), cfg))
+    ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
     if ext_id != head.meta["extractor_id"]:
         raise TlflowError(
-            f"params.yaml: extract describes extractor {ext_id}, the head was trained on "
-            f"{head.meta['extractor_id']}; run `tlflow run` first"
+            f"params.yaml: extract describes extractor {ext_id} on {device}, the head was "
+            f"trained on {head.meta['extractor_id']}; run `tlflow run` first"
         )
-    device = resolve_device(cfg.device)
-    model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
-    transform = backbone.transform()
-    out = []
-    for start in range(0, len(files), cfg.batch_size):
-        x = torch.stack([read_image(f, transform) for f in files[start:start + cfg.batch_size]])
-        out.extend(encode(model, x, device, cfg.precision)[layer])
-    return out
+    return compute_codes(files, backbone, layer, cfg, device)
 
 
 def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
@@ -123,12 +107,14 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     """Predict every image of `target`; print one line each; write a CSV when asked."""
     files = image_files(target)
     if model == "finetuned":
-        from tasks.network import load_network
-        from tasks.tuning import finetuned_probabilities
+        from tasks.lib.finetuning import finetuned_probabilities
+        from tasks.lib.network import load_network
 
         net = load_network(params.base.paths.finetuned)
         _check_k(k, len(net.classes))  # before any forward pass
-        scores, classes = finetuned_probabilities(params, net, files), net.classes
+        scores = finetuned_probabilities(net, files, params.finetune.device,
+                                         params.finetune.batch_size)
+        classes = net.classes
         kind, note = "probability", f"predict: {len(files)} images, fine-tuned network"
     else:
         head = load_head(params.base.paths.head)

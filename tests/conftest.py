@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.params import Params, params_under
+from tasks.lib.params import Params, params_under
 
 # The suite needs no network: hubs answer "offline" at once instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,9 +9,10 @@ import yaml
 from PIL import Image
 
 from flows.cli import main
-from tasks import advise, extract, finetune, ingest, train
-from tasks.finetune import read_meta
-from tasks.params import Advise
+from tasks import extract, finetune, ingest, train
+from tasks.lib import advice
+from tasks.lib.network import read_meta
+from tasks.lib.params import Advise
 from tests.conftest import make_params, write_image
 
 LAYERS = {
@@ -40,32 +41,32 @@ def _spread(top10: float, images: int = 200) -> dict:
     (600, "earlier_wins", None, ("large", "dissimilar", "finetune_all")),
 ])
 def test_each_cell_of_the_table(per_class, layers, spread, cell):
-    d = advise.decide(_rows(per_class), LAYERS[layers], spread, Advise(strategy="auto"))
+    d = advice.decide(_rows(per_class), LAYERS[layers], spread, Advise(strategy="auto"))
     assert (d.size, d.similarity, d.plan) == cell
     assert d.evidence["size"]["train_images_per_class_median"] == per_class
-    assert advise.PLANS[d.size, d.similarity] == d.plan
+    assert advice.PLANS[d.size, d.similarity] == d.plan
 
 
 def test_a_forced_plan_is_kept_with_its_evidence():
-    d = advise.decide(_rows(50), LAYERS["pooled_wins"], _spread(0.3),
+    d = advice.decide(_rows(50), LAYERS["pooled_wins"], _spread(0.3),
                       Advise(strategy="finetune_all"))
     assert (d.plan, d.forced, d.size, d.similarity) == ("finetune_all", True, "small", "similar")
-    assert "forced" in advise.table(d.as_json())
+    assert "forced" in advice.table(d.as_json())
 
 
 def test_imagenet_confidence_is_the_mean_top1_probability():
     w, b = np.eye(3), np.zeros(3)
     sure, flat = np.array([[50.0, 0, 0]]), np.zeros((1, 3))
-    assert advise.imagenet_confidence(sure, w, b) == pytest.approx(1.0)
-    assert advise.imagenet_confidence(flat, w, b) == pytest.approx(1 / 3)
+    assert advice.imagenet_confidence(sure, w, b) == pytest.approx(1.0)
+    assert advice.imagenet_confidence(flat, w, b) == pytest.approx(1 / 3)
 
 
 def test_top10_variance_measures_how_the_variance_spreads():
     rng = np.random.default_rng(0)
     flat = rng.normal(size=(2000, 64))
-    assert 10 / 64 < advise.top10_variance(flat) < 0.25  # 10/64, plus sampling noise
+    assert 10 / 64 < advice.top10_variance(flat) < 0.25  # 10/64, plus sampling noise
     narrow = rng.normal(size=(2000, 3)) @ rng.normal(size=(3, 64))
-    assert advise.top10_variance(narrow) == pytest.approx(1.0)
+    assert advice.top10_variance(narrow) == pytest.approx(1.0)
 
 
 def test_many_images_per_class_flip_the_size(tmp_path: Path):
@@ -78,7 +79,7 @@ def test_many_images_per_class_flip_the_size(tmp_path: Path):
                 write_image(src / f"c{c}" / f"{i}.png", colour, seed=1000 * c + i, size=8)
         params = make_params(tmp_path / f"p{n}", ingest={"source": "folder", "path": str(src)},
                              advise={"large_per_class": 40})
-        placed[n] = advise.size_of(ingest.run(params), params.advise)[0]
+        placed[n] = advice.size_of(ingest.run(params), params.advise)[0]
     assert placed == {12: "small", 80: "large"}
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.backbones import CodeExtractor, create_backbone, map_in_order
-from tasks.errors import TlflowError
+from tasks.lib.backbones import CodeExtractor, create_backbone, map_in_order
+from tasks.lib.errors import TlflowError
 from tests.conftest import HYMENOPTERA
 
 ANT, BEE = 310, 309  # ImageNet class indices

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from flows.cli import main
-from tasks import extract, ingest
-from tasks.featurestore import current_store
+from tasks.lib.featurestore import info
+from tasks.lib.handoff import current_store
+from tasks.lib.manifest import read_manifest
 from tests.conftest import ROOT, cli_env, run_cli
 
 
@@ -41,8 +42,8 @@ def test_features_gc(project: Path, image_folder: Path, capsys: pytest.CaptureFi
     assert main(["features", "gc"]) == 0
     assert "kept 35 rows, removed 1" in capsys.readouterr().out
     store = current_store(Path("features"))
-    assert extract.info(store)["rows"] == 35
-    assert len(ingest.read_manifest(Path("data/manifest.csv"))) == 35
+    assert info(store)["rows"] == 35
+    assert len(read_manifest(Path("data/manifest.csv"))) == 35
 
 
 def test_features_info_on_a_missing_store(project: Path, capsys: pytest.CaptureFixture):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from tasks import evaluate, extract, ingest, train
-from tasks.errors import TlflowError
-from tasks.evaluate import score, write_confusion
+from tasks.lib.errors import TlflowError
+from tasks.lib.evaluation import score, write_confusion
+from tasks.lib.manifest import read_manifest
 from tests.conftest import make_params
 
 
@@ -44,7 +45,7 @@ def test_evaluate_writes_metrics_and_confusion(trained):
     probe = on_disk["probe"]
     assert set(probe) >= {"accuracy", "macro_f1", "per_class"}
     assert set(probe["per_class"]) == {"blue", "green", "red"}
-    n_test = sum(r.split == "test" for r in ingest.read_manifest(trained.base.paths.manifest))
+    n_test = sum(r.split == "test" for r in read_manifest(trained.base.paths.manifest))
     assert probe["n"] == n_test
     with open(trained.base.paths.confusion) as f:
         assert sum(1 for _ in f) == n_test + 1

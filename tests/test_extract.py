@@ -5,12 +5,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tasks import extract, ingest
-from tasks.backbones import create_backbone
-from tasks.errors import TlflowError
-from tasks.extract import describe_extractor, resolve_device
-from tasks.featurestore import FeatureStore, current_store, extractor_id, writer_lock
+from tasks.lib.backbones import create_backbone
+from tasks.lib.device import resolve_device
+from tasks.lib.errors import TlflowError
+from tasks.lib.extraction import describe_extractor, encode
+from tasks.lib.featurestore import FeatureStore, extractor_id, gc, info, writer_lock
+from tasks.lib.handoff import current_store
+from tasks.lib.manifest import read_manifest
 from tests.conftest import COLOURS, make_params, write_image
 
 TINY = {"weights": "packaged", "layers": ["pooled", "blocks.2"], "image_size": 32,
@@ -28,7 +32,7 @@ def ingested(tmp_path: Path, image_folder: Path):
 def test_extract_fills_the_store_once(ingested, capsys):
     path = extract.run(ingested)
     assert current_store(ingested.base.paths.features) == path
-    rows = ingest.read_manifest(ingested.base.paths.manifest)
+    rows = read_manifest(ingested.base.paths.manifest)
     with FeatureStore(path) as store:
         assert sorted(store.keys()) == sorted(r.sha256 for r in rows)
         assert store.layers == {"pooled": 1280, "blocks.2": 40}
@@ -60,7 +64,7 @@ def test_renamed_moved_and_deleted_images_cost_no_pass(ingested, image_folder: P
     capsys.readouterr()
     assert extract.run(ingested) == path
     assert "0 of 35 images to compute" in capsys.readouterr().out
-    rows = ingest.read_manifest(ingested.base.paths.manifest)
+    rows = read_manifest(ingested.base.paths.manifest)
     assert {r.relpath for r in rows} >= {"red/renamed.png", "red/moved.png"}
     with FeatureStore(path) as store:
         assert len(store.keys()) == 36  # the deleted image's row stays until `features gc`
@@ -71,10 +75,10 @@ def test_codes_match_a_direct_forward_pass(ingested):
     import torch
     from PIL import Image
 
-    from tasks.backbones import CodeExtractor
+    from tasks.lib.backbones import CodeExtractor
 
     path = extract.run(ingested)
-    row = ingest.read_manifest(ingested.base.paths.manifest)[0]
+    row = read_manifest(ingested.base.paths.manifest)[0]
     b = create_backbone("timm/tf_efficientnet_lite0", "packaged", image_size=32)
     x = b.transform()(Image.open(ingested.base.paths.images / row.relpath).convert("RGB"))
     with torch.inference_mode():
@@ -88,7 +92,7 @@ def test_extractor_id_covers_what_changes_a_code(tmp_path: Path):
     def ext_id(**over):
         cfg = make_params(tmp_path, extract={**TINY, **over}).extract
         b = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
-        return extractor_id(describe_extractor(b.identity(), cfg))
+        return extractor_id(describe_extractor(b.identity(), cfg, torch.device("cpu")))
 
     base = ext_id()
     assert ext_id(batch_size=1) == base and ext_id(device="cpu") == base
@@ -194,9 +198,24 @@ def test_oom_halves_the_batch():
             return {"pooled": x.flatten(1)[:, :3]}
 
     x = torch.arange(7 * 3 * 2 * 2, dtype=torch.float32).reshape(7, 3, 2, 2)
-    out = extract.encode(Picky(), x, torch.device("cpu"), "fp32")
+    out = encode(Picky(), x, torch.device("cpu"), "fp32")
     np.testing.assert_array_equal(out["pooled"], x.flatten(1)[:, :3].numpy())
     assert max(Picky.sizes) == 7 and Picky.sizes.count(7) == 1
+
+
+def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
+    """bf16 and fp16 codes differ from fp32 ones (up to 5e-2): each gets its own store. The
+    CPU computes fp32 whatever is asked, and fp32 codes agree across devices."""
+    cfg = make_params(tmp_path, extract=TINY).extract
+    b = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
+
+    def ext_id(device: str, precision: str) -> str:
+        c = cfg.model_copy(update={"precision": precision})
+        return extractor_id(describe_extractor(b.identity(), c, torch.device(device)))
+
+    fp32 = ext_id("cpu", "fp32")
+    assert ext_id("cpu", "bf16") == ext_id("cpu", "fp16") == ext_id("cuda", "fp32") == fp32
+    assert len({fp32, ext_id("cuda", "bf16"), ext_id("cuda", "fp16")}) == 3
 
 
 def test_gc_prunes_unreferenced_rows_and_info_reports(ingested, image_folder: Path):
@@ -204,22 +223,24 @@ def test_gc_prunes_unreferenced_rows_and_info_reports(ingested, image_folder: Pa
     for p in sorted((image_folder / "red").iterdir())[:5]:
         p.unlink()
     ingest.run(ingested)
-    assert extract.gc(ingested, dry_run=True) == [(path, 31, 5)]
-    assert extract.gc(ingested) == [(path, 31, 0 + 5)]
-    facts = extract.info(path)
+    paths = ingested.base.paths
+    keep = {r.sha256 for r in read_manifest(paths.manifest)}
+    assert gc(paths.features, keep, 10, dry_run=True) == [(path, 31, 5)]
+    assert gc(paths.features, keep, 10) == [(path, 31, 0 + 5)]
+    facts = info(path)
     assert facts["rows"] == 31 and facts["layers"] == {"blocks.2": 40, "pooled": 1280}
     assert facts["extractor"]["backbone"] == "timm/tf_efficientnet_lite0"
-    rows = ingest.read_manifest(ingested.base.paths.manifest)
+    rows = read_manifest(ingested.base.paths.manifest)
     with FeatureStore(path) as store:  # the kept codes are intact
         assert np.isfinite(store.read("pooled", [r.sha256 for r in rows])).all()
-    assert extract.gc(ingested) == [(path, 31, 0)]
+    assert gc(paths.features, keep, 10) == [(path, 31, 0)]
 
 
 KILLER = """
 import os, signal, sys
 import numpy as np
 from flows.cli import main
-from tasks.featurestore import FeatureStore
+from tasks.lib.featurestore import FeatureStore
 
 calls = 0
 real_append = FeatureStore.append
@@ -277,7 +298,7 @@ def test_sigkill_mid_batch_then_resume_gives_the_same_codes(tmp_path: Path, imag
     proc = run(killed, stage.format(s="extract"))
     assert proc.returncode == 0 and "24 of 36 images to compute" in proc.stdout, proc.stderr
     assert run(whole, stage.format(s="extract")).returncode == 0
-    keys = [r.sha256 for r in ingest.read_manifest(whole / "data/manifest.csv")]
+    keys = [r.sha256 for r in read_manifest(whole / "data/manifest.csv")]
     with FeatureStore(store) as a, FeatureStore(whole / "features" / store.name) as b:
         assert sorted(a.keys()) == sorted(b.keys())
         for layer in a.layers:
@@ -285,7 +306,7 @@ def test_sigkill_mid_batch_then_resume_gives_the_same_codes(tmp_path: Path, imag
 
 
 def test_missing_manifest_and_unknown_device(tmp_path: Path):
-    with pytest.raises(TlflowError, match="manifest not found"):
+    with pytest.raises(TlflowError, match=r"manifest.csv: not found \(written by the ingest stage"):
         extract.run(make_params(tmp_path, extract=TINY))
     assert resolve_device("cpu").type == "cpu"
     try:
@@ -304,15 +325,15 @@ def test_cuda_codes_match_cpu_codes():
     """bf16 autocast and channels_last on the GPU give the CPU's codes within bf16 error."""
     import torch
 
-    from tasks.backbones import CodeExtractor
+    from tasks.lib.backbones import CodeExtractor
 
     b = create_backbone("timm/tf_efficientnet_lite0", "packaged", image_size=96)
     model = CodeExtractor(b, ("pooled", "blocks.4"))
     x = torch.randn(16, 3, 96, 96)
-    cpu = extract.encode(model, x, torch.device("cpu"), "fp32")
+    cpu = encode(model, x, torch.device("cpu"), "fp32")
     gpu_model = model.to("cuda", memory_format=torch.channels_last)
     for precision, tol in (("fp32", 1e-3), ("bf16", 5e-2)):
-        got = extract.encode(gpu_model, x, torch.device("cuda"), precision)
+        got = encode(gpu_model, x, torch.device("cuda"), precision)
         for k in cpu:
             rel = np.abs(got[k] - cpu[k]).max() / np.abs(cpu[k]).max()
             assert rel < tol, (precision, k, rel)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,20 +15,23 @@ import pytest
 import torch
 import yaml
 
-from tasks import evaluate, extract, finetune, ingest, predict, train, tuning
-from tasks.errors import TlflowError
-from tasks.featurestore import FeatureStore, current_store
-from tasks.finetune import read_meta
-from tasks.head import load_head
-from tasks.network import (
+from tasks import evaluate, extract, finetune, ingest, predict, train
+from tasks.lib import finetuning as tuning
+from tasks.lib.errors import TlflowError
+from tasks.lib.featurestore import FeatureStore
+from tasks.lib.handoff import current_store
+from tasks.lib.head import load_head
+from tasks.lib.manifest import read_manifest
+from tasks.lib.network import (
     build,
     freeze,
     init_from_probe,
     load_network,
     param_groups,
+    read_meta,
     train_mode,
 )
-from tasks.params import Finetune, parse_params
+from tasks.lib.params import Finetune, parse_params
 from tests.conftest import COLOURS, ROOT, cli_env, make_params, write_image
 
 TINY = {"layers": ["pooled"], "image_size": 32}
@@ -127,7 +132,7 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
     assert head.meta["layer"] == "pooled"
     net = build(BACKBONE, "packaged", 32, 0, head.classes)
     init_from_probe(net, head)
-    rows = [r for r in ingest.read_manifest(paths.manifest) if r.split == "val"]
+    rows = [r for r in read_manifest(paths.manifest) if r.split == "val"]
     with FeatureStore(current_store(paths.features)) as store:
         want = head.logits(store.read("pooled", [r.sha256 for r in rows]))
     ds = tuning.Images(rows, paths.images, head.classes, net.backbone.transform())
@@ -140,17 +145,17 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
 def test_the_head_starts_from_a_probe_that_never_saw_val(project):
     """The saved probe is refit on train + val; the network's start must not be, or val
     would score near 1.0 from step 0 and could not choose an epoch."""
-    from tasks.train import make_probe
+    from tasks.lib.probes import make_probe
 
     paths = project.base.paths
-    rows = ingest.read_manifest(paths.manifest)
+    rows = read_manifest(paths.manifest)
     with FeatureStore(current_store(paths.features)) as store:
         codes = {s: store.read("pooled", [r.sha256 for r in rows if r.split == s])
                  for s in ("train", "val")}
     labels = {s: [r.label for r in rows if r.split == s] for s in ("train", "val")}
     layers = json.loads(paths.probe_metrics.read_text())["layers"]
     C = next(r["C"] for r in layers if r["layer"] == "pooled")  # the sweep's choice on val
-    start = tuning.probe_for_init(project, [r for r in rows if r.split == "train"])
+    start = tuning.probe_for_init(project, [r for r in rows if r.split == "train"], C)
     train_only = make_probe(C, project.train, 0).fit(codes["train"], labels["train"])
     both = make_probe(C, project.train, 0).fit(np.vstack([codes["train"], codes["val"]]),
                                                labels["train"] + labels["val"])
@@ -160,7 +165,7 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
 
 
 def _logits(probe, x):
-    from tasks.train import to_head
+    from tasks.lib.probes import to_head
 
     return to_head(probe, {"layer": "pooled"}).logits(x)
 
@@ -193,6 +198,55 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
     assert net.classes == ("blue", "green", "red")
     preds = predict.run(params, Path(project.ingest.path) / "red", k=2, model="finetuned")
     assert len(preds) == 12 and all(sum(p.scores) <= 1.0 + 1e-6 for p in preds)
+
+
+def test_the_same_inputs_give_the_same_bytes_while_other_threads_draw(project):
+    """Every random source of fine-tuning is its own (seeded from base.seed): a thread
+    drawing from Python's and numpy's global generators meanwhile (as Prefect's client does)
+    changes nothing, and two runs write identical files."""
+    params = _with(project, enabled=True, epochs=2, batch_size=8, hflip=0.5)
+    paths = params.base.paths
+    outputs = (Path(f"{paths.finetuned}.safetensors"), Path(f"{paths.finetuned}.json"),
+               paths.finetune_curve)
+    finetune.run(params)
+    first = [p.read_bytes() for p in outputs]
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+            np.random.rand()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        finetune.run(params)
+    finally:
+        stop.set()
+        thread.join()
+    assert [p.read_bytes() for p in outputs] == first
+
+
+def test_augmentation_draws_only_from_its_own_generator():
+    aug = tuning.Augment(16, (0.3, 1.0), 0.5, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 30), (10, 200, 30))
+    a = aug(img, random.Random("0:1:2"))
+    random.seed(123)
+    b = aug(img, random.Random("0:1:2"))
+    assert a.shape == (3, 16, 16) and torch.equal(a, b)
+    boxes = {aug.crop_box(40, 30, random.Random(i)) for i in range(20)}
+    assert len(boxes) > 10  # the crops do vary with the generator
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 30 - h and 0 <= left <= 40 - w
+
+
+def test_finetune_before_train_names_the_missing_file(tmp_path: Path):
+    params = make_params(tmp_path, finetune={"enabled": True})
+    with pytest.raises(TlflowError, match=r"train_choice.json: not found \(written by the "
+                                          r"train stage"):
+        finetune.run(params)
 
 
 def test_disabled_stage_says_so(project):
@@ -243,7 +297,8 @@ def test_sigkill_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path:
     runs = {}
     for name in ("whole", "killed"):
         root = _write_project(tmp_path / name, images, epochs)
-        assert _tlflow(root, "ingest", env).wait(120) == 0
+        for stage in ("ingest", "extract", "train"):
+            assert _tlflow(root, stage, env).wait(120) == 0
         runs[name] = root
     assert _tlflow(runs["whole"], "finetune", env).wait(300) == 0
 

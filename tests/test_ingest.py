@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from tasks import ingest
-from tasks.errors import TlflowError
-from tasks.ingest import assign_split, read_manifest
+from tasks.lib.errors import TlflowError
+from tasks.lib.manifest import read_manifest
+from tasks.lib.sources import assign_split
 from tests.conftest import COLOURS, make_params, write_image
 
 
@@ -130,13 +131,13 @@ def test_bad_csv_rows(tmp_path: Path, image_folder: Path, content: str, needle: 
 
 
 def test_manifest_missing(tmp_path: Path):
-    with pytest.raises(TlflowError, match="manifest not found"):
+    with pytest.raises(TlflowError, match=r"manifest.csv: not found \(written by the ingest stage"):
         read_manifest(tmp_path / "manifest.csv")
 
 
 def test_unchanged_files_are_not_reread(tmp_path: Path, image_folder: Path):
-    from tasks.hashcache import HashCache
-    from tasks.ingest import folder_items, snapshot
+    from tasks.lib.hashcache import HashCache
+    from tasks.lib.sources import folder_items, snapshot
 
     images, cache_path = tmp_path / "images", tmp_path / "cache.sqlite"
     items = folder_items(image_folder)
@@ -154,7 +155,7 @@ def test_unchanged_files_are_not_reread(tmp_path: Path, image_folder: Path):
 
 
 def test_a_corrupt_hash_cache_is_rebuilt(tmp_path: Path, image_folder: Path):
-    from tasks.hashcache import HashCache
+    from tasks.lib.hashcache import HashCache
 
     cache_path = tmp_path / "cache.sqlite"
     cache_path.write_bytes(b"garbage" * 100)

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.errors import TlflowError
-from tasks.params import load_params, parse_params
+from tasks.lib.errors import TlflowError
+from tasks.lib.params import load_params, parse_params
 from tests.conftest import ROOT
 
 

@@ -21,12 +21,12 @@ def trained(tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_cached_image_is_not_recomputed(trained: Path, monkeypatch, capsys):
-    import tasks.backbones
+    import tasks.lib.backbones
 
     def no_model(*_a, **_k):
         raise AssertionError("the backbone was built for an image already in the store")
 
-    monkeypatch.setattr(tasks.backbones, "create_backbone", no_model)
+    monkeypatch.setattr(tasks.lib.backbones, "create_backbone", no_model)
     capsys.readouterr()
     assert main(["predict", "data/images/red/00.png"]) == 0
     out = capsys.readouterr().out

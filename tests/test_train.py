@@ -6,10 +6,10 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from tasks import extract, ingest, train
-from tasks.errors import TlflowError
-from tasks.head import LinearHead, load_head, save_head, tensors_path
-from tasks.params import Train
-from tasks.train import Split, best, make_probe, sweep, to_head
+from tasks.lib.errors import TlflowError
+from tasks.lib.head import LinearHead, load_head, save_head, tensors_path
+from tasks.lib.params import Train
+from tasks.lib.probes import Split, best, make_probe, sweep, to_head
 from tests.conftest import make_params
 
 CFG = Train(C_grid=(0.01, 1.0, 100.0))
@@ -162,27 +162,21 @@ def test_train_needs_a_val_split(tmp_path: Path, image_folder: Path):
         train.run(params)
 
 
-def test_promotion_rule():
-    cur = {"extractor_id": "e", "val_set": "v", "classes": ["a", "b"], "val_accuracy": 0.9}
-    assert train.promotion(None, cur, 0.0)[0]
-    assert train.promotion(cur, {**cur, "val_accuracy": 0.9}, 0.0)[0]
-    assert not train.promotion(cur, {**cur, "val_accuracy": 0.85}, 0.0)[0]
-    assert train.promotion(cur, {**cur, "val_accuracy": 0.85}, 0.1)[0]
-    assert train.promotion(cur, {**cur, "val_accuracy": 0.5, "val_set": "w"}, 0.0)[0]
-    assert train.promotion(cur, {**cur, "val_accuracy": 0.5}, None)[0]
-
-
-def test_a_worse_probe_does_not_replace_the_current_one(tmp_path: Path, image_folder: Path):
+def test_train_writes_the_head_it_fitted_whatever_was_there(tmp_path: Path,
+                                                             image_folder: Path):
+    """A function of its inputs: a worse grid gives a worse head (no promotion inside train),
+    and the first grid again gives the first head's bytes again."""
     params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)},
                          extract={"layers": ["pooled"], "image_size": 32})
     for stage in (ingest, extract, train):
         stage.run(params)
-    before = tensors_path(params.base.paths.head).read_bytes()
+    first = tensors_path(params.base.paths.head).read_bytes()
+    sidecar = params.base.paths.head.with_suffix(".json").read_bytes()
     raw = params.model_dump(mode="json")
     raw["train"]["C_grid"] = [1e-7]  # weights shrink to nothing: the majority class
-    worse = type(params).model_validate(raw)
-    head = train.run(worse)
-    probe = json.loads(params.base.paths.probe_metrics.read_text())
-    assert probe["promotion"]["promoted"] is False, probe["promotion"]
-    assert probe["best"]["val_accuracy"] < head.meta["val_accuracy"]
-    assert tensors_path(params.base.paths.head).read_bytes() == before
+    head = train.run(type(params).model_validate(raw))
+    assert head.meta["C"] == 1e-7
+    assert tensors_path(params.base.paths.head).read_bytes() != first
+    train.run(params)
+    assert tensors_path(params.base.paths.head).read_bytes() == first
+    assert params.base.paths.head.with_suffix(".json").read_bytes() == sidecar

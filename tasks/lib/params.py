@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -15,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.errors import TlflowError
+from tasks.lib.errors import TlflowError
 
 PARAMS_FILE = "params.yaml"
 
@@ -38,6 +39,7 @@ class Paths(_Section):
     confusion: Path
     confusion_png: Path
     strategy: Path
+    train_choice: Path
     finetuned: Path
     finetune_curve: Path
     finetune_checkpoints: Path
@@ -224,3 +226,44 @@ def params_under(root: Path | str, source: Path | str = PARAMS_FILE,
     for name, values in sections.items():
         raw[name] = {**raw[name], **values}
     return parse_params(raw, str(source))
+
+
+# ---------------------------------------------------------------- what a stage may read
+
+
+class UndeclaredParamError(RuntimeError):
+    """A stage read a param its PARAMS do not declare: dvc.yaml would not rerun it when that
+    param changes. A bug in tlflow, never the user's: it is not a TlflowError."""
+
+
+class _View:
+    """Read-only view of a params model in which only some dotted keys can be read."""
+
+    __slots__ = ("_keys", "_model", "_prefix")
+
+    def __init__(self, model: BaseModel, keys: frozenset[str], prefix: str) -> None:
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        key = f"{self._prefix}{name}"
+        value = getattr(self._model, name)
+        if key in self._keys or any(key.startswith(k + ".") for k in self._keys):
+            return value
+        if any(k.startswith(key + ".") for k in self._keys):
+            return _View(value, self._keys, key + ".")
+        raise UndeclaredParamError(
+            f"{key}: read by a stage whose PARAMS do not declare it (add it there and to the "
+            "stage's params in dvc.yaml)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("params are read-only")
+
+
+def scoped(params: Params, keys: Iterable[str]) -> Params:
+    """`params` as a stage may see them: the declared keys (a section or section.key) and
+    base.paths, whose files dvc.yaml declares as deps and outs. Reading anything else raises
+    UndeclaredParamError, so the declaration that dvc.yaml is checked against (PARAMS in
+    tasks/<stage>.py) cannot fall behind the code."""
+    return _View(params, frozenset(keys) | {"base.paths"}, "")  # type: ignore[return-value]

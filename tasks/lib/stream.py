@@ -19,10 +19,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
-from tasks.errors import TlflowError
-from tasks.featurestore import FeatureStore
-from tasks.params import Train
-from tasks.train import make_norm
+from tasks.lib.errors import TlflowError
+from tasks.lib.featurestore import FeatureStore
+from tasks.lib.manifest import Row
+from tasks.lib.params import Train
+from tasks.lib.probes import Refit, make_norm
 
 MIX = 32  # a buffer gathers at least this many blocks read from random places in the store
 
@@ -112,3 +113,28 @@ def probe(stream: Stream, C: float, cfg: Train, seed: int,
     """Normalization (fitted on the stream unless given) then SGD: the in-memory probes' shape."""
     norm = fit_norm(stream, cfg.normalize) if norm is None else norm
     return Pipeline([("norm", norm), ("clf", fit_sgd(stream, norm, C, cfg, seed))])
+
+
+def sweep_stream(path: Path, rows: list[Row], layers: dict[str, int], cfg: Train,
+                  seed: int) -> tuple[list[dict], Refit]:
+    """The sweep for `sgd`: every (layer, C) trained on codes streamed from the store."""
+    train_set = {r.sha256: r.label for r in rows if r.split == "train"}
+    val_set = {r.sha256: r.label for r in rows if r.split == "val"}
+    if not val_set:
+        raise TlflowError("train: the val split is empty; classifier sgd needs one "
+                          "(set ingest.val_fraction above 0)")
+    table = []
+    for layer, dim in layers.items():
+        tr = Stream(path, layer, train_set, cfg.buffer_rows)
+        va = Stream(path, layer, val_set, cfg.buffer_rows)
+        norm = fit_norm(tr, cfg.normalize)  # one pass, shared by every C
+        for C in cfg.C_grid:
+            acc = accuracy(probe(tr, C, cfg, seed, norm), va)
+            table.append({"layer": layer, "dim": dim, "C": C, "val_accuracy": acc})
+            print(f"train: {layer} C={C:g} val accuracy {acc:.4f}", flush=True)
+
+    def refit(top: dict) -> Pipeline:
+        both = Stream(path, top["layer"], {**train_set, **val_set}, cfg.buffer_rows)
+        return probe(both, top["C"], cfg, seed)
+
+    return table, refit

@@ -8,24 +8,19 @@ One file per extractor (features/<extractor-id>.h5). Datasets: `keys` (N, S64) a
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
+from filelock import FileLock, Timeout
 
-from tasks.errors import TlflowError
+from tasks.lib.errors import TlflowError
+from tasks.lib.files import atomic_path
 
-if TYPE_CHECKING:
-    from tasks.ingest import Row
-
-POINTER = "current.json"  # <features>/current.json: the store the current params select
 COMMITTED = "n_committed"
 EXTRACTOR = "extractor"
 VERSIONS = "versions"
@@ -52,34 +47,25 @@ def _library_versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def writer_lock(store: Path, timeout: float, poll: float = 0.5) -> Iterator[None]:
-    """One writer per store: wait (saying so once) up to `timeout` seconds, then fail."""
+def writer_lock(store: Path, timeout: float) -> Iterator[None]:
+    """One writer per store (filelock's FileLock on `<store>.lock`): wait up to `timeout`
+    seconds, saying so once, then fail. The OS releases it when the holder dies."""
     lock = store.with_name(store.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        deadline, told = time.monotonic() + timeout, False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TlflowError(
-                        f"{store}: another extract run holds {lock.name} "
-                        f"(waited {timeout:g} s; extract.lock_timeout)"
-                    ) from None
-                if not told:
-                    print(f"extract: waiting for another run to release {lock}", flush=True)
-                    told = True
-                time.sleep(poll)
+    flock = FileLock(lock)
+    try:
+        flock.acquire(timeout=0)
+    except Timeout:
+        print(f"extract: waiting for another run to release {lock}", flush=True)
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            flock.acquire(timeout=timeout)
+        except Timeout:
+            raise TlflowError(f"{store}: another extract run holds {lock.name} "
+                              f"(waited {timeout:g} s; extract.lock_timeout)") from None
+    try:
+        yield
+    finally:
+        flock.release()
 
 
 class FeatureStore:
@@ -211,8 +197,6 @@ def prune(path: Path, keep: set[str]) -> tuple[int, int]:
     The new file is built beside the old one and renamed over it, so a crash keeps the old.
     Returns (rows kept, rows removed). The caller holds the writer lock.
     """
-    from tasks.io import atomic_path
-
     with FeatureStore(path) as old:
         keys = old.keys()
         rows = np.array([i for i, k in enumerate(keys) if k in keep], dtype=np.int64)
@@ -233,23 +217,37 @@ def _dtype(store: FeatureStore) -> str:
     return str(next(iter(store._h5["layers"].values())).dtype)
 
 
-# ------------------------------------------------ what extract hands on to the stages downstream
-def current_store(features_dir: Path) -> Path:
-    """The store the last extract run selected (read from the pointer file)."""
-    pointer = features_dir / POINTER
-    if not pointer.is_file():
-        raise TlflowError(f"{pointer}: not found (run `tlflow stage extract` first)")
-    return features_dir / json.loads(pointer.read_text())["store"]
+# ---------------------------------------------------------------- maintenance
 
 
-def bad_images(report: Path) -> dict[str, str]:
-    """sha256 -> reason of the images the last extract run could not read."""
-    if not report.is_file():
-        return {}
-    return {b["sha256"]: b["reason"] for b in json.loads(report.read_text())["bad_images"]}
+def store_path(features_dir: Path, ext_id: str) -> Path:
+    """Where the codes of one extractor live: <features>/<extractor-id>.h5."""
+    return features_dir / f"{ext_id}.h5"
 
 
-def usable(rows: list[Row], report: Path) -> list[Row]:
-    """The manifest rows minus the images the extract report lists as unreadable."""
-    bad = bad_images(report)
-    return [r for r in rows if r.sha256 not in bad]
+def gc(features_dir: Path, keep: set[str], timeout: float,
+       dry_run: bool = False) -> list[tuple[Path, int, int]]:
+    """Prune every store's rows whose key is not in `keep`.
+
+    Returns (store, rows kept, rows removed) per store; each store is rewritten under its
+    writer lock and renamed into place, so a crash leaves the old file whole.
+    """
+    out = []
+    for path in sorted(features_dir.glob("*.h5")):
+        with writer_lock(path, timeout):
+            if dry_run:
+                with FeatureStore(path) as store:
+                    keys = store.keys()
+                kept = sum(k in keep for k in keys)
+                out.append((path, kept, len(keys) - kept))
+            else:
+                out.append((path, *prune(path, keep)))
+    return out
+
+
+def info(path: Path) -> dict[str, Any]:
+    """What a store holds: extractor JSON, committed rows, layers and dims, size, versions."""
+    with FeatureStore(path) as store:
+        return {"store": str(path), "extractor_id": path.stem, "rows": store.n_committed,
+                "layers": store.layers, "bytes": store.size_bytes(),
+                "extractor": store.extractor, "versions": store.versions}

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import TlflowError
-from tasks.io import atomic_path, write_json
+from tasks.lib.errors import TlflowError
+from tasks.lib.files import atomic_path, write_json
 
 FORMAT = "tlflow.linear_head/1"
 _TENSORS = ("weight", "bias", "mean", "scale")

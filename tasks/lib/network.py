@@ -7,6 +7,7 @@ EfficientNet: conv_head, bn2 and the classifier); everything before stays frozen
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.backbones import Backbone, create_backbone
-from tasks.checkpoint import state_tensors
-from tasks.errors import TlflowError
-from tasks.finetune import FORMAT, read_meta
-from tasks.head import LinearHead, meta_path, tensors_path
-from tasks.io import atomic_path, write_json
-from tasks.params import Finetune
+from tasks.lib.backbones import Backbone, create_backbone
+from tasks.lib.checkpoint import state_tensors
+from tasks.lib.errors import TlflowError, handoff_error
+from tasks.lib.files import atomic_path, write_json
+from tasks.lib.head import LinearHead, meta_path, tensors_path
+from tasks.lib.params import Finetune
+
+FORMAT = "tlflow.finetuned/1"
 
 
 @dataclass
@@ -143,6 +145,30 @@ def param_groups(net: Network, cfg: Finetune) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- on disk
+
+
+def save_disabled(stem: Path) -> None:
+    """The fine-tune stage's outputs when it does not run: an empty tensor file and a sidecar
+    that says so (safetensors' metadata holds one key: more would be written in any order)."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(tensors_path(stem)) as tmp:
+        save_file({}, str(tmp), metadata={"format": FORMAT})
+    write_json(meta_path(stem), {"format": FORMAT, "enabled": False})
+
+
+def read_meta(stem: Path) -> dict[str, Any]:
+    """The fine-tuned network's sidecar; {"enabled": False} before the stage has run."""
+    path = meta_path(stem)
+    if not path.is_file():
+        return {"enabled": False}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise handoff_error(path, "finetune", f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise handoff_error(path, "finetune", f"not a {FORMAT} sidecar")
+    return meta
 
 
 def save_network(net: Network, stem: Path, meta: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.io import atomic_path, write_json
+from tasks.lib.files import atomic_path, write_json
 
 STATE = "state.json"
 

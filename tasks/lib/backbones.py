@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.errors import TlflowError
-from tasks.io import sha256_file
+from tasks.lib.errors import TlflowError
+from tasks.lib.files import sha256_file
 
 POOLED = "pooled"
 PACKAGED_MODEL = "tf_efficientnet_lite0"

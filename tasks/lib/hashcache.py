@@ -6,11 +6,10 @@ million stat calls, not a million reads. It is a cache: deleting it only costs t
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
 
-from tasks.io import sha256_file
+from tasks.lib.files import sha256_file
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS hashes (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ino INTEGER, sha256 TEXT)"""
@@ -61,7 +60,3 @@ class HashCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes in memory."""
-    return hashlib.sha256(data).hexdigest()

@@ -10,7 +10,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-_CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -41,14 +40,16 @@ def write_text(dest: Path, text: str) -> None:
 
 
 def write_json(dest: Path, obj: object) -> None:
-    """Write indented, key-sorted JSON atomically."""
+    """Write indented, key-sorted JSON atomically (the same object gives the same bytes)."""
     write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file's bytes (hashlib.file_digest: no Python-level read loop)."""
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes in memory."""
+    return hashlib.sha256(data).hexdigest()

@@ -13,6 +13,7 @@ best-on-val weights go to <finetuned>.safetensors with a JSON sidecar.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -26,15 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from tasks import checkpoint, network
-from tasks.errors import TlflowError
-from tasks.extract import autocast, read_image, resolve_device, resolve_workers
-from tasks.featurestore import FeatureStore, bad_images, current_store, usable
-from tasks.head import LinearHead
-from tasks.ingest import Row, read_manifest
-from tasks.io import sha256_file
-from tasks.network import (
+from tasks.lib import checkpoint
+from tasks.lib.backbones import POOLED
+from tasks.lib.codedeps import ROOT, code_deps
+from tasks.lib.device import autocast, resolve_device, resolve_workers
+from tasks.lib.errors import TlflowError
+from tasks.lib.featurestore import FeatureStore
+from tasks.lib.files import atomic_path, sha256_file
+from tasks.lib.handoff import current_store, read_extract_report
+from tasks.lib.head import LinearHead
+from tasks.lib.images import read_image
+from tasks.lib.manifest import Row, of_split, read_manifest, without
+from tasks.lib.network import (
     Network,
     build,
     freeze,
@@ -43,42 +49,103 @@ from tasks.network import (
     save_network,
     train_mode,
 )
-from tasks.params import Finetune, Params
-from tasks.progress import Progress
+from tasks.lib.params import Finetune, Params, Train
+from tasks.lib.probes import make_probe, to_head
+from tasks.lib.progress import Progress
+
+CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
+
+
+def write_curve(dest: Path, curve: list[dict]) -> None:
+    """plots/finetune.csv: epoch, train loss, val accuracy (for `dvc plots show`)."""
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CURVE_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(curve)
 
 
 class Images(torch.utils.data.Dataset):
-    """(image tensor, class index) for manifest rows; files under the ingest snapshot."""
+    """(image tensor, class index) for manifest rows; files under the ingest snapshot.
+
+    With `augment`, image i of epoch e is augmented by a random.Random of its own, seeded
+    from (seed, e, i): the same crops and flips whatever the loader's workers, threads or
+    order, and no draw from a process-global generator another library may share.
+    """
 
     def __init__(self, rows: list[Row], root: Path, classes: tuple[str, ...],
-                 transform: Callable) -> None:
+                 transform: Callable, augment: Augment | None = None, seed: int = 0) -> None:
         index = {c: i for i, c in enumerate(classes)}
         self.files = [root / r.relpath for r in rows]
         self.targets = [index[r.label] for r in rows]
-        self.transform = transform
+        self.transform, self.augment, self.seed, self.epoch = transform, augment, seed, 0
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return read_image(self.files[i], self.transform), self.targets[i]
+        if self.augment is None:
+            return read_image(self.files[i], self.transform), self.targets[i]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        return read_image(self.files[i], lambda img: self.augment(img, rng)), self.targets[i]
 
 
-def train_transform(net: Network, cfg: Finetune) -> Callable:
-    """Random resized crop and horizontal flip, then the model's own normalization."""
-    from timm.data import create_transform
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: random resized crop (torchvision's RandomResizedCrop sampling,
+    Szegedy et al. 2015), horizontal flip, then the model's normalization; every draw from
+    the `rng` given, never from a global generator."""
 
+    size: int
+    scale: tuple[float, float]
+    hflip: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop, as torchvision's get_params draws it."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        in_ratio = width / height  # fallback: the whole image, center crop to the ratio range
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = height, round(height * self.ratio[1])
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        top, left, h, w = self.crop_box(*img.size, rng)
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
+                              InterpolationMode(self.interpolation), antialias=True)
+        if rng.random() < self.hflip:
+            img = TF.hflip(img)
+        return TF.normalize(TF.to_tensor(img), list(self.mean), list(self.std))
+
+
+def train_augment(net: Network, cfg: Finetune) -> Augment:
+    """The augmentation at the network's input size, with its own normalization."""
     dc = net.backbone.data_config
-    return create_transform(dc["input_size"], is_training=True, scale=cfg.crop_scale,
-                            hflip=cfg.hflip, color_jitter=0.0, interpolation=dc["interpolation"],
-                            mean=dc["mean"], std=dc["std"], re_prob=0.0)
+    return Augment(dc["input_size"][-1], cfg.crop_scale, cfg.hflip, dc["interpolation"],
+                   tuple(dc["mean"]), tuple(dc["std"]))
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Every source of randomness of one epoch, from (seed, epoch) alone."""
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling of one epoch, from (seed, epoch) alone. torch's default generator is
+    reseeded too: dropout and drop-path draw from it (torch offers them no generator), and
+    only torch ops draw from it, in this thread, during the epoch."""
     s = seed * 100_003 + epoch
-    random.seed(s)
-    np.random.seed(s % 2**32)
     torch.manual_seed(s)
     return torch.Generator().manual_seed(s)
 
@@ -173,26 +240,21 @@ def _optimizer_and_schedule(net: Network, cfg: Finetune, steps_per_epoch: int):
 # ---------------------------------------------------------------- the probe as a start
 
 
-def probe_for_init(params: Params, train_rows: list[Row]) -> LinearHead:
+def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> LinearHead:
     """The head's start: a logistic probe on the store's pooled codes of the train split only,
-    at the C the sweep chose for pooled (train.C_grid on val).
+    at the C the sweep chose for pooled (train.C_grid on val; 1.0 when it was not swept).
 
     Not the saved probe, which is refit on train + val: a head that has seen the val images
     scores them near 1.0 from step 0, and val could no longer tell epochs apart."""
-    from tasks.backbones import POOLED
-    from tasks.train import make_probe, to_head
-
-    paths = params.base.paths
-    store = current_store(paths.features)
+    store = current_store(params.base.paths.features)
     with FeatureStore(store) as s:
         if POOLED not in s.layers:
             raise TlflowError("finetune.init_head: probe needs pooled codes in the store "
                               "(add pooled to extract.layers) or init_head: random")
         x = s.read(POOLED, [r.sha256 for r in train_rows])
-    table = json.loads(paths.probe_metrics.read_text()).get("layers", [])
-    C = next((r["C"] for r in table if r["layer"] == POOLED), 1.0)
-    cfg = params.train.model_copy(update={"classifier": "logistic", "C_grid": (C,),
-                                          "normalize": "standardize"})
+    C = 1.0 if C is None else C
+    cfg = Train(classifier="logistic", C_grid=(C,), max_iter=params.train.max_iter,
+                normalize="standardize", class_weight=params.train.class_weight)
     probe = make_probe(C, cfg, params.base.seed)
     probe.fit(x, [r.label for r in train_rows])
     print(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
@@ -203,16 +265,17 @@ def probe_for_init(params: Params, train_rows: list[Row]) -> LinearHead:
 # ---------------------------------------------------------------- the shell
 
 
-def _fingerprint(params: Params, cfg: Finetune, manifest: Path, probe: list[Path]) -> str:
-    """What a checkpoint must share with this run to be resumed by it."""
+def _fingerprint(params: Params, cfg: Finetune, manifest: Path, skipped: list[str],
+                 pooled_C: float | None) -> str:
+    """What a checkpoint must share with this run to be resumed by it: params, data, the
+    head's start, and the code of the fine-tune stage (its derived code deps)."""
     ext = params.extract
     blob = json.dumps({
         "finetune": cfg.model_dump(mode="json"), "seed": params.base.seed,
         "backbone": ext.backbone, "weights": ext.weights, "image_size": ext.image_size,
-        "manifest": sha256_file(manifest),
-        "code": [sha256_file(Path(f)) for f in (checkpoint.__file__, network.__file__, __file__)],
-        "skipped": sorted(bad_images(params.base.paths.extract_report)),
-        "probe": [sha256_file(p) for p in probe if p.is_file()],
+        "manifest": sha256_file(manifest), "skipped": skipped, "pooled_C": pooled_C,
+        "max_iter": params.train.max_iter, "class_weight": params.train.class_weight,
+        "code": {f: sha256_file(ROOT / f) for f in code_deps("finetune")},
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -236,8 +299,6 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
               device: torch.device, curve_path: Path, curve_before: list[dict]) -> dict:
     """Train until epochs or patience run out, resuming a matching checkpoint; the returned
     state names the best epoch, whose weights are loaded into the network at the end."""
-    from tasks.finetune import write_curve
-
     cfg, ckpt = phase.cfg, phase.ckpt
     freeze(net, cfg)
     steps = math.ceil(len(train_ds) / cfg.batch_size)
@@ -270,7 +331,8 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
     while epoch < cfg.epochs and not state["stopped_early"]:
         epoch += 1
         t0 = time.perf_counter()
-        gen = _seed_epoch(seed + 7 * phase.first_epoch, epoch)
+        gen = _epoch_generator(seed + 7 * phase.first_epoch, epoch)
+        train_ds.epoch = epoch
         loss = train_epoch(net, _loader(train_ds, cfg, device, True, gen), opt, sched, cfg,
                            device, f"finetune epoch {epoch}")
         acc, val_loss = val_scores(net, val_loader, device, cfg.precision)
@@ -296,17 +358,17 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
     return state
 
 
-def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = False) -> dict:
+def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = False,
+              pooled_C: float | None = None) -> dict:
     """Fine-tune (cfg, default params.finetune), resuming matching checkpoints; with then_all,
     a second phase trains everything from the first's best weights, kept only if val
-    improves. Saves the best-on-val network, its sidecar and the learning curve."""
-    from tasks.finetune import write_curve
-
+    improves. The head starts from a train-split probe at `pooled_C`. Saves the best-on-val
+    network, its sidecar and the learning curve."""
     cfg = cfg or params.finetune
     paths, seed = params.base.paths, params.base.seed
-    rows = usable(read_manifest(paths.manifest), paths.extract_report)
-    train_rows = [r for r in rows if r.split == "train"]
-    val_rows = [r for r in rows if r.split == "val"]
+    bad = read_extract_report(paths.extract_report).bad
+    rows = without(read_manifest(paths.manifest), bad)
+    train_rows, val_rows = of_split(rows, "train"), of_split(rows, "val")
     if not val_rows:
         raise TlflowError("finetune: the val split is empty; early stopping and the best "
                           "epoch need one (set ingest.val_fraction above 0)")
@@ -316,13 +378,13 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
 
     net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
-        init_from_probe(net, probe_for_init(params, train_rows))
+        init_from_probe(net, probe_for_init(params, train_rows, pooled_C))
     net.model.to(device, memory_format=torch.channels_last)
-    train_ds = Images(train_rows, paths.images, classes, train_transform(net, cfg))
+    train_ds = Images(train_rows, paths.images, classes, net.backbone.transform(),
+                      train_augment(net, cfg), seed)
     val_loader = _loader(Images(val_rows, paths.images, classes, net.backbone.transform()),
                          cfg, device, False)
-    fingerprint = _fingerprint(params, cfg, paths.manifest,
-                               [paths.probe_metrics] if cfg.init_head == "probe" else [])
+    fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), pooled_C)
     ckpt = paths.finetune_checkpoints
     first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_loader, seed, device,
                       paths.finetune_curve, [])
@@ -355,13 +417,14 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     return meta
 
 
-def finetuned_probabilities(params: Params, net: Network, files: list[Path]) -> np.ndarray:
-    """Softmax probabilities of the fine-tuned network for image files (finetune.device)."""
+def finetuned_probabilities(net: Network, files: list[Path], device_spec: str = "auto",
+                            batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities (N, K) of the fine-tuned network for image files."""
     from scipy.special import softmax
 
-    device = resolve_device(params.finetune.device, "finetune.device")
-    ds = Images([Row(str(f), "", net.classes[0], "") for f in files], Path(), net.classes,
+    device = resolve_device(device_spec, "finetune.device")
+    ds = Images([Row(str(f), "", net.classes[0], "test") for f in files], Path(), net.classes,
                 net.backbone.transform())
-    loader = torch.utils.data.DataLoader(ds, batch_size=params.finetune.batch_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
     net.model.to(device, memory_format=torch.channels_last)
     return softmax(logits(net, loader, device), axis=1)

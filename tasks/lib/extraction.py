@@ -1,0 +1,140 @@
+"""Turning images into CNN codes: the extractor's identity, the loader, the batched forward
+pass, and the filling of a feature store. Used by extract (the stage) and predict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.lib.backbones import Backbone, CodeExtractor
+from tasks.lib.device import autocast, effective_precision, resolve_workers
+from tasks.lib.errors import TlflowError
+from tasks.lib.featurestore import FeatureStore
+from tasks.lib.images import DECODING, read_image
+from tasks.lib.manifest import Row
+from tasks.lib.params import Extract
+from tasks.lib.progress import Progress
+
+POOLING = "avg"
+
+
+def describe_extractor(identity: dict[str, Any], cfg: Extract,
+                       device: torch.device) -> dict[str, Any]:
+    """The canonical description hashed into the extractor id: backbone, weights,
+    preprocessing, decoding rules, layers, pooling, storage dtype, and the precision the
+    codes are computed in (bf16 codes differ from fp32 ones). Not the device itself, nor the
+    batch size: fp32 codes agree across devices to float tolerance."""
+    return {**identity, "layers": sorted(cfg.layers), "pooling": POOLING, "dtype": cfg.dtype,
+            "decoding": DECODING, "precision": effective_precision(device, cfg.precision)}
+
+
+def missing_images(rows: list[Row], have: set[str]) -> list[Row]:
+    """One row per image hash the store lacks (duplicates by content are computed once)."""
+    todo: dict[str, Row] = {}
+    for r in rows:
+        if r.sha256 not in have and r.sha256 not in todo:
+            todo[r.sha256] = r
+    return list(todo.values())
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, tensor or None, error or None) per file: a bad file never stops the loader."""
+
+    def __init__(self, files: list[Path], transform: Callable) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, read_image(self.files[i], self.transform), None
+        except TlflowError as err:
+            return i, None, str(err)
+
+
+@dataclass
+class Batch:
+    """The readable images of one loader batch, and the errors of the others."""
+
+    indices: list[int]
+    images: torch.Tensor | None
+    errors: list[tuple[int, str]]
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    return Batch(
+        indices=[i for i, _ in good],
+        images=torch.stack([x for _, x in good]) if good else None,
+        errors=[(i, e) for i, _, e in items if e is not None],
+    )
+
+
+def encode(model: CodeExtractor, x: torch.Tensor, device: torch.device,
+           precision: str) -> dict[str, np.ndarray]:
+    """Codes of one batch (float32 numpy); on CUDA out-of-memory, halve the batch and retry."""
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
+            return {k: v.float().cpu().numpy() for k, v in model(x).items()}
+    except torch.cuda.OutOfMemoryError:
+        if len(x) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(x) // 2
+        parts = [encode(model, p, device, precision) for p in (x[:half], x[half:])]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Iterator[Batch],
+         cfg: Extract, device: torch.device) -> list[dict[str, str]]:
+    """Compute and commit the codes of `todo` batch by batch; return the unreadable images."""
+    bad: list[dict[str, str]] = []
+    progress = Progress("extract", len(todo))
+    try:
+        for batch in loader:
+            for i, err in batch.errors:
+                if cfg.on_bad_image == "fail":
+                    raise TlflowError(err)
+                print(f"extract: skipped {err}", flush=True)
+                bad.append({"relpath": todo[i].relpath, "sha256": todo[i].sha256, "reason": err})
+            if batch.images is not None:
+                codes = encode(model, batch.images, device, cfg.precision)
+                store.append([todo[i].sha256 for i in batch.indices],
+                             {k: v.astype(cfg.dtype) for k, v in codes.items()})
+            progress.advance(len(batch.indices) + len(batch.errors))
+    finally:
+        progress.close()
+    return bad
+
+
+def make_loader(files: list[Path], backbone: Backbone, cfg: Extract,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of decoded images in file order (extraction is deterministic: no shuffling)."""
+    workers = resolve_workers(cfg.num_workers, device)
+    if device.type == "cpu":  # decoders and the forward pass share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+    return torch.utils.data.DataLoader(
+        ImageFiles(files, backbone.transform()), batch_size=cfg.batch_size,
+        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def compute_codes(files: list[Path], backbone: Backbone, layer: str, cfg: Extract,
+                  device: torch.device) -> list[np.ndarray]:
+    """Codes of one layer for image files, in order; an unreadable file is an error."""
+    model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
+    transform = backbone.transform()
+    out: list[np.ndarray] = []
+    for start in range(0, len(files), cfg.batch_size):
+        x = torch.stack([read_image(f, transform) for f in files[start:start + cfg.batch_size]])
+        out.extend(encode(model, x, device, cfg.precision)[layer])
+    return out

@@ -1,0 +1,72 @@
+"""The architecture, held by reading the imports (AST): a stage imports only the library,
+the library never imports a stage, there are no import circles, package inits hold no code."""
+
+import ast
+from pathlib import Path
+
+from tasks.lib.codedeps import imports_of
+from tests.conftest import ROOT
+
+STAGE_MODULES = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
+LIB = ROOT / "tasks" / "lib"
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    files = [p for p in (ROOT / "tasks").rglob("*.py") if p.name != "__init__.py"]
+    return {_module(p): imports_of(p) for p in files}
+
+
+def test_the_stages_and_commands_are_the_expected_ones():
+    assert {"ingest", "extract", "train", "finetune", "evaluate", "predict",
+                             "advise"} == STAGE_MODULES
+
+
+def test_a_stage_imports_only_the_library():
+    for module, imports in _graph().items():
+        if module.startswith("tasks.lib."):
+            continue
+        other = {m for m in imports if not m.startswith("tasks.lib.")}
+        assert not other, f"{module} imports {sorted(other)}: stages import only tasks.lib"
+
+
+def test_the_library_never_imports_a_stage():
+    for module, imports in _graph().items():
+        if module.startswith("tasks.lib."):
+            stages = {m for m in imports if not m.startswith("tasks.lib.")}
+            assert not stages, f"{module} imports the stage(s) {sorted(stages)}"
+
+
+def test_no_import_circles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            assert state.get(n) != 1, "import circle: " + " -> ".join([*path, m, n])
+            if n not in state:
+                visit(n, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_package_inits_hold_only_a_docstring():
+    """codedeps leaves __init__.py files out of the code deps: they must not hold code."""
+    for init in (ROOT / "tasks").rglob("__init__.py"):
+        body = ast.parse(init.read_text()).body
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                   for n in body), init
+
+
+def test_no_module_is_named_like_the_standard_library():
+    import sys
+
+    for path in (ROOT / "tasks").rglob("*.py"):
+        assert path.stem not in sys.stdlib_module_names, path
