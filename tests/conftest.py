@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,15 +79,72 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for running `tlflow` and `dvc` from the test's venv, offline."""
+def cli_env(tmp_path: Path, api_url: str | None = None) -> dict[str, str]:
+    """Environment for running `tlflow` and `dvc` from the test's venv, offline. Without
+    `api_url`, a flow run starts Prefect's temporary server (the default a new user gets);
+    with it (the `prefect_server` fixture), runs report to that server."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PREFECT_HOME"] = str(tmp_path / ".prefect")
     env.pop("PREFECT_API_URL", None)
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["DVC_NO_ANALYTICS"] = "1"
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll `predicate` until it returns something true; fail after `timeout` seconds, or as
+    soon as `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real `prefect server start` on a free loopback port for the whole test run (what a
+    bigger user points PREFECT_API_URL at); its URL. Sharing it spares every flow run in the
+    suite the start of a temporary server (about 7 s each on 2 cores)."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    env = {**cli_env(home), "PREFECT_HOME": str(home / ".prefect"),
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_UI_ENABLED": "false"}
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "the Prefect server", proc)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300):

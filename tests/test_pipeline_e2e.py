@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory):
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: str):
     root = copy_project(tmp_path_factory.mktemp("project"))
-    env = cli_env(root)
+    env = cli_env(root, prefect_server)
     proc = run_cli(["tlflow", "run"], root, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root, env, proc.stdout + proc.stderr

@@ -2,69 +2,27 @@
 
 import os
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN, COLOURS, cli_env, copy_project, write_image
+from tests.conftest import BIN, COLOURS, cli_env, copy_project, wait_for, write_image
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def server(prefect_server: str) -> str:
+    return prefect_server
 
 
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on a free port, with its own PREFECT_HOME; stopped at the end."""
-    home = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
-    env = {**cli_env(home), "PREFECT_HOME": str(home / ".prefect"),
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-           "PREFECT_UI_ENABLED": "false"}
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait(healthy, 120, "the Prefect server", proc)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
-
-
-def _completed_runs(url: str) -> list[dict]:
-    body = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+def _completed_runs(url: str, deployment: str) -> list[dict]:
+    """The completed flow runs of one deployment (the server is shared by the whole suite)."""
+    body = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+            "deployments": {"name": {"any_": [deployment]}}}
     return httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10).json()
 
 
@@ -89,13 +47,15 @@ def test_served_runs_take_the_source_as_it_is_now(server: str, tmp_path: Path):
     root = _project(tmp_path / "project", images)
     env = {**cli_env(tmp_path), "PREFECT_API_URL": server}
     out = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    serve = subprocess.Popen([str(BIN / "tlflow"), "serve", "--interval", "10"], cwd=root,
+    serve = subprocess.Popen([str(BIN / "tlflow"), "serve", "--interval", "10", "--name",
+                              "served-test"], cwd=root,
                              env=env, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
-        _wait(lambda: len(_completed_runs(server)) >= 1, 240, "a first completed run", serve)
+        runs = lambda: len(_completed_runs(server, "served-test"))  # noqa: E731
+        wait_for(lambda: runs() >= 1, 240, "a first completed run", serve)
         _colours(images, 1, start=50)  # one new image per class
-        _wait(lambda: len(_completed_runs(server)) >= 2, 240, "a second completed run", serve)
+        wait_for(lambda: runs() >= 2, 240, "a second completed run", serve)
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         try:

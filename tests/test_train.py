@@ -180,3 +180,19 @@ def test_train_writes_the_head_it_fitted_whatever_was_there(tmp_path: Path,
     train.run(params)
     assert tensors_path(params.base.paths.head).read_bytes() == first
     assert params.base.paths.head.with_suffix(".json").read_bytes() == sidecar
+
+
+def test_a_damaged_head_is_repaired_by_rerunning_train(tmp_path: Path, image_folder: Path):
+    """Train never reads the head it wrote before, so a truncated one is simply replaced."""
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)},
+                         extract={"layers": ["pooled"], "image_size": 32})
+    for stage in (ingest, extract, train):
+        stage.run(params)
+    path = tensors_path(params.base.paths.head)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(TlflowError, match="not a safetensors head"):
+        load_head(params.base.paths.head)
+    train.run(params)
+    assert path.read_bytes() == good
+    assert load_head(params.base.paths.head).classes == ("blue", "green", "red")
