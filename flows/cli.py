@@ -34,8 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("target", type=Path, help="an image or a folder of images")
     pr.add_argument("--top-k", type=int, default=1, help="how many labels per image")
     pr.add_argument("--out", type=Path, help="also write the predictions to this CSV")
-    pr.add_argument("--model", choices=("probe", "finetuned"), default="probe",
-                    help="the linear probe on the codes (default) or the fine-tuned network")
+    pr.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
+                    help="the version in prod (default; the working tree's probe when none "
+                         "is), or the working tree's probe or fine-tuned network")
+    pm = sub.add_parser("promote", help="register HEAD's model with GTO and assign it to a "
+                                        "stage, unless it is worse than the one serving")
+    pm.add_argument("--model", choices=("probe", "finetuned"), default="probe",
+                    help="which artifact (default probe)")
+    pm.add_argument("--force", action="store_true", help="promote even when the rule says no")
+    pm.add_argument("--stage", default="prod", help="the GTO stage (default prod)")
     a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
     a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
@@ -119,6 +126,18 @@ def cmd_stage(name: str) -> int:
 
     runner = stage_runner(name)
     runner(load_params())
+    return 0
+
+
+def cmd_promote(model: str, force: bool, stage: str) -> int:
+    """Compare HEAD's model with the one in the stage; register and assign it if promoted."""
+    from tasks.lib import registry
+    from tasks.lib.params import load_params
+
+    params = load_params()
+    outcome = registry.promote(Path(), params.base.paths, params.train.promote_margin, model,
+                               stage, force)
+    print(registry.describe(outcome, stage))
     return 0
 
 
@@ -262,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args.cron, args.interval, args.name)
         if args.command == "deploy":
             return cmd_deploy(args.pool, args.cron, args.interval, args.name)
+        if args.command == "promote":
+            return cmd_promote(args.model, args.force, args.stage)
         if args.command == "predict":
             from tasks import predict
             from tasks.lib.params import load_params, scoped

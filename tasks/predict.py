@@ -1,23 +1,28 @@
-"""Predict: labels for new images with the probe (codes in the store are reused) or the
-fine-tuned network.
+"""Predict: labels for new images with the model in prod (GTO), or the working tree's probe
+(codes in the store are reused) or fine-tuned network.
 
 Read-only: it never writes to the feature store (a DVC output), and it refuses to run when the
-current params describe another extractor than the one the head was trained on.
+current store or params describe another extractor than the one the head was trained on. The
+promoted model's files are read at its commit through dvc.api (safetensors and JSON only).
 """
 
 from __future__ import annotations
 
 import csv
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, sha256_file
-from tasks.lib.head import LinearHead, load_head
+from tasks.lib.head import LinearHead, load_head, tensors_path
 from tasks.lib.images import image_files
 from tasks.lib.params import Params
+from tasks.lib.registry import PROD, Version, fetch_model, promoted
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -46,8 +51,10 @@ def head_scores(head: LinearHead, codes: np.ndarray) -> np.ndarray:
     return head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
 
 
-def codes_for(files: list[Path], head: LinearHead, params: Params) -> tuple[np.ndarray, int]:
+def codes_for(files: list[Path], head: LinearHead, params: Params,
+              source: str | None = None) -> tuple[np.ndarray, int]:
     """Codes of the head's layer: from the store where present, else one forward pass each.
+    The current store must hold the head's extractor's codes (`source` names the head).
 
     Returns the codes and how many images had to be computed.
     """
@@ -56,7 +63,14 @@ def codes_for(files: list[Path], head: LinearHead, params: Params) -> tuple[np.n
 
     keys = [sha256_file(f) for f in files]
     layer = head.meta["layer"]
-    with FeatureStore(current_store(params.base.paths.features)) as store:
+    path = current_store(params.base.paths.features)
+    if path.stem != head.meta.get("extractor_id"):
+        raise TlflowError(
+            f"{source or tensors_path(params.base.paths.head)}: trained on codes of extractor "
+            f"{head.meta.get('extractor_id')}, the current store is {path}; rerun `tlflow run` "
+            "(and `tlflow promote`), or pick --model probe"
+        )
+    with FeatureStore(path) as store:
         have = set(store.keys())
         cached = [k for k in keys if k in have]
         stored = dict(zip(cached, store.read(layer, cached), strict=True)) if cached else {}
@@ -102,24 +116,47 @@ def _check_k(k: int, n_classes: int) -> None:
         raise TlflowError(f"--top-k: must be between 1 and {n_classes}, got {k}")
 
 
+def load_promoted(params: Params, root: Path = Path()) -> tuple[Version, Any] | None:
+    """The model in prod, loaded from its files at its commit (a LinearHead or a Network);
+    None when no version is assigned to prod (or there is no git repo)."""
+    version = promoted(root, PROD)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        stem = fetch_model(root, params.base.paths, version, Path(tmp))
+        if version.artifact == "finetuned":
+            from tasks.lib.network import load_network
+
+            return version, load_network(stem)
+        return version, load_head(stem)
+
+
 def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
-        model: str = "probe") -> list[Prediction]:
+        model: str = "promoted") -> list[Prediction]:
     """Predict every image of `target`; print one line each; write a CSV when asked."""
     files = image_files(target)
+    served, source = None, None
+    if model == "promoted":
+        served = load_promoted(params)
+        if served is None:
+            print(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the working "
+                  "tree's probe", file=sys.stderr, flush=True)
+        source = f"{served[0].label()} in {PROD}" if served else None
+        model = served[0].artifact if served else "probe"
     if model == "finetuned":
         from tasks.lib.finetuning import finetuned_probabilities
         from tasks.lib.network import load_network
 
-        net = load_network(params.base.paths.finetuned)
+        net = served[1] if served else load_network(params.base.paths.finetuned)
         _check_k(k, len(net.classes))  # before any forward pass
         scores = finetuned_probabilities(net, files, params.finetune.device,
                                          params.finetune.batch_size)
         classes = net.classes
         kind, note = "probability", f"predict: {len(files)} images, fine-tuned network"
     else:
-        head = load_head(params.base.paths.head)
+        head = served[1] if served else load_head(params.base.paths.head)
         _check_k(k, len(head.classes))  # before any forward pass
-        codes, n_computed = codes_for(files, head, params)
+        codes, n_computed = codes_for(files, head, params, source)
         scores, classes = head_scores(head, codes), head.classes
         kind = "probability" if head.has_probabilities else "decision"
         note = (f"predict: {len(files)} images, {len(files) - n_computed} codes from the "
@@ -129,7 +166,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     for p in preds:
         print(p.path, "  ".join(f"{lab} {v:.3f}" for lab, v in zip(p.labels, p.scores,
                                                                      strict=True)))
-    print(note, flush=True)
+    print(note + (f" ({source})" if source else ""), flush=True)
     if kind == "decision":
         print("predict: the scores are the linear SVM's decision values, not probabilities")
     if out is not None:
