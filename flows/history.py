@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import yaml
 
 from tasks.lib.errors import TlflowError
+from tasks.lib.handoff import parse_eval_metrics
+from tasks.lib.head import parse_meta
 from tasks.lib.params import Params
 
 
@@ -94,9 +95,9 @@ def entry(rev: str, when: str, params: Params) -> Entry:
         images = frozenset(r["sha256"] for r in csv.DictReader(io.StringIO(text)))
     model_md5 = _out_md5(lock, "train", f"{paths.head}.safetensors")
     head_json = _dvc_read(f"{paths.head}.json", rev)
-    head = json.loads(head_json) if head_json else {}
+    head = parse_meta(head_json, f"{rev}:{paths.head}.json") if head_json else {}
     metrics_text = _show(rev, str(paths.eval_metrics))
-    metrics = json.loads(metrics_text) if metrics_text else {}
+    metrics = parse_eval_metrics(metrics_text, paths.eval_metrics) if metrics_text else {}
     return Entry(rev, when, manifest_md5, images, model_md5, head, _params(lock), metrics)
 
 

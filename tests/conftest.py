@@ -62,7 +62,8 @@ def make_params(tmp_path: Path, **sections: dict) -> Params:
     return params_under(tmp_path, ROOT / "params.yaml", **sections)
 
 
-PROJECT_FILES = ("params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = ("params.yaml", "dvc.yaml", "artifacts.yaml", ".dvcignore", ".dvc/config",
+                 ".dvc/.gitignore")
 
 
 def copy_project(dest: Path) -> Path:

@@ -30,8 +30,12 @@ def _read(path: Path, stage: str, keys: tuple[str, ...]) -> dict[str, Any]:
     """A JSON object with at least `keys`, or an error naming the file and its stage."""
     if not path.is_file():
         raise handoff_error(path, stage)
+    return _parse(path.read_bytes(), path, stage, keys)
+
+
+def _parse(text: str | bytes, path: Path, stage: str, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise handoff_error(path, stage, f"not valid JSON ({err})") from None
     if not isinstance(obj, dict) or any(k not in obj for k in keys):
@@ -126,3 +130,8 @@ def write_eval_metrics(path: Path, metrics: dict[str, Any]) -> None:
 
 def read_eval_metrics(path: Path) -> dict[str, Any]:
     return _read(path, "evaluate", ("probe",))
+
+
+def parse_eval_metrics(text: str, path: Path) -> dict[str, Any]:
+    """The eval metrics from their JSON text (e.g. as committed at a git revision)."""
+    return _parse(text, path, "evaluate", ("probe",))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.lib.errors import TlflowError
+from tasks.lib.errors import TlflowError, handoff_error
 from tasks.lib.files import atomic_path, write_json
 
 FORMAT = "tlflow.linear_head/1"
@@ -77,6 +77,18 @@ def save_head(head: LinearHead, stem: Path) -> None:
     write_json(meta_path(stem), {**head.meta, "format": FORMAT, "classes": list(head.classes)})
 
 
+def parse_meta(text: str, where: str) -> dict[str, Any]:
+    """A head's sidecar from its JSON text (read from disk, or from git / DVC at a revision);
+    `where` names it in the error."""
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise handoff_error(Path(where), "train", f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise handoff_error(Path(where), "train", f"not a {FORMAT} sidecar")
+    return meta
+
+
 def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
     """Read a head; refuse a pickle, a truncated file or one from another extractor."""
     from safetensors import SafetensorError
@@ -90,11 +102,8 @@ def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise TlflowError(f"{path}: not a safetensors head (pickles are refused): {err}") from None
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TlflowError(f"{sidecar}: not valid JSON: {err}") from None
-    if meta.get("format") != FORMAT or set(tensors) != set(_TENSORS):
+    meta = parse_meta(sidecar.read_text(errors="replace"), str(sidecar))
+    if set(tensors) != set(_TENSORS):
         raise TlflowError(f"{path}: not a {FORMAT} head (tensors {sorted(tensors)})")
     if extractor_id is not None and meta.get("extractor_id") != extractor_id:
         raise TlflowError(
