@@ -130,39 +130,6 @@ def test_bad_csv_rows(tmp_path: Path, image_folder: Path, content: str, needle: 
     assert needle in str(err.value)
 
 
-def test_manifest_missing(tmp_path: Path):
-    with pytest.raises(TlflowError, match=r"manifest.csv: not found \(written by the ingest stage"):
-        read_manifest(tmp_path / "manifest.csv")
-
-
-def test_unchanged_files_are_not_reread(tmp_path: Path, image_folder: Path):
-    from tasks.lib.hashcache import HashCache
-    from tasks.lib.sources import folder_items, snapshot
-
-    images, cache_path = tmp_path / "images", tmp_path / "cache.sqlite"
-    items = folder_items(image_folder)
-    with HashCache(cache_path) as cache:
-        first = snapshot(items, images, cache)
-        assert cache.reads == 36
-    with HashCache(cache_path) as cache:
-        assert snapshot(items, images, cache) == first
-        assert cache.reads == 0  # stat only
-    write_image(image_folder / "red" / "00.png", COLOURS["blue"], seed=7)  # new bytes
-    with HashCache(cache_path) as cache:
-        again = dict((it.relpath, sha) for it, sha in snapshot(items, images, cache))
-        assert cache.reads == 1
-    assert again["red/00.png"] != dict((it.relpath, s) for it, s in first)["red/00.png"]
-
-
-def test_a_corrupt_hash_cache_is_rebuilt(tmp_path: Path, image_folder: Path):
-    from tasks.lib.hashcache import HashCache
-
-    cache_path = tmp_path / "cache.sqlite"
-    cache_path.write_bytes(b"garbage" * 100)
-    with HashCache(cache_path) as cache:
-        assert len(cache.sha256(image_folder / "red" / "00.png")) == 64
-
-
 def test_an_empty_test_split_stops_ingest_not_evaluate(tmp_path: Path, image_folder: Path):
     params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder),
                                            "test_fraction": 0.0})

@@ -74,8 +74,9 @@ def code_deps(stage: str, root: Path = ROOT) -> list[str]:
 
 
 def write_dvc_yaml(dvc_yaml: Path, stages: list[str]) -> bool:
-    """Replace each stage's `tasks/...` deps in dvc.yaml by its derived list, keeping every
-    other line (comments included). Returns whether the file changed."""
+    """Replace each stage's `tasks/...` deps in dvc.yaml by its derived list (from the tasks
+    package beside it), keeping every other line (comments included). Returns whether the
+    file changed."""
     old = dvc_yaml.read_text()
     out: list[str] = []
     stage, written = None, set()
@@ -86,7 +87,7 @@ def write_dvc_yaml(dvc_yaml: Path, stages: list[str]) -> bool:
         if stage in stages and stripped.startswith("- tasks/"):
             if stage not in written:
                 indent = line[: len(line) - len(line.lstrip())]
-                out += [f"{indent}- {d}\n" for d in code_deps(stage)]
+                out += [f"{indent}- {d}\n" for d in code_deps(stage, dvc_yaml.parent)]
                 written.add(stage)
             continue
         out.append(line)

@@ -58,3 +58,35 @@ def test_a_check_across_keys_names_its_key():
     raw["train"].update(classifier="sgd", cv=3)
     with pytest.raises(TlflowError, match=r"^params.yaml: train.cv: k-fold CV is for the"):
         parse_params(raw)
+
+
+def test_a_stage_reads_only_what_it_declares():
+    from tasks.lib.params import UndeclaredParamError, scoped
+
+    params = load_params(ROOT / "params.yaml")
+    view = scoped(params, ("base.seed", "train.max_iter", "finetune"))
+    assert view.base.seed == params.base.seed
+    assert view.base.paths == params.base.paths  # paths are deps/outs, always readable
+    assert view.train.max_iter == params.train.max_iter
+    assert view.finetune is params.finetune  # a whole section is the section itself
+    with pytest.raises(UndeclaredParamError, match=r"train\.C_grid: read by a stage"):
+        _ = view.train.C_grid
+    with pytest.raises(UndeclaredParamError, match=r"^extract: read by a stage"):
+        _ = view.extract
+    with pytest.raises(AttributeError, match="read-only"):
+        view.train = None
+
+
+def test_every_stage_runs_with_what_it_declares():
+    """Each stage's PARAMS name real keys (a typo would make dvc.yaml watch nothing)."""
+    import importlib
+
+    from flows.stages import STAGES
+
+    params = load_params(ROOT / "params.yaml").model_dump()
+    for name in (*STAGES, "predict", "advise"):
+        for key in importlib.import_module(f"tasks.{name}").PARAMS:
+            node = params
+            for part in key.split("."):
+                assert part in node, f"tasks/{name}.py PARAMS: unknown key {key}"
+                node = node[part]

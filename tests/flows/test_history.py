@@ -1,0 +1,31 @@
+"""`tlflow history`: one line per committed dvc.lock (the e2e test runs it on real commits)."""
+
+from pathlib import Path
+
+import pytest
+
+from flows import history
+from tasks.lib.errors import TlflowError
+from tests.conftest import make_params
+
+
+def _entry(rev: str, images: set[str], params: dict, acc: float) -> history.Entry:
+    return history.Entry(rev, "2026-11-29T10:00:00+00:00", f"{rev}md5", frozenset(images),
+                         f"{rev}model", {"extractor_id": "e1"}, params,
+                         {"probe": {"accuracy": acc}})
+
+
+def test_lines_say_what_changed_between_runs():
+    lines = history.lines([
+        _entry("a1", {"x", "y"}, {"train.C_grid": [1.0]}, 0.9),
+        _entry("b2", {"y", "z", "w"}, {"train.C_grid": [0.4]}, 0.95),
+    ])
+    assert "first run" in lines[0] and "(2 images)" in lines[0]
+    assert "(+2 -1, 3 images)" in lines[1] and "train.C_grid=[0.4]" in lines[1]
+    assert "test acc 0.9500" in lines[1] and "extractor e1" in lines[1]
+
+
+def test_history_needs_git(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TlflowError, match="no git repository"):
+        history.run(make_params(tmp_path))

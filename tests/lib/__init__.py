@@ -1,0 +1,1 @@
+"""Tests of tasks/lib, one module per library module."""

@@ -1,0 +1,26 @@
+"""Device, decoder processes and the precision the network really computes in."""
+
+import pytest
+import torch
+
+from tasks.lib.device import autocast, effective_precision, resolve_device, resolve_workers
+from tasks.lib.errors import TlflowError
+
+
+def test_the_cpu_computes_fp32_whatever_is_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert {effective_precision(cpu, p) for p in ("bf16", "fp16", "fp32")} == {"fp32"}
+    assert [effective_precision(cuda, p) for p in ("bf16", "fp16", "fp32")] == [
+        "bf16", "fp16", "fp32"]
+    with autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_devices_and_workers():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    assert resolve_workers(None, torch.device("cpu")) == 0  # the cores compute
+    assert 1 <= resolve_workers(None, torch.device("cuda:0")) <= 8
+    if not torch.cuda.is_available():
+        with pytest.raises(TlflowError, match=r"extract.device: 'cuda:1' asked for"):
+            resolve_device("cuda:1")

@@ -1,0 +1,60 @@
+"""Each hand-off file has one typed reader and writer; a missing or malformed one is one
+line naming the file and the stage that writes it."""
+
+from pathlib import Path
+
+import pytest
+
+from tasks.lib import handoff
+from tasks.lib.errors import TlflowError
+
+
+def test_round_trips(tmp_path: Path):
+    report = handoff.ExtractReport("e1", 3, ({"relpath": "a.png", "sha256": "s", "reason": "r"},))
+    handoff.write_extract_report(tmp_path / "extract.json", report)
+    assert handoff.read_extract_report(tmp_path / "extract.json") == report
+    assert report.bad == {"s": "r"}
+
+    store = tmp_path / "features" / "e1.h5"
+    handoff.write_pointer(tmp_path / "features", store, {"backbone": "b"})
+    assert handoff.current_store(tmp_path / "features") == store
+
+    choice = handoff.TrainChoice(0.1, None)
+    handoff.write_train_choice(tmp_path / "choice.json", choice)
+    assert handoff.read_train_choice(tmp_path / "choice.json") == choice
+
+    handoff.write_probe_report(tmp_path / "probe.json", {"C": 1.0}, [], [])
+    assert handoff.read_probe_report(tmp_path / "probe.json")["best"] == {"C": 1.0}
+    handoff.write_eval_metrics(tmp_path / "eval.json", {"probe": {"accuracy": 1.0}})
+    assert handoff.read_eval_metrics(tmp_path / "eval.json")["probe"]["accuracy"] == 1.0
+
+
+def test_the_same_object_gives_the_same_bytes(tmp_path: Path):
+    handoff.write_train_choice(tmp_path / "a.json", handoff.TrainChoice(1.0, "probe"))
+    handoff.write_train_choice(tmp_path / "b.json", handoff.TrainChoice(1.0, "probe"))
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+@pytest.mark.parametrize(("reader", "name", "stage"), [
+    (handoff.read_extract_report, "extract.json", "extract"),
+    (handoff.read_probe_report, "probe.json", "train"),
+    (handoff.read_strategy, "strategy.json", "train"),
+    (handoff.read_train_choice, "train_choice.json", "train"),
+    (handoff.read_eval_metrics, "eval.json", "evaluate"),
+])
+def test_missing_or_malformed_names_the_file_and_its_stage(tmp_path: Path, reader, name,
+                                                           stage):
+    path = tmp_path / name
+    with pytest.raises(TlflowError, match=rf"{name}: not found \(written by the {stage} stage"):
+        reader(path)
+    path.write_text("{not json")
+    with pytest.raises(TlflowError, match=rf"{name}: not valid JSON .*the {stage} stage"):
+        reader(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(TlflowError, match=rf"{name}: expected a JSON object with keys"):
+        reader(path)
+
+
+def test_missing_pointer_names_extract(tmp_path: Path):
+    with pytest.raises(TlflowError, match=r"current.json: not found \(written by the extract"):
+        handoff.current_store(tmp_path)
