@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.lib.backbones import CodeExtractor, create_backbone, map_in_order
+from tasks.lib.backbones import POOLED, CodeExtractor, create_backbone, map_in_order
 from tasks.lib.errors import TlflowError
 from tests.conftest import HYMENOPTERA
 
@@ -117,3 +117,76 @@ def test_imagenet_weights_fail_clearly_offline():
 def test_unknown_layer_lists_the_valid_ones(lite0):
     with pytest.raises(TlflowError, match=r"unknown layer 'blocks.9'.*'pooled', 'blocks.0'"):
         CodeExtractor(lite0, ("blocks.9",))
+    resnet = create_backbone("torchvision/resnet18", "none")
+    with pytest.raises(TlflowError, match=r"unknown layer 'layer9'.*'pooled', 'conv1'"):
+        CodeExtractor(resnet, ("layer9",))
+    with pytest.raises(TlflowError, match=r"layer 'fc' gives a \(1, 1000\) tensor"):
+        CodeExtractor(resnet, ("fc",))(torch.zeros(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------- the codes, as hooks gave them
+
+
+def _hooked_codes(backbone, layers, x):
+    """The reference: codes captured by forward hooks (the classifier's input for pooled, a
+    stage's output averaged over H, W), as tlflow computed them before forward_intermediates /
+    create_feature_extractor. The hooks are removed before returning."""
+    got, handles = {}, []
+
+    def keep(name):
+        def hook(_m, args, out=None):
+            got[name] = args[0].flatten(1).float() if out is None else out.float().mean((2, 3))
+        return hook
+
+    try:
+        for name in layers:
+            if name == POOLED:
+                handles.append(backbone.classifier.register_forward_pre_hook(keep(name)))
+            else:
+                m = backbone.model.get_submodule(name)
+                handles.append(m.register_forward_hook(keep(name)))
+        with torch.inference_mode():
+            backbone.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _no_hooks(model: torch.nn.Module) -> bool:
+    return all(not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["timm/tf_efficientnet_lite0", "torchvision/resnet18"])
+def test_codes_equal_the_hook_based_codes_and_leave_no_hook(name, lite0):
+    """Every layer, on random input and (for lite0) on the packaged weights: bit for bit.
+    torchvision/resnet18's bn1 is followed by an in-place ReLU: its code is bn1's output."""
+    b = lite0 if name.startswith("timm/") else create_backbone(name, "none")
+    layers = (POOLED, *[n for n in b.layer_names if n != "fc"])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    want = _hooked_codes(b, layers, x)
+    for subset in (layers, layers[1:], (POOLED,)):  # with and without pooled (stop_early)
+        model = CodeExtractor(b, subset)
+        with torch.inference_mode():
+            got = model(x)
+        assert _no_hooks(b.model)
+        assert list(got) == list(subset)
+        for k in subset:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_one_forward_pass_for_all_layers_and_none_past_the_last_wanted(lite0):
+    calls = []
+    handles = [lite0.model.get_submodule(n).register_forward_hook(lambda *_, n=n: calls.append(n))
+               for n in ("conv_stem", "blocks.3", "conv_head")]
+    try:
+        with torch.inference_mode():
+            CodeExtractor(lite0, ("pooled", "blocks.4", "blocks.2"))(torch.zeros(2, 3, 32, 32))
+            assert calls == ["conv_stem", "blocks.3", "conv_head"]
+            calls.clear()
+            CodeExtractor(lite0, ("blocks.0", "blocks.2"))(torch.zeros(2, 3, 32, 32))
+            assert calls == ["conv_stem"]  # stop_early: blocks.3 on never run
+    finally:
+        for h in handles:
+            h.remove()

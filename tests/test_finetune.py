@@ -126,6 +126,42 @@ def test_learning_rates_and_weight_decay_per_group():
     assert wd_of[id(params["classifier.bias"])] == 0.0
 
 
+def test_optimizer_and_schedule_from_timm_keep_each_groups_rate():
+    """timm's create_optimizer_v2 on tlflow's groups, timm's CosineLRScheduler stepped per
+    update: linear warm-up over round(0.5 epoch * 4) = 2 updates, cosine to 0 at update 8;
+    every group follows the same curve at its own base rate; the state survives JSON."""
+    import math
+
+    net = build(BACKBONE, "packaged", 32, 0, ("a", "b"))
+    cfg = Finetune(trainable="last_n_blocks", n_blocks=2, lr=1e-2, layer_decay=0.5,
+                   epochs=2, warmup_epochs=0.5)
+    freeze(net, cfg)
+    opt = tuning.make_optimizer(net, cfg)
+    assert type(opt) is torch.optim.AdamW
+    base = [g["lr"] for g in opt.param_groups]
+    assert base == [g["lr"] for g in param_groups(net, cfg)]
+    sched = tuning.make_schedule(opt, 4, cfg)
+    want = [0.0, 0.5] + [(1 + math.cos(math.pi * t / 6)) / 2 for t in range(6)] + [0.0]
+    for t, factor in enumerate(want):
+        if t:
+            sched.step_update(t)
+        got = [g["lr"] for g in opt.param_groups]
+        assert got == pytest.approx([b * factor for b in base], abs=1e-15), t
+    again = tuning.make_schedule(tuning.make_optimizer(net, cfg), 4, cfg)
+    again.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    again.step_update(5)
+    sched.step_update(5)
+    assert [g["lr"] for g in again.optimizer.param_groups] == [
+        g["lr"] for g in opt.param_groups]
+
+    sgd = tuning.make_optimizer(net, cfg.model_copy(update={"optimizer": "sgd"}))
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["nesterov"]
+    assert sgd.defaults["momentum"] == cfg.momentum
+    plain = tuning.make_optimizer(net, cfg.model_copy(update={"optimizer": "sgd",
+                                                              "momentum": 0.0}))
+    assert not plain.defaults["nesterov"] and plain.defaults["momentum"] == 0.0
+
+
 def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
     paths = project.base.paths
     head = load_head(paths.head)

@@ -2,14 +2,18 @@
 
 `<dir>/state.json` is the commit point. It is written atomically after the epoch's tensors
 (`epoch-NNNN.safetensors`: model and optimizer) and names them, so a run killed at any moment
-finds either the previous epoch's state or this one's, never a mix.
+finds either the previous epoch's state or this one's, never a mix. The optimizer's
+param_groups (each group's current lr, timm's `initial_lr`, weight decay...) and the
+scheduler's state_dict (timm.scheduler: its configuration and base values, JSON-able) go in
+state.json; the optimizer's per-parameter tensors (AdamW's moments, SGD's momentum buffers)
+in the epoch's safetensors file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -17,6 +21,14 @@ from torch import nn
 from tasks.lib.files import atomic_path, write_json
 
 STATE = "state.json"
+
+
+class Schedule(Protocol):
+    """What a checkpoint needs of an lr schedule (timm.scheduler's and torch's both fit)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,7 +50,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def save(directory: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
-         sched: torch.optim.lr_scheduler.LRScheduler, meta: dict[str, Any]) -> None:
+         sched: Schedule, meta: dict[str, Any]) -> None:
     """Commit the state after `epoch`: tensors first, then state.json; drop older tensors."""
     from safetensors.torch import save_file
 
@@ -74,7 +86,7 @@ def load_state(directory: Path) -> dict[str, Any] | None:
 
 
 def restore(directory: Path, state: dict[str, Any], model: nn.Module,
-            opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+            opt: torch.optim.Optimizer, sched: Schedule) -> None:
     """Load model, optimizer and scheduler as they were after state["epoch"]."""
     from safetensors.torch import load_file
 

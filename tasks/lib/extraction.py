@@ -79,7 +79,8 @@ def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
 
 def encode(model: CodeExtractor, x: torch.Tensor, device: torch.device,
            precision: str) -> dict[str, np.ndarray]:
-    """Codes of one batch (float32 numpy); on CUDA out-of-memory, halve the batch and retry."""
+    """Codes of one batch x (N, 3, H, W): {layer: (N, D) float32 numpy}, from one forward pass
+    of the CodeExtractor; on CUDA out-of-memory, halve the batch and retry."""
     try:
         with torch.inference_mode(), autocast(device, precision):
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)

@@ -124,8 +124,19 @@ def train_mode(net: Network, bn: str) -> None:
 
 
 def param_groups(net: Network, cfg: Finetune) -> list[dict[str, Any]]:
-    """Head at lr, body at lr * backbone_lr_ratio (times layer_decay per block further from
-    the head); no weight decay on norm parameters and biases (1-d tensors)."""
+    """Optimizer groups: the head at lr, the body at lr * backbone_lr_ratio, times
+    layer_decay ** k for a parameter k blocks (`blocks()`, the feature_info stages) before the
+    last one (BEiT's layer-wise decay, Bao et al. 2021, counted in stages); what follows the
+    last block (EfficientNet's conv_head, bn2) counts as the last block. No weight decay on
+    1-d tensors (norm parameters, biases); frozen parameters are in no group. Groups are
+    keyed by (lr, weight_decay), in parameter order.
+
+    Written here, not taken from timm.optim.param_groups_layer_decay (which
+    create_optimizer_v2(model, layer_decay=...) uses): timm has no separate head/body ratio,
+    and its layers are the model's group_matcher groups (every sub-block of EfficientNet,
+    the head at the top scale), so for tf_efficientnet_lite0, lr 1e-2, ratio 0.1, decay 0.5
+    it gives conv_head 5e-3 (required 1e-3), blocks.4 3.9e-5 (5e-4), conv_stem 7.6e-8
+    (3.1e-5). The optimizer itself is timm's (finetuning.make_optimizer)."""
     head = net.head_name + "."
     blocks = net.blocks()
     names = [n for n, _ in net.model.named_parameters()]
