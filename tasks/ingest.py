@@ -8,14 +8,17 @@ from collections import Counter
 from tasks.lib.hashcache import HashCache
 from tasks.lib.manifest import SPLITS, Row, write_manifest
 from tasks.lib.params import Params
-from tasks.lib.sources import build_manifest, snapshot, source_items
+from tasks.lib.sources import build_manifest, scan_source, snapshot
 
 PARAMS = ("base.seed", "ingest")  # what this stage reads besides base.paths (dvc.yaml: params)
 
 
 def run(params: Params) -> list[Row]:
     """Snapshot the source and write the manifest."""
-    items = source_items(params.ingest)
+    scan = scan_source(params.ingest)
+    if scan.ignored.summary():
+        print(f"ingest: ignored {scan.ignored.summary()}", flush=True)
+    items = scan.items
     paths = params.base.paths
     paths.images.mkdir(parents=True, exist_ok=True)
     with HashCache(paths.hash_cache) as cache:

@@ -31,6 +31,7 @@ The rules (`decode`): an image is what a viewer shows.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -150,14 +151,50 @@ def _reason(path: Path, err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+# ---------------------------------------------------------------- which files are images
+
+# Operating-system and archive litter, matched on any part of a path (besides hidden names).
+_METADATA_NAMES = frozenset({
+    "__macosx", ".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r",
+    "$recycle.bin", "system volume information",
+})
+
+
+def metadata_kind(relpath: str) -> str | None:
+    """What OS / archive metadata a relative path is, or None for data.
+
+    A path is metadata when any part of it is hidden (starts with '.': `.DS_Store`,
+    `.ipynb_checkpoints/`, AppleDouble `._*` files) or is one of `__MACOSX`, `Thumbs.db`,
+    `ehthumbs.db`, `desktop.ini`, `Icon\\r`, `$RECYCLE.BIN`, `System Volume Information`
+    (any case). The kind is the name that matched (`._*` for every AppleDouble file).
+    """
+    for part in relpath.split("/"):
+        if part.startswith("._"):
+            return "._*"
+        if part.lower() in _METADATA_NAMES or (part.startswith(".") and part.strip(".")):
+            return part
+    return None
+
+
+def walk_files(folder: Path) -> list[str]:
+    """Every file under a folder as a posix path relative to it, sorted; symlinked files are
+    listed, symlinked folders below it are not entered (as `Path.rglob`)."""
+    found = []
+    for dirpath, _, filenames in os.walk(folder):
+        rel = Path(dirpath).relative_to(folder)
+        found.extend((rel / name).as_posix() for name in filenames
+                     if (Path(dirpath) / name).is_file())
+    return sorted(found)
+
+
 def image_files(target: Path) -> list[Path]:
-    """The image itself, or every image under a folder (sorted)."""
+    """The image itself, or every image under a folder (sorted), without OS metadata."""
     if target.is_file():
         return [target]
     if not target.is_dir():
         raise TlflowError(f"{target}: no such image or folder")
-    files = sorted(p for p in target.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [target / rel for rel in walk_files(target)
+             if metadata_kind(rel) is None and Path(rel).suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise TlflowError(f"{target}: holds no images")
     return files

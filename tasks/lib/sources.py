@@ -13,7 +13,7 @@ import hashlib
 import io
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, sha256_bytes
 from tasks.lib.hashcache import HashCache
-from tasks.lib.images import IMAGE_SUFFIXES
+from tasks.lib.images import IMAGE_SUFFIXES, metadata_kind, walk_files
 from tasks.lib.manifest import SPLITS, Row
 from tasks.lib.params import Ingest
 
@@ -117,48 +117,133 @@ def digits_items() -> list[Item]:
     return items
 
 
-def _class_images(class_dir: Path, root: Path, split: str | None) -> list[Item]:
-    files = sorted(
-        p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not files:
+@dataclass
+class Ignored:
+    """Files a source holds that are not data, counted by why (ingest reports them)."""
+
+    metadata: Counter[str] = field(default_factory=Counter)  # kind (__MACOSX, ._*...) -> files
+    not_images: Counter[str] = field(default_factory=Counter)  # suffix -> files
+    outside: int = 0  # files not inside a class folder
+
+    def add(self, relpath: str) -> bool:
+        """Count relpath if it is metadata; whether it was."""
+        kind = metadata_kind(relpath)
+        if kind is not None:
+            self.metadata[kind] += 1
+        return kind is not None
+
+    def summary(self) -> str:
+        """One line, e.g. '51 metadata files (__MACOSX, ._*), 2 files that are not images
+        (.txt)'; empty when nothing was ignored."""
+        parts = []
+        if self.metadata:
+            parts.append(f"{_files(self.metadata.total(), 'metadata ')} "
+                         f"({_kinds(self.metadata)})")
+        if self.not_images:
+            parts.append(f"{_files(self.not_images.total())} that are not images "
+                         f"({_kinds(self.not_images)})")
+        if self.outside:
+            parts.append(f"{_files(self.outside)} outside the class folders")
+        return ", ".join(parts)
+
+
+def _files(n: int, what: str = "") -> str:
+    return f"{n} {what}file{'' if n == 1 else 's'}"
+
+
+def _kinds(counts: Counter[str], most: int = 4) -> str:
+    names = sorted(counts, key=lambda k: (-counts[k], k))  # most first, then by name
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A source's images, and what it holds besides that was left out."""
+
+    items: list[Item]
+    ignored: Ignored
+
+
+def _class_images(class_dir: Path, root: Path, split: str | None, ignored: Ignored
+                  ) -> list[Item]:
+    """The images at any depth under a class folder; metadata and other files are counted."""
+    label, items = class_dir.name, []
+    for rel in walk_files(class_dir):
+        relpath = f"{class_dir.relative_to(root).as_posix()}/{rel}"
+        if ignored.add(rel):
+            continue
+        suffix = PurePosixPath(rel).suffix.lower()
+        if suffix not in IMAGE_SUFFIXES:
+            ignored.not_images[suffix or "no suffix"] += 1
+            continue
+        items.append(Item(relpath, label, split, src=class_dir / rel))
+    if not items:
         raise TlflowError(f"ingest: class folder {class_dir} holds no images "
                           f"(expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [
-        Item(p.relative_to(root).as_posix(), class_dir.name, split, src=p) for p in files
-    ]
+    return items
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not dirs:
+def _scan_level(folder: Path, root: Path, split: str | None, ignored: Ignored) -> list[Item]:
+    """The class folders directly under `folder` and their images; what else lies there
+    (metadata folders and files, loose files) is counted, never a class."""
+    items: list[Item] = []
+    for entry in sorted(folder.iterdir()):
+        rel = entry.relative_to(root).as_posix()
+        if metadata_kind(entry.name) is not None:
+            for sub in walk_files(entry) if entry.is_dir() else [""]:
+                ignored.add(f"{rel}/{sub}" if sub else rel)
+        elif entry.is_dir():
+            items.extend(_class_images(entry, root, split, ignored))
+        else:
+            ignored.outside += 1
+    if not items:
         raise TlflowError(
             f"ingest: {folder} has no class folders (expected {folder}/<class>/<image>)"
         )
-    return dirs
+    return items
 
 
-def folder_items(root: Path) -> list[Item]:
-    """root/<class>/<image>, or root/train|val|test/<class>/<image> when already split."""
+def scan_folder(root: Path) -> Scan:
+    """root/<class>/<image>, or root/train|val|test/<class>/<image> when already split.
+
+    Images may lie at any depth under their class folder. OS and archive metadata (see
+    `images.metadata_kind`: `__MACOSX`, `._*`, `.DS_Store`, `Thumbs.db`, hidden files and
+    folders) is neither a class nor an image; it, files with other suffixes and files
+    outside the class folders are counted in `Scan.ignored`.
+    """
     if not root.is_dir():
         raise TlflowError(f"ingest.path: folder {root} does not exist")
+    ignored = Ignored()
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
     if "train" not in split_dirs:
-        return [it for d in _class_dirs(root) for it in _class_images(d, root, None)]
+        return Scan(_scan_level(root, root, None, ignored), ignored)
     # hymenoptera layout: train/ and val/ but no test/ -> val/ is the held-out test set
     names = {"train": "train", "val": "val", "test": "test"}
     if "test" not in split_dirs and "val" in split_dirs:
         names["val"] = "test"
-    return [
-        it
-        for s in split_dirs
-        for d in _class_dirs(root / s)
-        for it in _class_images(d, root, names[s])
-    ]
+    items = [it for s in split_dirs for it in _scan_level(root / s, root, names[s], ignored)]
+    for entry in sorted(root.iterdir()):  # beside train/ val/ test/
+        if entry.name in split_dirs:
+            continue
+        for sub in walk_files(entry) if entry.is_dir() else [""]:
+            rel = entry.relative_to(root).as_posix() + (f"/{sub}" if sub else "")
+            if not ignored.add(rel):
+                ignored.outside += 1
+    return Scan(items, ignored)
 
 
-def csv_items(csv_path: Path) -> list[Item]:
-    """Rows path,label[,split]; paths are relative to the CSV's folder."""
+def folder_items(root: Path) -> list[Item]:
+    """The images of a folder source (see `scan_folder`)."""
+    return scan_folder(root).items
+
+
+def scan_csv(csv_path: Path) -> Scan:
+    """Rows path,label[,split]; paths are relative to the CSV's folder.
+
+    A row whose path is OS or archive metadata (a `__MACOSX/` or `._*` file a listing
+    picked up) is left out and counted. Any other suffix is kept: the CSV says the file is
+    an image, and extract reads it by its content.
+    """
     if not csv_path.is_file():
         raise TlflowError(f"ingest.path: CSV file {csv_path} does not exist")
     with open(csv_path, newline="") as f:
@@ -168,7 +253,14 @@ def csv_items(csv_path: Path) -> list[Item]:
             raise TlflowError(
                 f"{csv_path}: missing column(s) {sorted(missing)}; expected path,label[,split]"
             )
-        return [_csv_item(csv_path, n, row) for n, row in enumerate(reader, start=2)]
+        items = [_csv_item(csv_path, n, row) for n, row in enumerate(reader, start=2)]
+    ignored = Ignored()
+    return Scan([it for it in items if not ignored.add(it.relpath)], ignored)
+
+
+def csv_items(csv_path: Path) -> list[Item]:
+    """The images of a CSV source (see `scan_csv`)."""
+    return scan_csv(csv_path).items
 
 
 def _csv_item(csv_path: Path, line: int, row: dict[str, str]) -> Item:
@@ -198,17 +290,17 @@ def check_csv_labels(items: list[Item], csv_path: Path) -> None:
             )
 
 
-def source_items(cfg: Ingest) -> list[Item]:
-    """The items of the configured source."""
+def scan_source(cfg: Ingest) -> Scan:
+    """The items of the configured source, and what it holds that is not data."""
     if cfg.source == "digits":
-        return digits_items()
+        return Scan(digits_items(), Ignored())
     if cfg.path is None:
         raise TlflowError(f"ingest.path: required when ingest.source is {cfg.source!r}")
     if cfg.source == "folder":
-        return folder_items(cfg.path)
-    items = csv_items(cfg.path)
-    check_csv_labels(items, cfg.path)
-    return items
+        return scan_folder(cfg.path)
+    scan = scan_csv(cfg.path)
+    check_csv_labels(scan.items, cfg.path)
+    return scan
 
 
 # ---------------------------------------------------------------- shell

@@ -1,0 +1,143 @@
+"""Sources: what in a folder or a CSV is data, and what is OS / archive litter, counted."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks import ingest
+from tasks.lib.errors import TlflowError
+from tasks.lib.images import image_files, metadata_kind
+from tasks.lib.manifest import read_manifest
+from tasks.lib.sources import scan_csv, scan_folder
+from tests.conftest import COLOURS, make_params
+
+APPLEDOUBLE = b"\x00\x05\x16\x07AppleDouble"
+
+
+def add_mac_litter(root: Path) -> int:
+    """What a zip made on a Mac and a few tools leave in a class folder tree; returns the
+    number of files added."""
+    n = 0
+    for cls in COLOURS:
+        for img in sorted((root / cls).glob("*.png")):
+            mac = root / "__MACOSX" / cls / f"._{img.name}"
+            mac.parent.mkdir(parents=True, exist_ok=True)
+            mac.write_bytes(APPLEDOUBLE)
+            n += 1
+        (root / cls / "._00.png").write_bytes(APPLEDOUBLE)  # AppleDouble beside the image
+        (root / cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (root / cls / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+        cache = root / cls / ".ipynb_checkpoints"  # a hidden folder inside a class folder
+        cache.mkdir()
+        shutil.copy(root / cls / "00.png", cache / "00-checkpoint.png")
+        n += 4
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    hidden = root / ".cache" / "thumbs"  # a hidden folder at the top: not a class
+    hidden.mkdir(parents=True)
+    shutil.copy(root / "red" / "00.png", hidden / "x.png")
+    return n + 3
+
+
+@pytest.mark.parametrize(("relpath", "kind"), [
+    ("__MACOSX/red/._00.png", "__MACOSX"),
+    ("red/._00.png", "._*"),
+    ("red/.DS_Store", ".DS_Store"),
+    ("red/Thumbs.db", "Thumbs.db"),
+    ("red/THUMBS.DB", "THUMBS.DB"),
+    ("desktop.ini", "desktop.ini"),
+    ("red/.ipynb_checkpoints/00-checkpoint.png", ".ipynb_checkpoints"),
+    ("a/b/c/.hidden.png", ".hidden.png"),
+    ("red/00.png", None),
+    ("red/my.photo.png", None),
+    ("red/__init__.png", None),
+])
+def test_metadata_kind(relpath: str, kind: str | None):
+    assert metadata_kind(relpath) == kind
+
+
+def test_mac_zip_litter_is_neither_a_class_nor_an_image(tmp_path: Path, image_folder: Path):
+    litter = add_mac_litter(image_folder)
+    (image_folder / "red" / "notes.txt").write_text("shot on a sunny day")
+    (image_folder / "blue" / "labels.csv").write_text("a,b\n")
+    (image_folder / "green" / "README").write_text("no suffix")
+    scan = scan_folder(image_folder)
+    assert len(scan.items) == 36
+    assert {it.label for it in scan.items} == set(COLOURS)
+    assert scan.ignored.metadata.total() == litter
+    assert scan.ignored.metadata["__MACOSX"] == 36 and scan.ignored.metadata["._*"] == 3
+    assert dict(scan.ignored.not_images) == {".txt": 1, ".csv": 1, "no suffix": 1}
+
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    rows = ingest.run(params)
+    assert len(rows) == 36 and {r.label for r in rows} == set(COLOURS)
+    assert not any("MACOSX" in r.relpath or "/." in r.relpath for r in rows)
+    assert read_manifest(params.base.paths.manifest) == rows
+
+
+def test_ingest_says_what_it_ignored_in_one_line(tmp_path: Path, image_folder: Path, capsys):
+    litter = add_mac_litter(image_folder)
+    (image_folder / "red" / "notes.txt").write_text("x")
+    (image_folder / "blue" / "more.txt").write_text("x")
+    (image_folder / "stray.png").write_bytes((image_folder / "red" / "00.png").read_bytes())
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    capsys.readouterr()
+    ingest.run(params)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "ignored" in ln]
+    assert lines == [
+        f"ingest: ignored {litter} metadata files "
+        "(__MACOSX, .DS_Store, ._*, .ipynb_checkpoints, ...), "
+        "2 files that are not images (.txt), 1 file outside the class folders"
+    ]
+
+
+def test_nothing_ignored_prints_nothing(tmp_path: Path, image_folder: Path, capsys):
+    ingest.run(make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)}))
+    assert "ingest: ignored" not in capsys.readouterr().out
+
+
+def test_split_layout_with_mac_litter(tmp_path: Path, image_folder: Path):
+    root = tmp_path / "split"
+    for split in ("train", "val"):
+        shutil.copytree(image_folder, root / split)
+    add_mac_litter(root / "train")  # __MACOSX inside train/: not a class
+    (root / "__MACOSX" / "val").mkdir(parents=True)
+    (root / "__MACOSX" / "val" / "._x.png").write_bytes(APPLEDOUBLE)
+    (root / "readme.txt").write_text("beside the splits")
+    scan = scan_folder(root)
+    assert len(scan.items) == 72
+    assert {it.label for it in scan.items} == set(COLOURS)
+    assert scan.ignored.metadata["__MACOSX"] == 37
+    assert scan.ignored.outside == 1
+
+
+def test_a_class_of_litter_only_is_still_an_error(tmp_path: Path, image_folder: Path):
+    empty = image_folder / "grey"
+    empty.mkdir()
+    (empty / "._a.png").write_bytes(APPLEDOUBLE)
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(TlflowError, match=r"class folder .*grey holds no images"):
+        scan_folder(image_folder)
+
+
+def test_csv_rows_of_metadata_are_left_out_and_counted(tmp_path: Path, image_folder: Path):
+    add_mac_litter(image_folder)
+    lines = ["path,label"]
+    for cls in COLOURS:
+        lines += [f"{cls}/{i:02d}.png,{cls}" for i in range(12)]
+        lines += [f"__MACOSX/{cls}/._00.png,{cls}", f"{cls}/._00.png,{cls}"]
+    csv_path = image_folder / "labels.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    scan = scan_csv(csv_path)
+    assert len(scan.items) == 36
+    assert dict(scan.ignored.metadata) == {"__MACOSX": 3, "._*": 3}
+
+
+def test_predict_listing_skips_metadata(image_folder: Path):
+    add_mac_litter(image_folder)
+    files = image_files(image_folder)
+    assert len(files) == 36
+    assert all(metadata_kind(f.relative_to(image_folder).as_posix()) is None for f in files)
