@@ -21,8 +21,11 @@ def test_project_params_load():
 
 def test_params_are_frozen():
     params = parse_params(_raw())
-    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen_instance"):
         params.train.max_iter = 3
+    assert params.train.max_iter == 1000
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,57 @@ def test_predict_listing_skips_metadata(image_folder: Path):
     files = image_files(image_folder)
     assert len(files) == 36
     assert all(metadata_kind(f.relative_to(image_folder).as_posix()) is None for f in files)
+
+
+# ---------------------------------------------------------------- any name the file system allows
+
+
+def test_any_utf8_name_the_file_system_allows(tmp_path: Path, image_folder: Path):
+    names = {
+        "red": "é" * 124 + "abc.png",  # 255 bytes, the longest name ext4 allows
+        "green": 'a "quoted", comma; name\nwith a newline.png',
+        "blue": "ünïcödé 🐝 photo #1 (copy).png",
+    }
+    for cls, name in names.items():
+        assert len(name.encode()) <= 255
+        (image_folder / cls / name).write_bytes((image_folder / cls / "00.png").read_bytes())
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    rows = ingest.run(params)
+    assert len(rows) == 39
+    assert read_manifest(params.base.paths.manifest) == rows  # the CSV round-trips them
+    for cls, name in names.items():
+        row = next(r for r in rows if r.relpath == f"{cls}/{name}")
+        assert row.label == cls
+        assert (params.base.paths.images / row.relpath).read_bytes() == (
+            image_folder / cls / name).read_bytes()
+    assert ingest.run(params) == rows  # and a rerun finds the snapshot as it left it
+
+
+def test_a_name_that_is_not_utf8_is_refused_before_anything_is_copied(
+        tmp_path: Path, image_folder: Path):
+    bad = os.fsdecode(b"caf\xe9.png")  # Latin-1, as old zips and Windows shares write names
+    (image_folder / "red" / bad).write_bytes((image_folder / "red" / "00.png").read_bytes())
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    with pytest.raises(TlflowError) as err:
+        ingest.run(params)
+    message = str(err.value)
+    assert "\n" not in message and "not valid UTF-8" in message
+    assert r"red/caf\xe9.png" in message
+    assert not params.base.paths.images.exists() or not any(params.base.paths.images.iterdir())
+    assert not params.base.paths.manifest.exists()
+    with pytest.raises(TlflowError, match="not valid UTF-8"):
+        image_files(image_folder)  # predict's listing refuses it too
+
+
+def test_ignored_files_may_have_any_name(tmp_path: Path, image_folder: Path):
+    (image_folder / "red" / os.fsdecode(b"._caf\xe9.png")).write_bytes(APPLEDOUBLE)
+    assert len(scan_folder(image_folder).items) == 36  # litter is not copied: no refusal
+
+
+def test_a_csv_that_is_not_utf8_is_one_line(tmp_path: Path, image_folder: Path):
+    csv_path = image_folder / "labels.csv"
+    csv_path.write_bytes("path,label\nred/00.png,rouge café\n".encode("latin-1"))
+    with pytest.raises(TlflowError, match=r"labels\.csv: not UTF-8 text"):
+        scan_csv(csv_path)
+    csv_path.write_bytes("path,label\nred/00.png,café\n".encode("utf-8-sig"))  # Excel's BOM
+    assert [it.label for it in scan_csv(csv_path).items] == ["café"]
