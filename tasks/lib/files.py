@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+TEMP_PREFIX = ".tlflow-"  # atomic writes' temp files: .tlflow-XXXXXXXX.tmp beside the target
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -18,11 +19,13 @@ os.umask(_UMASK)
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temp path beside `dest`; rename it onto `dest` only if the block succeeds.
 
-    A killed writer leaves at most a stray `.tmp` file, never a half-written `dest`.
+    A killed writer leaves at most a stray `.tlflow-XXXXXXXX.tmp` file, never a half-written
+    `dest`. The temp name is short and fixed in length, not derived from `dest`'s name: any
+    name the file system allows (up to 255 bytes) stays writable.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)

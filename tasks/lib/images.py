@@ -187,9 +187,27 @@ def walk_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def check_name(recorded: str, path: Path) -> None:
+    """Refuse a file whose name (`recorded`, the part of `path` tlflow writes down) is not
+    valid UTF-8, in one line naming the file.
+
+    Python sees such a name only through surrogate escapes; the manifest, the stat cache and
+    predict's output are UTF-8 text, and DVC stops with "unexpected error - 'utf-8' codec
+    can't encode character" on it (tried: dvc 3 `dvc add`), so it cannot be versioned.
+    Renaming it (e.g. `convmv -f latin1 -t utf-8 -r --notest FOLDER`) is the fix.
+    """
+    try:
+        recorded.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TlflowError(f"{os.fsencode(path)!r}: file name is not valid UTF-8; rename it "
+                          "(e.g. convmv -f latin1 -t utf-8 -r --notest FOLDER)") from None
+
+
 def image_files(target: Path) -> list[Path]:
-    """The image itself, or every image under a folder (sorted), without OS metadata."""
+    """The image itself, or every image under a folder (sorted), without OS metadata; a name
+    that is not valid UTF-8 is refused (`check_name`)."""
     if target.is_file():
+        check_name(str(target), target)
         return [target]
     if not target.is_dir():
         raise TlflowError(f"{target}: no such image or folder")
@@ -197,4 +215,6 @@ def image_files(target: Path) -> list[Path]:
              if metadata_kind(rel) is None and Path(rel).suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise TlflowError(f"{target}: holds no images")
+    for f in files:
+        check_name(str(f), f)
     return files

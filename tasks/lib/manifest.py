@@ -26,7 +26,7 @@ class Row:
 
 def write_manifest(rows: list[Row], dest: Path) -> None:
     """Write the manifest CSV atomically."""
-    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(COLUMNS)
         w.writerows((r.relpath, r.sha256, r.label, r.split) for r in rows)
@@ -36,7 +36,7 @@ def read_manifest(path: Path) -> list[Row]:
     """Read the manifest; a missing or malformed one is an error naming it and ingest."""
     if not path.is_file():
         raise handoff_error(path, "ingest")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise handoff_error(path, "ingest", f"expected the columns {list(COLUMNS)}")

@@ -21,7 +21,7 @@ import numpy as np
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, sha256_bytes
 from tasks.lib.hashcache import HashCache
-from tasks.lib.images import IMAGE_SUFFIXES, metadata_kind, walk_files
+from tasks.lib.images import IMAGE_SUFFIXES, check_name, metadata_kind, walk_files
 from tasks.lib.manifest import SPLITS, Row
 from tasks.lib.params import Ingest
 
@@ -176,6 +176,7 @@ def _class_images(class_dir: Path, root: Path, split: str | None, ignored: Ignor
         if suffix not in IMAGE_SUFFIXES:
             ignored.not_images[suffix or "no suffix"] += 1
             continue
+        check_name(relpath, class_dir / rel)  # before anything is copied
         items.append(Item(relpath, label, split, src=class_dir / rel))
     if not items:
         raise TlflowError(f"ingest: class folder {class_dir} holds no images "
@@ -246,14 +247,17 @@ def scan_csv(csv_path: Path) -> Scan:
     """
     if not csv_path.is_file():
         raise TlflowError(f"ingest.path: CSV file {csv_path} does not exist")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise TlflowError(
-                f"{csv_path}: missing column(s) {sorted(missing)}; expected path,label[,split]"
-            )
-        items = [_csv_item(csv_path, n, row) for n, row in enumerate(reader, start=2)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # Excel's BOM too
+            reader = csv.DictReader(f)
+            missing = {"path", "label"} - set(reader.fieldnames or ())
+            if missing:
+                raise TlflowError(f"{csv_path}: missing column(s) {sorted(missing)}; "
+                                  "expected path,label[,split]")
+            items = [_csv_item(csv_path, n, row) for n, row in enumerate(reader, start=2)]
+    except UnicodeDecodeError as err:
+        raise TlflowError(f"{csv_path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "save it as UTF-8") from None
     ignored = Ignored()
     return Scan([it for it in items if not ignored.add(it.relpath)], ignored)
 
