@@ -6,6 +6,7 @@ No pickle: loading reads tensors and JSON only, and never executes code from the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tasks.lib.errors import TlflowError, handoff_error
-from tasks.lib.files import atomic_path, write_json
+from tasks.lib.files import atomic_path, sha256_file, write_json
 
 FORMAT = "tlflow.linear_head/1"
 _TENSORS = ("weight", "bias", "mean", "scale")
@@ -67,14 +68,33 @@ def meta_path(stem: Path) -> Path:
     return Path(f"{stem}.json")
 
 
+TENSORS_SHA256 = "tensors_sha256"  # the sidecar's record of the tensors it goes with
+
+
+def write_pair(stem: Path, write_tensors: Callable[[Path], None], meta: dict[str, Any]) -> None:
+    """A model's two files: the tensors (written by `write_tensors` to a temp path), then the
+    sidecar, which records their sha256. Each lands by an atomic rename; a crash between the
+    two leaves tensors that no sidecar vouches for, which `check_pair` refuses."""
+    with atomic_path(tensors_path(stem)) as tmp:
+        write_tensors(tmp)
+    write_json(meta_path(stem), {**meta, TENSORS_SHA256: sha256_file(tensors_path(stem))})
+
+
+def check_pair(stem: Path, meta: dict[str, Any], stage: str) -> None:
+    """The tensors are the ones the sidecar was written with; otherwise one line saying to
+    rerun the stage that makes them (a run was killed between the two files)."""
+    if meta.get(TENSORS_SHA256) != sha256_file(tensors_path(stem)):
+        raise TlflowError(f"{tensors_path(stem)} does not match its sidecar {meta_path(stem)} "
+                          f"(a run stopped between writing them): rerun `tlflow stage {stage}`")
+
+
 def save_head(head: LinearHead, stem: Path) -> None:
-    """Write tensors then sidecar, each atomically."""
+    """The head's tensors and sidecar (tasks/lib/head.py `write_pair`)."""
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(getattr(head, k), dtype=np.float32) for k in _TENSORS}
-    with atomic_path(tensors_path(stem)) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    write_json(meta_path(stem), {**head.meta, "format": FORMAT, "classes": list(head.classes)})
+    write_pair(stem, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}),
+               {**head.meta, "format": FORMAT, "classes": list(head.classes)})
 
 
 def parse_meta(text: str, where: str) -> dict[str, Any]:
@@ -103,6 +123,7 @@ def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
     except (SafetensorError, OSError, ValueError) as err:
         raise TlflowError(f"{path}: not a safetensors head (pickles are refused): {err}") from None
     meta = parse_meta(sidecar.read_text(errors="replace"), str(sidecar))
+    check_pair(stem, meta, "train")
     if set(tensors) != set(_TENSORS):
         raise TlflowError(f"{path}: not a {FORMAT} head (tensors {sorted(tensors)})")
     if extractor_id is not None and meta.get("extractor_id") != extractor_id:
@@ -112,4 +133,5 @@ def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
         )
     classes = tuple(meta.pop("classes"))
     meta.pop("format")
+    meta.pop(TENSORS_SHA256)
     return LinearHead(**{k: tensors[k] for k in _TENSORS}, classes=classes, meta=meta)

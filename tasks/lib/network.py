@@ -19,7 +19,7 @@ from tasks.lib.backbones import Backbone, create_backbone
 from tasks.lib.checkpoint import state_tensors
 from tasks.lib.errors import TlflowError, handoff_error
 from tasks.lib.files import atomic_path, write_json
-from tasks.lib.head import LinearHead, meta_path, tensors_path
+from tasks.lib.head import LinearHead, check_pair, meta_path, tensors_path, write_pair
 from tasks.lib.params import Finetune
 
 FORMAT = "tlflow.finetuned/1"
@@ -186,9 +186,8 @@ def save_network(net: Network, stem: Path, meta: dict[str, Any]) -> None:
     """<stem>.safetensors (the state dict) and <stem>.json (what rebuilds the network)."""
     from safetensors.torch import save_file
 
-    with atomic_path(tensors_path(stem)) as tmp:
-        save_file(state_tensors(net.model), str(tmp), metadata={"format": FORMAT})
-    write_json(meta_path(stem), {
+    state = state_tensors(net.model)
+    write_pair(stem, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}), {
         **meta, "format": FORMAT, "enabled": True, "backbone": net.backbone.name,
         "classes": list(net.classes), "data_config": net.backbone.identity()["preprocess"],
     })
@@ -203,6 +202,7 @@ def load_network(stem: Path) -> Network:
     if not meta.get("enabled"):
         raise TlflowError(f"{meta_path(stem)}: no fine-tuned network (set finetune.enabled: true "
                           "and run `tlflow run`)")
+    check_pair(stem, meta, "finetune")
     backbone = create_backbone(meta["backbone"], "none")
     cfg = meta["data_config"]
     backbone.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

@@ -50,3 +50,20 @@ def test_refuses_pickle_truncated_and_foreign_heads(tmp_path: Path):
         load_head(stem)
     with pytest.raises(TlflowError, match="not found"):
         load_head(tmp_path / "absent")
+
+
+def test_tensors_without_their_sidecar_are_refused(tmp_path: Path):
+    """A train killed between the two files leaves new tensors beside the old sidecar: the
+    sidecar's sha256 of the tensors tells, and rerunning the stage repairs it."""
+    stem = _saved_head(tmp_path)
+    first = load_head(stem)
+    x, _ = _blobs(4, True, 1)
+    head = LinearHead(first.weight * 2, first.bias, first.mean, first.scale, first.classes,
+                      first.meta)
+    save_head(head, tmp_path / "new")
+    tensors_path(stem).write_bytes(tensors_path(tmp_path / "new").read_bytes())
+    with pytest.raises(TlflowError, match=r"head.safetensors does not match its sidecar .*"
+                                          r"rerun `tlflow stage train`"):
+        load_head(stem)
+    save_head(head, stem)  # the stage rerun
+    np.testing.assert_allclose(load_head(stem).logits(x), head.logits(x), atol=1e-5)
