@@ -141,13 +141,50 @@ def cmd_promote(model: str, force: bool, stage: str) -> int:
     return 0
 
 
+def bring_up_to_date(names: Sequence[str], params: Params, who: str) -> None:
+    """Run those of the stages `who` reads that are stale, in order, and record them in
+    dvc.lock, as `dvc repro` (and `tlflow run`) would: a folder or CSV source is rescanned
+    (DVC cannot see it), and what follows reruns only if what it reads changed. Their output
+    goes to stderr, so stdout keeps only `who`'s answer. Outside a DVC project nothing can be
+    checked: one line on stderr says so."""
+    if not Path(".dvc").is_dir():
+        print(f"{who}: no DVC project here (.dvc), so whether {', '.join(names)} are up to date "
+              "is not known; the answer describes the data they last ran on", file=sys.stderr)
+        return
+    import contextlib
+    import logging
+
+    import dvc  # its import sets up its logging: handlers that hold the stdout of the moment
+
+    from flows.pipeline import _external_source
+    from flows.stages import commit, stage_runner, why_stale
+
+    dvc_log = logging.getLogger(dvc.__name__)
+    level = dvc_log.level
+    try:
+        dvc_log.setLevel(max(level, logging.WARNING))  # not "Updating lock file" on stdout
+        for name in names:
+            reason = why_stale(name) or _external_source(name, params)
+            if reason is None:
+                continue
+            print(f"{who}: bringing {name} up to date first ({reason})", file=sys.stderr)
+            with contextlib.redirect_stdout(sys.stderr):  # the stage's own lines
+                stage_runner(name)(params)
+            commit(name)
+    finally:
+        dvc_log.setLevel(level)
+
+
 def cmd_advise(as_json: bool) -> int:
-    """Measure size and similarity now (from the manifest, the sweep and the store)."""
+    """Measure size and similarity now (from the manifest, the sweep and the store), after
+    bringing ingest, extract and train up to date: never the decision for other data."""
     from tasks import advise
     from tasks.lib.advice import table
     from tasks.lib.params import load_params, scoped
 
-    decision = advise.run(scoped(load_params(), advise.PARAMS))
+    params = load_params()
+    bring_up_to_date(("ingest", "extract", "train"), params, "advise")
+    decision = advise.run(scoped(params, advise.PARAMS))
     if as_json:
         print(json.dumps(decision, indent=2, sort_keys=True))
     else:
