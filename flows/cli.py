@@ -1,9 +1,16 @@
-"""The `tlflow` command. It works on the project in the current directory."""
+"""The `tlflow` command. It works on the project in the current directory.
+
+Conventions: data (predictions, JSON, tables, status) go to stdout, messages (notes,
+progress, errors) to stderr; expected failures exit 2 with one line; `status -q` exits 1 when
+a stage is stale; a closed pipe (`tlflow predict data/images | head -2`) ends quietly with
+exit 141, the status of a command killed by SIGPIPE (128 + 13), as `cat` or `yes` give.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +22,51 @@ if TYPE_CHECKING:
     from tasks.lib.params import Params
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for `yes | head -1`'s yes
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tlflow")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _described(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Subcommands whose --help opens with a description: their help, as a sentence, unless
+    they give their own."""
+    add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
+        text = str(kwargs.get("help") or "")
+        kwargs.setdefault("description", text[:1].upper() + text[1:] + "." if text else None)
+        return add(name, **kwargs)
+
+    sub.add_parser = add_parser
+    return sub
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tlflow", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="tlflow", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = _described(p.add_subparsers(dest="command", required=True))
     r = sub.add_parser("run", help="run the pipeline as a Prefect flow (only stale stages)")
     r.add_argument("--force", action="store_true", help="rerun every stage")
     st = sub.add_parser("status", help="each stage: up to date, or stale and why (dvc status)")
     st.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("history", help="one line per versioned run (git's history of dvc.lock)")
+    st.add_argument("-q", "--quiet", action="store_true",
+                    help="print nothing; exit 1 when a stage is stale, 0 when all are up to "
+                         "date (as `dvc status -q`)")
+    h = sub.add_parser("history", help="one line per versioned run (git's history of dvc.lock)",
+                       description="One line per versioned run (each commit of dvc.lock): "
+                                   "when (ISO 8601 with the zone), git revision, data version "
+                                   "(DVC's md5 of the manifest) and images added / removed, "
+                                   "extractor, model, probe and fine-tuned test accuracy, GTO "
+                                   "versions and stages at that commit, params that changed.")
+    h.add_argument("--json", action="store_true", help="print JSON (one record per run)")
     sv = sub.add_parser("serve", help="serve the pipeline flow on a schedule (Prefect)")
     _schedule_args(sv, required=True)
     dp = sub.add_parser("deploy", help="create a deployment on a Prefect work pool")
@@ -34,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("target", type=Path, help="an image or a folder of images")
     pr.add_argument("--top-k", type=int, default=1, help="how many labels per image")
     pr.add_argument("--out", type=Path, help="also write the predictions to this CSV")
+    pr.add_argument("--strict", action="store_true",
+                    help="fail (exit 2) on the first unreadable image instead of skipping it")
     pr.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
                     help="the version in prod (default; the working tree's probe when none "
                          "is), or the working tree's probe or fine-tuned network")
@@ -46,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
     a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
-    fsub = f.add_subparsers(dest="action", required=True)
+    fsub = _described(f.add_subparsers(dest="action", required=True))
     i = fsub.add_parser("info", help="a store's extractor, rows, layers and dims")
     i.add_argument("store", nargs="?", help="an .h5 file (default: the current store)")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -73,12 +119,15 @@ def _check_project() -> Params:
     return params
 
 
-def cmd_status(as_json: bool) -> int:
-    """Each stage: up to date, or stale and why; the same answer as `dvc status`."""
+def cmd_status(as_json: bool, quiet: bool = False) -> int:
+    """Each stage: up to date, or stale and why; the same answer as `dvc status`. Quiet, only
+    the exit status: 1 when a stage is stale."""
     from flows.stages import status
 
     _check_project()
     report = status()
+    if quiet:
+        return 1 if any(report.values()) else 0
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
@@ -307,12 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "advise":
             return cmd_advise(args.json)
         if args.command == "status":
-            return cmd_status(args.json)
+            return cmd_status(args.json, args.quiet)
         if args.command == "history":
             from flows import history
             from tasks.lib.params import load_params
 
-            print("\n".join(history.run(load_params())))
+            print("\n".join(history.run(load_params(), args.json)))
             return 0
         if args.command == "serve":
             return cmd_serve(args.cron, args.interval, args.name)
@@ -325,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tasks.lib.params import load_params, scoped
 
             predict.run(scoped(load_params(), predict.PARAMS), args.target, args.top_k,
-                        args.out, args.model)
+                        args.out, args.model, args.strict)
             return 0
         return cmd_run(args.force)
     except TlflowError as err:
@@ -337,8 +386,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console() -> None:
-    """Console-script wrapper: exit with main's status."""
-    sys.exit(main())
+    """Console-script wrapper: exit with main's status. A reader that closes the pipe early
+    (`| head`) ends the command quietly, as Python's documentation advises for SIGPIPE:
+    stdout is pointed at devnull so the final flush cannot fail again, and the exit status is
+    the shell's for a command killed by SIGPIPE."""
+    try:
+        code = main()
+        sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

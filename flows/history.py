@@ -3,13 +3,18 @@
 Nothing is logged on the side: every fact comes from what DVC recorded in dvc.lock at each
 commit (the hashes of the manifest and the model, the params each stage ran with) and from
 files those hashes name in the DVC cache (the manifest, the head's sidecar), plus the metrics
-file committed with it. A run is versioned when its dvc.lock is committed.
+file committed with it, and the GTO tags (versions and stages) that name its commit. A run is
+versioned when its dvc.lock is committed.
+
+A data version has one name everywhere (history, the run summary, the flow run's tags): DVC's
+md5 of the manifest as dvc.lock records it, shortened to `DATA_VERSION_LEN` characters.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,10 @@ import yaml
 from tasks.lib.errors import TlflowError
 from tasks.lib.handoff import parse_eval_metrics
 from tasks.lib.head import parse_meta
-from tasks.lib.params import Params
+from tasks.lib.params import Params, Paths
+
+DATA_VERSION_LEN = 8
+LOCK = "dvc.lock"
 
 
 @dataclass(frozen=True)
@@ -28,13 +36,28 @@ class Entry:
     """One versioned run."""
 
     rev: str
-    when: str
+    when: str  # ISO 8601 with the zone, as git prints it (%cI)
     manifest: str | None
     images: frozenset[str] | None
     model: str | None
     head: dict[str, Any]
     params: dict[str, Any]
     metrics: dict[str, Any]
+    promotions: tuple[str, ...] = ()  # GTO: "probe v0.0.2 (prod)" for versions at this commit
+
+
+def data_version(manifest_md5: str | None) -> str | None:
+    """The data version's one name: DVC's md5 of the manifest, shortened."""
+    return manifest_md5[:DATA_VERSION_LEN] if manifest_md5 else None
+
+
+def current_data_version(paths: Paths, root: Path = Path()) -> str | None:
+    """The data version dvc.lock records now (None before ingest was first recorded)."""
+    lock_file = root / LOCK
+    if not lock_file.is_file():
+        return None
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    return data_version(_out_md5(lock, "ingest", paths.manifest.as_posix()))
 
 
 def _git(*args: str, check: bool = True) -> str | None:
@@ -85,11 +108,12 @@ def _params(lock: dict) -> dict[str, Any]:
     return out
 
 
-def entry(rev: str, when: str, params: Params) -> Entry:
+def entry(rev: str, when: str, params: Params,
+          promotions: dict[str, tuple[str, ...]] | None = None) -> Entry:
     """What dvc.lock (and the files it names) say about the run committed at `rev`."""
     paths = params.base.paths
     lock = yaml.safe_load(_show(rev, "dvc.lock") or "{}") or {}
-    manifest_md5 = _out_md5(lock, "ingest", str(paths.manifest))
+    manifest_md5 = _out_md5(lock, "ingest", paths.manifest.as_posix())
     images = None
     if manifest_md5 and (text := _dvc_read(str(paths.manifest), rev)) is not None:
         images = frozenset(r["sha256"] for r in csv.DictReader(io.StringIO(text)))
@@ -98,39 +122,96 @@ def entry(rev: str, when: str, params: Params) -> Entry:
     head = parse_meta(head_json, f"{rev}:{paths.head}.json") if head_json else {}
     metrics_text = _show(rev, str(paths.eval_metrics))
     metrics = parse_eval_metrics(metrics_text, paths.eval_metrics) if metrics_text else {}
-    return Entry(rev, when, manifest_md5, images, model_md5, head, _params(lock), metrics)
+    return Entry(rev, when, manifest_md5, images, model_md5, head, _params(lock), metrics,
+                 (promotions or {}).get(rev, ()))
+
+
+def promotions(root: Path = Path()) -> dict[str, tuple[str, ...]]:
+    """GTO's registry by commit: "probe v0.0.2 (prod)" for each version registered there, with
+    the stages it is assigned to now. Empty without tags (GTO is not even imported)."""
+    if not _git("-C", str(root), "tag", "--list", check=False):
+        return {}
+    import gto.api
+    from gto.exceptions import GTOException
+    from scmrepo.exceptions import SCMError
+
+    from tasks.lib.registry import ARTIFACTS
+
+    found: dict[str, list[str]] = {}
+    for name in ARTIFACTS:
+        try:
+            versions = gto.api.show(str(root), name)
+        except (GTOException, SCMError):  # no version of it yet
+            continue
+        for v in versions:
+            if not v.get("registrations"):  # a commit GTO merely discovered, not a version
+                continue
+            stages = sorted({s["stage"] for s in v.get("stages", [])})
+            found.setdefault(v["commit_hexsha"], []).append(
+                f"{name} {v['version']}" + (f" ({', '.join(stages)})" if stages else ""))
+    return {rev: tuple(sorted(labels)) for rev, labels in found.items()}
 
 
 def entries(params: Params) -> list[Entry]:
     """Every commit that changed dvc.lock, oldest first."""
-    log = _git("log", "--reverse", "--format=%h %cI", "--", "dvc.lock").split("\n")
-    return [entry(*line.split(" ", 1), params) for line in log if line.strip()]
+    log = _git("log", "--reverse", "--format=%H %cI", "--", LOCK).split("\n")
+    registry = promotions()
+    return [entry(*line.split(" ", 1), params, registry) for line in log if line.strip()]
 
 
-def lines(history: list[Entry]) -> list[str]:
-    """One line per run: when, rev, data version and change, extractor, model, params, metrics."""
+def records(history: list[Entry]) -> list[dict[str, Any]]:
+    """One record per run (what `tlflow history --json` prints): when, revision, data version
+    and its change, extractor, model, test accuracies, promotions, the params that changed."""
     out, before = [], None
     for e in history:
-        data = f"data {e.manifest[:8] if e.manifest else '?'}"
-        if e.images is not None:
-            if before is not None and before.images is not None:
-                added, removed = len(e.images - before.images), len(before.images - e.images)
-                data += f" (+{added} -{removed}, {len(e.images)} images)"
-            else:
-                data += f" ({len(e.images)} images)"
-        changed = "first run" if before is None else ", ".join(
-            f"{k}={v}" for k, v in sorted(e.params.items()) if before.params.get(k) != v
-        ) or "no params changed"
-        probe = e.metrics.get("probe", {})
-        metric = f"test acc {probe['accuracy']:.4f}" if "accuracy" in probe else "test acc ?"
-        out.append(f"{e.when[:19]}  {e.rev}  {data}  extractor "
-                   f"{e.head.get('extractor_id', '?')}  model {(e.model or '?')[:8]}  "
-                   f"{metric}  params: {changed}")
+        images = None if e.images is None else len(e.images)
+        known = before is not None and before.images is not None and e.images is not None
+        changed = None if before is None else {
+            k: v for k, v in sorted(e.params.items()) if before.params.get(k) != v}
+        out.append({
+            "when": e.when, "rev": e.rev[:7], "data_version": data_version(e.manifest),
+            "images": images,
+            "images_added": len(e.images - before.images) if known else None,
+            "images_removed": len(before.images - e.images) if known else None,
+            "extractor_id": e.head.get("extractor_id"),
+            "model": e.model[:DATA_VERSION_LEN] if e.model else None,
+            "probe_accuracy": e.metrics.get("probe", {}).get("accuracy"),
+            "finetune_accuracy": (e.metrics.get("finetune") or {}).get("accuracy"),
+            "promotions": list(e.promotions), "params_changed": changed,
+        })
         before = e
     return out
 
 
-def run(params: Params) -> list[str]:
+HEADER = ("when", "rev", "data", "images", "extractor", "model", "probe", "finetune",
+          "promoted", "params changed")
+
+
+def _cells(r: dict[str, Any]) -> tuple[str, ...]:
+    def acc(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    images = "?" if r["images"] is None else str(r["images"])
+    if r["images_added"] is not None:
+        images += f" (+{r['images_added']} -{r['images_removed']})"
+    changed = r["params_changed"]
+    params = "first run" if changed is None else (
+        ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
+    return (r["when"], r["rev"], r["data_version"] or "?", images, r["extractor_id"] or "?",
+            r["model"] or "?", acc(r["probe_accuracy"]), acc(r["finetune_accuracy"]),
+            ", ".join(r["promotions"]) or "-", params)
+
+
+def lines(history: list[Entry]) -> list[str]:
+    """A header, then one aligned line per run (the params that changed come last)."""
+    rows = [HEADER, *(_cells(r) for r in records(history))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]])
+            for row in rows]
+
+
+def run(params: Params, as_json: bool = False) -> list[str]:
+    """The lines `tlflow history` prints (a header first), or one JSON document."""
     if not Path(".git").exists():
         raise TlflowError("tlflow history reads git's history of dvc.lock; this is no git "
                           "repository (git init, then commit dvc.lock after runs)")
@@ -138,4 +219,4 @@ def run(params: Params) -> list[str]:
     if not history:
         raise TlflowError("dvc.lock has never been committed: commit it (with params.yaml and "
                           "metrics/) after a run to version that run")
-    return lines(history)
+    return [json.dumps(records(history), indent=2)] if as_json else lines(history)

@@ -2,22 +2,31 @@
 
 Freshness has one source of truth: DVC's dvc.lock. A stage runs in-process when `dvc status`
 calls it stale, then `dvc commit` records it, so `dvc repro` and `tlflow run` agree.
+
+In Prefect's UI a stage that was up to date ends in a Completed state named "Skipped" (as
+Prefect names a cache hit "Cached"), its reason as the state's message; a stage that ran ends
+"Completed". Each flow run is tagged with the git revision of the code (`git:<rev>`, with
+`-dirty` when tracked files differ from it) and the data version it ran on (`data:<md5>`,
+DVC's md5 of the manifest, the name `tlflow history` prints), so runs can be filtered by both.
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 
+from flows.history import current_data_version
 from flows.stages import STAGES, commit, stage_runner, why_stale
 from tasks.lib.errors import TlflowError
-from tasks.lib.params import Params, Paths, load_params
+from tasks.lib.params import Params, load_params
 
 BAD_INPUT = "BadInput"
+SKIPPED = "Skipped"
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,9 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     reason = "forced" if force else (why_stale(name) or _external_source(name, params))
     if reason is None:
         logger.info("%s: up to date, skipped", name)
-        return StageResult(name, False, "up to date", 0.0)
+        why = "up to date: dvc.lock matches its deps, params and outs"
+        return Completed(name=SKIPPED, message=why,
+                         data=StageResult(name, False, "up to date", 0.0))
     logger.info("%s: running (%s)", name, reason)
     try:
         stage_runner(name)(params)
@@ -64,17 +75,31 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     return StageResult(name, True, reason, time.perf_counter() - t0)
 
 
-def publish_advice(paths: Paths) -> None:
-    """The advice (metrics/strategy.json) as a markdown artifact of the run."""
-    from prefect.artifacts import create_markdown_artifact
+def git_revision() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it; None outside git."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True)
 
-    from tasks.lib.advice import table
-    from tasks.lib.handoff import read_strategy
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
-    if paths.strategy.is_file():
-        create_markdown_artifact(markdown="# Strategy\n\n" + table(read_strategy(paths.strategy)),
-                                 key="tlflow-strategy",
-                                 description="The data set in the 2x2 table, and the plan")
+
+def tag_run(*tags: str) -> None:
+    """Add tags to the running flow run (its own tags and those it was created with stay):
+    the data version is known only once ingest has run, so tags are set from inside."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    merged = sorted({*ctx.flow_run.tags, *tags})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, tags=merged)
+    ctx.flow_run.tags = merged
 
 
 @flow(name="tlflow-pipeline", log_prints=True)
@@ -92,13 +117,19 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
                                    retry_delay_seconds=cfg.retry_delay_seconds,
                                    retry_condition_fn=_not_bad_input)
     before = Snapshot.take(paths)
+    rev = git_revision()
+    tags = [f"git:{rev}"] if rev else []
     results = []
     for name in STAGES:
         state = stage(name, force, return_state=True)
+        if name == "ingest" and state.is_completed() and (data := current_data_version(paths)):
+            tags.append(f"data:{data}")
         if state.is_failed():
+            tag_run(*tags)
             publish_summary(paths, before, results, failed=f"{name}: {state.message}")
             return Failed(name=state.name, message=state.message)
+        if name == "ingest":
+            tag_run(*tags)
         results.append(state.result())
-    publish_advice(paths)
     publish_summary(paths, before, results)
     return results

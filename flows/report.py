@@ -1,25 +1,39 @@
-"""What a pipeline run publishes: a markdown summary and a per-class table (Prefect artifacts).
+"""What a pipeline run publishes (Prefect artifacts): a markdown summary, a per-class table,
+the confusion matrix as an image, and the advice with whether it was carried out.
 
 The summary compares the run with what the previous one left on disk: the manifest (data
 version, images added and removed) and metrics/eval.json. Nothing is kept besides the
-project's own files, so there is no second ledger to drift.
+project's own files, so there is no second ledger to drift. Each artifact's description
+carries the headline (e.g. "probe 0.9481 (+0.0070), finetune 0.9540"), so the timeline of an
+artifact key in Prefect's UI reads as a history of accuracy.
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from tasks.lib.files import sha256_file
+from flows.history import current_data_version
 from tasks.lib.handoff import read_eval_metrics
 from tasks.lib.manifest import read_manifest
 from tasks.lib.params import Paths
+
+MODELS = ("probe", "finetune")
+# The confusion matrix is embedded in its markdown artifact as a data URI up to this size
+# (the default project's 10 classes: 40 KB; 100 classes: 1.4 MB); larger, the artifact names
+# the file. Prefect keeps artifacts in its database, so they should stay small.
+MAX_EMBEDDED_PNG = 1 << 20
+# plans that fine-tune the network
+FINETUNE_PLANS = ("finetune_top", "finetune_all")
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """The data version and the metrics the project holds at one moment."""
 
-    manifest_sha: str | None
+    data_version: str | None
     images: frozenset[str] = field(default_factory=frozenset)
     metrics: dict = field(default_factory=dict)
 
@@ -29,7 +43,7 @@ class Snapshot:
             return cls(None)
         images = frozenset(r.sha256 for r in read_manifest(paths.manifest))
         metrics = read_eval_metrics(paths.eval_metrics) if paths.eval_metrics.is_file() else {}
-        return cls(sha256_file(paths.manifest)[:12], images, metrics)
+        return cls(current_data_version(paths), images, metrics)
 
 
 def _delta(now: float, before: float | None) -> str:
@@ -43,7 +57,7 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
     lines = ["# tlflow run", ""]
     if failed:
         lines += [f"**Failed** at {failed}. The outputs of earlier runs stay in place.", ""]
-    lines += [f"- data version: manifest `{after.manifest_sha}`, {len(after.images)} images "
+    lines += [f"- data version: manifest `{after.data_version}`, {len(after.images)} images "
               f"({added} added, {removed} removed since the previous run)", "",
               "| stage | ran | why | seconds |", "|---|---|---|---|"]
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"
@@ -60,23 +74,87 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
     return "\n".join(lines)
 
 
+def headline(before: Snapshot, after: Snapshot) -> str:
+    """The test accuracies and their change, e.g. "probe 0.9481 (+0.0070), finetune 0.9540"."""
+    parts = []
+    for model in MODELS:
+        now = (after.metrics.get(model) or {}).get("accuracy")
+        if now is None:
+            continue
+        was = (before.metrics.get(model) or {}).get("accuracy")
+        parts.append(f"{model} {now:.4f}" + ("" if was is None else f" ({now - was:+.4f})"))
+    return ", ".join(parts) or "no test metrics"
+
+
 def per_class_rows(metrics: dict) -> list[dict]:
     """One row per (model, class): precision, recall, F1, support."""
     return [{"model": model, "class": c, **{k: round(v, 4) for k, v in m.items()}}
-            for model in ("probe", "finetune") if model in metrics
-            for c, m in metrics[model]["per_class"].items()]
+            for model in MODELS if model in metrics
+            for c, m in metrics[model].get("per_class", {}).items()]
+
+
+def confusion_markdown(png: Path, title: str) -> str:
+    """The confusion matrix PNG embedded as a data URI (Prefect's image artifact takes a URL,
+    which a PNG on this machine has not); a pointer to the file when it is too large."""
+    size = png.stat().st_size
+    if size > MAX_EMBEDDED_PNG:
+        return (f"# {title}\n\n`{png}` ({size / 2**20:.1f} MiB) is too large to embed; see "
+                "it with `dvc plots show`")
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f"# {title}\n\n![confusion matrix of the probe on the test split]" \
+           f"(data:image/png;base64,{data})"
+
+
+def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str]:
+    """The advice as markdown, with whether train and finetune carried out the plan and
+    whether fine-tuning ran against it; and the one-line description."""
+    from tasks.lib.advice import table
+
+    plan = decision["plan"]
+    if decision.get("carried_out"):
+        done = "carried out (advise.strategy selects the plan)"
+    else:
+        done = ("not carried out: advise.strategy is manual, so train and finetune followed "
+                "their own sections (set advise.strategy: auto to carry it out)")
+    notes = [f"- plan {done}"]
+    if finetuned and plan not in FINETUNE_PLANS:
+        notes.append(f"- fine-tuning ran **against the advice** (plan {plan} does not "
+                     "fine-tune)")
+    elif not finetuned and plan in FINETUNE_PLANS:
+        notes.append(f"- the plan fine-tunes ({plan}), but fine-tuning did not run")
+    description = (f"plan {plan} ({decision['size']}, {decision['similarity']}): "
+                   f"{'carried out' if decision.get('carried_out') else 'not carried out'}"
+                   + ("; fine-tuned against the advice" if finetuned and plan not in
+                      FINETUNE_PLANS else ""))
+    return "# Strategy\n\n" + table(decision) + "\n" + "\n".join(notes), description
 
 
 def publish_summary(paths: Paths, before: Snapshot, results: list,
                     failed: str | None = None) -> None:
-    """Create the run's markdown summary and per-class table artifacts."""
+    """Create the run's artifacts: summary, per-class table, confusion matrix, advice."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     after = Snapshot.take(paths)
+    head = headline(before, after)
+    status = f"failed at {failed.split(':', 1)[0]}; " if failed else ""
     create_markdown_artifact(markdown=summary_markdown(paths, before, after, results, failed),
                              key="tlflow-run-summary",
-                             description="Data version, stages run or skipped, metrics")
+                             description=f"{status}{head}; data {after.data_version}")
+    if failed:
+        return
     rows = per_class_rows(after.metrics)
     if rows:
         create_table_artifact(table=rows, key="tlflow-per-class",
-                              description="Per-class test metrics")
+                              description=f"Per-class test metrics: {head}")
+    if paths.confusion_png.is_file() and "probe" in after.metrics:
+        title = f"probe: test accuracy {after.metrics['probe']['accuracy']:.4f}"
+        create_markdown_artifact(markdown=confusion_markdown(paths.confusion_png, title),
+                                 key="tlflow-confusion",
+                                 description=f"Confusion matrix (test split): {head}")
+    if paths.strategy.is_file():
+        from tasks.lib.handoff import read_strategy
+
+        markdown, description = advice_markdown(read_strategy(paths.strategy),
+                                                "finetune" in after.metrics)
+        create_markdown_artifact(markdown=markdown, key="tlflow-strategy",
+                                 description=description)

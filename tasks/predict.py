@@ -4,6 +4,10 @@
 Read-only: it never writes to the feature store (a DVC output), and it refuses to run when the
 current store or params describe another extractor than the one the head was trained on. The
 promoted model's files are read at its commit through dvc.api (safetensors and JSON only).
+
+The predictions are data: CSV on stdout (the same rows `--out` writes). Everything else (the
+summary line, notes, the progress of computing codes, the images skipped) goes to stderr.
+Unreadable images are skipped and listed, as extract skips them; `strict` fails on the first.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, sha256_file
 from tasks.lib.head import LinearHead, load_head, tensors_path
-from tasks.lib.images import image_files
+from tasks.lib.images import image_files, read_image
 from tasks.lib.params import Params
 from tasks.lib.registry import PROD, Version, fetch_model, promoted
 
@@ -51,13 +55,21 @@ def head_scores(head: LinearHead, codes: np.ndarray) -> np.ndarray:
     return head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
 
 
-def codes_for(files: list[Path], head: LinearHead, params: Params,
-              source: str | None = None) -> tuple[np.ndarray, int]:
-    """Codes of the head's layer: from the store where present, else one forward pass each.
-    The current store must hold the head's extractor's codes (`source` names the head).
+@dataclass(frozen=True)
+class Codes:
+    """The codes of the readable files, which files they are, and what was skipped."""
 
-    Returns the codes and how many images had to be computed.
-    """
+    codes: np.ndarray | None  # (len(kept), D); None when nothing was readable
+    kept: list[int]  # indices into the files asked about
+    computed: int  # how many codes took a forward pass (the rest came from the store)
+    skipped: list[str]  # one line per unreadable file, naming it and why
+
+
+def codes_for(files: list[Path], head: LinearHead, params: Params,
+              source: str | None = None, strict: bool = False) -> Codes:
+    """Codes of the head's layer: from the store where present, else one forward pass each
+    (unreadable files skipped, or an error with `strict`). The current store must hold the
+    head's extractor's codes (`source` names the head)."""
     from tasks.lib.featurestore import FeatureStore
     from tasks.lib.handoff import current_store
 
@@ -75,17 +87,27 @@ def codes_for(files: list[Path], head: LinearHead, params: Params,
         cached = [k for k in keys if k in have]
         stored = dict(zip(cached, store.read(layer, cached), strict=True)) if cached else {}
     todo = [i for i, k in enumerate(keys) if k not in stored]
-    computed = _compute([files[i] for i in todo], layer, head, params) if todo else []
-    fresh = dict(zip(todo, computed, strict=True))
-    return np.stack([stored[k] if k in stored else fresh[i] for i, k in enumerate(keys)]), len(todo)
+    fresh, skipped = {}, []
+    if todo:
+        computed, skipped = _compute([files[i] for i in todo], layer, head, params, strict)
+        fresh = {todo[j]: code for j, code in computed.items()}
+    kept = [i for i, k in enumerate(keys) if k in stored or i in fresh]
+    codes = np.stack([stored[keys[i]] if keys[i] in stored else fresh[i] for i in kept]) \
+        if kept else None
+    return Codes(codes, kept, len(fresh), skipped)
 
 
-def _compute(files: list[Path], layer: str, head: LinearHead, params: Params) -> list:
-    """Forward passes with the extractor the head was trained on (checked by its id)."""
-    from tasks.lib.backbones import create_backbone
+def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
+             strict: bool) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Forward passes with the extractor the head was trained on (checked by its id), through
+    extract's loader: {index: code} of the readable files, and the unreadable ones."""
+    import torch
+
+    from tasks.lib.backbones import CodeExtractor, create_backbone
     from tasks.lib.device import resolve_device
-    from tasks.lib.extraction import compute_codes, describe_extractor
+    from tasks.lib.extraction import describe_extractor, encode, make_loader
     from tasks.lib.featurestore import extractor_id
+    from tasks.lib.progress import Progress
 
     cfg = params.extract
     device = resolve_device(cfg.device)
@@ -96,19 +118,54 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params) ->
             f"params.yaml: extract describes extractor {ext_id} on {device}, the head was "
             f"trained on {head.meta['extractor_id']}; run `tlflow run` first"
         )
-    return compute_codes(files, backbone, layer, cfg, device)
+    model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
+    codes, skipped = {}, []
+    progress = Progress("predict: computing codes", len(files))
+    try:
+        for batch in make_loader(files, backbone, cfg, device):
+            for _, err in batch.errors:
+                if strict:
+                    raise TlflowError(f"{err} (--strict)")
+                print(f"predict: skipped {err}", file=sys.stderr, flush=True)
+                skipped.append(err)
+            if batch.images is not None:
+                out = encode(model, batch.images, device, cfg.precision)[layer]
+                codes.update(zip(batch.indices, out, strict=True))
+            progress.advance(len(batch.indices) + len(batch.errors))
+    finally:
+        progress.close()
+    return codes, skipped
+
+
+def readable(files: list[Path], strict: bool = False) -> tuple[list[int], list[str]]:
+    """Which files decode (indices), and a line per one that does not (or an error)."""
+    kept, skipped = [], []
+    for i, f in enumerate(files):
+        try:
+            read_image(f, lambda img: None)
+            kept.append(i)
+        except TlflowError as err:
+            if strict:
+                raise TlflowError(f"{err} (--strict)") from None
+            print(f"predict: skipped {err}", file=sys.stderr, flush=True)
+            skipped.append(str(err))
+    return kept, skipped
+
+
+def write_csv(f: IO[str], preds: list[Prediction], score: str) -> None:
+    """CSV: path, then label_i and probability_i (or decision_i) for each of the top k."""
+    k = len(preds[0].labels)
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"label_{i}", f"{score}_{i}")]])
+    for p in preds:
+        w.writerow([p.path, *[v for pair in zip(p.labels, p.scores, strict=True)
+                              for v in (pair[0], f"{pair[1]:.6f}")]])
 
 
 def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
-    """CSV: path, then label_i and probability_i (or decision_i) for each of the top k."""
-    k = len(preds[0].labels)
+    """The predictions' CSV as a file, written atomically."""
     with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"label_{i}",
-                                                                    f"{score}_{i}")]])
-        for p in preds:
-            w.writerow([p.path, *[v for pair in zip(p.labels, p.scores, strict=True)
-                                  for v in (pair[0], f"{pair[1]:.6f}")]])
+        write_csv(f, preds, score)
 
 
 def _check_k(k: int, n_classes: int) -> None:
@@ -131,16 +188,21 @@ def load_promoted(params: Params, root: Path = Path()) -> tuple[Version, Any] | 
         return version, load_head(stem)
 
 
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
-        model: str = "promoted") -> list[Prediction]:
-    """Predict every image of `target`; print one line each; write a CSV when asked."""
+        model: str = "promoted", strict: bool = False) -> list[Prediction]:
+    """Predict every readable image of `target`: CSV rows on stdout (and in `out` when asked),
+    a summary line on stderr."""
     files = image_files(target)
     served, source = None, None
     if model == "promoted":
         served = load_promoted(params)
         if served is None:
-            print(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the working "
-                  "tree's probe", file=sys.stderr, flush=True)
+            _note(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the "
+                  "working tree's probe")
         source = f"{served[0].label()} in {PROD}" if served else None
         model = served[0].artifact if served else "probe"
     if model == "finetuned":
@@ -149,26 +211,33 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
 
         net = served[1] if served else load_network(params.base.paths.finetuned)
         _check_k(k, len(net.classes))  # before any forward pass
-        scores = finetuned_probabilities(net, files, params.finetune.device,
-                                         params.finetune.batch_size)
+        kept, skipped = readable(files, strict)
+        scores = finetuned_probabilities(net, [files[i] for i in kept],
+                                         params.finetune.device, params.finetune.batch_size) \
+            if kept else None
         classes = net.classes
-        kind, note = "probability", f"predict: {len(files)} images, fine-tuned network"
+        kind, note = "probability", f"predict: {len(kept)} images, fine-tuned network"
     else:
         head = served[1] if served else load_head(params.base.paths.head)
         _check_k(k, len(head.classes))  # before any forward pass
-        codes, n_computed = codes_for(files, head, params, source)
-        scores, classes = head_scores(head, codes), head.classes
+        found = codes_for(files, head, params, source, strict)
+        kept, skipped = found.kept, found.skipped
+        scores = head_scores(head, found.codes) if kept else None
+        classes = head.classes
         kind = "probability" if head.has_probabilities else "decision"
-        note = (f"predict: {len(files)} images, {len(files) - n_computed} codes from the "
-                f"store, {n_computed} computed")
-    preds = [Prediction(str(f), labels, values)
-             for f, (labels, values) in zip(files, top_k(scores, classes, k), strict=True)]
-    for p in preds:
-        print(p.path, "  ".join(f"{lab} {v:.3f}" for lab, v in zip(p.labels, p.scores,
-                                                                     strict=True)))
-    print(note + (f" ({source})" if source else ""), flush=True)
+        note = (f"predict: {len(kept)} images, {len(kept) - found.computed} codes from the "
+                f"store, {found.computed} computed")
+    if not kept:
+        raise TlflowError(f"{target}: no readable image ({len(skipped)} skipped)")
+    preds = [Prediction(str(files[i]), labels, values)
+             for i, (labels, values) in zip(kept, top_k(scores, classes, k), strict=True)]
+    write_csv(sys.stdout, preds, kind)
+    sys.stdout.flush()
+    if skipped:
+        note += f", {len(skipped)} unreadable skipped (--strict to fail)"
+    _note(note + (f" ({source})" if source else ""))
     if kind == "decision":
-        print("predict: the scores are the linear SVM's decision values, not probabilities")
+        _note("predict: the scores are the linear SVM's decision values, not probabilities")
     if out is not None:
         write_predictions(out, preds, kind)
     return preds

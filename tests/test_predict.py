@@ -29,9 +29,9 @@ def test_a_cached_image_is_not_recomputed(trained: Path, monkeypatch, capsys):
     monkeypatch.setattr(tasks.lib.backbones, "create_backbone", no_model)
     capsys.readouterr()
     assert main(["predict", "data/images/red/00.png"]) == 0
-    out = capsys.readouterr().out
-    assert "1 codes from the store, 0 computed" in out
-    assert out.startswith("data/images/red/00.png red ")
+    out, err = capsys.readouterr()
+    assert "1 codes from the store, 0 computed" in err
+    assert out.splitlines()[1].startswith("data/images/red/00.png,red,")
 
 
 def test_new_images_are_computed_and_written(trained: Path, tmp_path: Path, capsys):
@@ -40,7 +40,7 @@ def test_new_images_are_computed_and_written(trained: Path, tmp_path: Path, caps
         write_image(new / f"{name}.png", colour, seed=4242)
     capsys.readouterr()
     assert main(["predict", str(new), "--top-k", "2", "--out", "preds.csv"]) == 0
-    assert "0 codes from the store, 3 computed" in capsys.readouterr().out
+    assert "0 codes from the store, 3 computed" in capsys.readouterr().err
     with open("preds.csv") as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["path"]).stem for r in rows] == sorted(COLOURS)

@@ -16,13 +16,15 @@ def _entry(rev: str, images: set[str], params: dict, acc: float) -> history.Entr
 
 
 def test_lines_say_what_changed_between_runs():
-    lines = history.lines([
+    header, *lines = history.lines([
         _entry("a1", {"x", "y"}, {"train.C_grid": [1.0]}, 0.9),
         _entry("b2", {"y", "z", "w"}, {"train.C_grid": [0.4]}, 0.95),
     ])
-    assert "first run" in lines[0] and "(2 images)" in lines[0]
-    assert "(+2 -1, 3 images)" in lines[1] and "train.C_grid=[0.4]" in lines[1]
-    assert "test acc 0.9500" in lines[1] and "extractor e1" in lines[1]
+    assert header.split()[:4] == ["when", "rev", "data", "images"]
+    assert "first run" in lines[0] and "  2  " in lines[0]
+    assert "3 (+2 -1)" in lines[1] and "train.C_grid=[0.4]" in lines[1]
+    assert "0.9500" in lines[1] and " e1 " in lines[1]
+    assert lines[0].startswith("2026-11-29T10:00:00+00:00  a1 ")  # ISO time with its zone
 
 
 def test_history_needs_git(tmp_path: Path, monkeypatch):
