@@ -11,7 +11,7 @@ from tasks.lib.handoff import current_store, read_extract_report, read_probe_rep
 from tasks.lib.manifest import read_manifest, without
 from tasks.lib.params import Params
 
-PARAMS = ("base.seed", "extract.backbone", "extract.weights", "extract.image_size", "advise")
+PARAMS = ("base.seed", "extract.backbone", "extract.weights", "advise")
 
 
 def _classifier(params: Params) -> advice.Classifier | None:
@@ -21,7 +21,7 @@ def _classifier(params: Params) -> advice.Classifier | None:
         return None
     from tasks.lib.backbones import create_backbone
 
-    clf = create_backbone(ext.backbone, ext.weights, ext.image_size, params.base.seed).classifier
+    clf = create_backbone(ext.backbone, ext.weights, None, params.base.seed).classifier
     return clf.weight.detach().numpy(), clf.bias.detach().numpy()
 
 

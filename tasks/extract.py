@@ -17,6 +17,7 @@ from tasks.lib.device import resolve_device
 from tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
 from tasks.lib.featurestore import FeatureStore, extractor_id, store_path, writer_lock
 from tasks.lib.handoff import ExtractReport, write_extract_report, write_pointer
+from tasks.lib.images import SIZE_SAMPLE, input_size_for
 from tasks.lib.manifest import read_manifest
 from tasks.lib.params import Params
 
@@ -28,11 +29,16 @@ def run(params: Params) -> Path:
     cfg, paths = params.extract, params.base.paths
     rows = read_manifest(paths.manifest)
     device = resolve_device(cfg.device)
-    backbone = create_backbone(cfg.backbone, cfg.weights, cfg.image_size, params.base.seed)
+    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
+    train = sorted((r for r in rows if r.split == "train"), key=lambda r: r.sha256)
+    size, why = input_size_for(cfg.image_size, backbone.input_size,
+                               [paths.images / r.relpath for r in train[:SIZE_SAMPLE]])
+    backbone.resize(size)
+    print(f"extract: input size {size} px ({why})", flush=True)
     extractor = describe_extractor(backbone.identity(), cfg, device)
     ext_id = extractor_id(extractor)
     model = CodeExtractor(backbone, cfg.layers)
-    dims = model.dims(backbone.data_config["input_size"][-1])
+    dims = model.dims(size)
     path = store_path(paths.features, ext_id)
     with writer_lock(path, cfg.lock_timeout), \
             FeatureStore.create(path, extractor, dims, cfg.dtype) as store:
@@ -45,7 +51,8 @@ def run(params: Params) -> Path:
             model = model.to(device, memory_format=torch.channels_last)
             loader = make_loader([paths.images / r.relpath for r in todo], backbone, cfg, device)
             bad = fill(store, model, todo, iter(loader), cfg, device)
-    write_extract_report(paths.extract_report, ExtractReport(ext_id, n_images, tuple(bad)))
+    write_extract_report(paths.extract_report,
+                         ExtractReport(ext_id, n_images, tuple(bad), size, why))
     print(f"extract: {len(todo) - len(bad)} computed, {n_images - len(todo)} cached, "
           f"{len(bad)} skipped -> {path}", flush=True)
     write_pointer(paths.features, path, extractor)

@@ -15,8 +15,9 @@ from tasks.lib.network import save_disabled
 from tasks.lib.params import Finetune, Params
 
 # what this stage reads besides base.paths (dvc.yaml: params)
-PARAMS = ("base.seed", "extract.backbone", "extract.weights", "extract.image_size",
-          "train.max_iter", "train.class_weight", "finetune", "advise.strategy")
+# (the input size comes from the current store: extract resolved extract.image_size)
+PARAMS = ("base.seed", "extract.backbone", "extract.weights", "train.max_iter",
+          "train.class_weight", "finetune", "advise.strategy")
 
 
 def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, str]:

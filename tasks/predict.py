@@ -111,7 +111,13 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
 
     cfg = params.extract
     device = resolve_device(cfg.device)
-    backbone = create_backbone(cfg.backbone, cfg.weights, cfg.image_size, params.base.seed)
+    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
+    if cfg.image_size == "auto":  # as extract resolved it for the current store
+        from tasks.lib.handoff import current_input_size
+
+        backbone.resize(current_input_size(params.base.paths.features))
+    elif cfg.image_size is not None:
+        backbone.resize(cfg.image_size)
     ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
     if ext_id != head.meta["extractor_id"]:
         raise TlflowError(

@@ -11,14 +11,15 @@ from tests.conftest import HYMENOPTERA, make_params
 
 @pytest.mark.slow
 def test_probe_on_hymenoptera(tmp_path: Path):
-    """train/ gives train and val, val/ is the test set; pooled codes at 224 px: >= 0.93."""
-    params = make_params(
-        tmp_path, ingest={"source": "folder", "path": str(HYMENOPTERA)},
-        extract={"image_size": None, "layers": ["pooled", "blocks.4"]},
-    )
+    """Every default but the source: train/ gives train and val, val/ is the test set;
+    image_size auto takes the model's own 224 px for photos; pooled codes win: >= 0.93."""
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(HYMENOPTERA)})
+    assert params.extract.image_size == "auto"
     rows = ingest.run(params)
     assert sum(r.split == "test" for r in rows) == 153
     extract.run(params)
+    report = json.loads(params.base.paths.extract_report.read_text())
+    assert report["image_size"] == 224, report["image_size_why"]
     head = train.run(params)
     metrics = evaluate.run(params)
     assert head.meta["layer"] == "pooled"  # ants and bees are ImageNet-like: late codes win

@@ -44,6 +44,16 @@ class Backbone:
 
         return create_transform(**self.data_config, is_training=False)
 
+    @property
+    def input_size(self) -> int:
+        """The square input side in pixels (the model's own unless resized)."""
+        return int(self.data_config["input_size"][-1])
+
+    def resize(self, size: int) -> None:
+        """Feed the network `size` x `size` images (convolutional layers accept any size);
+        the rest of the preprocessing (crop share, interpolation, mean, std) stays."""
+        self.data_config = {**self.data_config, "input_size": (3, size, size)}
+
     def identity(self) -> dict[str, Any]:
         """Everything about the backbone that changes a code (for the extractor id)."""
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
@@ -230,7 +240,7 @@ def create_backbone(
         )
     backbone = SOURCES[source](model_name, weights, seed)
     if image_size is not None:
-        backbone.data_config = {**backbone.data_config, "input_size": (3, image_size, image_size)}
+        backbone.resize(image_size)
     return backbone
 
 

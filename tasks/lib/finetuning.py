@@ -41,7 +41,7 @@ from tasks.lib.device import autocast, resolve_device, resolve_workers
 from tasks.lib.errors import TlflowError
 from tasks.lib.featurestore import FeatureStore
 from tasks.lib.files import atomic_path, sha256_file
-from tasks.lib.handoff import current_store, read_extract_report
+from tasks.lib.handoff import current_input_size, current_store, read_extract_report
 from tasks.lib.head import LinearHead
 from tasks.lib.images import read_image
 from tasks.lib.manifest import Row, of_split, read_manifest, without
@@ -295,13 +295,13 @@ def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> Li
 
 
 def _fingerprint(params: Params, cfg: Finetune, manifest: Path, skipped: list[str],
-                 pooled_C: float | None) -> str:
+                 pooled_C: float | None, image_size: int) -> str:
     """What a checkpoint must share with this run to be resumed by it: params, data, the
     head's start, and the code of the fine-tune stage (its derived code deps)."""
     ext = params.extract
     blob = json.dumps({
         "finetune": cfg.model_dump(mode="json"), "seed": params.base.seed,
-        "backbone": ext.backbone, "weights": ext.weights, "image_size": ext.image_size,
+        "backbone": ext.backbone, "weights": ext.weights, "image_size": image_size,
         "manifest": sha256_file(manifest), "skipped": skipped, "pooled_C": pooled_C,
         "max_iter": params.train.max_iter, "class_weight": params.train.class_weight,
         "code": {f: sha256_file(ROOT / f) for f in code_deps("finetune")},
@@ -402,7 +402,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
         raise TlflowError("finetune: the val split is empty; early stopping and the best "
                           "epoch need one (set ingest.val_fraction above 0)")
     classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
-    image_size = cfg.image_size or params.extract.image_size
+    image_size = cfg.image_size or current_input_size(paths.features)
     device = resolve_device(cfg.device, "finetune.device")
 
     net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
@@ -413,7 +413,8 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
                       train_augment(net, cfg), seed)
     val_loader = _loader(Images(val_rows, paths.images, classes, net.backbone.transform()),
                          cfg, device, False)
-    fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), pooled_C)
+    fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), pooled_C,
+                               image_size)
     ckpt = paths.finetune_checkpoints
     first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_loader, seed, device,
                       paths.finetune_curve, [])

@@ -58,6 +58,16 @@ def current_store(features_dir: Path) -> Path:
     return features_dir / obj["store"]
 
 
+def current_input_size(features_dir: Path) -> int:
+    """The input size in pixels the current store's codes were computed at (extract resolves
+    extract.image_size once; fine-tuning and predict use the same)."""
+    obj = _read(features_dir / POINTER, "extract", ("extractor",))
+    try:
+        return int(obj["extractor"]["preprocess"]["input_size"][-1])
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise handoff_error(features_dir / POINTER, "extract", "names no input size") from None
+
+
 @dataclass(frozen=True)
 class ExtractReport:
     """How many images the manifest holds and which could not be read (sha256 -> reason)."""
@@ -65,6 +75,8 @@ class ExtractReport:
     extractor_id: str
     images: int
     bad_images: tuple[dict[str, str], ...]  # relpath, sha256, reason
+    image_size: int | None = None  # the input size used, in pixels
+    image_size_why: str = ""  # how extract.image_size resolved to it
 
     @property
     def bad(self) -> dict[str, str]:
@@ -74,12 +86,14 @@ class ExtractReport:
 def write_extract_report(path: Path, report: ExtractReport) -> None:
     """A function of (manifest, extractor) only: a rerun that computes nothing changes nothing."""
     write_json(path, {"extractor_id": report.extractor_id, "images": report.images,
-                      "skipped": len(report.bad_images), "bad_images": list(report.bad_images)})
+                      "skipped": len(report.bad_images), "bad_images": list(report.bad_images),
+                      "image_size": report.image_size, "image_size_why": report.image_size_why})
 
 
 def read_extract_report(path: Path) -> ExtractReport:
     obj = _read(path, "extract", ("extractor_id", "images", "bad_images"))
-    return ExtractReport(obj["extractor_id"], obj["images"], tuple(obj["bad_images"]))
+    return ExtractReport(obj["extractor_id"], obj["images"], tuple(obj["bad_images"]),
+                         obj.get("image_size"), obj.get("image_size_why", ""))
 
 
 # ---------------------------------------------------------------- train

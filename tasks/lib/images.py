@@ -218,3 +218,39 @@ def image_files(target: Path) -> list[Path]:
     for f in files:
         check_name(str(f), f)
     return files
+
+
+SIZE_SAMPLE = 256  # train images whose size `input_size_for` looks at, at most
+TINY_FACTOR = 8  # images whose shorter side is under model size / 8 count as tiny
+
+
+def input_size_for(setting: str | int | None, model_size: int,
+                   files: list[Path]) -> tuple[int, str]:
+    """The network's input size in pixels for `extract.image_size`, and why.
+
+    A number is taken as given and null is the model's own size. `auto` is the model's own
+    size (pretrained networks see their training size best: hymenoptera's photos at 224 px),
+    unless the images are tiny: when the median shorter side of `files` (a sample) is under
+    model_size / TINY_FACTOR, upsampling them to 224 px only costs time, and they get
+    TINY_FACTOR times their side, rounded up to a multiple of 32 (sklearn's 8 px digits: 64).
+    Reads only the files' headers.
+    """
+    if isinstance(setting, int):
+        return setting, f"extract.image_size: {setting}"
+    if setting is None:
+        return model_size, "the model's own input size (extract.image_size: null)"
+    sides = []
+    for f in files[:SIZE_SAMPLE]:
+        try:
+            with Image.open(f) as img:
+                sides.append(min(img.size))
+        except Exception:
+            continue
+    if not sides:
+        return model_size, "auto: the model's own input size (no readable image to measure)"
+    side = sorted(sides)[len(sides) // 2]
+    if side * TINY_FACTOR >= model_size:
+        return model_size, f"auto: the model's own input size (images' median side {side} px)"
+    size = max(32, -(-side * TINY_FACTOR // 32) * 32)
+    return size, (f"auto: the images are tiny (median side {side} px < {model_size} / "
+                  f"{TINY_FACTOR}), so {TINY_FACTOR} x {side} rounded up to a multiple of 32")

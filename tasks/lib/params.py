@@ -69,7 +69,9 @@ class Extract(_Section):
     backbone: str = "timm/tf_efficientnet_lite0"
     weights: str = "packaged"
     layers: tuple[str, ...] = Field(("pooled",), min_length=1)
-    image_size: int | None = Field(None, ge=8, le=4096)
+    # auto: the model's own input size, smaller for tiny images (tasks/lib/images.py
+    # input_size_for); null: the model's own; a number: that many pixels
+    image_size: Literal["auto"] | int | None = "auto"
     batch_size: int = Field(64, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float16", "float32"] = "float16"
@@ -77,6 +79,13 @@ class Extract(_Section):
     num_workers: int | None = Field(None, ge=0)  # decoder processes; null = auto
     on_bad_image: Literal["skip", "fail"] = "skip"
     lock_timeout: float = Field(600.0, ge=0)  # seconds to wait for another writer
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, int) and not 8 <= v <= 4096:
+            raise ValueError(f"image_size must be auto, null or 8..4096 pixels, got {v}")
+        return v
 
     @field_validator("layers")
     @classmethod
@@ -131,7 +140,7 @@ class Finetune(_Section):
     warmup_epochs: float = Field(1.0, ge=0)
     patience: int = Field(3, ge=1)  # epochs without a better val accuracy before stopping
     batch_size: int = Field(32, ge=1)
-    image_size: int | None = Field(None, ge=8, le=4096)  # null: extract.image_size
+    image_size: int | None = Field(None, ge=8, le=4096)  # null: the codes' size (extract)
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random resized crop, share of the area
     hflip: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # training loss only

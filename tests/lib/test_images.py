@@ -252,3 +252,26 @@ def test_unreadable_files_are_one_line_naming_them(tmp_path: Path):
 
 def test_the_rules_are_part_of_the_extractor_id():
     assert DECODING != "pil-rgb/1"  # the rules changed: stores of the old ones are not reused
+
+
+def test_input_size_auto_is_the_models_own_unless_the_images_are_tiny(tmp_path: Path):
+    from tasks.lib.images import input_size_for
+
+    def folder(name: str, size: tuple[int, int], n: int = 5) -> list[Path]:
+        files = []
+        for i in range(n):
+            f = tmp_path / name / f"{i}.png"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, (i, 0, 0)).save(f)
+            files.append(f)
+        return files
+
+    photos, digits, small = folder("p", (500, 375)), folder("d", (8, 8)), folder("s", (20, 30))
+    assert input_size_for("auto", 224, photos)[0] == 224
+    size, why = input_size_for("auto", 224, digits)
+    assert size == 64 and "median side 8 px" in why  # 8 x 8, a multiple of 32
+    assert input_size_for("auto", 224, small)[0] == 160  # 8 x 20 = 160
+    assert input_size_for(None, 224, digits) == (224, "the model's own input size "
+                                                      "(extract.image_size: null)")
+    assert input_size_for(48, 224, photos)[0] == 48
+    assert input_size_for("auto", 224, [tmp_path / "missing.png"])[0] == 224

@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import main
 from tests.conftest import BIN, cli_env, run_cli
-from tests.test_registry import build_project, git, run_and_commit, set_params
+from tests.lib.test_registry import build_project, git, run_and_commit, set_params
 
 IMAGE = "data/images/red/00.png"
 
@@ -39,14 +39,15 @@ def test_promote_then_predict_serves_it(project: Path, capsys):
     code, out, err = cli(capsys, "predict", IMAGE)
     assert code == 0 and "no model is assigned to prod" in err and "using the working tree's" \
         " probe" in err
-    assert out.startswith(f"{IMAGE} red ")
+    assert out.splitlines()[1].startswith(f"{IMAGE},red,")  # CSV on stdout
     head = git(project, "rev-parse", "HEAD").strip()
     code, out, _ = cli(capsys, "promote")
     assert code == 0
     assert out == f"promoted probe v0.0.1 ({head[:7]}) to prod: no model serves yet\n"
     code, out, err = cli(capsys, "predict", IMAGE)
-    assert code == 0 and not err
-    assert f"(probe v0.0.1 ({head[:7]}) in prod)" in out and out.startswith(f"{IMAGE} red ")
+    assert code == 0 and "no model is assigned" not in err
+    assert f"(probe v0.0.1 ({head[:7]}) in prod)" in err
+    assert out.splitlines()[1].startswith(f"{IMAGE},red,")
     code, out, _ = cli(capsys, "promote")
     assert code == 0 and out.startswith("not promoted: HEAD is already in prod")
 
@@ -63,11 +64,11 @@ def test_worse_candidate_stays_out_until_forced(project: Path, capsys):
     assert "; probe v0.0.1 (" in out and out.endswith(") stays in prod\n")
     # predict keeps serving v0.0.1, read at its commit; the working tree has the worse probe
     assert cli(capsys, "predict", IMAGE)[1] == served
-    assert "in prod" not in cli(capsys, "predict", IMAGE, "--model", "probe")[1]
+    assert "in prod" not in cli(capsys, "predict", IMAGE, "--model", "probe")[2]
     code, out, _ = cli(capsys, "promote", "--force")
     assert code == 0
     assert out.startswith(f"promoted probe v0.0.2 ({worse[:7]}) to prod: forced (--force)")
-    assert f"(probe v0.0.2 ({worse[:7]}) in prod)" in cli(capsys, "predict", IMAGE)[1]
+    assert f"(probe v0.0.2 ({worse[:7]}) in prod)" in cli(capsys, "predict", IMAGE)[2]
     env = cli_env(project)
     show = run_cli([str(BIN / "gto"), "show", "probe"], project, env, timeout=60)
     assert show.returncode == 0, show.stderr
