@@ -20,6 +20,11 @@ from tasks.lib.params import Params, params_under
 # The suite needs no network: hubs answer "offline" at once instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Importing dvc installs logging handlers bound to the sys.stdout of that moment. Import it
+# now, while that is the session's stream, and not first inside a test whose captured stream
+# is closed after it (a later test's in-process `dvc commit` would then log to a closed file).
+import dvc  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 BIN = Path(sys.executable).parent

@@ -192,7 +192,7 @@ def test_an_experiment_is_a_function_of_its_params(project):
     assert "metrics/eval.json" in show.stdout and "accuracy" in show.stdout
 
 
-def test_two_forced_runs_write_identical_files(tmp_path: Path):
+def test_two_forced_runs_write_identical_files(tmp_path: Path, prefect_server: str):
     """Reproducible outputs under `tlflow run` (Prefect's client threads included): the same
     inputs and seed on CPU give the same bytes, fine-tuned network and curve included."""
     root = copy_project(tmp_path / "project")
@@ -204,7 +204,7 @@ def test_two_forced_runs_write_identical_files(tmp_path: Path):
     raw["extract"].update(layers=["pooled"], image_size=32)
     raw["finetune"].update(enabled=True, epochs=2, batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = cli_env(tmp_path)
+    env = cli_env(tmp_path, prefect_server)
     outputs = ["models/head.safetensors", "models/head.json", "models/train_choice.json",
                "models/finetuned.safetensors", "models/finetuned.json", "plots/finetune.csv",
                "plots/confusion.csv", "plots/confusion.png", "metrics/probe.json",
