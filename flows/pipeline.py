@@ -58,20 +58,20 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     """Run one stage if DVC calls it stale (or when forced), then record it in dvc.lock."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    params = load_params()
-    reason = "forced" if force else (why_stale(name) or _external_source(name, params))
-    if reason is None:
-        logger.info("%s: up to date, skipped", name)
-        why = "up to date: dvc.lock matches its deps, params and outs"
-        return Completed(name=SKIPPED, message=why,
-                         data=StageResult(name, False, "up to date", 0.0))
-    logger.info("%s: running (%s)", name, reason)
-    try:
+    try:  # bad params, bad input, or DVC refusing (no git, a broken dvc.lock): no retry
+        params = load_params()
+        reason = "forced" if force else (why_stale(name) or _external_source(name, params))
+        if reason is None:
+            logger.info("%s: up to date, skipped", name)
+            why = "up to date: dvc.lock matches its deps, params and outs"
+            return Completed(name=SKIPPED, message=why,
+                             data=StageResult(name, False, "up to date", 0.0))
+        logger.info("%s: running (%s)", name, reason)
         stage_runner(name)(params)
+        commit(name)
     except TlflowError as err:
         logger.error("%s", err)
         return Failed(name=BAD_INPUT, message=str(err))
-    commit(name)
     return StageResult(name, True, reason, time.perf_counter() - t0)
 
 

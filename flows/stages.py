@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tasks.lib.params import Params, scoped
@@ -22,19 +23,36 @@ def stage_runner(name: str) -> Callable[[Params], object]:
     return lambda params: module.run(scoped(params, module.PARAMS))
 
 
-def why_stale(name: str, root: Path = Path()) -> str | None:
-    """Why DVC considers the stage stale (as `dvc status` says), or None when up to date."""
+@contextlib.contextmanager
+def _dvc(root: Path) -> Iterator[object]:
+    """DVC's Repo at root; DVC's own failures (no git, a broken dvc.lock...) become one line
+    naming what is wrong and what to do (a TlflowError: exit 2, never retried)."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        with Repo(str(root)) as repo:
+            yield repo
+    except DvcException as err:
+        from tasks.lib.errors import TlflowError
+
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if "is not a git repository" in text:
+            hint = ("; tlflow versions runs with git: run `git init` here (or `dvc init -f "
+                    "--no-scm` for a project without git)")
+        raise TlflowError(f"dvc: {text}{hint}") from None
+
+
+def why_stale(name: str, root: Path = Path()) -> str | None:
+    """Why DVC considers the stage stale (as `dvc status` says), or None when up to date."""
+    with _dvc(root) as repo:
         return _reason(repo.status(targets=[name]), name)
 
 
 def status(root: Path = Path()) -> dict[str, str | None]:
     """Every stage's staleness as one `dvc status` reports it (None: up to date)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with _dvc(root) as repo:
         report = repo.status()
     return {name: _reason(report, name) for name in STAGES}
 
@@ -66,7 +84,5 @@ def _describe(change: object) -> str:
 
 def commit(name: str, root: Path = Path()) -> None:
     """Record the stage's deps, params and outs in dvc.lock (and its outs in the cache)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with _dvc(root) as repo:
         repo.commit(name, force=True)
