@@ -8,7 +8,7 @@ from collections import Counter
 from tasks.lib.hashcache import HashCache
 from tasks.lib.manifest import SPLITS, Row, write_manifest
 from tasks.lib.params import Params
-from tasks.lib.sources import build_manifest, scan_source, snapshot
+from tasks.lib.sources import build_manifest, hash_items, scan_source, snapshot
 
 PARAMS = ("base.seed", "ingest")  # what this stage reads besides base.paths (dvc.yaml: params)
 
@@ -20,10 +20,12 @@ def run(params: Params) -> list[Row]:
         print(f"ingest: ignored {scan.ignored.summary()}", flush=True)
     items = scan.items
     paths = params.base.paths
-    paths.images.mkdir(parents=True, exist_ok=True)
     with HashCache(paths.hash_cache) as cache:
-        hashed = snapshot(items, paths.images, cache)
-    rows = build_manifest(hashed, params.ingest, params.base.seed)
+        hashed = hash_items(items, cache)
+        # validated before anything is written: a refused input leaves the last good run
+        rows = build_manifest(hashed, params.ingest, params.base.seed)
+        paths.images.mkdir(parents=True, exist_ok=True)
+        snapshot(hashed, paths.images, cache)
     write_manifest(rows, paths.manifest)
     counts = Counter(r.split for r in rows)
     print(f"ingest: {len(rows)} images, {len({r.label for r in rows})} classes "

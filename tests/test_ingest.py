@@ -136,3 +136,23 @@ def test_an_empty_test_split_stops_ingest_not_evaluate(tmp_path: Path, image_fol
     with pytest.raises(TlflowError, match=r"ingest\.test_fraction"):
         ingest.run(params)
     assert not params.base.paths.manifest.exists()  # no stage downstream has anything to run on
+
+
+def test_a_refused_input_leaves_the_last_good_snapshot(tmp_path: Path, image_folder: Path):
+    """Ingest validates the new manifest before it touches data/: a class left without train
+    images is refused (exit 2) and every file of the last good run stays as it was."""
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    rows = ingest.run(params)
+    data = params.base.paths.manifest.parent
+
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(data).as_posix(): p.read_bytes()
+                for p in sorted(data.rglob("*")) if p.is_file()}
+
+    before = files()
+    for r in rows:
+        if r.label == "blue" and r.split == "train":
+            (image_folder / r.relpath).unlink()
+    with pytest.raises(TlflowError, match=r"\['blue'\] have no image in the train split"):
+        ingest.run(params)
+    assert files() == before

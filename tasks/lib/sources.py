@@ -310,27 +310,30 @@ def scan_source(cfg: Ingest) -> Scan:
 # ---------------------------------------------------------------- shell
 
 
-def snapshot(items: list[Item], images_dir: Path, cache: HashCache) -> list[tuple[Item, str]]:
-    """Mirror the items under images_dir, copying only what changed; return their hashes.
+def hash_items(items: list[Item], cache: HashCache) -> list[tuple[Item, str]]:
+    """Each item with the sha256 of its bytes, read from the source (files whose stat the
+    cache knows are not re-read): the manifest can be built, and refused, before anything
+    under the snapshot changes."""
+    return [(it, sha256_bytes(it.data) if it.data is not None else cache.sha256(it.src))
+            for it in items]
 
-    Unchanged files are neither copied nor re-read: their stat finds the hash in the cache.
-    """
-    hashed = []
-    for it in items:
+
+def snapshot(hashed: list[tuple[Item, str]], images_dir: Path, cache: HashCache) -> None:
+    """Mirror the hashed items under images_dir, copying only what changed, then remove what
+    the source no longer has. A copied file is hashed again: a source file that changed since
+    `hash_items` read it is an error naming it, never a manifest row with other bytes."""
+    for it, sha in hashed:
         dest = images_dir / it.relpath
         if it.data is not None:
-            sha = sha256_bytes(it.data)
             if not dest.is_file() or cache.sha256(dest) != sha:
                 with atomic_path(dest) as tmp:
                     tmp.write_bytes(it.data)
-        else:
-            if not _same_file(it.src, dest):
-                with atomic_path(dest) as tmp:
-                    shutil.copy2(it.src, tmp)
-            sha = cache.sha256(dest)
-        hashed.append((it, sha))
-    _prune(images_dir, {it.relpath for it in items})
-    return hashed
+        elif not _same_file(it.src, dest):
+            with atomic_path(dest) as tmp:
+                shutil.copy2(it.src, tmp)
+            if cache.sha256(dest) != sha:
+                raise TlflowError(f"{it.src}: changed while ingest copied it; run ingest again")
+    _prune(images_dir, {it.relpath for it, _ in hashed})
 
 
 def _same_file(src: Path, dest: Path) -> bool:

@@ -10,7 +10,7 @@ from flows.cli import main
 from tasks.lib.featurestore import info
 from tasks.lib.handoff import current_store
 from tasks.lib.manifest import read_manifest
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, copy_project, run_cli
 
 
 @pytest.fixture
@@ -87,3 +87,16 @@ def test_serve_needs_a_schedule_and_commands_need_a_dvc_project(tmp_path: Path, 
         assert ".dvc: not found" in capsys.readouterr().err
     assert main(["history"]) == 2
     assert "no git repository" in capsys.readouterr().err
+
+
+def test_a_project_without_git_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    """A project unpacked from an archive has no .git: DVC refuses, and tlflow says so in one
+    line with what to do (exit 2), for status and for a flow run alike."""
+    import shutil
+
+    root = copy_project(tmp_path / "project")
+    shutil.rmtree(root / ".git")
+    monkeypatch.chdir(root)
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a git repository" in err and "git init" in err
