@@ -224,6 +224,25 @@ def bring_up_to_date(names: Sequence[str], params: Params, who: str) -> None:
         dvc_log.setLevel(level)
 
 
+def warn_if_stale(names: Sequence[str], who: str) -> None:
+    """Say on stderr which of these stages DVC calls stale: what `who` reports then describes
+    their last run, not the data and params as they are now. Silent outside a DVC project."""
+    if not Path(".dvc").is_dir():
+        return
+    from flows.stages import status
+
+    try:
+        report = status()
+    except TlflowError as err:  # e.g. no git: freshness cannot be told
+        print(f"{who}: whether {', '.join(names)} are up to date is not known ({err})",
+              file=sys.stderr)
+        return
+    for name in names:
+        if report.get(name):
+            print(f"{who}: stage {name} is stale ({report[name]}): this describes its last "
+                  "run; `tlflow run` brings it up to date", file=sys.stderr)
+
+
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store), after
     bringing ingest, extract and train up to date: never the decision for other data."""
@@ -252,6 +271,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     params = load_params()
     if args.action == "info":
+        if not args.store:
+            warn_if_stale(("ingest", "extract"), "features info")
         store = Path(args.store) if args.store else current_store(params.base.paths.features)
         facts = info(store)
         if args.json:
@@ -373,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tasks import predict
             from tasks.lib.params import load_params, scoped
 
+            if args.model != "promoted":  # a promoted model is a committed version
+                warn_if_stale(("ingest", "extract", "train")
+                              + (("finetune",) if args.model == "finetuned" else ()), "predict")
             predict.run(scoped(load_params(), predict.PARAMS), args.target, args.top_k,
                         args.out, args.model, args.strict)
             return 0

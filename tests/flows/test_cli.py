@@ -100,3 +100,29 @@ def test_a_project_without_git_is_one_line(tmp_path: Path, monkeypatch, capsys):
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a git repository" in err and "git init" in err
+
+
+def test_reports_say_when_their_stages_are_stale(tmp_path: Path, image_folder: Path,
+                                                 monkeypatch, capsys):
+    """features info (and predict of the working tree's models) never describe old data
+    silently: a stale stage is named on stderr, with how to refresh it."""
+    from flows.stages import commit
+
+    root = copy_project(tmp_path / "project")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["ingest"].update(source="folder", path=str(image_folder))
+    raw["extract"].update(layers=["pooled"], image_size=32)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(root)
+    for stage in ("ingest", "extract"):
+        assert main(["stage", stage]) == 0
+        commit(stage)
+    capsys.readouterr()
+    assert main(["features", "info"]) == 0
+    assert "stale" not in capsys.readouterr().err
+    raw["extract"]["layers"] = ["pooled", "blocks.2"]
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["features", "info"]) == 0
+    err = capsys.readouterr().err
+    assert "features info: stage extract is stale (params: extract)" in err
+    assert "`tlflow run` brings it up to date" in err
