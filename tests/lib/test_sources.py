@@ -201,39 +201,3 @@ def test_a_csv_that_is_not_utf8_is_one_line(tmp_path: Path, image_folder: Path):
 # ---------------------------------------------------------------- results never describe other data
 
 
-@pytest.mark.slow
-def test_advise_after_a_source_change_never_shows_the_old_data(
-        tmp_path: Path, image_folder: Path, monkeypatch, capsys):
-    """`tlflow advise` brings ingest -> extract -> train up to date first, as `dvc repro train`
-    would; a folder source changes outside DVC's sight, so ingest rescans it."""
-    import json
-
-    import yaml
-
-    from flows.cli import main
-    from flows.stages import status
-    from tests.conftest import copy_project
-
-    root = copy_project(tmp_path / "project")
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["ingest"].update(source="folder", path=str(image_folder))
-    raw["extract"].update(layers=["pooled"], image_size=32)
-    raw["train"].update(C_grid=[1.0])
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    monkeypatch.chdir(root)
-
-    def advise() -> tuple[dict, str]:
-        assert main(["advise", "--json"]) == 0
-        out = capsys.readouterr()
-        return json.loads(out.out), out.err  # stdout holds only the JSON
-
-    first, err = advise()
-    assert first["evidence"]["size"]["classes"] == 3
-    assert "bringing extract up to date first" in err
-    shutil.rmtree(image_folder / "blue")  # the source changes; params.yaml does not
-    second, err = advise()
-    assert second["evidence"]["size"]["classes"] == 2
-    assert second["evidence"]["size"]["train_images"] < first["evidence"]["size"]["train_images"]
-    assert "bringing train up to date first" in err
-    assert {s: why for s, why in status().items() if s in ("ingest", "extract", "train")} == {
-        "ingest": None, "extract": None, "train": None}  # recorded in dvc.lock, as dvc repro
