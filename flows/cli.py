@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     i = fsub.add_parser("info", help="a store's extractor, rows, layers and dims")
     i.add_argument("store", nargs="?", help="an .h5 file (default: the current store)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    v = fsub.add_parser("verify", help="read every chunk of a store and check its checksum")
+    v.add_argument("store", nargs="?", help="an .h5 file (default: the current store)")
     g = fsub.add_parser("gc", help="prune rows that the manifest no longer references")
     g.add_argument("--dry-run", action="store_true", help="only count what would go")
     return p
@@ -270,6 +272,18 @@ def cmd_features(args: argparse.Namespace) -> int:
     from tasks.lib.params import load_params
 
     params = load_params()
+    if args.action == "verify":
+        from tasks.lib.featurestore import FeatureStore
+
+        store = Path(args.store) if args.store else current_store(params.base.paths.features)
+        with FeatureStore(store) as fs:
+            damaged = fs.verify()
+        if damaged:
+            raise TlflowError(f"{store}: damaged: {', '.join(damaged)} fail their checksums; "
+                              "delete the store and run `tlflow stage extract` to recompute "
+                              "it, or `dvc checkout` to restore the committed one")
+        print(f"{store}: every chunk passes its checksum", file=sys.stderr)
+        return 0
     if args.action == "info":
         if not args.store:
             warn_if_stale(("ingest", "extract"), "features info")
@@ -339,9 +353,9 @@ def _summary(results: list, params: Params) -> None:
     from tasks.lib.handoff import read_eval_metrics, read_probe_report
 
     paths = params.base.paths
-    if not (paths.eval_metrics.is_file() and paths.probe_metrics.is_file()):
+    if not (paths.eval_metrics.is_file() and paths.probe_report.is_file()):
         return
-    probe = read_probe_report(paths.probe_metrics)
+    probe = read_probe_report(paths.probe_report)
     sweep = Table(title="layer sweep (val)")
     for col in ("layer", "dim", "best C", "val accuracy"):
         sweep.add_column(col)

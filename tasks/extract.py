@@ -14,9 +14,15 @@ import torch
 
 from tasks.lib.backbones import CodeExtractor, create_backbone
 from tasks.lib.device import resolve_device
+from tasks.lib.errors import TlflowError
 from tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
 from tasks.lib.featurestore import FeatureStore, extractor_id, store_path, writer_lock
-from tasks.lib.handoff import ExtractReport, write_extract_report, write_pointer
+from tasks.lib.handoff import (
+    ExtractReport,
+    write_extract_metrics,
+    write_extract_report,
+    write_pointer,
+)
 from tasks.lib.images import SIZE_SAMPLE, input_size_for
 from tasks.lib.manifest import read_manifest
 from tasks.lib.params import Params
@@ -42,6 +48,11 @@ def run(params: Params) -> Path:
     path = store_path(paths.features, ext_id)
     with writer_lock(path, cfg.lock_timeout), \
             FeatureStore.create(path, extractor, dims, cfg.dtype) as store:
+        damaged = store.verify()  # a damaged store is never a cache (Fletcher-32 on chunks)
+        if damaged:
+            raise TlflowError(f"{path}: damaged ({', '.join(damaged)} fail their checksums); "
+                              "delete it and run extract again to recompute it, or `dvc "
+                              "checkout` to restore the committed one")
         todo = missing_images(rows, set(store.keys()))
         n_images = len({r.sha256 for r in rows})
         print(f"extract: {ext_id} ({backbone.name}) on {device}, {len(todo)} of {n_images} "
@@ -51,8 +62,9 @@ def run(params: Params) -> Path:
             model = model.to(device, memory_format=torch.channels_last)
             loader = make_loader([paths.images / r.relpath for r in todo], backbone, cfg, device)
             bad = fill(store, model, todo, iter(loader), cfg, device)
-    write_extract_report(paths.extract_report,
-                         ExtractReport(ext_id, n_images, tuple(bad), size, why))
+    report = ExtractReport(ext_id, n_images, tuple(bad), size, why)
+    write_extract_report(paths.extract_report, report)
+    write_extract_metrics(paths.extract_metrics, report)
     print(f"extract: {len(todo) - len(bad)} computed, {n_images - len(todo)} cached, "
           f"{len(bad)} skipped -> {path}", flush=True)
     write_pointer(paths.features, path, extractor)

@@ -89,11 +89,14 @@ class FeatureStore:
         store = cls(path, "a")
         h5 = store._h5
         if EXTRACTOR not in h5.attrs:
-            h5.create_dataset("keys", (0,), dtype="S64", maxshape=(None,), chunks=(4096,))
+            # Fletcher-32 on every chunk: HDF5 checks it on each read, so flipped bytes are an
+            # error (`damaged`), never codes that silently lower the accuracy
+            h5.create_dataset("keys", (0,), dtype="S64", maxshape=(None,), chunks=(4096,),
+                              fletcher32=True)
             for name, dim in dims.items():
                 h5.create_dataset(
                     f"layers/{name}", (0, dim), dtype=dtype, maxshape=(None, dim),
-                    chunks=(_CHUNK_ROWS, dim),
+                    chunks=(_CHUNK_ROWS, dim), fletcher32=True,
                 )
             h5.attrs[EXTRACTOR] = json.dumps(extractor, sort_keys=True)
             h5.attrs[VERSIONS] = json.dumps(_library_versions(), sort_keys=True)
@@ -122,9 +125,36 @@ class FeatureStore:
         """Layer name -> code size."""
         return {name: ds.shape[1] for name, ds in self._h5["layers"].items()}
 
+    @contextlib.contextmanager
+    def _checked(self) -> Iterator[None]:
+        """HDF5's read errors (a chunk failing its Fletcher-32 checksum, a truncated file) as
+        one line naming the store and how to repair it."""
+        try:
+            yield
+        except OSError as err:
+            raise TlflowError(
+                f"{self.path}: damaged ({err}); `tlflow features verify` lists the damaged "
+                "datasets; delete the store and run `tlflow stage extract` to recompute it, "
+                "or `dvc checkout` to restore the committed one") from None
+
     def keys(self) -> list[str]:
         """The committed keys, in row order."""
-        return [k.decode() for k in self._h5["keys"][: self.n_committed]]
+        with self._checked():
+            return [k.decode() for k in self._h5["keys"][: self.n_committed]]
+
+    def verify(self) -> list[str]:
+        """Read every committed chunk of every dataset (Fletcher-32 checks each): the names of
+        the datasets that fail, empty when the store is whole."""
+        bad = []
+        for name in ["keys", *(f"layers/{layer}" for layer in self.layers)]:
+            ds = self._h5[name]
+            step = ds.chunks[0] if ds.chunks else max(1, self.n_committed)
+            try:
+                for start in range(0, self.n_committed, step):
+                    ds[start:start + step]
+            except OSError:
+                bad.append(name)
+        return bad
 
     def read(self, layer: str, keys: Iterable[str]) -> np.ndarray:
         """Codes of `layer` for `keys` (float32, in the order given)."""
@@ -141,9 +171,10 @@ class FeatureStore:
         rows = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
         ds, n = self._h5["layers"][layer], self.n_committed
         wanted = np.unique(rows)  # h5py reads increasing, distinct indices
-        if len(wanted) > n // 4:  # most of the layer: one sequential read is faster
-            return ds[:n][rows].astype(np.float32)
-        part = ds[wanted] if len(wanted) else np.empty((0, ds.shape[1]), ds.dtype)
+        with self._checked():
+            if len(wanted) > n // 4:  # most of the layer: one sequential read is faster
+                return ds[:n][rows].astype(np.float32)
+            part = ds[wanted] if len(wanted) else np.empty((0, ds.shape[1]), ds.dtype)
         return part[np.searchsorted(wanted, rows)].astype(np.float32)
 
     def blocks(
@@ -160,7 +191,9 @@ class FeatureStore:
         ds, keys, n = self._h5["layers"][layer], self._h5["keys"], self.n_committed
         for b in range(self.n_blocks(rows)) if order is None else order:
             start, stop = b * rows, min((b + 1) * rows, n)
-            yield [k.decode() for k in keys[start:stop]], ds[start:stop].astype(np.float32)
+            with self._checked():
+                block = [k.decode() for k in keys[start:stop]], ds[start:stop].astype(np.float32)
+            yield block
 
     def n_blocks(self, rows: int) -> int:
         return -(-self.n_committed // rows)
