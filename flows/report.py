@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.history import current_data_version
-from tasks.lib.handoff import read_eval_metrics
+from tasks.lib.handoff import read_eval_metrics, read_per_class
 from tasks.lib.manifest import read_manifest
 from tasks.lib.params import Paths
 
@@ -86,11 +86,9 @@ def headline(before: Snapshot, after: Snapshot) -> str:
     return ", ".join(parts) or "no test metrics"
 
 
-def per_class_rows(metrics: dict) -> list[dict]:
-    """One row per (model, class): precision, recall, F1, support."""
-    return [{"model": model, "class": c, **{k: round(v, 4) for k, v in m.items()}}
-            for model in MODELS if model in metrics
-            for c, m in metrics[model].get("per_class", {}).items()]
+def per_class_rows(rows: list[dict]) -> list[dict]:
+    """The per-class table (model, class, precision, recall, F1, support), rounded."""
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
 
 
 def confusion_markdown(png: Path, title: str) -> str:
@@ -142,7 +140,7 @@ def publish_summary(paths: Paths, before: Snapshot, results: list,
                              description=f"{status}{head}; data {after.data_version}")
     if failed:
         return
-    rows = per_class_rows(after.metrics)
+    rows = per_class_rows(read_per_class(paths.per_class)) if paths.per_class.is_file() else []
     if rows:
         create_table_artifact(table=rows, key="tlflow-per-class",
                               description=f"Per-class test metrics: {head}")

@@ -29,7 +29,7 @@ def run(params: Params) -> dict[str, Any]:
     """The decision as JSON (size, similarity, plan, evidence)."""
     paths = params.base.paths
     rows = without(read_manifest(paths.manifest), read_extract_report(paths.extract_report).bad)
-    layers = read_probe_report(paths.probe_metrics)["layers"]
+    layers = read_probe_report(paths.probe_report)["layers"]
     decision = advice.measure(current_store(paths.features), rows, layers, params.advise,
                               params.base.seed, _classifier(params))
     return decision.as_json()

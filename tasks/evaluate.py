@@ -1,5 +1,7 @@
 """Evaluate: the probe (and the fine-tuned network, when there is one) on the test split,
-touched once. Metrics JSON, confusion CSV and PNG (tasks/lib/evaluation.py)."""
+touched once. Metrics JSON (a few numbers per model), the per-class table, confusion CSV
+and PNG (tasks/lib/evaluation.py); the unreadable images it leaves out are listed on stdout
+and in the extract report."""
 
 from __future__ import annotations
 
@@ -8,7 +10,12 @@ import numpy as np
 from tasks.lib.errors import TlflowError
 from tasks.lib.evaluation import plot_confusion, score, write_confusion
 from tasks.lib.featurestore import FeatureStore
-from tasks.lib.handoff import current_store, read_extract_report, write_eval_metrics
+from tasks.lib.handoff import (
+    current_store,
+    read_extract_report,
+    write_eval_metrics,
+    write_per_class,
+)
 from tasks.lib.head import load_head
 from tasks.lib.manifest import Row, read_manifest
 from tasks.lib.network import read_meta
@@ -34,7 +41,8 @@ def score_finetuned(params: Params, test: list[Row], y_true: np.ndarray) -> dict
 
 
 def run(params: Params) -> dict:
-    """Score the probe on the test split; write the metrics and the confusion matrix."""
+    """Score the probe on the test split; write the metrics, the per-class table and the
+    confusion matrix. Returns the scores with their per-class tables."""
     paths = params.base.paths
     bad = read_extract_report(paths.extract_report).bad
     rows = read_manifest(paths.manifest)
@@ -51,8 +59,8 @@ def run(params: Params) -> dict:
     finetuned = score_finetuned(params, test, y_true)
     if finetuned is not None:
         metrics["finetune"] = finetuned
-    metrics["skipped_images"] = [{"relpath": p, "reason": why} for p, why in skipped]
     write_eval_metrics(paths.eval_metrics, metrics)
+    write_per_class(paths.per_class, metrics)
     write_confusion(paths.confusion, y_true, y_pred)
     p = metrics["probe"]
     if "finetune" in metrics:

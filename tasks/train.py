@@ -13,6 +13,7 @@ from tasks.lib.handoff import (
     TrainChoice,
     current_store,
     read_extract_report,
+    write_probe_metrics,
     write_probe_report,
     write_strategy,
     write_train_choice,
@@ -61,7 +62,8 @@ def run(params: Params) -> LinearHead:
             "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows)}
     head = to_head(refit(top), meta)
     save_head(head, paths.head)
-    write_probe_report(paths.probe_metrics, meta, layers, table)
+    write_probe_report(paths.probe_report, meta, layers, table)
+    write_probe_metrics(paths.probe_metrics, meta)
     write_strategy(paths.strategy, decision)
     pooled_C = next((r["C"] for r in layers if r["layer"] == advice.POOLED), None)
     write_train_choice(paths.train_choice, TrainChoice(

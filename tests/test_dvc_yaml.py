@@ -47,11 +47,12 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
-        "extract": {paths["features"], paths["extract_report"]},
+        "extract": {paths["features"], paths["extract_report"], paths["extract_metrics"]},
         "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"],
-                  paths["strategy"], paths["train_choice"]},
+                  paths["probe_report"], paths["strategy"], paths["train_choice"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
-        "evaluate": {paths["eval_metrics"], paths["confusion"], paths["confusion_png"]},
+        "evaluate": {paths["eval_metrics"], paths["per_class"], paths["confusion"],
+                     paths["confusion_png"]},
     }
     assert outs == expected
 
@@ -98,11 +99,22 @@ def test_params_are_exactly_what_each_stage_declares(stages):
 
 
 def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
+    """Metrics are the few numbers of metrics/; the details behind them (reports/) are plain
+    git-tracked outputs, the per-class table and the curves are plots."""
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
-    assert metrics == {paths["extract_report"], paths["probe_metrics"], paths["strategy"],
-                       paths["eval_metrics"]}
-    curve, csv, png = [o for s in stages.values() for o in s.outs if o.plot]
-    assert str(curve.def_path) == paths["finetune_curve"] and curve.plot["x"] == "epoch"
+    assert metrics == {paths["extract_metrics"], paths["probe_metrics"], paths["eval_metrics"]}
+    assert all(m.startswith("metrics/") for m in metrics)
+    for key in ("extract_report", "probe_report", "strategy"):
+        out = next(o for s in stages.values() for o in s.outs if str(o.def_path) == paths[key])
+        assert not out.metric and not out.plot and not out.use_cache, key
+    per_class, csv, png = [o for s in stages.values() for o in s.outs if o.plot]
+    top = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    assert top == [{"${base.paths.finetune_curve}": {
+        "x": "epoch", "y": ["train_loss", "val_accuracy"],
+        "title": "fine-tuning (train loss, val accuracy)"}}]
+    assert paths["finetune_curve"] in {str(o.def_path) for o in stages["finetune"].outs}
+    assert str(per_class.def_path) == paths["per_class"]
+    assert (per_class.plot["x"], per_class.plot["y"]) == ("probe_f1", "class")
     assert str(csv.def_path) == paths["confusion"]
     assert csv.plot["template"] == "confusion"
     assert str(png.def_path) == paths["confusion_png"]

@@ -87,7 +87,7 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
         codes = {s: store.read("pooled", [r.sha256 for r in rows if r.split == s])
                  for s in ("train", "val")}
     labels = {s: [r.label for r in rows if r.split == s] for s in ("train", "val")}
-    layers = json.loads(paths.probe_metrics.read_text())["layers"]
+    layers = json.loads(paths.probe_report.read_text())["layers"]
     C = next(r["C"] for r in layers if r["layer"] == "pooled")  # the sweep's choice on val
     start = tuning.probe_for_init(project, [r for r in rows if r.split == "train"], C)
     train_only = make_probe(C, project.train, 0).fit(codes["train"], labels["train"])
@@ -121,6 +121,10 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
     metrics = evaluate.run(params)
     assert set(metrics["finetune"]) >= {"accuracy", "macro_f1", "per_class"}
     assert metrics["finetune"]["n"] == metrics["probe"]["n"]
+    on_disk = json.loads(params.base.paths.eval_metrics.read_text())
+    assert on_disk["finetune"] == {k: metrics["finetune"][k] for k in ("accuracy", "macro_f1")}
+    header = params.base.paths.per_class.read_text().splitlines()[0].split(",")
+    assert header[:2] == ["class", "support"] and "finetune_f1" in header
     net = load_network(params.base.paths.finetuned)
     assert net.classes == ("blue", "green", "red")
     files = sorted((Path(project.ingest.path) / "red").iterdir())

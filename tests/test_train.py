@@ -19,13 +19,15 @@ def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path, classifi
     ingest.run(params)
     extract.run(params)
     head = train.run(params)
-    probe = json.loads(params.base.paths.probe_metrics.read_text())
+    probe = json.loads(params.base.paths.probe_report.read_text())
     assert len(probe["sweep"]) == 2 * len(params.train.C_grid)
     assert sorted(r["layer"] for r in probe["layers"]) == ["blocks.2", "pooled"]
     assert probe["best"]["layer"] == head.meta["layer"]
     assert head.meta["classifier"] == classifier
     assert head.classes == ("blue", "green", "red")
     assert probe["best"]["val_accuracy"] >= 0.8  # colour is easy
+    metrics = json.loads(params.base.paths.probe_metrics.read_text())
+    assert metrics == {"probe": {k: probe["best"][k] for k in ("val_accuracy", "C", "layer")}}
 
 
 def test_train_uses_cv_without_a_val_split(tmp_path: Path, image_folder: Path):

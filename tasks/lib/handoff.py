@@ -4,10 +4,15 @@
 |------------------------------|------------|---------------------------------------|
 | <features>/current.json      | extract    | train, finetune, evaluate, predict    |
 | extract_report               | extract    | train, finetune, evaluate             |
-| probe_metrics                | train      | advise, the run summary               |
+| probe_report                 | train      | advise, the run summary               |
 | strategy                     | train      | advise, the run summary               |
-| plan                         | train      | finetune (only the values it uses)    |
+| train_choice                 | train      | finetune (only the values it uses)    |
 | eval_metrics                 | evaluate   | the run summary, history              |
+| per_class                    | evaluate   | the run summary                       |
+
+The DVC metrics (extract_metrics, probe_metrics, eval_metrics) hold a few numbers each (and
+the probe's layer name), so `dvc metrics show` stays readable and `dvc metrics diff` compares
+numbers; the details behind them are reports/ files and plots.
 
 (The manifest's owner is tasks/lib/manifest.py; the model files' are head.py and network.py.)
 A missing or malformed file is a TlflowError naming the file and the stage that writes it.
@@ -15,13 +20,15 @@ A missing or malformed file is a TlflowError naming the file and the stage that 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.lib.errors import handoff_error
-from tasks.lib.files import write_json
+from tasks.lib.files import write_json, write_text
 
 POINTER = "current.json"  # <features>/current.json: the store the current params select
 
@@ -90,6 +97,11 @@ def write_extract_report(path: Path, report: ExtractReport) -> None:
                       "image_size": report.image_size, "image_size_why": report.image_size_why})
 
 
+def write_extract_metrics(path: Path, report: ExtractReport) -> None:
+    """metrics/extract.json: images in the manifest and how many were skipped as unreadable."""
+    write_json(path, {"extract": {"images": report.images, "skipped": len(report.bad_images)}})
+
+
 def read_extract_report(path: Path) -> ExtractReport:
     obj = _read(path, "extract", ("extractor_id", "images", "bad_images"))
     return ExtractReport(obj["extractor_id"], obj["images"], tuple(obj["bad_images"]),
@@ -101,8 +113,14 @@ def read_extract_report(path: Path) -> ExtractReport:
 
 def write_probe_report(path: Path, best: dict[str, Any], layers: list[dict],
                        sweep: list[dict]) -> None:
-    """metrics/probe.json: the chosen (layer, C), one row per layer, the whole sweep."""
+    """reports/probe.json: the chosen (layer, C), one row per layer, the whole sweep."""
     write_json(path, {"best": best, "layers": layers, "sweep": sweep})
+
+
+def write_probe_metrics(path: Path, best: dict[str, Any]) -> None:
+    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string)."""
+    write_json(path, {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
+                                "layer": best["layer"]}})
 
 
 def read_probe_report(path: Path) -> dict[str, Any]:
@@ -138,8 +156,47 @@ def read_train_choice(path: Path) -> TrainChoice:
 # ---------------------------------------------------------------- evaluate
 
 
-def write_eval_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    write_json(path, metrics)
+EVAL_KEYS = ("accuracy", "macro_f1", "n")  # per model in metrics/eval.json
+PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model in the per-class CSV
+
+
+def write_eval_metrics(path: Path, scores: dict[str, dict[str, Any]]) -> None:
+    """metrics/eval.json: {model: {accuracy, macro_f1, n}} from evaluation.score's results;
+    their per-class tables go to write_per_class. The fine-tuned network is scored on the
+    probe's test images, so its n is left out (one column fewer in `dvc metrics show`)."""
+    write_json(path, {model: {k: s[k] for k in EVAL_KEYS if model == "probe" or k != "n"}
+                      for model, s in scores.items()})
+
+
+def write_per_class(path: Path, scores: dict[str, dict[str, Any]]) -> None:
+    """plots/per_class.csv: one row per class (the first model's order), its support, then
+    <model>_precision, <model>_recall, <model>_f1 for each model (DVC's bar chart of F1)."""
+    models = list(scores)
+    header = ["class", "support"] + [f"{m}_{k.split('-')[0]}" for m in models
+                                     for k in PER_CLASS_KEYS]
+    first = scores[models[0]]["per_class"]
+    rows = [[c, first[c]["support"]] + [f"{scores[m]['per_class'][c][k]:.6g}" for m in models
+                                        for k in PER_CLASS_KEYS] for c in first]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_per_class(path: Path) -> list[dict[str, Any]]:
+    """The per-class table as rows of (model, class, precision, recall, f1-score, support)."""
+    if not path.is_file():
+        raise handoff_error(path, "evaluate")
+    try:
+        table = list(csv.DictReader(io.StringIO(path.read_text())))
+        models = [h[: -len("_precision")] for h in table[0] if h.endswith("_precision")] \
+            if table else []
+        return [{"model": m, "class": r["class"],
+                 **{k: float(r[f"{m}_{k.split('-')[0]}"]) for k in PER_CLASS_KEYS},
+                 "support": int(r["support"])} for m in models for r in table]
+    except (KeyError, ValueError, TypeError) as err:
+        raise handoff_error(path, "evaluate", f"not a per-class table ({err})") from None
 
 
 def read_eval_metrics(path: Path) -> dict[str, Any]:

@@ -33,9 +33,12 @@ class Paths(_Section):
     hash_cache: Path
     features: Path
     extract_report: Path
+    extract_metrics: Path
     head: Path
     probe_metrics: Path
+    probe_report: Path
     eval_metrics: Path
+    per_class: Path
     confusion: Path
     confusion_png: Path
     strategy: Path

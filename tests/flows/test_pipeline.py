@@ -45,10 +45,12 @@ def test_first_run_trains_an_accurate_probe(project):
     assert _ran(output) == set(STAGES)
     metrics = json.loads((root / "metrics/eval.json").read_text())
     assert metrics["probe"]["accuracy"] >= 0.97
-    assert set(metrics["probe"]["per_class"]) == {str(d) for d in range(10)}
+    assert set(metrics) == {"probe"} and set(metrics["probe"]) == {"accuracy", "macro_f1", "n"}
+    per_class = (root / "plots/per_class.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in per_class[1:]] == [str(d) for d in range(10)]
     probe = json.loads((root / "metrics/probe.json").read_text())
-    assert probe["best"]["layer"] != "pooled"  # the intermediate stage wins on digits
-    advice = json.loads((root / "metrics/strategy.json").read_text())
+    assert probe["probe"]["layer"] != "pooled"  # the intermediate stage wins on digits
+    advice = json.loads((root / "reports/strategy.json").read_text())
     assert (advice["similarity"], advice["plan"]) == ("dissimilar", "early_probe"), advice
     assert "test accuracy" in output and "layer sweep" in output  # the summary
     assert (root / "plots/confusion.png").stat().st_size > 0
@@ -68,7 +70,7 @@ def test_a_C_grid_change_reruns_train_and_only_what_its_outputs_change(project):
     byte-identical, so neither finetune nor evaluate reruns; a grid that changes the C
     reruns what reads it, never ingest or extract."""
     root, env, _ = project
-    probe = json.loads((root / "metrics/probe.json").read_text())
+    probe = json.loads((root / "reports/probe.json").read_text())
     head = (root / "models/head.safetensors").read_bytes()
     grid = yaml.safe_load((root / "params.yaml").read_text())["train"]["C_grid"]
     chosen = {r["C"] for r in probe["layers"]}  # the best C of every layer
@@ -85,7 +87,7 @@ def test_a_C_grid_change_reruns_train_and_only_what_its_outputs_change(project):
     ran = _ran(proc.stdout + proc.stderr)
     assert {"train", "evaluate"} <= ran and not ran & {"ingest", "extract"}, ran
     _dvc_up_to_date(root, env)
-    assert json.loads((root / "metrics/probe.json").read_text())["best"]["C"] in (0.2, 2.0)
+    assert json.loads((root / "metrics/probe.json").read_text())["probe"]["C"] in (0.2, 2.0)
 
 
 def test_bad_input_in_the_flow_exits_2_and_keeps_outputs(project, tmp_path: Path):
@@ -165,12 +167,12 @@ def test_history_has_one_line_per_committed_run(project):
 
 
 def _probe_Cs(node: object) -> list[float]:
-    """Every metrics/probe.json best.C in a `dvc exp show --json` document."""
+    """Every metrics/probe.json probe.C in a `dvc exp show --json` document."""
     found = []
     if isinstance(node, dict):
         entry = node.get("metrics/probe.json")
-        if isinstance(entry, dict) and "best" in entry.get("data", {}):
-            found.append(entry["data"]["best"]["C"])
+        if isinstance(entry, dict) and "probe" in entry.get("data", {}):
+            found.append(entry["data"]["probe"]["C"])
         for value in node.values():
             found += _probe_Cs(value)
     elif isinstance(node, list):
@@ -207,8 +209,10 @@ def test_two_forced_runs_write_identical_files(tmp_path: Path, prefect_server: s
     env = cli_env(tmp_path, prefect_server)
     outputs = ["models/head.safetensors", "models/head.json", "models/train_choice.json",
                "models/finetuned.safetensors", "models/finetuned.json", "plots/finetune.csv",
-               "plots/confusion.csv", "plots/confusion.png", "metrics/probe.json",
-               "metrics/strategy.json", "metrics/eval.json", "data/manifest.csv"]
+               "plots/confusion.csv", "plots/confusion.png", "plots/per_class.csv",
+               "metrics/probe.json", "metrics/eval.json", "metrics/extract.json",
+               "reports/probe.json", "reports/strategy.json", "reports/extract.json",
+               "data/manifest.csv"]
     runs = []
     for _ in range(2):
         proc = run_cli(["tlflow", "run", "--force"], root, env)

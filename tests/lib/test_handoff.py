@@ -1,6 +1,7 @@
 """Each hand-off file has one typed reader and writer; a missing or malformed one is one
 line naming the file and the stage that writes it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,23 @@ def test_round_trips(tmp_path: Path):
 
     handoff.write_probe_report(tmp_path / "probe.json", {"C": 1.0}, [], [])
     assert handoff.read_probe_report(tmp_path / "probe.json")["best"] == {"C": 1.0}
-    handoff.write_eval_metrics(tmp_path / "eval.json", {"probe": {"accuracy": 1.0}})
-    assert handoff.read_eval_metrics(tmp_path / "eval.json")["probe"]["accuracy"] == 1.0
+    handoff.write_probe_metrics(tmp_path / "m.json", {"C": 1.0, "layer": "l",
+                                                      "val_accuracy": 0.5, "val_set": "x"})
+    assert json.loads((tmp_path / "m.json").read_text()) == {
+        "probe": {"C": 1.0, "layer": "l", "val_accuracy": 0.5}}
+
+    per_class = {"a": {"precision": 1.0, "recall": 0.5, "f1-score": 2 / 3, "support": 2}}
+    scores = {"probe": {"accuracy": 1.0, "macro_f1": 0.5, "n": 2, "per_class": per_class},
+              "finetune": {"accuracy": 0.5, "macro_f1": 0.25, "n": 2, "per_class": per_class}}
+    handoff.write_eval_metrics(tmp_path / "eval.json", scores)
+    assert handoff.read_eval_metrics(tmp_path / "eval.json") == {
+        "probe": {"accuracy": 1.0, "macro_f1": 0.5, "n": 2},
+        "finetune": {"accuracy": 0.5, "macro_f1": 0.25}}  # numbers only, n said once
+    handoff.write_per_class(tmp_path / "per_class.csv", scores)
+    rows = handoff.read_per_class(tmp_path / "per_class.csv")
+    assert [r["model"] for r in rows] == ["probe", "finetune"]
+    assert rows[0] == {"model": "probe", "class": "a", "precision": 1.0, "recall": 0.5,
+                       "f1-score": 0.666667, "support": 2}
 
 
 def test_the_same_object_gives_the_same_bytes(tmp_path: Path):
@@ -58,3 +74,12 @@ def test_missing_or_malformed_names_the_file_and_its_stage(tmp_path: Path, reade
 def test_missing_pointer_names_extract(tmp_path: Path):
     with pytest.raises(TlflowError, match=r"current.json: not found \(written by the extract"):
         handoff.current_store(tmp_path)
+
+
+def test_a_missing_or_malformed_per_class_table_names_its_stage(tmp_path: Path):
+    path = tmp_path / "per_class.csv"
+    with pytest.raises(TlflowError, match=r"per_class.csv: not found \(written by the evaluate"):
+        handoff.read_per_class(path)
+    path.write_text("class,support,probe_precision\na,x,1\n")
+    with pytest.raises(TlflowError, match=r"per_class.csv: not a per-class table"):
+        handoff.read_per_class(path)

@@ -1,0 +1,104 @@
+"""What DVC shows of a run: `dvc metrics show` fits a terminal with the headline up front,
+the registered metrics hold numbers (no booleans for `dvc metrics diff` to print as -1), and
+the details live in reports/ and plots/."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import evaluate, extract, finetune, ingest, train
+from tasks.lib.handoff import read_eval_metrics, write_eval_metrics
+from tasks.lib.params import params_under
+from tests.conftest import COLOURS, cli_env, copy_project, run_cli, write_image
+
+WIDTH = 200  # columns a terminal gives `dvc metrics show`
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    """A committed project of 36 colour images, its stages run once, in this process."""
+    tmp = tmp_path_factory.mktemp("dvc_metrics")
+    root = copy_project(tmp / "project")
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(12):
+            write_image(tmp / "src" / name / f"{i:02d}.png", colour, seed=100 * c + i)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["ingest"].update(source="folder", path=str(tmp / "src"))
+    raw["extract"].update(layers=["pooled"], image_size=32)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = params_under(root, root / "params.yaml")
+    for stage in (ingest, extract, train, finetune, evaluate):
+        stage.run(params)
+    return root, params, cli_env(tmp)
+
+
+def _metrics_show(root: Path, env: dict[str, str]) -> list[str]:
+    proc = run_cli(["dvc", "metrics", "show"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items()
+                for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def test_metrics_show_fits_and_leads_with_the_test_accuracy(project):
+    root, _, env = project
+    lines = _metrics_show(root, env)
+    assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
+    columns = re.split(r"\s{2,}", lines[0].strip())
+    assert "probe.accuracy" in columns[:5], columns
+
+
+def test_metrics_still_fit_with_a_fine_tuned_network(project):
+    """The fine-tuned network adds its accuracy and macro F1 (its n is the probe's)."""
+    root, params, env = project
+    path = params.base.paths.eval_metrics
+    before = path.read_bytes()
+    probe = read_eval_metrics(path)["probe"]
+    try:
+        write_eval_metrics(path, {"probe": probe, "finetune": {**probe, "accuracy": 0.5}})
+        lines = _metrics_show(root, env)
+    finally:
+        path.write_bytes(before)
+    assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
+    assert "finetune.accuracy" in lines[0] and "finetune.n" not in lines[0]
+
+
+def test_metrics_hold_numbers_and_at_most_a_few_short_strings(project):
+    root, _, _ = project
+    registered = [Path(next(iter(m))) for s in yaml.safe_load(
+        (root / "dvc.yaml").read_text())["stages"].values() for m in s.get("metrics", [])]
+    assert len(registered) == 3
+    for rel in sorted((root / "metrics").glob("*.json")):
+        leaves = _leaves(json.loads(rel.read_text()))
+        assert 1 <= len(leaves) <= 6, (rel.name, leaves)
+        strings = {k: v for k, v in leaves.items() if isinstance(v, str)}
+        assert len(strings) <= 1 and all(len(v) <= 40 for v in strings.values()), strings
+        for key, value in leaves.items():
+            assert isinstance(value, (int, float, str)) and not isinstance(value, bool), \
+                (rel.name, key, value)
+
+
+def test_the_details_are_reports_and_plots(project):
+    """The sweep, the advice and the unreadable images are git-tracked reports; the
+    per-class table is a plot `dvc plots show` draws."""
+    root, params, env = project
+    paths = params.base.paths
+    assert {"best", "layers", "sweep"} <= set(json.loads(paths.probe_report.read_text()))
+    assert "evidence" in json.loads(paths.strategy.read_text())
+    assert "bad_images" in json.loads(paths.extract_report.read_text())
+    proc = run_cli(["dvc", "plots", "show", "--json"], root, env)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    assert {"plots/per_class.csv", "plots/finetune.csv", "plots/confusion.csv"} <= \
+        set(shown["data"])
