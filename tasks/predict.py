@@ -24,7 +24,8 @@ import numpy as np
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, sha256_file
 from tasks.lib.head import LinearHead, load_head, tensors_path
-from tasks.lib.images import image_files, read_image
+from tasks.lib.imagefiles import image_files
+from tasks.lib.images import read_image
 from tasks.lib.params import Params
 from tasks.lib.registry import PROD, Version, fetch_model, promoted
 

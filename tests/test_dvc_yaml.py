@@ -87,7 +87,7 @@ def test_code_deps_separate_decoding_from_probes():
     """The image decoder reruns extract, finetune and evaluate; the probe code does not
     rerun extract."""
     users = {name for name in STAGES if "tasks/lib/images.py" in code_deps(name)}
-    assert {"extract", "finetune", "evaluate"} <= users
+    assert users == {"extract", "finetune", "evaluate"}  # ingest lists files, never decodes
     assert "tasks/lib/probes.py" in code_deps("train")
     assert "tasks/lib/probes.py" not in code_deps("extract")
 

@@ -21,7 +21,7 @@ import numpy as np
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, sha256_bytes
 from tasks.lib.hashcache import HashCache
-from tasks.lib.images import IMAGE_SUFFIXES, check_name, metadata_kind, walk_files
+from tasks.lib.imagefiles import IMAGE_SUFFIXES, check_name, metadata_kind, walk_files
 from tasks.lib.manifest import SPLITS, Row
 from tasks.lib.params import Ingest
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from tasks.lib.backbones import CodeExtractor, create_backbone
 from tasks.lib.errors import TlflowError
-from tasks.lib.images import BACKGROUND, DECODING, IMAGE_SUFFIXES, decode, read_image
+from tasks.lib.imagefiles import IMAGE_SUFFIXES
+from tasks.lib.images import BACKGROUND, DECODING, decode, read_image
 
 ORIENTATION = 0x0112
 

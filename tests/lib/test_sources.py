@@ -10,7 +10,7 @@ import pytest
 
 from tasks import ingest
 from tasks.lib.errors import TlflowError
-from tasks.lib.images import image_files, metadata_kind
+from tasks.lib.imagefiles import image_files, metadata_kind
 from tasks.lib.manifest import read_manifest
 from tasks.lib.sources import scan_csv, scan_folder
 from tests.conftest import COLOURS, make_params
