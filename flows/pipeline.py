@@ -39,9 +39,18 @@ class StageResult:
     seconds: float
 
 
+# What may pass on a second try: the machine's I/O (a disk or network hiccup, a timeout).
+# Bad configuration or input (a TlflowError) and bugs (ImportError, TypeError...) would fail
+# the same way again.
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
 def _not_bad_input(_task, _task_run, state: State) -> bool:
-    """Retry transient failures only: bad configuration or input fails the same way again."""
-    return state.name != BAD_INPUT
+    """Retry transient failures only (TRANSIENT): never bad input, never a bug."""
+    if state.name == BAD_INPUT:
+        return False
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TRANSIENT)
 
 
 def _external_source(name: str, params: Params) -> str | None:

@@ -47,14 +47,23 @@ def _dvc(root: Path) -> Iterator[object]:
 def why_stale(name: str, root: Path = Path()) -> str | None:
     """Why DVC considers the stage stale (as `dvc status` says), or None when up to date."""
     with _dvc(root) as repo:
-        return _reason(repo.status(targets=[name]), name)
+        return _never_run(repo, name) or _reason(repo.status(targets=[name]), name)
 
 
 def status(root: Path = Path()) -> dict[str, str | None]:
     """Every stage's staleness as one `dvc status` reports it (None: up to date)."""
     with _dvc(root) as repo:
         report = repo.status()
-    return {name: _reason(report, name) for name in STAGES}
+        return {name: _never_run(repo, name) or _reason(report, name) for name in STAGES}
+
+
+def _never_run(repo: object, name: str) -> str | None:
+    """"never run" when dvc.lock records nothing of the stage (no dep or out hashed): DVC's
+    own report would list every dependency as changed."""
+    stage = next((s for s in repo.index.stages if s.name == name), None)  # type: ignore[attr-defined]
+    if stage is None or any(x.hash_info for x in (*stage.deps, *stage.outs)):
+        return None
+    return "never run (no dvc.lock entry)"
 
 
 def _reason(report: dict, name: str) -> str | None:
@@ -84,5 +93,13 @@ def _describe(change: object) -> str:
 
 def commit(name: str, root: Path = Path()) -> None:
     """Record the stage's deps, params and outs in dvc.lock (and its outs in the cache)."""
-    with _dvc(root) as repo:
-        repo.commit(name, force=True)
+    import logging
+
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(max(level, logging.WARNING))  # "Updating lock file": not on stdout
+    try:
+        with _dvc(root) as repo:
+            repo.commit(name, force=True)
+    finally:
+        dvc_log.setLevel(level)

@@ -119,3 +119,10 @@ def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     assert csv.plot["template"] == "confusion"
     assert str(png.def_path) == paths["confusion_png"]
     assert Path(ROOT / "dvc.yaml").read_text().count("template: confusion") == 1
+
+
+def test_every_output_persists(stages):
+    """DVC deletes outputs that do not persist before it runs a stage: a failed `dvc repro`
+    would leave none. tlflow's stages replace their outputs atomically themselves."""
+    for name, stage in stages.items():
+        assert all(o.persist for o in stage.outs), name

@@ -37,3 +37,15 @@ def test_dvc_status_entries_are_compacted():
                                "tasks/lib/probes.py": "modified"}}
     assert _describe(change) == "params: train.C_grid; deps: tasks/lib/probes.py"
     assert _describe("always changed") == "always changed"
+
+
+def test_only_transient_failures_are_retried():
+    """A disk or network hiccup may pass on a second try; bad input and bugs would not."""
+    from prefect.states import Failed
+
+    from flows.pipeline import BAD_INPUT, _not_bad_input
+
+    assert _not_bad_input(None, None, Failed(data=OSError("the disk hiccuped")))
+    assert _not_bad_input(None, None, Failed(data=TimeoutError("slow")))
+    assert not _not_bad_input(None, None, Failed(data=ImportError("a bug")))
+    assert not _not_bad_input(None, None, Failed(name=BAD_INPUT, message="bad params"))
