@@ -17,7 +17,6 @@ classes. They stand in for real codes of that size, which this machine has no im
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -147,7 +146,10 @@ def bench_memory(codes: Codes, rows: int, epochs: int) -> dict:
         if proc.returncode:
             raise SystemExit(f"tlflow stage train failed with {proc.returncode}")
         peak = int(proc.stdout.rsplit("VmHWM:", 1)[1].split()[0]) * 1024  # kB
-        best = json.loads((work / "metrics" / "probe.json").read_text())["best"]
+        from tasks.lib.handoff import read_probe_report
+
+        report = yaml.safe_load((work / "params.yaml").read_text())["base"]["paths"]["probe_report"]
+        best = read_probe_report(work / report)["best"]
         return {"peak_bytes": peak, "seconds": seconds, "best": best,
                 "store_bytes": store.stat().st_size}
     finally:
