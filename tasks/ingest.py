@@ -4,13 +4,24 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
+from tasks.lib.errors import TlflowError
 from tasks.lib.hashcache import HashCache
-from tasks.lib.manifest import SPLITS, Row, write_manifest
+from tasks.lib.manifest import SPLITS, Row, read_manifest, write_manifest
 from tasks.lib.params import Params
 from tasks.lib.sources import build_manifest, hash_items, scan_source, snapshot
 
 PARAMS = ("base.seed", "ingest")  # what this stage reads besides base.paths (dvc.yaml: params)
+
+
+def _written(manifest: Path) -> set[str]:
+    """What the last ingest put under the snapshot folder: its manifest's relpaths (the
+    record clean-up goes by; nothing else there is ever removed)."""
+    try:
+        return {r.relpath for r in read_manifest(manifest)}
+    except TlflowError:  # no manifest yet, or a damaged one: remove nothing
+        return set()
 
 
 def run(params: Params) -> list[Row]:
@@ -25,7 +36,7 @@ def run(params: Params) -> list[Row]:
         # validated before anything is written: a refused input leaves the last good run
         rows = build_manifest(hashed, params.ingest, params.base.seed)
         paths.images.mkdir(parents=True, exist_ok=True)
-        snapshot(hashed, paths.images, cache)
+        snapshot(hashed, paths.images, cache, _written(paths.manifest))
     write_manifest(rows, paths.manifest)
     counts = Counter(r.split for r in rows)
     print(f"ingest: {len(rows)} images, {len({r.label for r in rows})} classes "

@@ -156,3 +156,16 @@ def test_a_refused_input_leaves_the_last_good_snapshot(tmp_path: Path, image_fol
     with pytest.raises(TlflowError, match=r"\['blue'\] have no image in the train split"):
         ingest.run(params)
     assert files() == before
+
+
+def test_clean_up_removes_only_what_ingest_wrote(tmp_path: Path, image_folder: Path):
+    """A file the source no longer has leaves the snapshot; a file tlflow never wrote there
+    stays (the last manifest is the record of what ingest created)."""
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    ingest.run(params)
+    images = params.base.paths.images
+    (images / "notes.txt").write_text("not tlflow's")
+    (image_folder / "red" / "00.png").unlink()
+    ingest.run(params)
+    assert (images / "notes.txt").read_text() == "not tlflow's"
+    assert not (images / "red" / "00.png").exists() and (images / "red" / "01.png").exists()

@@ -12,6 +12,7 @@ in the epoch's safetensors file.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from torch import nn
 from tasks.lib.files import atomic_path, write_json
 
 STATE = "state.json"
+_OWN = re.compile(r"(epoch|best)-\d{4}\.safetensors")
 
 
 class Schedule(Protocol):
@@ -62,9 +64,32 @@ def save(directory: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimiz
     write_json(directory / STATE, {**meta, "epoch": epoch, "tensors": name,
                                    "optimizer": opt_json, "scheduler": sched.state_dict()})
     keep = {name, meta.get("best_file")}
-    for old in directory.glob("*.safetensors"):
+    for old in own_tensors(directory):
         if old.name not in keep:
             old.unlink()
+
+
+def own_tensors(directory: Path) -> list[Path]:
+    """The tensor files a checkpoint folder holds that tlflow wrote (epoch-NNNN and
+    best-NNNN .safetensors): clean-ups remove these, never whatever else is there."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and _OWN.fullmatch(p.name) is not None)
+
+
+def clear(directory: Path) -> None:
+    """Remove what tlflow wrote into a checkpoint folder (state.json, its tensors, and the
+    same in sub-folders such as all/), then the folders it leaves empty; any other file stays,
+    and so does its folder."""
+    if not directory.is_dir():
+        return
+    for sub in (p for p in directory.iterdir() if p.is_dir() and not p.is_symlink()):
+        clear(sub)
+    for f in [*own_tensors(directory), directory / STATE]:
+        f.unlink(missing_ok=True)
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def save_weights(path: Path, model: nn.Module) -> None:

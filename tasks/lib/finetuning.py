@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -348,7 +347,7 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: in
             state = None
         del initial
     if state is None:
-        for old in (ckpt.glob("*.safetensors") if ckpt.is_dir() else ()):
+        for old in checkpoint.own_tensors(ckpt):
             old.unlink()
         ckpt.mkdir(parents=True, exist_ok=True)
         state = {"epoch": 0, **_FRESH, "curve": []}
@@ -441,7 +440,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     net.model.to("cpu", memory_format=torch.contiguous_format)
     save_network(net, paths.finetuned, meta)
     write_curve(paths.finetune_curve, curve)
-    shutil.rmtree(ckpt, ignore_errors=True)  # done: a rerun (forced, or new code) starts afresh
+    checkpoint.clear(ckpt)  # done: a rerun (forced, or new code) starts afresh
     print(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
           f"{meta['val_accuracy']:.4f} -> {paths.finetuned}", flush=True)
     return meta

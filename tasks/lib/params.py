@@ -47,6 +47,42 @@ class Paths(_Section):
     finetune_curve: Path
     finetune_checkpoints: Path
 
+    @model_validator(mode="after")
+    def _apart(self) -> Paths:
+        """Checked before anything is written: no path is the project root or one of its
+        ancestors, no two paths are the same, and no path lies inside a folder tlflow
+        mirrors or clears (images, features, finetune_checkpoints): a wrong path must never
+        make a clean-up delete the project or another output."""
+        root = Path.cwd().resolve()
+        files = {}  # key -> the resolved paths it writes
+        for key, value in self:
+            if str(value).strip() in ("", "."):
+                raise ValueError(f"{key}: {str(value)!r} is the project root itself")
+            resolved = (root / value).resolve()
+            if resolved == root or resolved in root.parents:
+                raise ValueError(f"{key}: {str(value)!r} is the project root or a folder "
+                                 "above it")
+            stems = (".safetensors", ".json") if key in _STEMS else ("",)
+            files[key] = [resolved.with_name(resolved.name + s) for s in stems]
+        seen: dict[Path, str] = {}
+        for key, paths in files.items():
+            for f in paths:
+                if f in seen:
+                    raise ValueError(f"{key}: {f} is also base.paths.{seen[f]}")
+                seen[f] = key
+        for folder in _FOLDERS:
+            (top,) = files[folder]
+            for key, paths in files.items():
+                inside = [f for f in paths if key != folder and top in f.parents]
+                if inside:
+                    raise ValueError(f"{key}: {inside[0]} lies inside base.paths.{folder} "
+                                     f"({top}), which tlflow mirrors or clears")
+        return self
+
+
+_STEMS = ("head", "finetuned")  # a model: <stem>.safetensors and <stem>.json
+_FOLDERS = ("images", "features", "finetune_checkpoints")  # folders tlflow prunes or clears
+
 
 
 class Base(_Section):

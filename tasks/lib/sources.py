@@ -318,10 +318,12 @@ def hash_items(items: list[Item], cache: HashCache) -> list[tuple[Item, str]]:
             for it in items]
 
 
-def snapshot(hashed: list[tuple[Item, str]], images_dir: Path, cache: HashCache) -> None:
-    """Mirror the hashed items under images_dir, copying only what changed, then remove what
-    the source no longer has. A copied file is hashed again: a source file that changed since
-    `hash_items` read it is an error naming it, never a manifest row with other bytes."""
+def snapshot(hashed: list[tuple[Item, str]], images_dir: Path, cache: HashCache,
+             written: set[str] = frozenset()) -> None:
+    """Mirror the hashed items under images_dir, copying only what changed, then remove the
+    files of `written` (what tlflow put there: the last manifest's relpaths) that the source no
+    longer has; a file tlflow did not write is never removed. A copied file is hashed again: a
+    source file that changed since `hash_items` read it is an error naming it."""
     for it, sha in hashed:
         dest = images_dir / it.relpath
         if it.data is not None:
@@ -333,7 +335,7 @@ def snapshot(hashed: list[tuple[Item, str]], images_dir: Path, cache: HashCache)
                 shutil.copy2(it.src, tmp)
             if cache.sha256(dest) != sha:
                 raise TlflowError(f"{it.src}: changed while ingest copied it; run ingest again")
-    _prune(images_dir, {it.relpath for it, _ in hashed})
+    _prune(images_dir, set(written) - {it.relpath for it, _ in hashed})
 
 
 def _same_file(src: Path, dest: Path) -> bool:
@@ -343,11 +345,12 @@ def _same_file(src: Path, dest: Path) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
-def _prune(images_dir: Path, keep: set[str]) -> None:
-    """Remove snapshot files the source no longer has, then empty folders."""
-    for p in sorted(images_dir.rglob("*"), reverse=True):
-        rel = p.relative_to(images_dir).as_posix()
-        if p.is_file() and rel not in keep:
-            p.unlink()
-        elif p.is_dir() and not any(p.iterdir()):
-            p.rmdir()
+def _prune(images_dir: Path, gone: set[str]) -> None:
+    """Remove these snapshot files, then the folders their removal left empty."""
+    for rel in sorted(gone):
+        path = images_dir / rel
+        path.unlink(missing_ok=True)
+        parent = path.parent
+        while parent != images_dir and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent

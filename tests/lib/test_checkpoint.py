@@ -54,3 +54,16 @@ def test_the_files_hold_no_pickle(tmp_path: Path):
     checkpoint.save(tmp_path, 1, model, opt, sched, {"best_file": None})
     for f in tmp_path.iterdir():
         assert b"\x80\x04" not in f.read_bytes()[:2]  # no pickle protocol header
+
+
+def test_clearing_removes_only_what_tlflow_wrote(tmp_path: Path):
+    """A checkpoint folder pointed at someone else's files keeps them."""
+    model, opt, sched = _trained(0)
+    (tmp_path / "all").mkdir()
+    for d in (tmp_path, tmp_path / "all"):
+        checkpoint.save(d, 1, model, opt, sched, {"best_file": None})
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine.safetensors").write_bytes(b"x")
+    checkpoint.clear(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors", "notes.txt"]
+    checkpoint.clear(tmp_path / "gone")  # nothing there: nothing to do

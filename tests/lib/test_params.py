@@ -93,3 +93,24 @@ def test_every_stage_runs_with_what_it_declares():
             for part in key.split("."):
                 assert part in node, f"tasks/{name}.py PARAMS: unknown key {key}"
                 node = node[part]
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("images", ".", "base.paths.images: '.' is the project root itself"),
+    ("images", "..", "base.paths.images: '..' is the project root or a folder above it"),
+    ("images", "data/..", "base.paths.images: 'data/..' is the project root or a folder"),
+    ("finetune_checkpoints", "models",
+     "base.paths.head: .*models/head.safetensors lies inside base.paths.finetune_checkpoints"),
+    ("features", "data/images", "base.paths.features: .*data/images is also base.paths.images"),
+    ("hash_cache", "features/hashes.sqlite",
+     "base.paths.hash_cache: .* lies inside base.paths.features"),
+    ("confusion", "metrics/eval.json",
+     "base.paths.confusion: .*metrics/eval.json is also base.paths.eval_metrics"),
+])
+def test_paths_that_would_make_a_clean_up_delete_others_are_refused(key, value, needle):
+    """Validated before anything is written: `images: .` once let ingest's clean-up delete
+    the project; `finetune_checkpoints: models` let fine-tuning delete the saved models."""
+    raw = _raw()
+    raw["base"]["paths"][key] = value
+    with pytest.raises(TlflowError, match=needle):
+        parse_params(raw)
