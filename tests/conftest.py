@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tasks.lib.params import Params, params_under
@@ -52,13 +53,30 @@ def write_image(path: Path, colour: tuple[int, int, int], seed: int, size: int =
     return path
 
 
+def colour_images(root: Path, per_class: int = 12) -> Path:
+    """root/<class>/<image>: three colour classes, `per_class` small noisy images each."""
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(per_class):
+            write_image(root / name / f"{i:02d}.png", colour, seed=100 * c + i)
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """root/<class>/<image>: three colour classes, 12 images each."""
-    root = tmp_path / "src"
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        for i in range(12):
-            write_image(root / name / f"{i:02d}.png", colour, seed=100 * c + i)
+    return colour_images(tmp_path / "src")
+
+
+def colour_project(base: Path, **sections: dict) -> Path:
+    """A git + DVC project at base/project reading the colour images at base/src (pooled codes
+    at 32 px), each given params section updated; nothing run yet."""
+    root = copy_project(base / "project")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["ingest"].update(source="folder", path=str(colour_images(base / "src")))
+    raw["extract"].update(layers=["pooled"], image_size=32)
+    for name, values in sections.items():
+        raw[name].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root
 
 

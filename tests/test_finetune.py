@@ -30,17 +30,14 @@ from tasks.lib.network import (
     read_meta,
 )
 from tasks.lib.params import parse_params
-from tests.conftest import COLOURS, ROOT, cli_env, make_params, write_image
+from tests.conftest import ROOT, cli_env, colour_images, make_params
 
 TINY = {"layers": ["pooled"], "image_size": 32}
 BACKBONE = "timm/tf_efficientnet_lite0"
 
 
 def _colour_folder(root: Path) -> Path:
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        for i in range(12):
-            write_image(root / name / f"{i:02d}.png", colour, seed=100 * c + i)
-    return root
+    return colour_images(root)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import yaml
 
 from flows.cli import main
 from flows.stages import STAGES, commit
-from tests.conftest import COLOURS, cli_env, copy_project, run_cli, write_image
+from tests.conftest import COLOURS, cli_env, colour_project, run_cli, write_image
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 VERSIONED = ("dvc.lock", "params.yaml", "metrics", "plots", ".gitignore", "data/.gitignore",
@@ -38,14 +38,7 @@ def git_commit(root: Path, message: str) -> None:
 def small_project(base: Path) -> Path:
     """A git + DVC project on 36 small colour images, every stage run in this process and
     recorded in dvc.lock (what `tlflow run` does, without Prefect), the run committed."""
-    root = copy_project(base / "project")
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        for i in range(12):
-            write_image(base / "src" / name / f"{i:02d}.png", colour, seed=100 * c + i)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["ingest"].update(source="folder", path=str(base / "src"))
-    raw["extract"].update(layers=["pooled"], image_size=32)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = colour_project(base)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         for name in STAGES:

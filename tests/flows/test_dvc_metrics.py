@@ -14,7 +14,7 @@ import yaml
 from tasks import evaluate, extract, finetune, ingest, train
 from tasks.lib.handoff import read_eval_metrics, write_eval_metrics
 from tasks.lib.params import params_under
-from tests.conftest import COLOURS, cli_env, copy_project, run_cli, write_image
+from tests.conftest import cli_env, colour_project, run_cli
 
 WIDTH = 200  # columns a terminal gives `dvc metrics show`
 
@@ -23,14 +23,7 @@ WIDTH = 200  # columns a terminal gives `dvc metrics show`
 def project(tmp_path_factory: pytest.TempPathFactory):
     """A committed project of 36 colour images, its stages run once, in this process."""
     tmp = tmp_path_factory.mktemp("dvc_metrics")
-    root = copy_project(tmp / "project")
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        for i in range(12):
-            write_image(tmp / "src" / name / f"{i:02d}.png", colour, seed=100 * c + i)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["ingest"].update(source="folder", path=str(tmp / "src"))
-    raw["extract"].update(layers=["pooled"], image_size=32)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = colour_project(tmp)
     params = params_under(root, root / "params.yaml")
     for stage in (ingest, extract, train, finetune, evaluate):
         stage.run(params)

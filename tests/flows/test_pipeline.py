@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flows.stages import STAGES
-from tests.conftest import COLOURS, cli_env, copy_project, run_cli, write_image
+from tests.conftest import cli_env, colour_project, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -197,15 +197,7 @@ def test_an_experiment_is_a_function_of_its_params(project):
 def test_two_forced_runs_write_identical_files(tmp_path: Path, prefect_server: str):
     """Reproducible outputs under `tlflow run` (Prefect's client threads included): the same
     inputs and seed on CPU give the same bytes, fine-tuned network and curve included."""
-    root = copy_project(tmp_path / "project")
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        for i in range(12):
-            write_image(tmp_path / "src" / name / f"{i:02d}.png", colour, seed=100 * c + i)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["ingest"].update(source="folder", path=str(tmp_path / "src"))
-    raw["extract"].update(layers=["pooled"], image_size=32)
-    raw["finetune"].update(enabled=True, epochs=2, batch_size=8)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = colour_project(tmp_path, finetune={"enabled": True, "epochs": 2, "batch_size": 8})
     env = cli_env(tmp_path, prefect_server)
     outputs = ["models/head.safetensors", "models/head.json", "models/train_choice.json",
                "models/finetuned.safetensors", "models/finetuned.json", "plots/finetune.csv",

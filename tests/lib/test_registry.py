@@ -20,7 +20,7 @@ from tasks.lib import registry
 from tasks.lib.errors import TlflowError
 from tasks.lib.head import load_head
 from tasks.lib.params import load_params
-from tests.conftest import COLOURS, ROOT, copy_project, write_image
+from tests.conftest import ROOT, colour_images, copy_project
 
 GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
 STAGES = ("ingest", "extract", "train", "finetune")  # finetune off: it writes its sidecar only
@@ -112,10 +112,7 @@ def run_and_commit(root: Path, stages: tuple[str, ...], message: str) -> str:
 def build_project(root: Path) -> Path:
     """36 colour images, pooled codes at 32 px, the probe trained; run and artifacts.yaml
     committed; git's identity set for GTO's tags."""
-    src = root.parent / "src"
-    for c, (name, colour) in enumerate(COLOURS.items()):
-        for i in range(12):
-            write_image(src / name / f"{i:02d}.png", colour, seed=100 * c + i)
+    src = colour_images(root.parent / "src")
     copy_project(root)
     shutil.copy2(ROOT / registry.INDEX, root / registry.INDEX)
     (root / ".gitignore").write_text("/.tlflow/\n")
