@@ -45,7 +45,8 @@ def assign_split(sha256: str, seed: int, val_fraction: float, test_fraction: flo
 
     Each image draws a uniform number from sha256(seed, content hash), so adding images never
     moves old ones, duplicates always share a split, and every class is split in the given
-    proportions in expectation (stratified by construction: the draw is independent of label).
+    proportions in expectation only (the draw is independent of the label): a class of a
+    dozen images may get one test image or three. Not a stratified split.
     """
     digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
