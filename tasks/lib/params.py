@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -22,7 +22,49 @@ PARAMS_FILE = "params.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # finite numbers only: C_grid: [.nan] passed "C > 0" and crashed scikit-learn
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_coercion(cls, data: Any) -> Any:
+        """No silent coercion: `seed: true` is not 1, `image_size: "64"` is not 64 (pydantic's
+        lax mode would take both); a value of the wrong kind is an error naming its key."""
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if field is None:
+                continue
+            items = value if isinstance(value, list) and _is_tuple(field.annotation) else [value]
+            kinds = _kinds(field.annotation)
+            for item in items:
+                if isinstance(item, bool) and bool not in kinds:
+                    raise ValueError(f"{name}: expected {_expected(kinds)}, got {item!r}")
+                if isinstance(item, str) and not ({str, Path} & kinds or item in kinds):
+                    raise ValueError(f"{name}: expected {_expected(kinds)}, got the string "
+                                     f"{item!r}")
+        return data
+
+
+def _kinds(annotation: Any) -> set:
+    """The scalar types (and Literal values) an annotation admits, tuples' items included."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return set(get_args(annotation))
+    if origin is not None:  # Union, Optional, tuple[...]
+        return set().union(*(_kinds(a) for a in get_args(annotation) if a is not Ellipsis))
+    return {annotation}
+
+
+def _is_tuple(annotation: Any) -> bool:
+    return get_origin(annotation) is tuple or any(
+        get_origin(a) is tuple for a in get_args(annotation))
+
+
+def _expected(kinds: set) -> str:
+    names = [k.__name__ if isinstance(k, type) else repr(k) for k in kinds if k is not type(None)]
+    return " or ".join(sorted(names)) + (" or null" if type(None) in kinds else "")
 
 
 class Paths(_Section):
@@ -227,8 +269,10 @@ class Params(_Section):
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    """One line per problem: the dotted key, what was expected, what was given."""
-    lines = []
+    """One line per problem: the dotted key, what was expected, what was given. A key whose
+    item already has a line (C_grid.0: not finite) gets no second line for the consequence
+    (C_grid: too short after validation)."""
+    lines, keys = [], []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         given = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
@@ -240,7 +284,9 @@ def _describe(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{source}: {key}: {msg}{given}")
-    return "\n".join(lines)
+        keys.append(key)
+    return "\n".join(line for line, key in zip(lines, keys, strict=True)
+                     if not any(k.startswith(key + ".") for k in keys))
 
 
 def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
@@ -256,13 +302,33 @@ def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
+    if path.is_dir():
+        raise TlflowError(f"{path}: a folder, not the params file")
     if not path.is_file():
         raise TlflowError(f"{path}: not found (run tlflow from the project root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        # a SafeLoader subclass: no arbitrary objects
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise TlflowError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise TlflowError(f"{path}: not valid YAML: {err}") from None
+        raise TlflowError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     return parse_params(raw, str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping, as DVC does (plain
+    YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def params_under(root: Path | str, source: Path | str = PARAMS_FILE,

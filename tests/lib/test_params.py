@@ -114,3 +114,62 @@ def test_paths_that_would_make_a_clean_up_delete_others_are_refused(key, value, 
     raw["base"]["paths"][key] = value
     with pytest.raises(TlflowError, match=needle):
         parse_params(raw)
+
+
+BAD_EDITS = [  # (dotted key, value) -> the error names the key; one line, exit 2 in the CLI
+    ("nope", 1), ("base.nope", 1), ("base.paths.nope", "x"), ("ingest.nope", 1),
+    ("extract.nope", 1), ("train.nope", 1), ("finetune.nope", 1), ("advise.nope", 1),
+    ("run.nope", 1), ("train.C_gird", [1.0]),
+    ("base.seed", True), ("base.seed", "0"), ("base.seed", -1), ("base.seed", 1.5),
+    ("extract.image_size", "64"), ("extract.image_size", True), ("extract.image_size", 4),
+    ("extract.image_size", "big"), ("extract.batch_size", 0), ("extract.batch_size", "many"),
+    ("extract.device", "tpu"), ("extract.dtype", "int8"), ("extract.precision", "fp8"),
+    ("extract.layers", []), ("extract.layers", ["pooled", "pooled"]),
+    ("extract.on_bad_image", "ignore"), ("extract.lock_timeout", -1),
+    ("extract.lock_timeout", float("nan")),
+    ("train.C_grid", [True]), ("train.C_grid", ["1"]), ("train.C_grid", [float("nan")]),
+    ("train.C_grid", [float("inf")]), ("train.C_grid", [0.0]), ("train.C_grid", []),
+    ("train.classifier", "forest"), ("train.normalize", "zscore"), ("train.cv", 1),
+    ("train.max_iter", 0), ("train.buffer_rows", 1),
+    ("finetune.lr", float("nan")), ("finetune.lr", -1.0), ("finetune.lr", "fast"),
+    ("finetune.epochs", 0), ("finetune.hflip", 2.0), ("finetune.crop_scale", [0.5]),
+    ("finetune.crop_scale", [1.0, 0.5]), ("finetune.trainable", "some"),
+    ("finetune.enabled", "yes"), ("finetune.backbone_lr_ratio", float("inf")),
+    ("ingest.source", "web"), ("ingest.val_fraction", 1.0), ("ingest.test_fraction", -0.1),
+    ("ingest.test_fraction", float("nan")), ("advise.strategy", "guess"),
+    ("run.retries", -1), ("run.retries", True),
+    ("base.paths.images", "."), ("base.paths.images", ".."),
+    ("base.paths.finetune_checkpoints", "models"), ("base.paths.features", "data/images"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_EDITS)
+def test_every_bad_edit_names_its_key(key, value):
+    raw = _raw()
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(TlflowError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert "\n" not in message, message
+    named = {"base.paths.finetune_checkpoints": "base.paths.head"}.get(key, key)
+    assert f"params.yaml: {named}" in message, message
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("base:\n  seed: 0\n  seed: 1\n", "duplicate key 'seed'"),
+    ("base: [\n", "not valid YAML"),
+    (b"base:\n  seed: \xff\n", "not UTF-8 text"),
+    ("- 1\n- 2\n", "expected a mapping of sections"),
+])
+def test_bad_params_files_are_one_line(tmp_path: Path, text, needle):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(TlflowError, match=needle) as err:
+        load_params(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TlflowError, match="a folder, not the params file"):
+        load_params(tmp_path)
