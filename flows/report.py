@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.history import current_data_version
-from tasks.lib.handoff import read_eval_metrics, read_per_class
+from tasks.lib.handoff import read_eval_metrics, read_extract_report, read_per_class
 from tasks.lib.manifest import read_manifest
 from tasks.lib.params import Paths
 
@@ -58,7 +58,12 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
     if failed:
         lines += [f"**Failed** at {failed}. The outputs of earlier runs stay in place.", ""]
     lines += [f"- data version: manifest `{after.data_version}`, {len(after.images)} images "
-              f"({added} added, {removed} removed since the previous run)", "",
+              f"({added} added, {removed} removed since the previous run)"]
+    if paths.extract_report.is_file():  # which input size extract.image_size resolved to
+        report = read_extract_report(paths.extract_report)
+        if report.image_size:
+            lines.append(f"- input size: {report.image_size} px ({report.image_size_why})")
+    lines += ["",
               "| stage | ran | why | seconds |", "|---|---|---|---|"]
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"
               for r in results]

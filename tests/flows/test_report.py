@@ -34,3 +34,14 @@ def test_per_class_rows_are_rounded():
 
 def test_a_project_without_a_manifest_has_no_data_version(tmp_path: Path):
     assert Snapshot.take(make_params(tmp_path).base.paths) == Snapshot(None)
+
+
+def test_summary_says_which_input_size_was_used_and_why(tmp_path: Path):
+    from tasks.lib.handoff import ExtractReport, write_extract_report
+
+    paths = make_params(tmp_path).base.paths
+    write_extract_report(paths.extract_report, ExtractReport(
+        "e1", 3, (), 64, "auto: the images are tiny (median side 8 px < 224 / 8)"))
+    after = Snapshot("bbb", frozenset({"x"}), METRICS)
+    text = summary_markdown(paths, Snapshot(None), after, [])
+    assert "- input size: 64 px (auto: the images are tiny (median side 8 px" in text
