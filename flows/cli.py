@@ -203,28 +203,17 @@ def bring_up_to_date(names: Sequence[str], params: Params, who: str) -> None:
               "is not known; the answer describes the data they last ran on", file=sys.stderr)
         return
     import contextlib
-    import logging
 
-    import dvc  # its import sets up its logging: handlers that hold the stdout of the moment
+    from flows.stages import commit, rescanned, stage_runner, why_stale
 
-    from flows.pipeline import _external_source
-    from flows.stages import commit, stage_runner, why_stale
-
-    dvc_log = logging.getLogger(dvc.__name__)
-    level = dvc_log.level
-    try:
-        dvc_log.setLevel(max(level, logging.WARNING))  # not "Updating lock file" on stdout
-        for name in names:
-            reason = why_stale(name) or _external_source(name, params)
-            if reason is None:
-                continue
-            print(f"{who}: bringing {name} up to date first ({reason})", file=sys.stderr)
-            with contextlib.redirect_stdout(sys.stderr):  # the stage's own lines
-                stage_runner(name)(params)
-            commit(name)
-    finally:
-        dvc_log.setLevel(level)
-
+    for name in names:
+        reason = why_stale(name) or rescanned(name, params)
+        if reason is None:
+            continue
+        print(f"{who}: bringing {name} up to date first ({reason})", file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):  # the stage's own lines
+            stage_runner(name)(params)
+        commit(name)
 
 def warn_if_stale(names: Sequence[str], who: str) -> None:
     """Say on stderr which of these stages DVC calls stale: what `who` reports then describes
@@ -277,11 +266,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
         store = Path(args.store) if args.store else current_store(params.base.paths.features)
         with FeatureStore(store) as fs:
-            damaged = fs.verify()
-        if damaged:
-            raise TlflowError(f"{store}: damaged: {', '.join(damaged)} fail their checksums; "
-                              "delete the store and run `tlflow stage extract` to recompute "
-                              "it, or `dvc checkout` to restore the committed one")
+            fs.check_whole()
         print(f"{store}: every chunk passes its checksum", file=sys.stderr)
         return 0
     if args.action == "info":

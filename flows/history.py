@@ -26,6 +26,7 @@ from tasks.lib.errors import TlflowError
 from tasks.lib.handoff import parse_eval_metrics
 from tasks.lib.head import parse_meta
 from tasks.lib.params import Params, Paths
+from tasks.lib.registry import read_at
 
 DATA_VERSION_LEN = 8
 LOCK = "dvc.lock"
@@ -83,13 +84,11 @@ def _out_md5(lock: dict, stage: str, path: str) -> str | None:
 
 
 def _dvc_read(path: str, rev: str) -> str | None:
-    """A DVC-tracked file as of `rev`, through dvc.api (any cache dir, or the remote); None
-    when neither the cache nor the remote still has it."""
-    import dvc.api
-
+    """A DVC-tracked file as of `rev` (registry.read_at: any cache dir, or the remote); None
+    when neither still has it."""
     try:
-        return dvc.api.read(path, repo=".", rev=rev)
-    except Exception:  # DVC's errors for a missing cache entry or an unknown path vary
+        return str(read_at(Path(), path, rev))
+    except TlflowError:
         return None
 
 

@@ -21,9 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from flows.history import current_data_version
-from flows.stages import STAGES, commit, stage_runner, why_stale
+from flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
 from tasks.lib.errors import TlflowError
-from tasks.lib.params import Params, load_params
+from tasks.lib.params import load_params
 
 BAD_INPUT = "BadInput"
 SKIPPED = "Skipped"
@@ -53,15 +53,6 @@ def _not_bad_input(_task, _task_run, state: State) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
-def _external_source(name: str, params: Params) -> str | None:
-    """Folder and CSV sources live outside DVC: ingest rescans them on every run (the stat
-    cache makes that cheap) and the stages after it rerun only if the manifest changed."""
-    if name != "ingest":
-        return None
-    source = params.ingest.source
-    return f"{source} source rescanned" if source in ("folder", "csv") else None
-
-
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
 def run_stage(name: str, force: bool = False) -> StageResult | State:
     """Run one stage if DVC calls it stale (or when forced), then record it in dvc.lock."""
@@ -69,7 +60,7 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     t0 = time.perf_counter()
     try:  # bad params, bad input, or DVC refusing (no git, a broken dvc.lock): no retry
         params = load_params()
-        reason = "forced" if force else (why_stale(name) or _external_source(name, params))
+        reason = "forced" if force else (why_stale(name) or rescanned(name, params))
         if reason is None:
             logger.info("%s: up to date, skipped", name)
             why = "up to date: dvc.lock matches its deps, params and outs"

@@ -44,6 +44,15 @@ def _dvc(root: Path) -> Iterator[object]:
         raise TlflowError(f"dvc: {text}{hint}") from None
 
 
+def rescanned(name: str, params: Params) -> str | None:
+    """Folder and CSV sources live outside DVC: ingest rescans them on every run (the stat
+    cache makes that cheap) and the stages after it rerun only if the manifest changed."""
+    if name != "ingest":
+        return None
+    source = params.ingest.source
+    return f"{source} source rescanned" if source in ("folder", "csv") else None
+
+
 def why_stale(name: str, root: Path = Path()) -> str | None:
     """Why DVC considers the stage stale (as `dvc status` says), or None when up to date."""
     with _dvc(root) as repo:
@@ -95,7 +104,9 @@ def commit(name: str, root: Path = Path()) -> None:
     """Record the stage's deps, params and outs in dvc.lock (and its outs in the cache)."""
     import logging
 
-    dvc_log = logging.getLogger("dvc")
+    import dvc  # first: importing it sets up its logger, which would undo the level below
+
+    dvc_log = logging.getLogger(dvc.__name__)
     level = dvc_log.level
     dvc_log.setLevel(max(level, logging.WARNING))  # "Updating lock file": not on stdout
     try:

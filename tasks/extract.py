@@ -14,7 +14,6 @@ import torch
 
 from tasks.lib.backbones import CodeExtractor, create_backbone
 from tasks.lib.device import resolve_device
-from tasks.lib.errors import TlflowError
 from tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
 from tasks.lib.featurestore import FeatureStore, extractor_id, store_path, writer_lock
 from tasks.lib.handoff import (
@@ -48,11 +47,7 @@ def run(params: Params) -> Path:
     path = store_path(paths.features, ext_id)
     with writer_lock(path, cfg.lock_timeout), \
             FeatureStore.create(path, extractor, dims, cfg.dtype) as store:
-        damaged = store.verify()  # a damaged store is never a cache (Fletcher-32 on chunks)
-        if damaged:
-            raise TlflowError(f"{path}: damaged ({', '.join(damaged)} fail their checksums); "
-                              "delete it and run extract again to recompute it, or `dvc "
-                              "checkout` to restore the committed one")
+        store.check_whole()  # a damaged store is never a cache (Fletcher-32 on chunks)
         todo = missing_images(rows, set(store.keys()))
         n_images = len({r.sha256 for r in rows})
         print(f"extract: {ext_id} ({backbone.name}) on {device}, {len(todo)} of {n_images} "

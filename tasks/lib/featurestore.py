@@ -142,6 +142,15 @@ class FeatureStore:
         with self._checked():
             return [k.decode() for k in self._h5["keys"][: self.n_committed]]
 
+    def check_whole(self) -> None:
+        """Refuse a damaged store (`verify` finds a chunk failing its checksum) in one line
+        naming the datasets and the repair: it is never used as a cache."""
+        damaged = self.verify()
+        if damaged:
+            raise TlflowError(f"{self.path}: damaged ({', '.join(damaged)} fail their "
+                              "checksums); delete it and run extract again to recompute it, "
+                              "or `dvc checkout` to restore the committed one")
+
     def verify(self) -> list[str]:
         """Read every committed chunk of every dataset (Fletcher-32 checks each): the names of
         the datasets that fail, empty when the store is whole."""
