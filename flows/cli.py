@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--pool", required=True, help="the work pool's name")
     _schedule_args(dp, required=False)
     s = sub.add_parser("stage", help="run one stage (the stage's cmd in dvc.yaml)")
-    s.add_argument("name", help="ingest | extract | train | finetune | evaluate")
+    s.add_argument("name", help="ingest | extract | train | finetune | evaluate | audit")
     pr = sub.add_parser("predict", help="label images with the trained head")
     pr.add_argument("target", type=Path, help="an image or a folder of images")
     pr.add_argument("--top-k", type=int, default=1, help="how many labels per image")
@@ -407,6 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TlflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:  # the machine's limits (a full disk...): one line, else a bug
+        from tasks.lib.errors import environment_error
+
+        env = environment_error(err)
+        if env is None:
+            raise
+        print(f"error: {env}", file=sys.stderr)
+        return env.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ from prefect.states import Completed, Failed, State
 
 from flows.history import current_data_version
 from flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
-from tasks.lib.errors import TlflowError
+from tasks.lib.errors import TlflowError, environment_error
 from tasks.lib.params import load_params
 
 BAD_INPUT = "BadInput"
@@ -40,17 +40,19 @@ class StageResult:
 
 
 # What may pass on a second try: the machine's I/O (a disk or network hiccup, a timeout).
-# Bad configuration or input (a TlflowError) and bugs (ImportError, TypeError...) would fail
+# Bad configuration or input (a TlflowError), the machine's limits (a full disk, a read-only
+# folder, a name too long: `environment_error`) and bugs (ImportError, TypeError...) would fail
 # the same way again.
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 
 def _not_bad_input(_task, _task_run, state: State) -> bool:
-    """Retry transient failures only (TRANSIENT): never bad input, never a bug."""
+    """Retry transient failures only (TRANSIENT): never bad input, never the machine's
+    limits, never a bug."""
     if state.name == BAD_INPUT:
         return False
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, TRANSIENT)
+    return isinstance(exc, TRANSIENT) and environment_error(exc) is None
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
@@ -72,6 +74,12 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     except TlflowError as err:
         logger.error("%s", err)
         return Failed(name=BAD_INPUT, message=str(err))
+    except Exception as err:  # a full disk, a read-only folder: one line, never retried
+        env = environment_error(err)
+        if env is None:
+            raise
+        logger.error("%s: %s", name, env)
+        return Failed(name=BAD_INPUT, message=str(env))
     return StageResult(name, True, reason, time.perf_counter() - t0)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from tasks.lib.errors import TlflowError
+from tasks.lib.errors import TlflowError, environment_error
 from tasks.lib.files import atomic_path
 
 COMMITTED = "n_committed"
 EXTRACTOR = "extractor"
 VERSIONS = "versions"
 _CHUNK_ROWS = 256
+_ROOM_MARGIN = 1 << 20  # bytes kept free for HDF5's metadata beside a batch's chunks
 
 
 def extractor_id(extractor: dict[str, Any]) -> str:
@@ -211,14 +213,47 @@ class FeatureStore:
     def append(self, keys: list[str], codes: dict[str, np.ndarray]) -> None:
         """Append one batch, flush it, then advance the committed counter."""
         n, m = self.n_committed, len(keys)
-        self._h5["keys"].resize((n + m,))
-        self._h5["keys"][n:] = np.array(keys, dtype="S64")
-        for name, ds in self._h5["layers"].items():
-            ds.resize((n + m, ds.shape[1]))
-            ds[n:] = codes[name]
-        self._h5.flush()
-        self._h5.attrs[COMMITTED] = n + m
-        self._h5.flush()
+        self._ensure_room(n, m)
+        try:
+            self._h5["keys"].resize((n + m,))
+            self._h5["keys"][n:] = np.array(keys, dtype="S64")
+            for name, ds in self._h5["layers"].items():
+                ds.resize((n + m, ds.shape[1]))
+                ds[n:] = codes[name]
+            self._h5.flush()
+            self._h5.attrs[COMMITTED] = n + m
+            self._h5.flush()
+        except (OSError, RuntimeError) as err:  # HDF5 reports a full disk as RuntimeError
+            self._roll_back(n)
+            raise environment_error(err, self.path) or err
+
+    def _ensure_room(self, n: int, m: int) -> None:
+        """Refuse a batch the disk cannot hold before HDF5 writes any of it: the chunks rows
+        n..n+m may newly fill, plus room for metadata, must be free. HDF5 cannot undo a write
+        that failed half-way as cleanly as it can avoid one (see `_roll_back`)."""
+        need = _ROOM_MARGIN
+        for ds in (self._h5["keys"], *self._h5["layers"].values()):
+            rows = ds.chunks[0]
+            chunk = rows * ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+            need += (-(-(n + m) // rows) - n // rows) * chunk
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need:
+            raise TlflowError(f"{self.path}: disk full ({free / 2**20:.1f} MiB free, the next "
+                              f"batch needs {need / 2**20:.1f} MiB); free space on that disk "
+                              "and rerun: the committed rows are kept")
+
+    def _roll_back(self, n: int) -> None:
+        """After a failed write (a full disk): shrink every dataset back to the `n` committed
+        rows, dropping the dirty chunks HDF5 could not write. Without this, closing the file
+        retries the write, fails again, and the interpreter segfaults at exit (exit 139); with
+        it the file closes and keeps its committed rows."""
+        for ds in (self._h5["keys"], *self._h5["layers"].values()):
+            with contextlib.suppress(Exception):
+                ds.resize((n, *ds.shape[1:]))
+        with contextlib.suppress(Exception):
+            self._h5.attrs[COMMITTED] = n
+        with contextlib.suppress(Exception):
+            self._h5.flush()
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.lib.errors import environment_error
+
 TEMP_PREFIX = ".tlflow-"  # atomic writes' temp files: .tlflow-XXXXXXXX.tmp beside the target
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -24,13 +26,21 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     name the file system allows (up to 255 bytes) stays writable.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=dest.parent)
+    except OSError as err:  # a read-only folder, a full disk, a name too long
+        raise environment_error(err, dest) or err from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, dest)
+    except Exception as err:  # a full disk names the file being written, not the temp file
+        env = environment_error(err, dest)
+        if env is None or env is err:
+            raise
+        raise env from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
