@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="which artifact (default probe)")
     pm.add_argument("--force", action="store_true", help="promote even when the rule says no")
     pm.add_argument("--stage", default="prod", help="the GTO stage (default prod)")
+    rp = sub.add_parser("report", help="write the offline HTML report (base.paths.report) "
+                                       "from the last run's outputs; no stage runs",
+                        description="Write the offline HTML report (base.paths.report, "
+                                    "thumbnails beside it) from what the last run wrote: test "
+                                    "metrics against the run committed at git HEAD, per-class "
+                                    "table, confusion matrices, the fine-tuning curve, the "
+                                    "advice, the misclassified test images, near-duplicates "
+                                    "across splits and likely label errors. Prints its path.")
+    rp.add_argument("--open", action="store_true", help="also open it in the web browser")
     a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
     a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
@@ -144,9 +153,12 @@ def cmd_serve(cron: str | None, interval: float | None, name: str) -> int:
     _check_project()
     from flows.pipeline import pipeline
 
+    from flows.tempserver import prefect_api
+
     # limit=1: runs of one project never overlap (they share its files and dvc.lock)
     try:
-        pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+        with prefect_api():
+            pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
     except (ValueError, TypeError) as err:  # e.g. a cron expression Prefect cannot parse
         raise TlflowError(f"tlflow serve: {err}") from None
     return 0
@@ -234,6 +246,27 @@ def warn_if_stale(names: Sequence[str], who: str) -> None:
                   "run; `tlflow run` brings it up to date", file=sys.stderr)
 
 
+def cmd_report(open_it: bool) -> int:
+    """Write the HTML report from the outputs on disk; its path on stdout, counts on stderr."""
+    from flows.html_report import write_report
+    from flows.stages import STAGES
+    from tasks.lib.params import load_params
+
+    paths = load_params().base.paths
+    warn_if_stale(STAGES, "report")
+    written = write_report(paths)
+    wrong = ", ".join(f"{m} {n} wrong" for m, n in written.misclassified.items())
+    print(f"report: {wrong or 'no predictions'}; {written.near_duplicates} near-duplicate "
+          f"pair(s), {written.label_issues} likely label error(s); {written.thumbnails} "
+          "thumbnails", file=sys.stderr)
+    print(written.page)
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(written.page.resolve().as_uri())
+    return 0
+
+
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store), after
     bringing ingest, extract and train up to date: never the decision for other data."""
@@ -315,12 +348,14 @@ def cmd_run(force: bool) -> int:
     """Run the flow; print which stages ran and the metrics."""
     params = _check_project()
     from flows.pipeline import BAD_INPUT, pipeline
+    from flows.tempserver import prefect_api
 
-    state = pipeline(force=force, return_state=True)
-    if state.is_failed():
-        print(f"error: {state.message}", file=sys.stderr)
-        return 2 if state.name == BAD_INPUT else 1
-    _summary(state.result(), params)
+    with prefect_api():  # no PREFECT_API_URL: a temporary server that dies with this process
+        state = pipeline(force=force, return_state=True)
+        if state.is_failed():
+            print(f"error: {state.message}", file=sys.stderr)
+            return 2 if state.name == BAD_INPUT else 1
+        _summary(state.result(), params)
     return 0
 
 
@@ -379,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_features(args)
         if args.command == "advise":
             return cmd_advise(args.json)
+        if args.command == "report":
+            return cmd_report(args.open)
         if args.command == "status":
             return cmd_status(args.json, args.quiet)
         if args.command == "history":

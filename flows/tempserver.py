@@ -1,0 +1,134 @@
+"""The temporary Prefect server of a run that names no API, bound to the run's life.
+
+With no `PREFECT_API_URL`, Prefect 3 starts a temporary server itself
+(`prefect.server.api.server.SubprocessASGIServer`: `python -m uvicorn ... create_app`) and
+stops it from an `atexit` hook. A `tlflow run` killed with SIGKILL (or SIGTERM, which skips
+`atexit`) never runs that hook: the server (about 200 MB, listening on a port) lives on,
+reparented to init. Prefect offers no hook into how it starts that process, so tlflow starts
+the same server itself, with the same command and environment, asks the kernel to kill it
+when the process that started it dies (Linux `prctl(PR_SET_PDEATHSIG)`), and points the run at
+it for its duration. Elsewhere (not Linux) Prefect's own temporary server is used unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGKILL when the thread that forked it exits (the main
+    thread here, so: when the run's process dies, however it dies); if that already happened
+    between fork and this call, the child ends at once."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(port: int) -> list[str]:
+    """The command Prefect's SubprocessASGIServer runs (prefect 3.x), on `port`."""
+    import prefect
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+
+
+def _environment() -> dict[str, str]:
+    """The environment Prefect gives its temporary server: no UI, ephemeral mode, and the
+    settings of this process (PREFECT_HOME, so the same database)."""
+    from prefect.settings import get_current_settings
+
+    return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True)}
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    import httpx
+
+    from tasks.lib.errors import TlflowError
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise TlflowError(f"the temporary Prefect server exited with {proc.returncode} "
+                                  "before answering; set PREFECT_API_URL to a running server "
+                                  "(`prefect server start`)")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(f"{url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+    raise TlflowError(f"the temporary Prefect server did not answer within {timeout:g} s "
+                      "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL "
+                      "to a running server (`prefect server start`)")
+
+
+def _drain() -> None:
+    """Send what Prefect's log and event workers still queue (Prefect drains them at exit,
+    when this server would be gone: "Error logging to API", and minutes of retries)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=5)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Run the block against a Prefect API: the configured one (`PREFECT_API_URL`, from the
+    environment or the Prefect profile) as it is, else a temporary server that dies with this
+    process; yields the temporary server's URL (None when none was started). Stopped on the
+    way out (SIGTERM, then SIGKILL after 5 s)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() \
+            or sys.platform != "linux":
+        yield None
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    print(f"Starting a temporary Prefect server on {url} (it stops with this run)",
+          file=sys.stderr, flush=True)
+    proc = subprocess.Popen(_command(port), env=_environment(),
+                            preexec_fn=_die_with(os.getpid()))  # noqa: PLW1509 - see _die_with
+    try:
+        _wait_healthy(proc, url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        _drain()  # the run's last logs and events reach the server before it stops
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
