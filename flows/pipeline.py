@@ -117,7 +117,7 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     Transient failures are retried (run.retries); the summary and the per-class metrics are
     published as artifacts, against what the previous run left.
     """
-    from flows.report import Snapshot, publish_summary
+    from flows.report import Snapshot, publish_summary, write_html_report
 
     params = load_params()
     paths, cfg = params.base.paths, params.run
@@ -139,5 +139,6 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
         if name == "ingest":
             tag_run(*tags)
         results.append(state.result())
+    print(write_html_report(paths, before))  # before the summary, which links it
     publish_summary(paths, before, results)
     return results

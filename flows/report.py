@@ -1,5 +1,6 @@
 """What a pipeline run publishes (Prefect artifacts): a markdown summary, a per-class table,
-the confusion matrix as an image, and the advice with whether it was carried out.
+the confusion matrix as an image, the advice with whether it was carried out, and the
+misclassified test images as a table; and the offline HTML report (flows/html_report.py).
 
 The summary compares the run with what the previous one left on disk: the manifest (data
 version, images added and removed) and metrics/eval.json. Nothing is kept besides the
@@ -68,6 +69,7 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"
               for r in results]
     lines.append("")
+    lines += audit_lines(paths)
     for model in ("probe", "finetune"):
         now = after.metrics.get(model)
         if not now:
@@ -77,6 +79,58 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
                      f", macro F1 {_delta(now['macro_f1'], was.get('macro_f1'))}"
                      + ("" if was else " (no previous run)"))
     return "\n".join(lines)
+
+
+def audit_lines(paths: Paths) -> list[str]:
+    """The counts behind the report: test images each model gets wrong, near-duplicates
+    across splits, files under two labels, likely label errors (each when written)."""
+    from tasks.lib.handoff import read_audit, read_predictions
+
+    lines = []
+    if paths.predictions.is_file():
+        preds = read_predictions(paths.predictions)
+        for model in MODELS:
+            mine = [p for p in preds if p.model == model]
+            if mine:
+                lines.append(f"- {model}: {sum(not p.correct for p in mine)} of {len(mine)} "
+                             "test images wrong")
+    if paths.duplicates.is_file() and paths.label_issues.is_file():
+        dups = read_audit(paths.duplicates, "duplicates")
+        issues = read_audit(paths.label_issues, "label_issues")
+        lines.append(f"- audit: {dups['near_duplicates']['count']} near-duplicate pair(s) "
+                     f"across splits, {dups['label_conflicts']['count']} file(s) under two "
+                     f"labels, {issues['count']} likely label error(s)")
+    if paths.report.is_file():
+        lines.append(f"- report: `{paths.report}` (offline HTML: the gallery of errors, the "
+                     "pairs, the suspected labels)")
+    return [*lines, ""] if lines else []
+
+
+def misclassified_rows(paths: Paths) -> list[dict[str, Any]]:
+    """The test images a model gets wrong, hardest (highest loss) first: the table artifact."""
+    from tasks.lib.handoff import read_predictions
+
+    if not paths.predictions.is_file():
+        return []
+    wrong = sorted((p for p in read_predictions(paths.predictions) if not p.correct),
+                   key=lambda p: (p.model, -p.loss, p.relpath))
+    return [{"model": p.model, "relpath": p.relpath, "label": p.label,
+             "predicted": p.top[0] if p.top else "",
+             "top": ", ".join(f"{t} {s:.3f}" for t, s in zip(p.top, p.scores, strict=True)),
+             "loss": round(p.loss, 4)} for p in wrong]
+
+
+def write_html_report(paths: Paths, before: Snapshot) -> str:
+    """The offline HTML report against the metrics before the run; one line saying where it
+    is (or why it could not be written: the run itself succeeded)."""
+    from flows.html_report import write_report
+    from tasks.lib.errors import TlflowError
+
+    try:
+        written = write_report(paths, before.metrics, "the previous run")
+    except TlflowError as err:
+        return f"report: not written ({err})"
+    return f"report: {written.page} ({written.thumbnails} thumbnails)"
 
 
 def headline(before: Snapshot, after: Snapshot) -> str:
@@ -154,6 +208,10 @@ def publish_summary(paths: Paths, before: Snapshot, results: list,
         create_markdown_artifact(markdown=confusion_markdown(paths.confusion_png, title),
                                  key="tlflow-confusion",
                                  description=f"Confusion matrix (test split): {head}")
+    wrong = misclassified_rows(paths)
+    if wrong:
+        create_table_artifact(table=wrong, key="tlflow-misclassified",
+                              description=f"Misclassified test images, hardest first: {head}")
     if paths.strategy.is_file():
         from tasks.lib.handoff import read_strategy
 

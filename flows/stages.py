@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tasks.lib.params import Params, scoped
 
-STAGES = ("ingest", "extract", "train", "finetune", "evaluate")
+STAGES = ("ingest", "extract", "train", "finetune", "evaluate", "audit")
 
 
 def stage_runner(name: str) -> Callable[[Params], object]:

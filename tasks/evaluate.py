@@ -1,20 +1,27 @@
 """Evaluate: the probe (and the fine-tuned network, when there is one) on the test split,
-touched once. Metrics JSON (a few numbers per model), the per-class table, confusion CSV
-and PNG (tasks/lib/evaluation.py); the unreadable images it leaves out are listed on stdout
-and in the extract report."""
+touched once. Metrics JSON (a few numbers per model), the per-class table, the per-image
+predictions (top-3 labels with their scores, the loss, right or wrong), confusion CSVs (one
+per model) and one PNG (tasks/lib/evaluation.py); the unreadable images it leaves out are
+listed on stdout and in the extract report."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from tasks.lib.errors import TlflowError
-from tasks.lib.evaluation import plot_confusion, score, write_confusion
+from tasks.lib.evaluation import (
+    image_predictions,
+    plot_confusion,
+    score,
+    write_confusion,
+)
 from tasks.lib.featurestore import FeatureStore
 from tasks.lib.handoff import (
     current_store,
     read_extract_report,
     write_eval_metrics,
     write_per_class,
+    write_predictions,
 )
 from tasks.lib.head import load_head
 from tasks.lib.manifest import Row, read_manifest
@@ -26,8 +33,9 @@ from tasks.lib.params import Params
 PARAMS = ("finetune.device", "finetune.batch_size")
 
 
-def score_finetuned(params: Params, test: list[Row], y_true: np.ndarray) -> dict | None:
-    """The fine-tuned network's scores on the test images; None when finetune is off."""
+def finetuned_scores(params: Params, test: list[Row]) -> tuple[np.ndarray, tuple] | None:
+    """The fine-tuned network's probabilities (N, K) on the test images and its classes;
+    None when finetune is off."""
     paths = params.base.paths
     if not read_meta(paths.finetuned).get("enabled"):
         return None
@@ -37,12 +45,13 @@ def score_finetuned(params: Params, test: list[Row], y_true: np.ndarray) -> dict
     net = load_network(paths.finetuned)
     proba = finetuned_probabilities(net, [paths.images / r.relpath for r in test],
                                     params.finetune.device, params.finetune.batch_size)
-    return score(y_true, np.asarray(net.classes)[proba.argmax(axis=1)], net.classes)
+    return proba, tuple(net.classes)
 
 
 def run(params: Params) -> dict:
-    """Score the probe on the test split; write the metrics, the per-class table and the
-    confusion matrix. Returns the scores with their per-class tables."""
+    """Score the probe (and the fine-tuned network) on the test split; write the metrics, the
+    per-class table, the per-image predictions and the confusion matrices. Returns the
+    scores with their per-class tables."""
     paths = params.base.paths
     bad = read_extract_report(paths.extract_report).bad
     rows = read_manifest(paths.manifest)
@@ -52,25 +61,39 @@ def run(params: Params) -> dict:
     path = current_store(paths.features)
     head = load_head(paths.head, extractor_id=path.stem)
     with FeatureStore(path) as store:
-        y_pred = head.predict(store.read(head.meta["layer"], [r.sha256 for r in test]))
+        codes = store.read(head.meta["layer"], [r.sha256 for r in test])
+    kind = "probability" if head.has_probabilities else "decision"
+    probe_scores = head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
+    y_pred = head.predict(codes)
     y_true = np.array([r.label for r in test])
+    relpaths = [r.relpath for r in test]
     skipped = sorted({r.relpath: bad[r.sha256] for r in rows if r.sha256 in bad}.items())
     metrics = {"probe": score(y_true, y_pred, head.classes)}
-    finetuned = score_finetuned(params, test, y_true)
-    if finetuned is not None:
-        metrics["finetune"] = finetuned
-    write_eval_metrics(paths.eval_metrics, metrics)
-    write_per_class(paths.per_class, metrics)
-    write_confusion(paths.confusion, y_true, y_pred)
+    preds = image_predictions("probe", test, probe_scores, head.classes, kind)
     p = metrics["probe"]
-    if "finetune" in metrics:
-        f = metrics["finetune"]
+    panels = [(y_true, y_pred, f"probe on {head.meta['layer']}: test accuracy "
+                               f"{p['accuracy']:.3f}")]
+    ft_pred = np.array([], dtype=str)
+    finetuned = finetuned_scores(params, test)
+    if finetuned is not None:
+        proba, classes = finetuned
+        ft_pred = np.asarray(classes)[proba.argmax(axis=1)]
+        metrics["finetune"] = f = score(y_true, ft_pred, classes)
+        preds += image_predictions("finetune", test, proba, classes, "probability")
+        panels.append((y_true, ft_pred, f"fine-tuned: test accuracy {f['accuracy']:.3f}"))
         print(f"evaluate: fine-tuned network: test accuracy {f['accuracy']:.4f}, macro F1 "
               f"{f['macro_f1']:.4f}", flush=True)
-    plot_confusion(paths.confusion_png, y_true, y_pred, head.classes,
-                   f"probe on {head.meta['layer']}: test accuracy {p['accuracy']:.3f}")
+    write_eval_metrics(paths.eval_metrics, metrics)
+    write_per_class(paths.per_class, metrics)
+    write_predictions(paths.predictions, preds, max(len(pr.top) for pr in preds))
+    write_confusion(paths.confusion, y_true, y_pred, relpaths)
+    # header only when there is no fine-tuned network: DVC needs the output to exist
+    write_confusion(paths.confusion_finetune, y_true[: len(ft_pred)], ft_pred,
+                    relpaths[: len(ft_pred)])
+    plot_confusion(paths.confusion_png, panels, head.classes)
     print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "
-          f"on {p['n']} images -> {paths.eval_metrics}", flush=True)
+          f"on {p['n']} images, {p['n'] - sum(pr.correct for pr in preds[:p['n']])} wrong "
+          f"-> {paths.eval_metrics}, {paths.predictions}", flush=True)
     for relpath, why in skipped:
         print(f"evaluate: skipped unreadable {relpath}: {why}", flush=True)
     return metrics

@@ -45,6 +45,7 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     head, finetuned = paths.pop("head"), paths.pop("finetuned")
     assert paths.pop("hash_cache").startswith(".")  # a cache, not versioned data
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
+    paths.pop("report")  # the HTML report: written by `tlflow run` and `tlflow report`
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"], paths["extract_metrics"]},
@@ -52,7 +53,9 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
                   paths["probe_report"], paths["strategy"], paths["train_choice"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
         "evaluate": {paths["eval_metrics"], paths["per_class"], paths["confusion"],
-                     paths["confusion_png"]},
+                     paths["confusion_png"], paths["confusion_finetune"], paths["predictions"]},
+        "audit": {paths["duplicates"], paths["label_issues"], paths["balance"],
+                  paths["audit_metrics"]},
     }
     assert outs == expected
 
@@ -68,6 +71,8 @@ def test_each_stage_depends_on_the_data_it_reads(stages, paths):
         "finetune": {*store, paths["images"], paths["train_choice"]},
         "evaluate": {*store, paths["images"], f"{head}.safetensors", f"{head}.json",
                      f"{finetuned}.safetensors", f"{finetuned}.json"},
+        # the codes and the probe's choice (layer, C): no image, no model
+        "audit": {*store, paths["probe_report"]},
     }
     for name, stage in stages.items():
         assert {d for d in _deps(stage) if not d.startswith("tasks/")} == data[name], name
@@ -102,12 +107,14 @@ def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     """Metrics are the few numbers of metrics/; the details behind them (reports/) are plain
     git-tracked outputs, the per-class table and the curves are plots."""
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
-    assert metrics == {paths["extract_metrics"], paths["probe_metrics"], paths["eval_metrics"]}
+    assert metrics == {paths["extract_metrics"], paths["probe_metrics"], paths["eval_metrics"],
+                       paths["audit_metrics"]}
     assert all(m.startswith("metrics/") for m in metrics)
-    for key in ("extract_report", "probe_report", "strategy"):
+    for key in ("extract_report", "probe_report", "strategy", "duplicates", "label_issues",
+                "balance", "predictions"):
         out = next(o for s in stages.values() for o in s.outs if str(o.def_path) == paths[key])
         assert not out.metric and not out.plot and not out.use_cache, key
-    per_class, csv, png = [o for s in stages.values() for o in s.outs if o.plot]
+    per_class, csv, png, csv_finetune = [o for s in stages.values() for o in s.outs if o.plot]
     top = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     assert top == [{"${base.paths.finetune_curve}": {
         "x": "epoch", "y": ["train_loss", "val_accuracy"],
@@ -118,7 +125,9 @@ def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     assert str(csv.def_path) == paths["confusion"]
     assert csv.plot["template"] == "confusion"
     assert str(png.def_path) == paths["confusion_png"]
-    assert Path(ROOT / "dvc.yaml").read_text().count("template: confusion") == 1
+    assert str(csv_finetune.def_path) == paths["confusion_finetune"]
+    assert csv_finetune.plot["template"] == "confusion"
+    assert Path(ROOT / "dvc.yaml").read_text().count("template: confusion") == 2
 
 
 def test_every_output_persists(stages):

@@ -5,7 +5,7 @@ import pytest
 
 from tasks import evaluate, extract, ingest, train
 from tasks.lib.errors import TlflowError
-from tasks.lib.handoff import read_per_class
+from tasks.lib.handoff import read_per_class, read_predictions
 from tasks.lib.manifest import read_manifest
 from tests.conftest import make_params
 
@@ -31,6 +31,12 @@ def test_evaluate_writes_metrics_and_confusion(trained):
     assert probe["n"] == n_test
     with open(trained.base.paths.confusion) as f:
         assert sum(1 for _ in f) == n_test + 1
+    assert trained.base.paths.confusion_finetune.read_text() == "actual,predicted,relpath\n"
+    preds = read_predictions(trained.base.paths.predictions)
+    test = {r.relpath for r in read_manifest(trained.base.paths.manifest) if r.split == "test"}
+    assert {p.relpath for p in preds} == test and {p.model for p in preds} == {"probe"}
+    assert sum(not p.correct for p in preds) == round((1 - probe["accuracy"]) * n_test)
+    assert all(p.kind == "probability" and len(p.top) == 3 and p.loss >= 0 for p in preds)
     from PIL import Image
 
     with Image.open(trained.base.paths.confusion_png) as png:

@@ -98,7 +98,7 @@ def write_dvc_yaml(dvc_yaml: Path, stages: list[str]) -> bool:
 
 
 if __name__ == "__main__":
-    names = ["ingest", "extract", "train", "finetune", "evaluate"]
+    names = ["ingest", "extract", "train", "finetune", "evaluate", "audit"]
     if "--write" in sys.argv:
         print("dvc.yaml", "updated" if write_dvc_yaml(ROOT / "dvc.yaml", names) else "unchanged")
     else:

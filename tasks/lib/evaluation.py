@@ -1,5 +1,5 @@
-"""Scoring on the test split: accuracy, macro F1, per-class table, the confusion matrix as
-DVC's CSV and as a PNG."""
+"""Scoring on the test split: accuracy, macro F1, per-class table, per-image predictions
+(top-k, loss, right or wrong), the confusion matrix as DVC's CSV and as a PNG."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from tasks.lib.files import atomic_path
+from tasks.lib.handoff import ImagePrediction
+from tasks.lib.manifest import Row
+
+TOP_K = 3  # labels kept per image in the predictions table
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
@@ -29,17 +33,54 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> d
     }
 
 
-def write_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray) -> None:
-    """One row per test image (actual, predicted): the shape DVC's confusion template reads."""
-    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+def losses(scores: np.ndarray, true_index: np.ndarray, kind: str) -> np.ndarray:
+    """Per-image loss (N,) on the true class: cross-entropy -log p_y for probabilities (p_y
+    floored at 1e-12, so a class the model never saw costs 27.6), the multiclass hinge
+    max(0, 1 + max_{j != y} s_j - s_y) (Crammer and Singer) for a linear SVM's decision values.
+    `true_index` is -1 for a label the model does not know."""
+    n = len(scores)
+    known = true_index >= 0
+    if kind == "probability":
+        p_true = np.where(known, scores[np.arange(n), np.maximum(true_index, 0)], 0.0)
+        return -np.log(np.maximum(p_true, 1e-12))
+    s_true = np.where(known, scores[np.arange(n), np.maximum(true_index, 0)], -np.inf)
+    others = scores.copy()
+    others[np.arange(n)[known], true_index[known]] = -np.inf
+    return np.maximum(0.0, 1.0 + others.max(axis=1) - s_true)
+
+
+def image_predictions(model: str, rows: list[Row], scores: np.ndarray,
+                      classes: tuple[str, ...], kind: str,
+                      k: int = TOP_K) -> list[ImagePrediction]:
+    """One ImagePrediction per row from the model's scores (N, K) over `classes`: the k best
+    labels (ties to the first class), the loss (`losses`), right or wrong (the top label, as
+    the metrics count it)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    index = {c: i for i, c in enumerate(classes)}
+    true_index = np.array([index.get(r.label, -1) for r in rows], dtype=np.int64)
+    loss = losses(scores, true_index, kind)
+    names = np.asarray(classes)
+    return [ImagePrediction(model, r.relpath, r.sha256, r.label, tuple(names[o]),
+                            tuple(float(v) for v in scores[i, o]), kind, float(loss[i]),
+                            bool(names[o[0]] == r.label))
+            for i, (r, o) in enumerate(zip(rows, order, strict=True))]
+
+
+def write_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray,
+                    relpaths: list[str] | None = None) -> None:
+    """One row per test image (actual, predicted, relpath): the shape DVC's confusion
+    template reads (it counts rows by actual and predicted; the path names the image)."""
+    relpaths = [""] * len(y_true) if relpaths is None else relpaths
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(("actual", "predicted"))
-        w.writerows(zip(y_true, y_pred, strict=True))
+        w.writerow(("actual", "predicted", "relpath"))
+        w.writerows(zip(y_true, y_pred, relpaths, strict=True))
 
 
-def plot_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray,
-                   classes: tuple[str, ...], title: str) -> None:
-    """The confusion matrix as a PNG (scikit-learn's display), for `dvc plots show`."""
+def plot_confusion(dest, panels: list[tuple[np.ndarray, np.ndarray, str]],
+                   classes: tuple[str, ...]) -> None:
+    """The confusion matrices as one PNG (scikit-learn's display), one panel per model
+    (y_true, y_pred, title), side by side, for `dvc plots show` and the run's artifact."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -47,10 +88,11 @@ def plot_confusion(dest, y_true: np.ndarray, y_pred: np.ndarray,
     from sklearn.metrics import ConfusionMatrixDisplay
 
     side = min(4.0 + 0.45 * len(classes), 24.0)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(classes), ax=ax,
-                                            colorbar=False, xticks_rotation="vertical")
-    ax.set_title(title)
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels), side), squeeze=False)
+    for ax, (y_true, y_pred, title) in zip(axes[0], panels, strict=True):
+        ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(classes), ax=ax,
+                                                colorbar=False, xticks_rotation="vertical")
+        ax.set_title(title)
     fig.tight_layout()
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

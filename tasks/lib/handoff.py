@@ -9,6 +9,9 @@
 | train_choice                 | train      | finetune (only the values it uses)    |
 | eval_metrics                 | evaluate   | the run summary, history              |
 | per_class                    | evaluate   | the run summary                       |
+| predictions                  | evaluate   | the run summary, the HTML report      |
+| duplicates, label_issues,    | audit      | the run summary, the HTML report      |
+| balance                      |            |                                       |
 
 The DVC metrics (extract_metrics, probe_metrics, eval_metrics) hold a few numbers each (and
 the probe's layer name), so `dvc metrics show` stays readable and `dvc metrics diff` compares
@@ -206,3 +209,84 @@ def read_eval_metrics(path: Path) -> dict[str, Any]:
 def parse_eval_metrics(text: str, path: Path) -> dict[str, Any]:
     """The eval metrics from their JSON text (e.g. as committed at a git revision)."""
     return _parse(text, path, "evaluate", ("probe",))
+
+
+# ---------------------------------------------------------------- per-image predictions
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One model's answer for one test image: its top-k labels with their scores
+    (probabilities, or a linear SVM's decision values: `kind` says which), the loss on the
+    true label and whether the top label is right."""
+
+    model: str  # probe | finetune
+    relpath: str
+    sha256: str
+    label: str  # the true label
+    top: tuple[str, ...]  # the k best labels, best first
+    scores: tuple[float, ...]  # their scores
+    kind: str  # probability | decision
+    loss: float  # cross-entropy (probabilities) or multiclass hinge (decision values)
+    correct: bool
+
+
+PREDICTION_COLUMNS = ("model", "relpath", "sha256", "label", "correct", "loss", "kind")
+
+
+def write_predictions(path: Path, preds: list[ImagePrediction], k: int) -> None:
+    """plots/predictions.csv: one row per (model, test image), then pred_i, score_i for the
+    k best labels (empty where a model knows fewer classes)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*PREDICTION_COLUMNS, *(f"{c}_{i}" for i in range(1, k + 1)
+                                       for c in ("pred", "score"))])
+    for p in preds:
+        tops = [v for i in range(k) for v in ((p.top[i], f"{p.scores[i]:.6g}")
+                                              if i < len(p.top) else ("", ""))]
+        w.writerow([p.model, p.relpath, p.sha256, p.label, int(p.correct), f"{p.loss:.6g}",
+                    p.kind, *tops])
+    write_text(path, buf.getvalue())
+
+
+def read_predictions(path: Path) -> list[ImagePrediction]:
+    """The per-image predictions evaluate wrote, in file order."""
+    if not path.is_file():
+        raise handoff_error(path, "evaluate")
+    try:
+        table = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+        out = []
+        for r in table:
+            k = sum(1 for c in r if c.startswith("pred_"))
+            ranks = [i for i in range(1, k + 1) if r[f"pred_{i}"] != ""]
+            out.append(ImagePrediction(
+                r["model"], r["relpath"], r["sha256"], r["label"],
+                tuple(r[f"pred_{i}"] for i in ranks),
+                tuple(float(r[f"score_{i}"]) for i in ranks), r["kind"], float(r["loss"]),
+                r["correct"] == "1"))
+        return out
+    except (KeyError, ValueError, TypeError) as err:
+        raise handoff_error(path, "evaluate", f"not a predictions table ({err})") from None
+
+
+# ---------------------------------------------------------------- audit
+
+
+AUDIT_KEYS = {"duplicates": ("threshold", "near_duplicates", "label_conflicts"),
+              "label_issues": ("method", "count", "images"),
+              "balance": ("splits",)}
+
+
+def write_audit(path: Path, report: dict[str, Any]) -> None:
+    """One of the audit's JSON summaries (duplicates, label_issues, balance)."""
+    write_json(path, report)
+
+
+def read_audit(path: Path, kind: str) -> dict[str, Any]:
+    """An audit summary: `kind` is duplicates, label_issues or balance."""
+    return _read(path, "audit", AUDIT_KEYS[kind])
+
+
+def write_audit_metrics(path: Path, counts: dict[str, int]) -> None:
+    """metrics/audit.json: the counts of each check (numbers only)."""
+    write_json(path, {"audit": counts})

@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -88,6 +89,13 @@ class Paths(_Section):
     finetuned: Path
     finetune_curve: Path
     finetune_checkpoints: Path
+    predictions: Path  # evaluate: one row per (model, test image)
+    confusion_finetune: Path  # evaluate: the fine-tuned network's confusion CSV
+    duplicates: Path  # audit: near-duplicates across splits, one image under two labels
+    label_issues: Path  # audit: likely label errors on train + val
+    balance: Path  # audit: images per class and split
+    audit_metrics: Path  # audit: the counts
+    report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:
@@ -137,6 +145,8 @@ class Ingest(_Section):
     path: Path | None = None
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    # a symlink in the source, or a path resolving outside its root, is refused unless true
+    follow_symlinks: StrictBool = False
 
     @field_validator("test_fraction")
     @classmethod
@@ -229,6 +239,13 @@ class Finetune(_Section):
     # autocast on CUDA; no fp16: training in it needs loss scaling, which bf16 does not
     precision: Literal["bf16", "fp32"] = "bf16"
     num_workers: int | None = Field(None, ge=0)
+    # above one process in all, the stage launches itself under torchrun (torch DDP: gloo on
+    # the CPU, nccl on CUDA, one GPU per process); batch_size is per process
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)  # machines; each runs the stage with the same params
+    # host:port of the c10d rendezvous when nnodes > 1 (one node: torchrun --standalone)
+    rdzv_endpoint: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):"
+                                                    r"\d{1,5}$")
 
     @field_validator("crop_scale")
     @classmethod
@@ -236,6 +253,17 @@ class Finetune(_Section):
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> Finetune:
+        """Several machines meet at an endpoint; one machine needs none (--standalone)."""
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"rdzv_endpoint: nnodes is {self.nnodes}: name the rendezvous "
+                             "host:port every machine reaches (e.g. node0:29400)")
+        if self.nnodes == 1 and self.rdzv_endpoint is not None:
+            raise ValueError("rdzv_endpoint: only with nnodes > 1 (one machine rendezvous "
+                             "locally: torchrun --standalone)")
+        return self
 
 
 class Advise(_Section):
@@ -249,6 +277,16 @@ class Advise(_Section):
     layer_margin: float = Field(0.01, ge=0)  # an earlier layer's val lead that means dissimilar
     max_top10_variance: float = Field(0.5, gt=0, le=1)  # pooled codes' top-10 PCA share
     min_images_for_spread: int = Field(100, ge=11)  # fewer: the spread is not used
+
+
+class Audit(_Section):
+    """The data checks on the cached codes (tasks/audit.py): they inform, never change data."""
+
+    # cosine similarity of pooled codes (centred on the train mean) above which a val or test
+    # image is listed as a near-copy of a train image (calibrated on hymenoptera: README)
+    duplicate_threshold: float = Field(0.8, gt=0, le=1)
+    folds: int = Field(5, ge=2)  # k of the out-of-fold probabilities for label errors
+    max_listed: int = Field(100, ge=0)  # images listed per check (the counts are complete)
 
 
 class Run(_Section):
@@ -265,6 +303,7 @@ class Params(_Section):
     train: Train = Train()
     finetune: Finetune = Finetune()
     advise: Advise = Advise()
+    audit: Audit = Audit()
     run: Run = Run()
 
 

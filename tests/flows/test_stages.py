@@ -8,7 +8,7 @@ from tasks.lib.params import UndeclaredParamError
 
 
 def test_stages_in_order_and_unknown_names():
-    assert STAGES == ("ingest", "extract", "train", "finetune", "evaluate")
+    assert STAGES == ("ingest", "extract", "train", "finetune", "evaluate", "audit")
     with pytest.raises(TlflowError, match=r"unknown stage 'nope'"):
         stage_runner("nope")
 

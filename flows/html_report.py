@@ -1,0 +1,258 @@
+"""The offline HTML report: one self-contained page (base.paths.report) with its thumbnails
+beside it (report/thumbs/<sha256>.jpg), written by every `tlflow run` and by `tlflow report`.
+
+It reads only what the stages wrote (metrics, per-class table, per-image predictions, the
+fine-tuning curve, the advice, the audit's summaries) and the ingest snapshot's images for
+the thumbnails: no forward pass. The page loads nothing from the network: no script at all,
+its one chart is a PNG embedded as a data URI, and a Content-Security-Policy forbids any
+other source, so the folder can be copied or attached as it is. The HTML is a Jinja2
+template (flows/templates/report.html.j2) with autoescaping: a relpath such as
+`<b>.jpg` is shown, never interpreted.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flows.report import MODELS, Snapshot
+from tasks.lib.errors import TlflowError
+from tasks.lib.files import atomic_path, write_text
+from tasks.lib.handoff import (
+    ImagePrediction,
+    parse_eval_metrics,
+    read_audit,
+    read_per_class,
+    read_predictions,
+    read_strategy,
+)
+from tasks.lib.params import Paths
+
+THUMBS = "thumbs"  # beside the page: thumbs/<sha256>.jpg
+THUMB_SIDE = 160  # pixels, the longer side
+MAX_GALLERY = 500  # images shown per gallery (the counts are complete)
+_THUMB_NAME = re.compile(r"^[0-9a-f]{64}\.jpg$")
+
+
+@dataclass(frozen=True)
+class Written:
+    """What write_report wrote: the page, its thumbnails, and the counts it shows."""
+
+    page: Path
+    thumbnails: int
+    misclassified: dict[str, int]  # model -> test images it gets wrong
+    near_duplicates: int
+    label_issues: int
+
+
+def _template():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                      autoescape=select_autoescape(("html", "j2")), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2")
+
+
+def committed_metrics(paths: Paths) -> dict[str, Any]:
+    """metrics/eval.json as committed at git HEAD (the last versioned run); {} without one."""
+    proc = subprocess.run(["git", "show", f"HEAD:{paths.eval_metrics.as_posix()}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}
+    try:
+        return parse_eval_metrics(proc.stdout, paths.eval_metrics)
+    except TlflowError:
+        return {}
+
+
+def headline_rows(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model: test accuracy and macro F1 now, and their change since `before`."""
+    rows = []
+    for model in MODELS:
+        now = after.get(model)
+        if not now:
+            continue
+        was = before.get(model) or {}
+        rows.append({"model": model, "n": after["probe"].get("n"),
+                     **{k: now[k] for k in ("accuracy", "macro_f1")},
+                     **{f"{k}_delta": (now[k] - was[k]) if k in was else None
+                        for k in ("accuracy", "macro_f1")}})
+    return rows
+
+
+def confusion(preds: list[ImagePrediction], classes: list[str]) -> dict[str, Any]:
+    """Counts (actual x predicted) of one model's predictions, with a shade per cell (0..1:
+    the cell's share of its row) for the template."""
+    index = {c: i for i, c in enumerate(classes)}
+    counts = [[0] * len(classes) for _ in classes]
+    for p in preds:
+        if p.label in index and p.top and p.top[0] in index:
+            counts[index[p.label]][index[p.top[0]]] += 1
+    rows = [{"actual": c, "cells": [{"n": n, "shade": round(n / max(1, sum(r)), 3),
+                                     "diagonal": i == j} for j, n in enumerate(r)]}
+            for i, (c, r) in enumerate(zip(classes, counts, strict=True))]
+    return {"classes": classes, "rows": rows}
+
+
+def curve_png(path: Path) -> str | None:
+    """The fine-tuning curve (train loss and val accuracy per epoch) as a PNG data URI; None
+    without a curve."""
+    import csv
+
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("epoch")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epoch = [int(r["epoch"]) for r in rows]
+    fig, loss_ax = plt.subplots(figsize=(6, 3.2))
+    loss_ax.plot(epoch, [float(r["train_loss"]) for r in rows], "o-", color="tab:red")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss", color="tab:red")
+    acc_ax = loss_ax.twinx()
+    acc_ax.plot(epoch, [float(r["val_accuracy"]) for r in rows], "s-", color="tab:blue")
+    acc_ax.set_ylabel("val accuracy", color="tab:blue")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def advice_view(paths: Paths) -> dict[str, Any] | None:
+    """The 2x2 table's cells (the data set's marked) and the reasons, from the advice."""
+    if not paths.strategy.is_file():
+        return None
+    from tasks.lib.advice import PLANS, table
+
+    decision = read_strategy(paths.strategy)
+    cells = [{"size": size, "plans": [{"plan": PLANS[size, sim], "here": (
+        decision["size"], decision["similarity"]) == (size, sim)}
+        for sim in ("similar", "dissimilar")]} for size in ("small", "large")]
+    reasons = [line[2:].replace("**", "") for line in table(decision).splitlines()
+               if line.startswith("- ")]
+    return {"plan": decision["plan"], "carried_out": bool(decision.get("carried_out")),
+            "cells": cells, "reasons": reasons}
+
+
+class Thumbnails:
+    """JPEG thumbnails of the images the page shows, made once per sha256."""
+
+    def __init__(self, folder: Path, images: Path) -> None:
+        self.folder, self.images = folder, images
+        self.used: set[str] = set()
+
+    def __call__(self, relpath: str, sha256: str) -> str | None:
+        """The thumbnail's path relative to the page; None when the image cannot be read."""
+        name = f"{sha256}.jpg"
+        if not _THUMB_NAME.match(name):
+            return None
+        dest = self.folder / name
+        if not dest.is_file():
+            try:
+                self._make(self.images / relpath, dest)
+            except TlflowError:
+                return None
+        self.used.add(name)
+        return f"{THUMBS}/{name}"
+
+    @staticmethod
+    def _make(src: Path, dest: Path) -> None:
+        from PIL import Image
+
+        from tasks.lib.images import read_image
+
+        img = read_image(src, lambda im: im.convert("RGB"))
+        img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC)
+        with atomic_path(dest) as tmp:
+            img.save(tmp, format="JPEG", quality=80)
+
+    def prune(self) -> None:
+        """Remove the thumbnails this page no longer shows (only files named like ours)."""
+        if self.folder.is_dir():
+            for f in self.folder.iterdir():
+                if _THUMB_NAME.match(f.name) and f.name not in self.used:
+                    f.unlink()
+
+
+def _gallery(preds: list[ImagePrediction], thumb: Thumbnails) -> list[dict[str, Any]]:
+    """The misclassified images, hardest (highest loss) first."""
+    wrong = sorted((p for p in preds if not p.correct), key=lambda p: (-p.loss, p.relpath))
+    return [{"relpath": p.relpath, "label": p.label, "loss": p.loss, "kind": p.kind,
+             "thumb": thumb(p.relpath, p.sha256),
+             "top": list(zip(p.top, p.scores, strict=True))} for p in wrong[:MAX_GALLERY]]
+
+
+def _audit(paths: Paths, thumb: Thumbnails) -> dict[str, Any] | None:
+    """The audit's three summaries with thumbnails; None before the audit stage has run."""
+    if not all(p.is_file() for p in (paths.duplicates, paths.label_issues, paths.balance)):
+        return None
+    dups = read_audit(paths.duplicates, "duplicates")
+    issues = read_audit(paths.label_issues, "label_issues")
+    for pair in dups["near_duplicates"]["pairs"]:
+        for key in ("image", "train_image"):
+            pair[key]["thumb"] = thumb(pair[key]["relpath"], pair[key]["sha256"])
+    for image in issues["images"]:
+        image["thumb"] = thumb(image["relpath"], image["sha256"])
+    return {"duplicates": dups, "issues": issues,
+            "balance": read_audit(paths.balance, "balance")}
+
+
+def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with: str,
+           thumb: Thumbnails) -> tuple[str, dict[str, Any]]:
+    """The page's HTML and the data it shows."""
+    preds = read_predictions(paths.predictions) if paths.predictions.is_file() else []
+    per_class = read_per_class(paths.per_class) if paths.per_class.is_file() else []
+    models = []
+    for model in MODELS:
+        mine = [p for p in preds if p.model == model]
+        if not mine:
+            continue
+        classes = sorted({p.label for p in mine} | {p.top[0] for p in mine if p.top})
+        models.append({"name": model, "n": len(mine), "wrong": sum(not p.correct for p in mine),
+                       "kind": mine[0].kind, "confusion": confusion(mine, classes),
+                       "gallery": _gallery(mine, thumb)})
+    data = {
+        "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "data_version": after.data_version, "images": len(after.images),
+        "compared_with": compared_with, "headline": headline_rows(before, after.metrics),
+        "per_class": [r for r in per_class], "models": models,
+        "curve": curve_png(paths.finetune_curve), "advice": advice_view(paths),
+        "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,
+    }
+    return _template().render(**data), data
+
+
+def write_report(paths: Paths, before: dict[str, Any] | None = None,
+                 compared_with: str = "the previous run") -> Written:
+    """Write the page and its thumbnails (atomically, the page last); `before` holds the
+    metrics to compare with (default: those committed at git HEAD)."""
+    if not paths.eval_metrics.is_file():
+        raise TlflowError(f"{paths.eval_metrics}: not found (written by the evaluate stage: "
+                          "run `tlflow run` first)")
+    if before is None:
+        before, compared_with = committed_metrics(paths), "the run committed at git HEAD"
+    folder = paths.report.parent / THUMBS
+    folder.mkdir(parents=True, exist_ok=True)
+    thumb = Thumbnails(folder, paths.images)
+    html, data = render(paths, before, Snapshot.take(paths), compared_with, thumb)
+    write_text(paths.report, html)
+    thumb.prune()
+    audit = data["audit"] or {}
+    return Written(paths.report, len(thumb.used),
+                   {m["name"]: m["wrong"] for m in data["models"]},
+                   audit.get("duplicates", {}).get("near_duplicates", {}).get("count", 0),
+                   audit.get("issues", {}).get("count", 0))

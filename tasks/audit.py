@@ -1,0 +1,57 @@
+"""Audit: data checks from the cached codes, after train (no forward pass). Near-copies of
+train images in val and test, one file under two labels (reports/duplicates.json), likely
+label errors on train + val (reports/label_issues.json), images per class and split
+(reports/balance.json), and their counts (metrics/audit.json). They inform: the data and the
+models stay as they are (tasks/lib/audit.py)."""
+
+from __future__ import annotations
+
+from tasks.lib import audit
+from tasks.lib.featurestore import FeatureStore
+from tasks.lib.handoff import (
+    current_store,
+    read_extract_report,
+    read_probe_report,
+    write_audit,
+    write_audit_metrics,
+)
+from tasks.lib.manifest import read_manifest, without
+from tasks.lib.params import Params
+
+# what this stage reads besides base.paths (dvc.yaml: params): the probe protocol the
+# out-of-fold probabilities follow, and its own thresholds
+PARAMS = ("base.seed", "train.normalize", "train.max_iter", "train.class_weight", "audit")
+
+DUPLICATE_LAYER = "pooled"  # the codes near-copies are compared on, when the store has them
+
+
+def run(params: Params) -> dict[str, int]:
+    """Run the checks; write the three summaries and the counts; return the counts."""
+    paths, cfg, seed = params.base.paths, params.audit, params.base.seed
+    all_rows = read_manifest(paths.manifest)
+    rows = without(all_rows, read_extract_report(paths.extract_report).bad)
+    best = read_probe_report(paths.probe_report)["best"]
+    fit_rows = [r for r in rows if r.split in ("train", "val")]
+    path = current_store(paths.features)
+    with FeatureStore(path) as store:
+        dup_layer = DUPLICATE_LAYER if DUPLICATE_LAYER in store.layers else best["layer"]
+        keys = sorted({r.sha256 for r in rows})
+        codes = dict(zip(keys, store.read(dup_layer, keys), strict=True))
+        x_fit = store.read(best["layer"], [r.sha256 for r in fit_rows])
+    dups = audit.near_duplicates(codes, rows, cfg.duplicate_threshold, cfg.max_listed)
+    conflicts = audit.label_conflicts(all_rows, cfg.max_listed)
+    probe = audit.ProbeSetting(best["layer"], float(best["C"]), params.train.normalize,
+                               params.train.max_iter, params.train.class_weight)
+    issues = audit.label_issues(fit_rows, x_fit, probe, cfg.folds, seed, cfg.max_listed)
+    write_audit(paths.duplicates, {"threshold": cfg.duplicate_threshold, "layer": dup_layer,
+                                   "near_duplicates": dups, "label_conflicts": conflicts})
+    write_audit(paths.label_issues, issues)
+    write_audit(paths.balance, audit.balance(rows))
+    counts = {"near_duplicates": dups["count"], "label_conflicts": conflicts["count"],
+              "label_issues": issues["count"]}
+    write_audit_metrics(paths.audit_metrics, counts)
+    print(f"audit: {dups['count']} near-duplicate pair(s) across splits (similarity >= "
+          f"{cfg.duplicate_threshold} on {dup_layer}), {conflicts['count']} file(s) under two "
+          f"labels, {issues['count']} likely label error(s) among {len(fit_rows)} train + val "
+          f"images -> {paths.duplicates}, {paths.label_issues}", flush=True)
+    return counts

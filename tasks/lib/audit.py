@@ -1,0 +1,161 @@
+"""Data checks from the cached codes, no forward pass: near-copies of train images in val and
+test (a leak), one file under two labels, likely label errors, and the class balance.
+
+They inform: nothing here changes the data or the model. Each check returns a JSON-ready dict
+that names every image by its relpath (and sha256); the audit stage writes them to reports/.
+
+- Near-duplicates: cosine similarity of the codes, centred on the train images' mean (raw
+  pooled codes are non-negative, so any two photos score high; centring leaves what sets an
+  image apart), between each val / test image and each train image; a pair above the
+  threshold is listed. Identical files (the same sha256) score 1 and are marked exact.
+- Label conflicts: one sha256 (the same bytes) under more than one label in the manifest.
+- Likely label errors: out-of-fold probabilities on train + val from a k-fold of the probe
+  (the layer and C train chose, train.normalize, a logistic classifier), then confident
+  learning (Northcutt, Jiang and Chuang 2021) as cleanlab implements it
+  (`cleanlab.filter.find_label_issues`, prune by noise rate), ranked by self-confidence.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.lib.manifest import SPLITS, Row
+from tasks.lib.params import Train
+from tasks.lib.probes import make_probe
+
+QUERY_SPLITS = ("val", "test")  # compared against train for leaks
+_BLOCK_CELLS = 1 << 24  # similarity entries computed at once (64 MiB of float32)
+
+
+def _image(r: Row) -> dict[str, str]:
+    return {"relpath": r.relpath, "sha256": r.sha256, "label": r.label, "split": r.split}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def near_duplicates(codes: dict[str, np.ndarray], rows: list[Row], threshold: float,
+                    max_listed: int) -> dict:
+    """Pairs (val or test image, train image) whose centred codes' cosine similarity is at
+    least `threshold`, most similar first. `codes` maps sha256 -> code (D,); rows without a
+    code are left out. Returns {count, pairs (at most max_listed)}; memory is bounded by
+    computing the similarities a block of val / test images at a time."""
+    train = [r for r in rows if r.split == "train" and r.sha256 in codes]
+    query = [r for r in rows if r.split in QUERY_SPLITS and r.sha256 in codes]
+    pairs: list[tuple[float, Row, Row]] = []
+    if train and query:
+        x_train = np.stack([codes[r.sha256] for r in train]).astype(np.float32)
+        mean = x_train.mean(axis=0)
+        t = _unit(x_train - mean)
+        q = _unit(np.stack([codes[r.sha256] for r in query]).astype(np.float32) - mean)
+        step = max(1, _BLOCK_CELLS // len(train))
+        for start in range(0, len(query), step):
+            sim = q[start:start + step] @ t.T
+            for i, j in zip(*np.nonzero(sim >= threshold - 1e-6), strict=True):
+                pairs.append((float(sim[i, j]), query[start + i], train[j]))
+    pairs.sort(key=lambda p: (-p[0], p[1].relpath, p[2].relpath))
+    listed = [{"similarity": round(min(s, 1.0), 4), "exact": a.sha256 == b.sha256,
+               "image": _image(a), "train_image": _image(b)} for s, a, b in pairs[:max_listed]]
+    return {"count": len(pairs), "pairs": listed}
+
+
+def label_conflicts(rows: list[Row], max_listed: int) -> dict:
+    """Identical files (one sha256) given different labels: {count, groups}."""
+    by_hash: dict[str, list[Row]] = {}
+    for r in rows:
+        by_hash.setdefault(r.sha256, []).append(r)
+    groups = [{"sha256": h, "labels": sorted({r.label for r in rs}),
+               "images": [_image(r) for r in sorted(rs, key=lambda r: r.relpath)]}
+              for h, rs in sorted(by_hash.items()) if len({r.label for r in rs}) > 1]
+    return {"count": len(groups), "groups": groups[:max_listed]}
+
+
+@dataclass(frozen=True)
+class ProbeSetting:
+    """The probe protocol the out-of-fold probabilities follow (train's choice and params)."""
+
+    layer: str
+    C: float
+    normalize: str
+    max_iter: int
+    class_weight: str | None
+
+
+def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, classes: tuple[str, ...],
+                              probe: ProbeSetting, folds: int, seed: int) -> np.ndarray:
+    """P(class | image) (N, K) for each image from a probe that did not see it: stratified
+    k-fold (k = folds, at most the largest class's size); a class absent from a fold's
+    training part gets probability 0 there."""
+    from sklearn.model_selection import StratifiedKFold
+
+    cfg = Train(classifier="logistic", normalize=probe.normalize, max_iter=probe.max_iter,
+                class_weight=probe.class_weight)
+    k = max(2, min(folds, max(Counter(y.tolist()).values())))
+    column = {c: i for i, c in enumerate(classes)}
+    proba = np.zeros((len(y), len(classes)))
+    with warnings.catch_warnings():  # small classes (fewer members than folds), convergence
+        warnings.simplefilter("ignore")
+        for fit, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
+            if len(set(y[fit])) < 2:
+                proba[held, [column[v] for v in y[held]]] = 1.0  # nothing to tell apart
+                continue
+            model = make_probe(probe.C, cfg, seed).fit(x[fit], y[fit])
+            cols = [column[c] for c in model.classes_]
+            proba[np.ix_(held, cols)] = model.predict_proba(x[held])
+    return proba
+
+
+def label_issues(rows: list[Row], x: np.ndarray, probe: ProbeSetting, folds: int, seed: int,
+                 max_listed: int) -> dict:
+    """Likely label errors among `rows` (train + val) with codes x (N, D): confident learning
+    on out-of-fold probabilities, the least self-confident first. Each listed image has its
+    given label, the label the probes suggest, and both probabilities."""
+    labels = np.array([r.label for r in rows])
+    classes = tuple(sorted(set(labels.tolist())))
+    head = {"method": "confident learning (cleanlab.filter.find_label_issues, "
+                      "prune_by_noise_rate) on out-of-fold probabilities",
+            "layer": probe.layer, "C": probe.C, "checked": len(rows)}
+    if len(classes) < 2 or len(rows) < 2 * len(classes):
+        return {**head, "folds": 0, "count": 0, "images": [],
+                "skipped": f"too few images to cross-validate ({len(rows)}, "
+                           f"{len(classes)} classes)"}
+    proba = out_of_fold_probabilities(x, labels, classes, probe, folds, seed)
+    given = np.searchsorted(np.asarray(classes), labels)
+    flagged = _confident_learning(given, proba)
+    images = [{**_image(rows[i]), "suggested": classes[int(proba[i].argmax())],
+               "p_label": round(float(proba[i, given[i]]), 4),
+               "p_suggested": round(float(proba[i].max()), 4)} for i in flagged]
+    k = max(2, min(folds, max(Counter(labels.tolist()).values())))
+    return {**head, "folds": k, "count": len(images), "images": images[:max_listed]}
+
+
+def _confident_learning(given: np.ndarray, proba: np.ndarray) -> list[int]:
+    """Indices cleanlab flags as label issues, ranked by self-confidence (lowest first)."""
+    from cleanlab.filter import find_label_issues
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranked = find_label_issues(given, proba, filter_by="prune_by_noise_rate",
+                                   return_indices_ranked_by="self_confidence", n_jobs=1)
+    return [int(i) for i in ranked]
+
+
+def balance(rows: list[Row]) -> dict:
+    """Images per class and split; per split the ratio of the largest class to the smallest
+    (null when a class is missing there) and the classes it lacks."""
+    classes = sorted({r.label for r in rows})
+    counts = {s: {c: 0 for c in classes} for s in SPLITS}
+    for r in rows:
+        counts[r.split][r.label] += 1
+    out = {"classes": classes, "splits": counts, "imbalance": {}, "missing": {}}
+    for s, per in counts.items():
+        present = [n for n in per.values() if n]
+        out["missing"][s] = [c for c, n in per.items() if not n] if present else []
+        out["imbalance"][s] = (round(max(present) / min(present), 3)
+                               if present and len(present) == len(per) else None)
+    return out
