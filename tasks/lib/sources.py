@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -165,11 +166,12 @@ class Scan:
     ignored: Ignored
 
 
-def _class_images(class_dir: Path, root: Path, split: str | None, ignored: Ignored
-                  ) -> list[Item]:
-    """The images at any depth under a class folder; metadata and other files are counted."""
+def _class_images(class_dir: Path, root: Path, split: str | None, ignored: Ignored,
+                  follow: bool = False) -> list[Item]:
+    """The images at any depth under a class folder; metadata and other files are counted.
+    A symlink among them (file or folder) is refused unless `follow` (see `check_inside`)."""
     label, items = class_dir.name, []
-    for rel in walk_files(class_dir):
+    for rel in _walk(class_dir, root, follow):
         relpath = f"{class_dir.relative_to(root).as_posix()}/{rel}"
         if ignored.add(rel):
             continue
@@ -178,6 +180,7 @@ def _class_images(class_dir: Path, root: Path, split: str | None, ignored: Ignor
             ignored.not_images[suffix or "no suffix"] += 1
             continue
         check_name(relpath, class_dir / rel)  # before anything is copied
+        check_inside(class_dir / rel, root, relpath, follow)
         items.append(Item(relpath, label, split, src=class_dir / rel))
     if not items:
         raise TlflowError(f"ingest: class folder {class_dir} holds no images "
@@ -185,7 +188,8 @@ def _class_images(class_dir: Path, root: Path, split: str | None, ignored: Ignor
     return items
 
 
-def _scan_level(folder: Path, root: Path, split: str | None, ignored: Ignored) -> list[Item]:
+def _scan_level(folder: Path, root: Path, split: str | None, ignored: Ignored,
+                follow: bool = False) -> list[Item]:
     """The class folders directly under `folder` and their images; what else lies there
     (metadata folders and files, loose files) is counted, never a class."""
     items: list[Item] = []
@@ -195,7 +199,7 @@ def _scan_level(folder: Path, root: Path, split: str | None, ignored: Ignored) -
             for sub in walk_files(entry) if entry.is_dir() else [""]:
                 ignored.add(f"{rel}/{sub}" if sub else rel)
         elif entry.is_dir():
-            items.extend(_class_images(entry, root, split, ignored))
+            items.extend(_class_images(entry, root, split, ignored, follow))
         else:
             ignored.outside += 1
     if not items:
@@ -205,25 +209,67 @@ def _scan_level(folder: Path, root: Path, split: str | None, ignored: Ignored) -
     return items
 
 
-def scan_folder(root: Path) -> Scan:
+def _walk(folder: Path, root: Path, follow: bool) -> list[str]:
+    """Every file under `folder` (posix, relative to it, sorted), symlinked files and broken
+    links included. A symlinked folder is entered when `follow` (each real folder once: a link
+    to an ancestor cannot loop), else refused (`check_inside`) unless it is metadata."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow):
+        here = Path(dirpath)
+        rel = here.relative_to(folder)
+        seen.add(here.resolve())
+        for name in list(dirnames):
+            sub = here / name
+            if not sub.is_symlink():
+                continue
+            if metadata_kind((rel / name).as_posix()) is not None or sub.resolve() in seen:
+                dirnames.remove(name)
+                continue
+            check_inside(sub, root, sub.relative_to(root).as_posix(), follow)
+        found.extend((rel / name).as_posix() for name in filenames)
+    return sorted(found)
+
+
+def check_inside(path: Path, root: Path, relpath: str, follow: bool, where: str = "ingest"
+                 ) -> None:
+    """Refuse, in one line naming the path and its target, a source path that goes through a
+    symlink or resolves outside the source's root, unless the user allows it
+    (`ingest.follow_symlinks: true`): a link must never bring a file from elsewhere on the
+    machine into data/images and the DVC cache unasked. Hard links cannot be told apart from
+    files and are copied as files."""
+    target = path.resolve()
+    if follow and not target.exists():
+        raise TlflowError(f"{where}: {path} is a symlink to {target}, which does not exist")
+    if follow or target == root.resolve() / relpath:
+        return
+    where_to = "inside" if root.resolve() in target.parents else "OUTSIDE"
+    raise TlflowError(f"{where}: {path} is a symlink (or goes through one) to {target}, "
+                      f"{where_to} the source {root}; nothing was copied: replace it with the "
+                      "file, or set ingest.follow_symlinks: true to copy what it points to")
+
+
+def scan_folder(root: Path, follow_symlinks: bool = False) -> Scan:
     """root/<class>/<image>, or root/train|val|test/<class>/<image> when already split.
 
     Images may lie at any depth under their class folder. OS and archive metadata (see
     `images.metadata_kind`: `__MACOSX`, `._*`, `.DS_Store`, `Thumbs.db`, hidden files and
     folders) is neither a class nor an image; it, files with other suffixes and files
-    outside the class folders are counted in `Scan.ignored`.
+    outside the class folders are counted in `Scan.ignored`. A symlink (to a file or a
+    folder) is refused in one line naming it and its target, unless `follow_symlinks`
+    (`check_inside`); `root` itself may be one.
     """
     if not root.is_dir():
         raise TlflowError(f"ingest.path: folder {root} does not exist")
     ignored = Ignored()
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
     if "train" not in split_dirs:
-        return Scan(_scan_level(root, root, None, ignored), ignored)
+        return Scan(_scan_level(root, root, None, ignored, follow_symlinks), ignored)
     # hymenoptera layout: train/ and val/ but no test/ -> val/ is the held-out test set
     names = {"train": "train", "val": "val", "test": "test"}
     if "test" not in split_dirs and "val" in split_dirs:
         names["val"] = "test"
-    items = [it for s in split_dirs for it in _scan_level(root / s, root, names[s], ignored)]
+    items = [it for s in split_dirs
+             for it in _scan_level(root / s, root, names[s], ignored, follow_symlinks)]
     for entry in sorted(root.iterdir()):  # beside train/ val/ test/
         if entry.name in split_dirs:
             continue
@@ -239,12 +285,13 @@ def folder_items(root: Path) -> list[Item]:
     return scan_folder(root).items
 
 
-def scan_csv(csv_path: Path) -> Scan:
+def scan_csv(csv_path: Path, follow_symlinks: bool = False) -> Scan:
     """Rows path,label[,split]; paths are relative to the CSV's folder.
 
     A row whose path is OS or archive metadata (a `__MACOSX/` or `._*` file a listing
     picked up) is left out and counted. Any other suffix is kept: the CSV says the file is
-    an image, and extract reads it by its content.
+    an image, and extract reads it by its content. A row whose path goes through a symlink,
+    or resolves outside the CSV's folder, is refused unless `follow_symlinks`.
     """
     if not csv_path.is_file():
         raise TlflowError(f"ingest.path: CSV file {csv_path} does not exist")
@@ -255,7 +302,8 @@ def scan_csv(csv_path: Path) -> Scan:
             if missing:
                 raise TlflowError(f"{csv_path}: missing column(s) {sorted(missing)}; "
                                   "expected path,label[,split]")
-            items = [_csv_item(csv_path, n, row) for n, row in enumerate(reader, start=2)]
+            items = [_csv_item(csv_path, n, row, follow_symlinks)
+                     for n, row in enumerate(reader, start=2)]
     except UnicodeDecodeError as err:
         raise TlflowError(f"{csv_path}: not UTF-8 text ({err.reason} at byte {err.start}); "
                           "save it as UTF-8") from None
@@ -268,7 +316,7 @@ def csv_items(csv_path: Path) -> list[Item]:
     return scan_csv(csv_path).items
 
 
-def _csv_item(csv_path: Path, line: int, row: dict[str, str]) -> Item:
+def _csv_item(csv_path: Path, line: int, row: dict[str, str], follow: bool = False) -> Item:
     where = f"{csv_path}:{line}"
     rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
     split = (row.get("split") or "").strip() or None
@@ -280,6 +328,7 @@ def _csv_item(csv_path: Path, line: int, row: dict[str, str]) -> Item:
     if not rel or pure.is_absolute() or ".." in pure.parts:
         raise TlflowError(f"{where}: path {rel!r} must be relative to the CSV, without '..'")
     src = csv_path.parent / pure
+    check_inside(src, csv_path.parent, pure.as_posix(), follow, where)
     if not src.is_file():
         raise TlflowError(f"{where}: image {src} does not exist")
     return Item(pure.as_posix(), label, split, src=src)
@@ -302,8 +351,8 @@ def scan_source(cfg: Ingest) -> Scan:
     if cfg.path is None:
         raise TlflowError(f"ingest.path: required when ingest.source is {cfg.source!r}")
     if cfg.source == "folder":
-        return scan_folder(cfg.path)
-    scan = scan_csv(cfg.path)
+        return scan_folder(cfg.path, cfg.follow_symlinks)
+    scan = scan_csv(cfg.path, cfg.follow_symlinks)
     check_csv_labels(scan.items, cfg.path)
     return scan
 

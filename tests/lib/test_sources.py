@@ -201,3 +201,70 @@ def test_a_csv_that_is_not_utf8_is_one_line(tmp_path: Path, image_folder: Path):
 # ---------------------------------------------------------------- results never describe other data
 
 
+
+
+# ---------------------------------------------------------------- nothing from outside the source
+
+
+def _outside_image(tmp_path: Path, image_folder: Path) -> Path:
+    """An image that is not part of the source (a private file elsewhere on the machine)."""
+    secret = tmp_path / "elsewhere" / "private.png"
+    secret.parent.mkdir()
+    secret.write_bytes((image_folder / "red" / "00.png").read_bytes()[:-1] + b"\x01")
+    return secret
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "class folder", "broken"])
+def test_a_symlink_in_a_folder_source_is_refused_in_one_line(tmp_path: Path, image_folder: Path,
+                                                             kind: str):
+    secret = _outside_image(tmp_path, image_folder)
+    link = {"file": image_folder / "red" / "link.png",
+            "folder": image_folder / "red" / "more",
+            "class folder": image_folder / "grey",
+            "broken": image_folder / "red" / "gone.png"}[kind]
+    target = {"file": secret, "folder": secret.parent, "class folder": secret.parent,
+              "broken": tmp_path / "nowhere.png"}[kind]
+    link.symlink_to(target)
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder)})
+    with pytest.raises(TlflowError) as err:
+        ingest.run(params)
+    message = str(err.value)
+    assert "\n" not in message and "symlink" in message and "OUTSIDE the source" in message
+    assert str(link) in message and str(target.resolve()) in message  # the path, the target
+    assert "ingest.follow_symlinks: true" in message
+    assert not params.base.paths.manifest.exists()  # refused before anything is written
+    assert not params.base.paths.images.exists() or not any(params.base.paths.images.iterdir())
+
+
+def test_follow_symlinks_copies_what_they_point_to(tmp_path: Path, image_folder: Path):
+    secret = _outside_image(tmp_path, image_folder)
+    (image_folder / "red" / "link.png").symlink_to(secret)
+    (image_folder / "blue" / "more").symlink_to(secret.parent)
+    (image_folder / "blue" / "loop").symlink_to(image_folder / "blue")  # never walked twice
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(image_folder),
+                                           "follow_symlinks": True})
+    rows = ingest.run(params)
+    assert len(rows) == 38
+    copied = params.base.paths.images / "red" / "link.png"
+    assert not copied.is_symlink() and copied.read_bytes() == secret.read_bytes()
+    assert (params.base.paths.images / "blue" / "more" / "private.png").is_file()
+
+
+def test_a_csv_row_through_a_symlink_is_refused(tmp_path: Path, image_folder: Path):
+    secret = _outside_image(tmp_path, image_folder)
+    (image_folder / "red" / "link.png").symlink_to(secret)
+    csv_path = image_folder / "labels.csv"
+    csv_path.write_text("path,label\nred/00.png,red\nred/link.png,red\n")
+    with pytest.raises(TlflowError) as err:
+        scan_csv(csv_path)
+    assert "labels.csv:3: " in str(err.value) and str(secret) in str(err.value)
+    assert "\n" not in str(err.value)
+    assert len(scan_csv(csv_path, follow_symlinks=True).items) == 2
+
+
+def test_a_symlink_inside_the_source_is_refused_too(tmp_path: Path, image_folder: Path):
+    """A link to another image of the same source would duplicate it under two labels: it is
+    named like any other (saying its target lies inside)."""
+    (image_folder / "blue" / "red-copy.png").symlink_to(image_folder / "red" / "00.png")
+    with pytest.raises(TlflowError, match=r"red-copy\.png is a symlink .* inside the source"):
+        scan_folder(image_folder)
