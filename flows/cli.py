@@ -335,6 +335,10 @@ def _gc(params: Params, dry_run: bool) -> int:
 
         was_fresh = why_stale("extract") is None
     paths = params.base.paths
+    from tasks.lib import ownership
+
+    # gc rewrites every store in the folder: it must be tlflow's (marked, or only its stores)
+    ownership.check("features", paths.features, ownership.recognised("features"))
     keep = {r.sha256 for r in read_manifest(paths.manifest)}
     for store, kept, removed in gc(paths.features, keep, params.extract.lock_timeout, dry_run):
         verb = "would remove" if dry_run else "removed"

@@ -20,7 +20,17 @@ def stage_runner(name: str) -> Callable[[Params], object]:
 
         raise TlflowError(f"unknown stage {name!r}; stages: {list(STAGES)}")
     module = importlib.import_module(f"tasks.{name}")
-    return lambda params: module.run(scoped(params, module.PARAMS))
+
+    def run(params: Params) -> object:
+        # a folder of someone else's files is refused before the stage writes anything
+        from tasks.lib import ownership
+
+        ownership.check_outputs(name, params.base.paths)
+        result = module.run(scoped(params, module.PARAMS))
+        ownership.mark_outputs(name, params.base.paths)
+        return result
+
+    return run
 
 
 @contextlib.contextmanager

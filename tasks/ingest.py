@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from tasks.lib import ownership
 from tasks.lib.errors import TlflowError
 from tasks.lib.hashcache import HashCache
 from tasks.lib.manifest import SPLITS, Row, read_manifest, write_manifest
@@ -25,17 +26,19 @@ def _written(manifest: Path) -> set[str]:
 
 
 def run(params: Params) -> list[Row]:
-    """Snapshot the source and write the manifest."""
+    """Snapshot the source and write the manifest. The snapshot folder must be new, empty or
+    tlflow's own (`ownership`); it is marked before the first file is copied into it."""
+    paths = params.base.paths
+    ownership.check_outputs("ingest", paths)
     scan = scan_source(params.ingest)
     if scan.ignored.summary():
         print(f"ingest: ignored {scan.ignored.summary()}", flush=True)
     items = scan.items
-    paths = params.base.paths
     with HashCache(paths.hash_cache) as cache:
         hashed = hash_items(items, cache)
         # validated before anything is written: a refused input leaves the last good run
         rows = build_manifest(hashed, params.ingest, params.base.seed)
-        paths.images.mkdir(parents=True, exist_ok=True)
+        ownership.mark("images", paths.images)
         snapshot(hashed, paths.images, cache, _written(paths.manifest))
     write_manifest(rows, paths.manifest)
     counts = Counter(r.split for r in rows)

@@ -352,7 +352,20 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise TlflowError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise TlflowError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    _inside_project(params.base.paths, path.resolve().parent, str(path))
+    return params
+
+
+def _inside_project(paths: Paths, root: Path, source: str) -> None:
+    """Every path of the project's params lies inside the project (the params file's folder),
+    also after symlinks are resolved: DVC versions nothing outside it, and tlflow writes and
+    cleans up nothing outside it. Checked before anything is written."""
+    for key, value in paths:
+        resolved = (root / value).resolve()
+        if root not in resolved.parents:
+            raise TlflowError(f"{source}: base.paths.{key}: {str(value)!r} lies outside the "
+                              f"project ({resolved}); tlflow writes only inside {root}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
