@@ -1,0 +1,120 @@
+"""The audit stage and the offline HTML report on a tiny colour project: a planted near-copy,
+a flipped train label and a mislabelled test image are found, the gallery lists exactly the
+test images the probe gets wrong, and the page loads nothing from the network."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flows.html_report import write_report
+from tasks import audit, evaluate, extract, ingest, train
+from tasks.lib.handoff import read_predictions
+from tests.conftest import COLOURS, make_params
+
+
+def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
+    """A 48 px image of one dominant colour with a pattern of its own (a smooth random
+    4 x 4 grid, upsampled): distinct images differ in structure, not only in pixel noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    grid = rng.uniform(-90, 90, (4, 4, 3)) + np.array(colour)
+    small = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.resize((48, 48), Image.Resampling.BICUBIC).save(path)
+    return path
+
+ODD = "test/red/<b>&amp; \"x\".png"  # a name the page must show, never interpret
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    """train/val/test colour images; a re-encoded copy of a train image in test (the JPEG,
+    resized and cropped copies are measured on real photos: bench/report.py), a red image
+    labelled blue in train and one in test; every stage up to audit, then the report."""
+    base = tmp_path_factory.mktemp("report")
+    src = base / "src"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for split, n in (("train", 10), ("val", 4), ("test", 4)):
+            for i in range(n):
+                write_image(src / split / name / f"{i:02d}.png", colour, seed=1000 * c + 50 *
+                            len(split) + i)
+    write_image(src / "train" / "blue" / "flipped.png", COLOURS["red"], seed=7)
+    write_image(src / "test" / "blue" / "wrong.png", COLOURS["red"], seed=8)
+    write_image(src / ODD, COLOURS["red"], seed=9)
+    with Image.open(src / "train" / "green" / "03.png") as im:  # other bytes, same pixels
+        im.save(src / "test" / "green" / "copy.png", compress_level=1)
+    params = make_params(base, ingest={"source": "folder", "path": str(src)},
+                         extract={"layers": ["pooled"], "image_size": 32})
+    for stage in (ingest, extract, train, evaluate, audit):
+        stage.run(params)
+    return params, write_report(params.base.paths, {})
+
+
+def test_the_audit_finds_the_near_copy_and_the_flipped_label(project):
+    params, _ = project
+    paths = params.base.paths
+    dups = json.loads(paths.duplicates.read_text())
+    pairs = {(p["image"]["relpath"], p["train_image"]["relpath"])
+             for p in dups["near_duplicates"]["pairs"]}
+    assert ("test/green/copy.png", "train/green/03.png") in pairs
+    issues = json.loads(paths.label_issues.read_text())
+    assert "train/blue/flipped.png" in {i["relpath"] for i in issues["images"]}
+    assert json.loads(paths.audit_metrics.read_text())["audit"]["label_issues"] == \
+        issues["count"]
+    balance = json.loads(paths.balance.read_text())
+    assert balance["splits"]["train"] == {"blue": 11, "green": 10, "red": 10}
+
+
+def test_the_gallery_lists_exactly_the_misclassified_images(project):
+    params, written = project
+    paths = params.base.paths
+    wrong = {p.relpath for p in read_predictions(paths.predictions) if not p.correct}
+    assert "test/blue/wrong.png" in wrong
+    html = paths.report.read_text()
+    gallery = html.split('id="gallery-probe"')[1].split("<h2")[0]
+    listed = re.findall(r'data-relpath="([^"]*)"', gallery)
+    import html as html_lib
+
+    assert {html_lib.unescape(r) for r in listed} == wrong
+    assert written.misclassified == {"probe": len(wrong)}
+    for src in re.findall(r'<img src="([^"]+)"', html):
+        assert src.startswith("data:image/png;base64,") or (paths.report.parent / src).is_file()
+    assert "&lt;b&gt;&amp;amp; &#34;x&#34;.png" in html and "<b>&amp;" not in html
+
+
+def test_the_page_loads_nothing_from_the_network(project):
+    params, _ = project
+    html = params.base.paths.report.read_text()
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+    assert "<script" not in html
+    assert "default-src 'none'" in html  # Chromium refuses any other source
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_chromium_renders_the_page_offline(project, tmp_path: Path):
+    """Headless Chromium with every network request sent to a dead proxy: the page renders,
+    its thumbnails included."""
+    params, _ = project
+    page = params.base.paths.report.resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--proxy-server=127.0.0.1:9", "--window-size=1000,1400"]
+    subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=120,
+                   check=True)
+    with Image.open(shot) as im:
+        colours = im.convert("RGB").getcolors(1 << 20)
+    assert colours is not None and len(colours) > 50  # text, tables and thumbnails, not blank
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "Misclassified test images: probe" in dom and "test/blue/wrong.png" in dom
