@@ -40,6 +40,11 @@ def _die_with(parent: int) -> Callable[[], None]:
     return preexec
 
 
+def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
+    """Start a process that the kernel kills (SIGKILL) when this process dies (Linux)."""
+    return subprocess.Popen(args, preexec_fn=_die_with(os.getpid()), **popen)  # noqa: PLW1509
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +87,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
                     return
             time.sleep(0.1)
     raise TlflowError(f"the temporary Prefect server did not answer within {timeout:g} s "
-                      "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL "
+                      "(3 x PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL "
                       "to a running server (`prefect server start`)")
 
 
@@ -118,10 +123,11 @@ def prefect_api() -> Iterator[str | None]:
     url = f"http://127.0.0.1:{port}/api"
     print(f"Starting a temporary Prefect server on {url} (it stops with this run)",
           file=sys.stderr, flush=True)
-    proc = subprocess.Popen(_command(port), env=_environment(),
-                            preexec_fn=_die_with(os.getpid()))  # noqa: PLW1509 - see _die_with
+    proc = spawn_bound(_command(port), env=_environment())
     try:
-        _wait_healthy(proc, url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        # Prefect's own wait counts only its 0.1 s sleeps, not the polls between them; a first
+        # start (the database's migrations) on a busy machine takes longer than the setting
+        _wait_healthy(proc, url, 3 * PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:

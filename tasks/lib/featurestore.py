@@ -243,10 +243,12 @@ class FeatureStore:
                               "and rerun: the committed rows are kept")
 
     def _roll_back(self, n: int) -> None:
-        """After a failed write (a full disk): shrink every dataset back to the `n` committed
-        rows, dropping the dirty chunks HDF5 could not write. Without this, closing the file
-        retries the write, fails again, and the interpreter segfaults at exit (exit 139); with
-        it the file closes and keeps its committed rows."""
+        """After a failed write (a disk filled by another process after `_ensure_room`):
+        shrink every dataset back to the `n` committed rows, dropping the dirty chunks HDF5
+        could not write, so that closing the file does not retry them (which fails again and
+        segfaults at exit, 139). It helps when the chunks did not fit; when HDF5's own
+        metadata cannot be written either, closing still fails: the room check is the
+        defence, this the fallback."""
         for ds in (self._h5["keys"], *self._h5["layers"].values()):
             with contextlib.suppress(Exception):
                 ds.resize((n, *ds.shape[1:]))
