@@ -20,7 +20,8 @@ from tasks.lib.params import Params
 
 # what this stage reads besides base.paths (dvc.yaml: params): the probe protocol the
 # out-of-fold probabilities follow, and its own thresholds
-PARAMS = ("base.seed", "train.normalize", "train.max_iter", "train.class_weight", "audit")
+PARAMS = ("base.seed", "train.C_grid", "train.normalize", "train.max_iter",
+          "train.class_weight", "audit")
 
 DUPLICATE_LAYER = "pooled"  # the codes near-copies are compared on, when the store has them
 
@@ -40,7 +41,7 @@ def run(params: Params) -> dict[str, int]:
         x_fit = store.read(best["layer"], [r.sha256 for r in fit_rows])
     dups = audit.near_duplicates(codes, rows, cfg.duplicate_threshold, cfg.max_listed)
     conflicts = audit.label_conflicts(all_rows, cfg.max_listed)
-    probe = audit.ProbeSetting(best["layer"], float(best["C"]), params.train.normalize,
+    probe = audit.ProbeSetting(best["layer"], tuple(params.train.C_grid), params.train.normalize,
                                params.train.max_iter, params.train.class_weight)
     issues = audit.label_issues(fit_rows, x_fit, probe, cfg.folds, seed, cfg.max_listed)
     write_audit(paths.duplicates, {"threshold": cfg.duplicate_threshold, "layer": dup_layer,

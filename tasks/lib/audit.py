@@ -10,9 +10,16 @@ that names every image by its relpath (and sha256); the audit stage writes them 
   threshold is listed. Identical files (the same sha256) score 1 and are marked exact.
 - Label conflicts: one sha256 (the same bytes) under more than one label in the manifest.
 - Likely label errors: out-of-fold probabilities on train + val from a k-fold of the probe
-  (the layer and C train chose, train.normalize, a logistic classifier), then confident
-  learning (Northcutt, Jiang and Chuang 2021) as cleanlab implements it
-  (`cleanlab.filter.find_label_issues`, prune by noise rate), ranked by self-confidence.
+  (the layer train chose, train.normalize, a logistic classifier), averaged over the probes
+  of train.C_grid, then confident learning (Northcutt, Jiang and Chuang 2021) as cleanlab
+  implements it (`cleanlab.filter.find_label_issues`, prune by noise rate), ranked by
+  self-confidence. The average over the grid, not the one C train chose: C is chosen for
+  val accuracy, which is flat across the grid on small sets, so the smallest C wins and its
+  probabilities shrink towards the class prior; a flipped label then keeps a high
+  probability and confident learning misses it (hymenoptera, 5 flipped train labels: the
+  chosen C = 0.01 alone finds 2, the grid's average 3, with 9 images listed; 1 on the
+  unflipped set). An ensemble of models is what cleanlab advises for better probabilities
+  (`cleanlab.rank.get_label_quality_ensemble_scores`).
 """
 
 from __future__ import annotations
@@ -80,7 +87,7 @@ class ProbeSetting:
     """The probe protocol the out-of-fold probabilities follow (train's choice and params)."""
 
     layer: str
-    C: float
+    Cs: tuple[float, ...]  # the probes whose out-of-fold probabilities are averaged
     normalize: str
     max_iter: int
     class_weight: str | None
@@ -88,9 +95,9 @@ class ProbeSetting:
 
 def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, classes: tuple[str, ...],
                               probe: ProbeSetting, folds: int, seed: int) -> np.ndarray:
-    """P(class | image) (N, K) for each image from a probe that did not see it: stratified
-    k-fold (k = folds, at most the largest class's size); a class absent from a fold's
-    training part gets probability 0 there."""
+    """P(class | image) (N, K) for each image from probes that did not see it, averaged over
+    `probe.Cs`: stratified k-fold (k = folds, at most the largest class's size); a class
+    absent from a fold's training part gets probability 0 there."""
     from sklearn.model_selection import StratifiedKFold
 
     cfg = Train(classifier="logistic", normalize=probe.normalize, max_iter=probe.max_iter,
@@ -104,9 +111,10 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, classes: tuple[str, 
             if len(set(y[fit])) < 2:
                 proba[held, [column[v] for v in y[held]]] = 1.0  # nothing to tell apart
                 continue
-            model = make_probe(probe.C, cfg, seed).fit(x[fit], y[fit])
-            cols = [column[c] for c in model.classes_]
-            proba[np.ix_(held, cols)] = model.predict_proba(x[held])
+            for C in probe.Cs:
+                model = make_probe(C, cfg, seed).fit(x[fit], y[fit])
+                cols = [column[c] for c in model.classes_]
+                proba[np.ix_(held, cols)] += model.predict_proba(x[held]) / len(probe.Cs)
     return proba
 
 
@@ -118,8 +126,8 @@ def label_issues(rows: list[Row], x: np.ndarray, probe: ProbeSetting, folds: int
     labels = np.array([r.label for r in rows])
     classes = tuple(sorted(set(labels.tolist())))
     head = {"method": "confident learning (cleanlab.filter.find_label_issues, "
-                      "prune_by_noise_rate) on out-of-fold probabilities",
-            "layer": probe.layer, "C": probe.C, "checked": len(rows)}
+                      "prune_by_noise_rate) on out-of-fold probabilities averaged over C",
+            "layer": probe.layer, "C": list(probe.Cs), "checked": len(rows)}
     if len(classes) < 2 or len(rows) < 2 * len(classes):
         return {**head, "folds": 0, "count": 0, "images": [],
                 "skipped": f"too few images to cross-validate ({len(rows)}, "

@@ -12,7 +12,7 @@ from tasks.lib.audit import (
 )
 from tasks.lib.manifest import Row
 
-PROBE = ProbeSetting("pooled", 1.0, "standardize", 1000, None)
+PROBE = ProbeSetting("pooled", (0.1, 1.0), "standardize", 1000, None)
 
 
 def _codes(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
