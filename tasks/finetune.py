@@ -5,14 +5,24 @@ evaluate and predict know there is no fine-tuned network. On, it runs the loop i
 tasks/lib/finetuning.py and writes <finetuned>.safetensors, its JSON sidecar and the curve.
 From train it reads only the values it uses (base.paths.train_choice: the C chosen for the
 pooled codes and the plan), so a train change that leaves them alone does not rerun it.
+
+Above one process (finetune.nproc_per_node x nnodes), the stage launches itself under
+torchrun: `python -m torch.distributed.run ... -m tasks.finetune JOB_DIR` runs `_worker` on
+every rank (tasks/lib/distributed.py), with the params this stage declares, and waits.
 """
 
 from __future__ import annotations
 
-from tasks.lib.finetuning import fine_tune, write_curve
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.lib import torchrun
 from tasks.lib.handoff import TrainChoice, read_train_choice
-from tasks.lib.network import save_disabled
-from tasks.lib.params import Finetune, Params
+from tasks.lib.params import Finetune, Params, parse_params, scoped
 
 # what this stage reads besides base.paths (dvc.yaml: params)
 # (the input size comes from the current store: extract resolved extract.image_size)
@@ -39,9 +49,64 @@ def run(params: Params) -> dict | None:
     paths = params.base.paths
     choice = read_train_choice(paths.train_choice)
     cfg, then_all, why = plan(params, choice)
+    if cfg is not None and torchrun.world_size(cfg) > 1:  # the ranks import torch, not this
+        return launch(params, cfg, then_all, choice.pooled_C)
+    from tasks.lib.finetuning import fine_tune, write_curve
+    from tasks.lib.network import save_disabled
+
     if cfg is None:
         save_disabled(paths.finetuned)
         write_curve(paths.finetune_curve, [])
         print(f"finetune: off ({why})", flush=True)
         return None
     return fine_tune(params, cfg, then_all, choice.pooled_C)
+
+
+def _declared(params: Params) -> dict[str, Any]:
+    """The params this stage declares (PARAMS and base.paths) as JSON, for its ranks."""
+    raw: dict[str, Any] = {}
+    for key in (*PARAMS, "base.paths"):
+        *parents, last = key.split(".")
+        node, source = raw, params
+        for part in parents:
+            node, source = node.setdefault(part, {}), getattr(source, part)
+        value = getattr(source, last)
+        node[last] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return raw
+
+
+def launch(params: Params, cfg: Finetune, then_all: bool = False,
+           pooled_C: float | None = None) -> dict | None:
+    """Fine-tune under torchrun (DDP) on world_size(cfg) processes, even one; rank 0's
+    sidecar values (None when rank 0 ran on another machine, which holds the outputs)."""
+    job = {"params": _declared(params), "finetune": cfg.model_dump(mode="json"),
+           "then_all": then_all, "pooled_C": pooled_C}
+    # the rendezvous id: the same on every machine that runs the same job
+    run_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+    result = torchrun.launch(__spec__.name if __spec__ else "tasks.finetune", job, cfg,
+                                run_id, params.base.paths.finetune_checkpoints)
+    if result is None:
+        print("finetune: rank 0 ran on another machine; its outputs are there", flush=True)
+    return result
+
+
+def _worker(job: dict[str, Any]) -> dict:
+    """One rank of a torchrun launch: the same loop as one process, on its share."""
+    from tasks.lib import distributed
+    from tasks.lib.finetuning import fine_tune
+
+    params = scoped(parse_params(job["params"], "the finetune job"), PARAMS)
+    cfg = Finetune.model_validate(job["finetune"])
+    distributed.start(cfg.device)
+    return fine_tune(params, cfg, job["then_all"], job["pooled_C"])
+
+
+if __name__ == "__main__":  # a rank, started by torchrun (see launch)
+    from tasks.lib.distributed import worker
+
+    code = worker(Path(sys.argv[1]), _worker)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # everything is written, closed and flushed: skip the interpreter's teardown of torch and
+    # timm, which took 2-8 s per rank here (measured), while the stage waits for the last rank
+    os._exit(code)

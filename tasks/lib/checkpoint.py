@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tasks.lib.files import atomic_path, write_json
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: reading state.json needs none
+    import torch
+    from torch import nn
 
 STATE = "state.json"
 _OWN = re.compile(r"(epoch|best)-\d{4}\.safetensors")
@@ -40,6 +41,8 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer's state dict into tensors and JSON-able values."""
+    import torch
+
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
@@ -111,11 +114,13 @@ def load_state(directory: Path) -> dict[str, Any] | None:
 
 
 def restore(directory: Path, state: dict[str, Any], model: nn.Module,
-            opt: torch.optim.Optimizer, sched: Schedule) -> None:
-    """Load model, optimizer and scheduler as they were after state["epoch"]."""
-    from safetensors.torch import load_file
+            opt: torch.optim.Optimizer, sched: Schedule, blob: bytes | None = None) -> None:
+    """Load model, optimizer and scheduler as they were after state["epoch"]: from the
+    tensor file state.json names, or from its bytes `blob` (read by rank 0 and sent to the
+    other ranks of a distributed run)."""
+    from safetensors.torch import load, load_file
 
-    tensors = load_file(str(directory / state["tensors"]))
+    tensors = load(blob) if blob is not None else load_file(str(directory / state["tensors"]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                           strict=True)
     opt_state: dict[int, dict[str, Any]] = {}

@@ -13,6 +13,11 @@ Each epoch ends with a checkpoint (tasks/lib/checkpoint.py); a killed run contin
 epoch and ends with the same weights as an uninterrupted one (CPU, same seed): every epoch
 reseeds its shuffling, augmentation and dropout from (seed, epoch). Early stopping on val; the
 best-on-val weights go to <finetuned>.safetensors with a JSON sidecar.
+
+The same loop runs on every rank of a torchrun launch (tasks/lib/distributed.py): the model in
+DDP, a DistributedSampler's share of the train split per rank (per-process batch_size: the
+effective batch is batch_size x world size), val scored in shards and gathered, the weights'
+digest compared across ranks each epoch; rank 0 alone prints, reads checkpoints and writes.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tasks.lib import checkpoint
+from tasks.lib import checkpoint, distributed
 from tasks.lib.backbones import POOLED
 from tasks.lib.codedeps import ROOT, code_deps
 from tasks.lib.device import autocast, resolve_device, resolve_workers
@@ -54,7 +59,6 @@ from tasks.lib.network import (
     train_mode,
 )
 from tasks.lib.params import Finetune, Params, Train
-from tasks.lib.probes import make_probe, to_head
 from tasks.lib.progress import Progress
 
 if TYPE_CHECKING:
@@ -62,6 +66,13 @@ if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
 
 CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
+_RANK_STRIDE = 1_000_003  # dropout seeds of rank r: the epoch's seed + r * this
+
+
+def _say(message: str) -> None:
+    """A line of the stage's output: printed by rank 0 only (all of it on one process)."""
+    if distributed.current().main:
+        print(message, flush=True)
 
 
 def write_curve(dest: Path, curve: list[dict]) -> None:
@@ -149,38 +160,58 @@ def train_augment(net: Network, cfg: Finetune) -> Augment:
                    tuple(dc["mean"]), tuple(dc["std"]))
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def _epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """The shuffling of one epoch, from (seed, epoch) alone. torch's default generator is
     reseeded too: dropout and drop-path draw from it (torch offers them no generator), and
-    only torch ops draw from it, in this thread, during the epoch."""
+    only torch ops draw from it, in this thread, during the epoch; each rank draws its own."""
     s = seed * 100_003 + epoch
-    torch.manual_seed(s)
+    torch.manual_seed(s + _RANK_STRIDE * rank)
     return torch.Generator().manual_seed(s)
 
 
-def _loader(ds: Images, cfg: Finetune, device: torch.device, shuffle: bool,
-            generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+def _loader(ds: torch.utils.data.Dataset, cfg: Finetune, device: torch.device, shuffle: bool,
+            generator: torch.Generator | None = None,
+            sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
     workers = resolve_workers(cfg.num_workers, device, most=4)
     return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
+        ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
         num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
     )
 
 
+def train_loader(ds: Images, cfg: Finetune, device: torch.device, seed: int,
+                 epoch: int) -> torch.utils.data.DataLoader:
+    """The epoch's shuffled train batches: on one process a permutation drawn from
+    (seed, epoch); under torchrun this rank's share of a DistributedSampler seeded alike
+    (seed, with set_epoch) on every rank, so the shares partition one permutation."""
+    r = distributed.current()
+    generator = _epoch_generator(seed, epoch, r.rank)
+    if not r.distributed:
+        return _loader(ds, cfg, device, True, generator)
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=r.world, rank=r.rank,
+                                                  shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return _loader(ds, cfg, device, False, sampler=sampler)
+
+
 def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched: Scheduler,
-                cfg: Finetune, device: torch.device, label: str, done: int) -> float:
-    """One pass over the train split, `done` updates into the run (the schedule's position);
-    returns the mean training loss."""
+                cfg: Finetune, device: torch.device, label: str, done: int,
+                model: torch.nn.Module | None = None) -> float:
+    """One pass over the train split (this rank's share), `done` updates into the run (the
+    schedule's position), through `model` (DDP around net.model; net.model by default);
+    returns the mean training loss over all ranks."""
+    model = model or net.model
+    model.train()
     train_mode(net, cfg.bn)
     # the loss is summed on the device: reading it each step would wait for the GPU
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    progress = Progress(label, len(loader.dataset))
+    progress = Progress(label, len(loader.sampler)) if distributed.current().main else None
     try:
         for x, y in loader:
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
             y = y.to(device, non_blocking=True)
             with autocast(device, cfg.precision):
-                loss = F.cross_entropy(net.model(x), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -188,10 +219,13 @@ def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched: Schedul
             sched.step_update(done)  # the next update's rates
             total += loss.detach().double() * len(y)
             n += len(y)
-            progress.advance(len(y))
+            if progress is not None:
+                progress.advance(len(y))
     finally:
-        progress.close()
-    return float(total) / max(n, 1)
+        if progress is not None:
+            progress.close()
+    total_all, n_all = distributed.all_sum([float(total), n])
+    return total_all / max(n_all, 1)
 
 
 @torch.inference_mode()
@@ -206,11 +240,15 @@ def logits(net: Network, loader, device: torch.device, precision: str = "fp32") 
     return np.concatenate(out) if out else np.empty((0, len(net.classes)))
 
 
-def val_scores(net: Network, loader, device: torch.device,
-               precision: str) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the val split."""
-    z = torch.from_numpy(logits(net, loader, device, precision))
-    y = torch.as_tensor(loader.dataset.targets)
+def val_scores(net: Network, val: Images, cfg: Finetune,
+               device: torch.device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the val split; under torchrun each rank scores its
+    shard and every rank gets all the scores, so all make the same choice."""
+    part = (torch.utils.data.Subset(val, distributed.shard(len(val)))
+            if distributed.current().distributed else val)
+    z = torch.from_numpy(logits(net, _loader(part, cfg, device, False), device, cfg.precision))
+    z = distributed.gather_shards(z)
+    y = torch.as_tensor(val.targets)
     return float((z.argmax(1) == y).float().mean()), float(F.cross_entropy(z, y))
 
 
@@ -274,6 +312,8 @@ def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> Li
 
     Not the saved probe, which is refit on train + val: a head that has seen the val images
     scores them near 1.0 from step 0, and val could no longer tell epochs apart."""
+    from tasks.lib.probes import make_probe, to_head  # scikit-learn: only for this start
+
     store = current_store(params.base.paths.features)
     with FeatureStore(store) as s:
         if POOLED not in s.layers:
@@ -285,8 +325,8 @@ def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> Li
                 normalize="standardize", class_weight=params.train.class_weight)
     probe = make_probe(C, cfg, params.base.seed)
     probe.fit(x, [r.label for r in train_rows])
-    print(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
-          f"(C={C:g})", flush=True)
+    _say(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
+         f"(C={C:g})")
     return to_head(probe, {"layer": POOLED, "extractor_id": store.stem})
 
 
@@ -298,8 +338,9 @@ def _fingerprint(params: Params, cfg: Finetune, manifest: Path, skipped: list[st
     """What a checkpoint must share with this run to be resumed by it: params, data, the
     head's start, and the code of the fine-tune stage (its derived code deps)."""
     ext = params.extract
-    blob = json.dumps({
-        "finetune": cfg.model_dump(mode="json"), "seed": params.base.seed,
+    blob = json.dumps({  # where the machines meet changes nothing of the result
+        "finetune": cfg.model_dump(mode="json", exclude={"rdzv_endpoint"}),
+        "seed": params.base.seed,
         "backbone": ext.backbone, "weights": ext.weights, "image_size": image_size,
         "manifest": sha256_file(manifest), "skipped": skipped, "pooled_C": pooled_C,
         "max_iter": params.train.max_iter, "class_weight": params.train.class_weight,
@@ -323,65 +364,102 @@ class Phase:
     first_epoch: int = 1  # curve numbering: a second phase continues the first's
 
 
-def run_phase(net: Network, phase: Phase, train_ds: Images, val_loader, seed: int,
+def _committed(ckpt: Path, fingerprint: str) -> tuple[dict, bytes] | None:
+    """The checkpoint this run may resume (state.json and its tensor file's bytes), as rank 0
+    reads it, on every rank; None when there is none or it belongs to other inputs."""
+    found = None
+    if distributed.current().main:
+        state = checkpoint.load_state(ckpt)
+        if state is not None and state.get("fingerprint") == fingerprint:
+            found = (state, (ckpt / state["tensors"]).read_bytes())
+    state = distributed.broadcast_json(found[0] if found else None)
+    if state is None:
+        return None
+    return state, distributed.broadcast_bytes(found[1] if found else None)
+
+
+def _resume(net: Network, phase: Phase, steps: int
+            ) -> tuple[dict | None, torch.optim.Optimizer, CosineLRScheduler]:
+    """A fresh optimizer and schedule, and the state of a matching checkpoint loaded into
+    them and the network (None: start afresh). Every rank decides alike: same bytes."""
+    opt, sched = _optimizer_and_schedule(net, phase.cfg, steps)
+    found = _committed(phase.ckpt, phase.fingerprint)
+    if found is None:
+        return None, opt, sched
+    state, blob = found
+    initial = {k: v.clone() for k, v in net.model.state_dict().items()}
+    try:
+        checkpoint.restore(phase.ckpt, state, net.model, opt, sched, blob)
+    except Exception as err:  # a damaged or foreign checkpoint: never fatal, start afresh
+        _say(f"finetune: {phase.ckpt} unusable ({type(err).__name__}: {err}); starting afresh")
+        net.model.load_state_dict(initial)
+        return None, *_optimizer_and_schedule(net, phase.cfg, steps)
+    _say(f"finetune: resuming after epoch {state['epoch']} from {phase.ckpt}")
+    return state, opt, sched
+
+
+def _load_best(net: Network, path: Path) -> None:
+    """The best epoch's weights into the network: read by rank 0, sent to the others."""
+    if distributed.current().main:
+        checkpoint.load_weights(path, net.model)
+    distributed.broadcast_state(net.model)
+
+
+def run_phase(net: Network, phase: Phase, train_ds: Images, val_ds: Images, seed: int,
               device: torch.device, curve_path: Path, curve_before: list[dict]) -> dict:
     """Train until epochs or patience run out, resuming a matching checkpoint; the returned
     state names the best epoch, whose weights are loaded into the network at the end."""
     cfg, ckpt = phase.cfg, phase.ckpt
+    ranks = distributed.current()
     freeze(net, cfg)
-    steps = math.ceil(len(train_ds) / cfg.batch_size)
-    opt, sched = _optimizer_and_schedule(net, cfg, steps)
-    state = checkpoint.load_state(ckpt)
-    if state is not None and state.get("fingerprint") != phase.fingerprint:
-        state = None
-    if state is not None:
-        initial = {k: v.clone() for k, v in net.model.state_dict().items()}
-        try:
-            checkpoint.restore(ckpt, state, net.model, opt, sched)
-            print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}", flush=True)
-        except Exception as err:  # a damaged or foreign checkpoint: never fatal, start afresh
-            print(f"finetune: {ckpt} unusable ({type(err).__name__}: {err}); starting afresh",
-                  flush=True)
-            net.model.load_state_dict(initial)
-            opt, sched = _optimizer_and_schedule(net, cfg, steps)
-            state = None
-        del initial
+    steps = math.ceil(distributed.share(len(train_ds)) / cfg.batch_size)
+    state, opt, sched = _resume(net, phase, steps)
     if state is None:
-        for old in checkpoint.own_tensors(ckpt):
-            old.unlink()
-        ckpt.mkdir(parents=True, exist_ok=True)
+        if ranks.main:
+            for old in checkpoint.own_tensors(ckpt):
+                old.unlink()
+            ckpt.mkdir(parents=True, exist_ok=True)
         state = {"epoch": 0, **_FRESH, "curve": []}
+    model = distributed.wrap(net.model, device)  # after freeze: DDP syncs what trains
     trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
-    print(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
-          f"images, {device}, up to {cfg.epochs} epochs", flush=True)
+    where = f"{device}" + (f" x {ranks.world} processes" if ranks.distributed else "")
+    _say(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
+         f"images, {where}, up to {cfg.epochs} epochs")
 
     epoch = state["epoch"]
     while epoch < cfg.epochs and not state["stopped_early"]:
         epoch += 1
         t0 = time.perf_counter()
-        gen = _epoch_generator(seed + 7 * phase.first_epoch, epoch)
         train_ds.epoch = epoch
-        loss = train_epoch(net, _loader(train_ds, cfg, device, True, gen), opt, sched, cfg,
-                           device, f"finetune epoch {epoch}", (epoch - 1) * steps)
-        acc, val_loss = val_scores(net, val_loader, device, cfg.precision)
+        loader = train_loader(train_ds, cfg, device, seed + 7 * phase.first_epoch, epoch)
+        loss = train_epoch(net, loader, opt, sched, cfg, device, f"finetune epoch {epoch}",
+                           (epoch - 1) * steps, model)
+        same = ""
+        if ranks.distributed:  # BatchNorm statistics from rank 0, then every weight compared
+            distributed.broadcast_buffers(net.model)
+            digest = distributed.check_same_weights(net.model, epoch)
+            same = f", weights identical on {ranks.world} ranks (sha256 {digest[:12]})"
+        acc, val_loss = val_scores(net, val_ds, cfg, device)
         state["curve"].append({"epoch": phase.first_epoch + epoch - 1,
                                "train_loss": round(loss, 6), "val_accuracy": round(acc, 6)})
         better = improves(acc, val_loss, state["best_accuracy"], state["best_loss"])
         if better:
             state["best_file"] = f"best-{epoch:04d}.safetensors"
-            checkpoint.save_weights(ckpt / state["best_file"], net.model)
+            if ranks.main:
+                checkpoint.save_weights(ckpt / state["best_file"], net.model)
             state.update(best_accuracy=acc, best_loss=val_loss, best_epoch=epoch)
         state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
-        checkpoint.save(ckpt, epoch, net.model, opt, sched,
-                        {**{k: state[k] for k in _FRESH}, "fingerprint": phase.fingerprint})
-        write_curve(curve_path, curve_before + state["curve"])
-        print(f"finetune: epoch {epoch}/{cfg.epochs} ({cfg.trainable}): train loss "
-              f"{loss:.4f}, val accuracy {acc:.4f}{' (best)' if better else ''}, "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if ranks.main:
+            checkpoint.save(ckpt, epoch, net.model, opt, sched,
+                            {**{k: state[k] for k in _FRESH}, "fingerprint": phase.fingerprint})
+            write_curve(curve_path, curve_before + state["curve"])
+        _say(f"finetune: epoch {epoch}/{cfg.epochs} ({cfg.trainable}): train loss "
+             f"{loss:.4f}, val accuracy {acc:.4f}{' (best)' if better else ''}, "
+             f"{time.perf_counter() - t0:.1f} s{same}")
     if state["stopped_early"]:
-        print(f"finetune: stopped early: no better val score for {cfg.patience} epochs",
-              flush=True)
-    checkpoint.load_weights(ckpt / state["best_file"], net.model)
+        _say(f"finetune: stopped early: no better val score for {cfg.patience} epochs")
+    del model  # a later phase wraps the network anew (its own trainable parameters)
+    _load_best(net, ckpt / state["best_file"])
     state["epochs_run"] = epoch
     return state
 
@@ -391,9 +469,10 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     """Fine-tune (cfg, default params.finetune), resuming matching checkpoints; with then_all,
     a second phase trains everything from the first's best weights, kept only if val
     improves. The head starts from a train-split probe at `pooled_C`. Saves the best-on-val
-    network, its sidecar and the learning curve."""
+    network, its sidecar and the learning curve (rank 0, under torchrun)."""
     cfg = cfg or params.finetune
     paths, seed = params.base.paths, params.base.seed
+    main = distributed.current().main
     bad = read_extract_report(paths.extract_report).bad
     rows = without(read_manifest(paths.manifest), bad)
     train_rows, val_rows = of_split(rows, "train"), of_split(rows, "val")
@@ -402,7 +481,7 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
                           "epoch need one (set ingest.val_fraction above 0)")
     classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
     image_size = cfg.image_size or current_input_size(paths.features)
-    device = resolve_device(cfg.device, "finetune.device")
+    device = distributed.device_for(cfg.device)
 
     net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
@@ -410,39 +489,38 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     net.model.to(device, memory_format=torch.channels_last)
     train_ds = Images(train_rows, paths.images, classes, net.backbone.transform(),
                       train_augment(net, cfg), seed)
-    val_loader = _loader(Images(val_rows, paths.images, classes, net.backbone.transform()),
-                         cfg, device, False)
+    val_ds = Images(val_rows, paths.images, classes, net.backbone.transform())
     fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), pooled_C,
                                image_size)
     ckpt = paths.finetune_checkpoints
-    first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_loader, seed, device,
+    first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_ds, seed, device,
                       paths.finetune_curve, [])
     final, curve, phases = first, first["curve"], [cfg.trainable]
     if then_all:
         every = cfg.model_copy(update={"trainable": "all"})
-        print(f"finetune: then all layers, from the best {cfg.trainable} weights", flush=True)
+        _say(f"finetune: then all layers, from the best {cfg.trainable} weights")
         second = run_phase(net, Phase(every, ckpt / "all", f"{fingerprint}+all",
                                       first["epochs_run"] + 1),
-                           train_ds, val_loader, seed, device, paths.finetune_curve, curve)
+                           train_ds, val_ds, seed, device, paths.finetune_curve, curve)
         curve = curve + second["curve"]
         if improves(second["best_accuracy"], second["best_loss"], first["best_accuracy"],
                     first["best_loss"]):
             final, phases = second, [cfg.trainable, "all"]
         else:
-            print("finetune: all layers did not improve val; keeping the first phase",
-                  flush=True)
-            checkpoint.load_weights(ckpt / first["best_file"], net.model)
+            _say("finetune: all layers did not improve val; keeping the first phase")
+            _load_best(net, ckpt / first["best_file"])
     meta = {"trainable": "+".join(phases), "n_blocks": cfg.n_blocks,
             "init_head": cfg.init_head, "image_size": image_size,
             "best_epoch": final["curve"][final["best_epoch"] - 1]["epoch"],
             "val_accuracy": final["best_accuracy"], "epochs_run": len(curve),
             "stopped_early": final["stopped_early"]}
-    net.model.to("cpu", memory_format=torch.contiguous_format)
-    save_network(net, paths.finetuned, meta)
-    write_curve(paths.finetune_curve, curve)
-    checkpoint.clear(ckpt)  # done: a rerun (forced, or new code) starts afresh
-    print(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
-          f"{meta['val_accuracy']:.4f} -> {paths.finetuned}", flush=True)
+    if main:
+        net.model.to("cpu", memory_format=torch.contiguous_format)
+        save_network(net, paths.finetuned, meta)
+        write_curve(paths.finetune_curve, curve)
+        checkpoint.clear(ckpt)  # done: a rerun (forced, or new code) starts afresh
+    _say(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
+         f"{meta['val_accuracy']:.4f} -> {paths.finetuned}")
     return meta
 
 
