@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast lint bench clean vega
+.PHONY: install run test test-fast lint bench faults clean vega
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -48,6 +48,12 @@ vega:  ## a local Vega bundle for `dvc plots show` without a network
 
 bench: install
 	$(BIN)/python bench/extract.py
+
+# Refused inputs, SIGKILLs at seeded random moments, a kill between a model pair's files,
+# flipped bytes, bad paths, a full disk (tmpfs, where mounting one is allowed), a killed
+# `tlflow run` leaving no process: bench/faults.py on a tiny colour project.
+faults: install  ## the fault suite (a few minutes on 2 cores)
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -152,7 +152,6 @@ def cmd_serve(cron: str | None, interval: float | None, name: str) -> int:
     """Serve the flow in this process; each scheduled run takes the data source as it is."""
     _check_project()
     from flows.pipeline import pipeline
-
     from flows.tempserver import prefect_api
 
     # limit=1: runs of one project never overlap (they share its files and dvc.lock)

@@ -42,7 +42,7 @@ def _die_with(parent: int) -> Callable[[], None]:
 
 def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
     """Start a process that the kernel kills (SIGKILL) when this process dies (Linux)."""
-    return subprocess.Popen(args, preexec_fn=_die_with(os.getpid()), **popen)  # noqa: PLW1509
+    return subprocess.Popen(args, preexec_fn=_die_with(os.getpid()), **popen)
 
 
 def _free_port() -> int:

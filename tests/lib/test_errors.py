@@ -47,9 +47,9 @@ def test_only_transient_failures_are_retried():
 
 def test_a_name_too_long_names_the_file_and_leaves_nothing(tmp_path: Path):
     dest = tmp_path / ("x" * 300 + ".json")
-    with pytest.raises(TlflowError, match=r"x\.json: file name too long") as err:
-        with atomic_path(dest) as tmp:
-            tmp.write_text("{}")
+    with pytest.raises(TlflowError, match=r"x\.json: file name too long") as err, \
+            atomic_path(dest) as tmp:
+        tmp.write_text("{}")
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -71,9 +71,9 @@ def tiny_disk(tmp_path: Path):
 def test_a_full_disk_names_the_file_and_keeps_the_last_good_one(tiny_disk: Path):
     dest = tiny_disk / "metrics.json"
     dest.write_text("last good")
-    with pytest.raises(TlflowError, match=r"metrics\.json: disk full .* free space"):
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(b"\0" * (1 << 20))
+    with pytest.raises(TlflowError, match=r"metrics\.json: disk full .* free space"), \
+            atomic_path(dest) as tmp:
+        tmp.write_bytes(b"\0" * (1 << 20))
     assert dest.read_text() == "last good"
     assert not [p for p in tiny_disk.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
