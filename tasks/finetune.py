@@ -102,8 +102,9 @@ def _worker(job: dict[str, Any]) -> dict:
 
 
 if __name__ == "__main__":  # a rank, started by torchrun (see launch)
-    from tasks.lib.distributed import worker
+    from tasks.lib.distributed import die_with_parent, worker
 
+    die_with_parent()
     code = worker(Path(sys.argv[1]), _worker)
     sys.stdout.flush()
     sys.stderr.flush()

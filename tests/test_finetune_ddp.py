@@ -1,7 +1,8 @@
 """Fine-tuning on two CPU processes (torch DDP under torchrun, gloo): identical weights on
-both ranks after every epoch; a dead rank is one line and exit 1; a killed stage leaves no
-process behind; the resumed runs end with the weights of an uninterrupted one. Tiny colour
-images at 32 px, the head trains: each launch costs mostly torchrun's and the ranks' start."""
+both ranks after every epoch; a killed stage leaves no process behind and the rerun resumes
+to the weights of an uninterrupted run. Tiny colour images at 32 px, the head trains: each
+launch costs mostly torchrun's and the ranks' start. (A dead rank, a rank's bad input and
+the collectives: tests/lib/test_distributed.py, on cheaper launches.)"""
 
 import contextlib
 import io

@@ -244,9 +244,9 @@ def check_same_weights(model: nn.Module, epoch: int) -> str:
 # ---------------------------------------------------------------- a rank's life
 
 
-def _die_with_parent() -> None:
-    """Ask Linux for SIGKILL when torchrun (this rank's parent) dies: torchrun starts its
-    ranks in sessions of their own, so nothing else would stop them."""
+def die_with_parent() -> None:
+    """First thing in a rank: ask Linux for SIGKILL when torchrun (its parent) dies; torchrun
+    starts its ranks in sessions of their own, so nothing else would stop them."""
     parent = os.getppid()
     try:
         import ctypes
@@ -277,7 +277,6 @@ def _record(job_dir: Path, rank: int, kind: str, err: BaseException) -> None:
 def worker(job_dir: Path, body: Callable[[dict], dict | None]) -> int:
     """Run one rank's `body(job)` under torchrun; the exit status (0, 2 bad input, 1 crash).
     Rank 0 writes the result; a failure is recorded for the stage to report in one line."""
-    _die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     try:
         result = body(json.loads((job_dir / JOB).read_text()))

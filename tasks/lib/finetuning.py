@@ -438,7 +438,8 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_ds: Images, seed
         if ranks.distributed:  # BatchNorm statistics from rank 0, then every weight compared
             distributed.broadcast_buffers(net.model)
             digest = distributed.check_same_weights(net.model, epoch)
-            same = f", weights identical on {ranks.world} ranks (sha256 {digest[:12]})"
+            same = (f", weights identical on {ranks.world} ranks (sha256 {digest[:12]})"
+                    if ranks.world > 1 else f", weights sha256 {digest[:12]}")
         acc, val_loss = val_scores(net, val_ds, cfg, device)
         state["curve"].append({"epoch": phase.first_epoch + epoch - 1,
                                "train_loss": round(loss, 6), "val_accuracy": round(acc, 6)})

@@ -1,21 +1,20 @@
-"""The ranks' collectives on two real gloo processes, and the stage's reading of a failure.
+"""The ranks' collectives on two real gloo processes under torchrun, and the stage's reading
+of a failure.
 
 Run as a module (`python -m tests.lib.test_distributed JOB_DIR`), this file is a rank of the
-torchrun launches below: tasks.lib.torchrun.launch and distributed.worker, with a test body
-instead of fine-tuning (each launch then costs torchrun's start, not the network's).
+launches below: the real tasks.lib.torchrun.launch and distributed.worker, with a test body
+instead of fine-tuning, so that a launch costs torchrun's start and not the network's.
 """
 
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tasks.lib import distributed, torchrun
 from tasks.lib.errors import TlflowError
@@ -25,147 +24,50 @@ from tasks.lib.params import Finetune, parse_params
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, out: str) -> None:
-    """One of two gloo ranks: each collective once, and the weights check twice (the same
-    weights, then rank 1's nudged); what it saw goes to out/rank-<r>.json."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo")
-    try:
-        seen: dict = {"ranks": list(distributed.current().__dict__.values())}
-        seen["sum"] = distributed.all_sum([rank + 0.5, 1])
-        shard = list(distributed.shard(5))  # rank 0: 0, 2, 4; rank 1: 1, 3
-        rows = torch.tensor([[i, 10 * i] for i in shard], dtype=torch.float32)
-        seen["gathered"] = distributed.gather_shards(rows).tolist()
-        seen["json"] = distributed.broadcast_json({"from": rank} if rank == 0 else None)
-        torch.manual_seed(rank)  # different starts: DDP's constructor sends rank 0's weights
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-        model = model.to(memory_format=torch.channels_last)
-        model[1].running_mean.fill_(rank)  # a buffer a rank moved on its own
-        distributed.wrap(model, torch.device("cpu"))
-        distributed.broadcast_buffers(model)
-        seen["digest"] = distributed.check_same_weights(model, 1)
-        with torch.no_grad():
-            if rank == 1:
-                model[0].weight[0, 0, 0, 0] += 1e-6
-        try:
-            distributed.check_same_weights(model, 2)
-            seen["diverged"] = None
-        except distributed.WeightsDiverged as err:
-            seen["diverged"] = str(err)
-        Path(out, f"rank-{rank}.json").write_text(json.dumps(seen))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_ranks_share_sum_gather_and_catch_diverging_weights(tmp_path: Path):
-    mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="spawn", join=True)
-    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    assert [s["ranks"] for s in seen] == [[0, 2, 0, True], [1, 2, 1, True]]
-    assert seen[0]["sum"] == seen[1]["sum"] == [2.0, 2.0]
-    want = [[float(i), 10.0 * i] for i in range(5)]  # back in item order, on every rank
-    assert seen[0]["gathered"] == seen[1]["gathered"] == want
-    assert seen[0]["json"] == seen[1]["json"] == {"from": 0}
-    assert seen[0]["digest"] == seen[1]["digest"]  # rank 0's weights and buffers everywhere
-    for s in seen:  # every rank stops, naming the odd one
-        assert s["diverged"] and "after epoch 2, rank(s) [1] hold other weights" in s["diverged"]
-
-
-def test_the_digest_covers_every_weight_and_not_the_memory_format():
-    torch.manual_seed(0)
+def _collectives(out: Path) -> dict:
+    """Each collective once and the weights check twice (the same weights, then rank 1's
+    nudged by 1e-6); what this rank saw goes to out/rank-<r>.json."""
+    rank = dist.get_rank()
+    seen: dict = {"ranks": list(distributed.current().__dict__.values())}
+    seen["sum"] = distributed.all_sum([rank + 0.5, 1])
+    rows = torch.tensor([[i, 10 * i] for i in distributed.shard(5)], dtype=torch.float32)
+    seen["gathered"] = distributed.gather_shards(rows).tolist()  # rank 0: 0, 2, 4; 1: 1, 3
+    seen["json"] = distributed.broadcast_json({"from": rank} if rank == 0 else None)
+    seen["bytes"] = distributed.broadcast_bytes(b"\x00\xff" * 3 if rank == 0 else None).hex()
+    torch.manual_seed(rank)  # different starts: DDP's constructor sends rank 0's weights
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    digest = distributed.weights_digest(model)
-    assert distributed.weights_digest(model.to(memory_format=torch.channels_last)) == digest
-    model[1].running_var[0] += 1
-    assert distributed.weights_digest(model) != digest
-    assert distributed.current() == distributed.Ranks()  # no process group: one process
-    assert distributed.share(7) == 7 and list(distributed.shard(3)) == [0, 1, 2]
-
-
-def test_torchrun_is_standalone_on_one_machine_and_meets_at_the_endpoint_on_several():
-    one = torchrun.torchrun_args(Finetune(nproc_per_node=4), "abc")
-    assert one == ["--nproc-per-node", "4", "--max-restarts", "0", "--standalone"]
-    many = torchrun.torchrun_args(Finetune(nproc_per_node=8, nnodes=2,
-                                           rdzv_endpoint="node0:29400"), "abc")
-    assert many[-8:] == ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                         "node0:29400", "--rdzv-id", "abc"]
-    assert torchrun.world_size(Finetune(nproc_per_node=8, nnodes=2,
-                                        rdzv_endpoint="node0:29400")) == 16
-
-
-@pytest.mark.parametrize(("finetune", "needle"), [
-    ({"nnodes": 2}, "finetune.rdzv_endpoint: nnodes is 2: name the rendezvous host:port"),
-    ({"rdzv_endpoint": "node0:29400"}, "finetune.rdzv_endpoint: only with nnodes > 1"),
-])
-def test_the_rendezvous_must_fit_the_number_of_machines(tmp_path: Path, finetune, needle):
-    from tests.conftest import make_params  # here: the spawned ranks import this module
-
-    raw = make_params(tmp_path).model_dump(mode="json")
-    raw["finetune"].update(finetune)
-    with pytest.raises(TlflowError, match=needle) as err:
-        parse_params(raw)
-    assert "\n" not in str(err.value)
-
-
-# torchrun's own report of a rank killed by SIGKILL, as torch 2.x prints it (abridged)
-_KILLED = """\
-torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
-Root Cause (first observed failure):
-[0]:
-  time      : 2026-11-29_11:35:51
-  host      : localhost
-  rank      : 1 (local_rank: 1)
-  exitcode  : -9 (pid: 18826)
-  error_file: <N/A>
-"""
-
-
-def test_a_failure_is_one_line_naming_the_rank_and_what_a_rerun_does(tmp_path: Path):
-    jobs, ckpt = tmp_path / "job", tmp_path / "ckpt"
-    jobs.mkdir()
-    killed = torchrun.failure(jobs, _KILLED, 1, 2, ckpt)
-    assert isinstance(killed, torchrun.RankFailed) and killed.exit_code == 1
-    assert str(killed) == ("finetune: rank 1 of 2 died (SIGKILL); no epoch was committed: "
-                           "a rerun starts afresh")
-    write_json(ckpt / "state.json", {"epoch": 3, "tensors": "epoch-0003.safetensors"})
-    (ckpt / "epoch-0003.safetensors").write_bytes(b"")
-    write_json(jobs / "rank-0.json", {"rank": 0, "kind": "peer", "message": "DistBackendError: "
-                                      "Connection closed by peer", "traceback": ""})
-    write_json(jobs / "rank-1.json", {"rank": 1, "kind": "crash", "message": "ValueError: x",
-                                      "traceback": "..."})
-    crashed = torchrun.failure(jobs, "", 1, 2, ckpt)  # the cause, not its consequence
-    assert str(crashed) == (f"finetune: rank 1 of 2 failed: ValueError: x (traceback: "
-                            f"{jobs / 'rank-1.json'}); the checkpoint after epoch 3 stays in "
-                            f"{ckpt}: a rerun resumes from it")
-    write_json(jobs / "rank-1.json", {"rank": 1, "kind": "input", "message": "finetune.n_blocks:"
-                                      " 6, but x has 5 blocks", "traceback": ""})
-    bad = torchrun.failure(jobs, "", 1, 2, ckpt)  # bad input: as on one process, exit 2
-    assert type(bad) is TlflowError and str(bad) == "finetune.n_blocks: 6, but x has 5 blocks"
+    model = model.to(memory_format=torch.channels_last)
+    model[1].running_mean.fill_(rank)  # a buffer each rank moved on its own (bn: train)
+    distributed.wrap(model, torch.device("cpu"))
+    distributed.broadcast_buffers(model)
+    seen["digest"] = distributed.check_same_weights(model, 1)
+    with torch.no_grad():
+        if rank == 1:
+            model[0].weight[0, 0, 0, 0] += 1e-6
+    try:
+        distributed.check_same_weights(model, 2)
+        seen["diverged"] = None
+    except distributed.WeightsDiverged as err:
+        seen["diverged"] = str(err)
+    (out / f"rank-{rank}.json").write_text(json.dumps(seen))
+    return {"world": dist.get_world_size()}
 
 
 def _test_rank(job: dict) -> dict:
-    """A rank's body: join the group; then bad input on every rank, or rank 1 SIGKILLs
-    itself while rank 0 waits for it in a collective, or both finish."""
+    """A rank's body: join the group; then the collectives, or rank 1 SIGKILLs itself while
+    rank 0 waits for it in a collective."""
     dist.init_process_group("gloo")
-    if job["act"] == "input":
-        raise TlflowError("finetune.n_blocks: 6, but the backbone has 5 blocks")
     if job["act"] == "die" and dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    dist.barrier()
-    return {"world": dist.get_world_size()}
+    if job["act"] == "die":
+        dist.barrier()
+    return _collectives(Path(job["out"]))
 
 
 def _launch(act: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict | None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(tmp_path)  # the ranks work here: _left finds them by it
-    return torchrun.launch("tests.lib.test_distributed", {"act": act},
+    return torchrun.launch("tests.lib.test_distributed", {"act": act, "out": str(tmp_path)},
                            Finetune(nproc_per_node=2), act, tmp_path / "ckpt")
 
 
@@ -180,6 +82,21 @@ def _left(where: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_two_gloo_ranks_share_sum_gather_and_catch_diverging_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert _launch("collectives", tmp_path, monkeypatch) == {"world": 2}  # rank 0's answer
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [s["ranks"] for s in seen] == [[0, 2, 0, True], [1, 2, 1, True]]
+    for s in seen:
+        assert s["sum"] == [2.0, 2.0]
+        assert s["gathered"] == [[float(i), 10.0 * i] for i in range(5)]  # in item order
+        assert s["json"] == {"from": 0} and s["bytes"] == "00ff00ff00ff"
+        # every rank stops, naming the odd one
+        assert "after epoch 2, rank(s) [1] hold other weights than rank 0" in s["diverged"]
+    assert seen[0]["digest"] == seen[1]["digest"]  # rank 0's weights and buffers everywhere
+    assert not _left(tmp_path)
 
 
 def test_a_rank_that_dies_fails_the_launch_in_one_line_and_none_outlives_it(
@@ -197,15 +114,98 @@ def test_a_rank_that_dies_fails_the_launch_in_one_line_and_none_outlives_it(
     assert (tmp_path / "ckpt" / "state.json").is_file()  # the last good checkpoint stays
 
 
-def test_a_ranks_bad_input_is_the_one_process_line_and_a_clean_run_answers(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    with pytest.raises(TlflowError) as err:
-        _launch("input", tmp_path, monkeypatch)
-    assert type(err.value) is TlflowError and err.value.exit_code == 2
-    assert str(err.value) == "finetune.n_blocks: 6, but the backbone has 5 blocks"
-    assert _launch("ok", tmp_path, monkeypatch) == {"world": 2}  # rank 0's answer
-    assert not _left(tmp_path)
+@pytest.mark.parametrize(("error", "kind", "code"), [
+    (TlflowError("finetune.n_blocks: 6, but x has 5 blocks"), "input", 2),
+    (ValueError("a bug"), "crash", 1),
+    (RuntimeError("[pair.cc:545] Read error: Connection reset by peer"), "peer", 1),
+])
+def test_a_rank_records_how_it_failed(tmp_path: Path, error, kind, code):
+    """distributed.worker in this process (no process group): the record the stage reads."""
+    write_json(tmp_path / torchrun.JOB, {})
+
+    def body(job: dict) -> dict:
+        raise error
+
+    assert distributed.worker(tmp_path, body) == code
+    record = json.loads((tmp_path / "rank-0.json").read_text())
+    assert record["kind"] == kind and record["rank"] == 0
+    assert record["message"].endswith(str(error)) and "Traceback" in record["traceback"]
+    assert not (tmp_path / torchrun.RESULT).exists()
+    assert distributed.worker(tmp_path, lambda job: {"ok": True}) == 0
+    assert json.loads((tmp_path / torchrun.RESULT).read_text()) == {"ok": True}
+
+
+def test_the_digest_covers_every_weight_and_not_the_memory_format():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    digest = distributed.weights_digest(model)
+    assert distributed.weights_digest(model.to(memory_format=torch.channels_last)) == digest
+    model[1].running_var[0] += 1
+    assert distributed.weights_digest(model) != digest
+    assert distributed.current() == distributed.Ranks()  # no process group: one process
+    assert distributed.share(7) == 7 and list(distributed.shard(3)) == [0, 1, 2]
+
+
+def test_torchrun_is_standalone_on_one_machine_and_meets_at_the_endpoint_on_several():
+    one = torchrun.torchrun_args(Finetune(nproc_per_node=4), "abc")
+    assert one == ["--nproc-per-node", "4", "--max-restarts", "0", "--standalone"]
+    several = Finetune(nproc_per_node=8, nnodes=2, rdzv_endpoint="node0:29400")
+    assert torchrun.torchrun_args(several, "abc")[-8:] == [
+        "--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400",
+        "--rdzv-id", "abc"]
+    assert torchrun.world_size(several) == 16
+
+
+@pytest.mark.parametrize(("finetune", "needle"), [
+    ({"nnodes": 2}, "finetune.rdzv_endpoint: nnodes is 2: name the rendezvous host:port"),
+    ({"rdzv_endpoint": "node0:29400"}, "finetune.rdzv_endpoint: only with nnodes > 1"),
+])
+def test_the_rendezvous_must_fit_the_number_of_machines(tmp_path: Path, finetune, needle):
+    from tests.conftest import make_params  # here: the ranks import this module, not dvc
+
+    raw = make_params(tmp_path).model_dump(mode="json")
+    raw["finetune"].update(finetune)
+    with pytest.raises(TlflowError, match=needle) as err:
+        parse_params(raw)
+    assert "\n" not in str(err.value)
+
+
+# torchrun's own report when a rank is SIGKILLed and it then stops the other (torch 2.x)
+_REPORT = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 18825)  (SIGTERM)
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 18826)
+"""
+
+
+def test_a_failure_is_one_line_naming_the_cause_and_what_a_rerun_does(tmp_path: Path):
+    jobs, ckpt = tmp_path / "job", tmp_path / "ckpt"
+    jobs.mkdir()
+    killed = torchrun.failure(jobs, _REPORT, 1, 2, ckpt)
+    assert isinstance(killed, torchrun.RankFailed) and str(killed) == (
+        "finetune: rank 1 of 2 died (SIGKILL); no epoch was committed: a rerun starts afresh")
+    write_json(ckpt / "all" / "state.json", {"epoch": 3, "tensors": "epoch-0003.safetensors"})
+    (ckpt / "all" / "epoch-0003.safetensors").write_bytes(b"")  # the second phase's
+    write_json(jobs / "rank-0.json", {"rank": 0, "kind": "peer", "message": "DistBackendError: "
+                                      "Connection closed by peer", "traceback": ""})
+    write_json(jobs / "rank-1.json", {"rank": 1, "kind": "crash", "message": "ValueError: x",
+                                      "traceback": "..."})
+    crashed = torchrun.failure(jobs, "", 1, 2, ckpt)  # the cause, not its consequence
+    assert str(crashed) == (f"finetune: rank 1 of 2 failed: ValueError: x (traceback: "
+                            f"{jobs / 'rank-1.json'}); the checkpoint after epoch 3 stays in "
+                            f"{ckpt / 'all'}: a rerun resumes from it")
+    write_json(jobs / "rank-1.json", {"rank": 1, "kind": "input", "message": "finetune.n_blocks:"
+                                      " 6, but x has 5 blocks", "traceback": ""})
+    bad = torchrun.failure(jobs, _REPORT, 1, 2, ckpt)  # bad input: as on one process, exit 2
+    assert type(bad) is TlflowError and str(bad) == "finetune.n_blocks: 6, but x has 5 blocks"
 
 
 if __name__ == "__main__":  # a rank of the launches above
+    distributed.die_with_parent()
     os._exit(distributed.worker(Path(sys.argv[1]), _test_rank))
