@@ -2,6 +2,9 @@
 
 Only the image hashes the store lacks are computed, every requested layer in one forward pass,
 and rows are committed batch by batch: a killed run resumes from its last committed batch.
+With `extract.executor: dask` the images are cut into shards computed on a Dask cluster and
+committed here, shard by shard, as they arrive (tasks/lib/sharding.py); a killed run also
+keeps the shard files its workers finished.
 `<features>/current.json` names the store the current params select, for the stages downstream;
 the extract report lists how many codes were computed and which images could not be read.
 """
@@ -12,10 +15,17 @@ from pathlib import Path
 
 import torch
 
+from tasks.lib import ownership
 from tasks.lib.backbones import CodeExtractor, create_backbone
 from tasks.lib.device import resolve_device
 from tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
-from tasks.lib.featurestore import FeatureStore, extractor_id, store_path, writer_lock
+from tasks.lib.featurestore import (
+    FeatureStore,
+    extractor_id,
+    library_versions,
+    store_path,
+    writer_lock,
+)
 from tasks.lib.handoff import (
     ExtractReport,
     write_extract_metrics,
@@ -25,6 +35,7 @@ from tasks.lib.handoff import (
 from tasks.lib.images import SIZE_SAMPLE, input_size_for
 from tasks.lib.manifest import read_manifest
 from tasks.lib.params import Params
+from tasks.lib.sharding import ShardJob, clean_folder, commit_leftovers, extract_on_dask
 
 PARAMS = ("base.seed", "extract")  # what this stage reads besides base.paths (dvc.yaml: params)
 
@@ -45,18 +56,28 @@ def run(params: Params) -> Path:
     model = CodeExtractor(backbone, cfg.layers)
     dims = model.dims(size)
     path = store_path(paths.features, ext_id)
+    ownership.check_outputs("extract", paths)  # as ingest: marked before anything is written,
+    ownership.mark("features", paths.features)  # so a killed run's shard files stay ours
     with writer_lock(path, cfg.lock_timeout), \
             FeatureStore.create(path, extractor, dims, cfg.dtype) as store:
         store.check_whole()  # a damaged store is never a cache (Fletcher-32 on chunks)
-        todo = missing_images(rows, set(store.keys()))
+        have = set(store.keys())
+        resumed = commit_leftovers(store, ext_id, have)  # shard files a killed run finished
+        if resumed:
+            print(f"extract: committed {resumed} codes from finished shard files", flush=True)
+        todo = missing_images(rows, have)
         n_images = len({r.sha256 for r in rows})
         print(f"extract: {ext_id} ({backbone.name}) on {device}, {len(todo)} of {n_images} "
               "images to compute", flush=True)
         bad = []
-        if todo:
+        if todo and cfg.executor == "dask":
+            job = ShardJob(ext_id, cfg, params.base.seed, size, library_versions(), (), (), "")
+            bad = extract_on_dask(store, todo, paths.images, job)
+        elif todo:
             model = model.to(device, memory_format=torch.channels_last)
             loader = make_loader([paths.images / r.relpath for r in todo], backbone, cfg, device)
             bad = fill(store, model, todo, iter(loader), cfg, device)
+        clean_folder(path)
     report = ExtractReport(ext_id, n_images, tuple(bad), size, why)
     write_extract_report(paths.extract_report, report)
     write_extract_metrics(paths.extract_metrics, report)

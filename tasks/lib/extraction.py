@@ -94,6 +94,22 @@ def encode(model: CodeExtractor, x: torch.Tensor, device: torch.device,
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def encode_batch(model: CodeExtractor, images: torch.Tensor, cfg: Extract,
+                 device: torch.device) -> dict[str, np.ndarray]:
+    """Codes of one loader batch (n, 3, H, W), n <= batch_size: {layer: (n, D)} in the
+    store's dtype. A short batch (the last one, one with unreadable images) is padded with
+    zero images to `batch_size` and the padding's codes dropped: oneDNN chooses its
+    convolution kernels by the input's shape and the thread count, and their sums differ in
+    the last bits, so every forward pass has one shape and an image's codes do not depend
+    on which images share its batch (local and sharded executors, a resumed run)."""
+    n = len(images)
+    if n < cfg.batch_size:
+        pad = images.new_zeros((cfg.batch_size - n, *images.shape[1:]))
+        images = torch.cat([images, pad])
+    codes = encode(model, images, device, cfg.precision)
+    return {k: v[:n].astype(cfg.dtype) for k, v in codes.items()}
+
+
 def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Iterator[Batch],
          cfg: Extract, device: torch.device) -> list[dict[str, str]]:
     """Compute and commit the codes of `todo` batch by batch; return the unreadable images."""
@@ -107,9 +123,8 @@ def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Ite
                 print(f"extract: skipped {err}", flush=True)
                 bad.append({"relpath": todo[i].relpath, "sha256": todo[i].sha256, "reason": err})
             if batch.images is not None:
-                codes = encode(model, batch.images, device, cfg.precision)
                 store.append([todo[i].sha256 for i in batch.indices],
-                             {k: v.astype(cfg.dtype) for k, v in codes.items()})
+                             encode_batch(model, batch.images, cfg, device))
             progress.advance(len(batch.indices) + len(batch.errors))
     finally:
         progress.close()

@@ -35,7 +35,7 @@ def extractor_id(extractor: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     """Versions of the libraries that computed the codes (informative, not part of the id)."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -101,7 +101,7 @@ class FeatureStore:
                     chunks=(_CHUNK_ROWS, dim), fletcher32=True,
                 )
             h5.attrs[EXTRACTOR] = json.dumps(extractor, sort_keys=True)
-            h5.attrs[VERSIONS] = json.dumps(_library_versions(), sort_keys=True)
+            h5.attrs[VERSIONS] = json.dumps(library_versions(), sort_keys=True)
             h5.attrs[COMMITTED] = 0
             h5.flush()
         elif json.loads(h5.attrs[EXTRACTOR]) != extractor:
@@ -225,7 +225,7 @@ class FeatureStore:
             self._h5.flush()
         except (OSError, RuntimeError) as err:  # HDF5 reports a full disk as RuntimeError
             self._roll_back(n)
-            raise environment_error(err, self.path) or err
+            raise (environment_error(err, self.path) or err) from None
 
     def _ensure_room(self, n: int, m: int) -> None:
         """Refuse a batch the disk cannot hold before HDF5 writes any of it: the chunks rows

@@ -170,6 +170,13 @@ class Extract(_Section):
     num_workers: int | None = Field(None, ge=0)  # decoder processes; null = auto
     on_bad_image: Literal["skip", "fail"] = "skip"
     lock_timeout: float = Field(600.0, ge=0)  # seconds to wait for another writer
+    # sharded extraction (tasks/lib/sharding.py): local | dask; shards of shard_size images;
+    # dask_address null: a LocalCluster of dask_workers processes (null: one per core), else
+    # an existing scheduler's address
+    executor: Literal["local", "dask"] = "local"
+    shard_size: int = Field(4096, ge=1)
+    dask_address: str | None = Field(None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
+    dask_workers: int | None = Field(None, ge=1)
 
     @field_validator("image_size")
     @classmethod
