@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -101,6 +102,18 @@ def _quiet(fn: Callable, *args, **kwargs):
     except BaseException:
         print(out.getvalue(), flush=True)
         raise
+
+
+def _guarded(table: Table, name: str, check: Callable, *args):
+    """Run one check; an exception is a FAIL row (its traceback printed), not the end of the
+    run: the other checks still report."""
+    try:
+        return check(table, *args)
+    except Exception as err:
+        traceback.print_exc()
+        table.add(name, f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}",
+                  "runs", False)
+        return None
 
 
 def _sync(device) -> None:
@@ -261,6 +274,10 @@ def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
     for stage in (ingest, extract, train):
         _quiet(stage.run, params)
     choice = read_train_choice(params.base.paths.train_choice)
+    if device.type == "cuda":  # the rank is another process: leave it this one's cache
+        import torch
+
+        torch.cuda.empty_cache()
     out = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(out):
@@ -358,14 +375,19 @@ def main() -> int:
     try:
         images = make_images(work / "images", args.images)
         print(f"{args.images} photos ready ({len(VARIANTS)} variants of the 398)", flush=True)
-        check_codes(table, sorted(HYMENOPTERA.rglob("*.jpg"))[:n_codes], args.size, device)
-        reference = check_extraction(table, work / "extract", images, args.size, device)
-        if device.type == "cuda":
-            check_oom(table, work / "oom", images, args.size, device, reference)
-        else:
+        _guarded(table, "codes across devices", check_codes,
+                 sorted(HYMENOPTERA.rglob("*.jpg"))[:n_codes], args.size, device)
+        reference = _guarded(table, "extraction throughput", check_extraction,
+                             work / "extract", images, args.size, device)
+        if device.type != "cuda":
             table.add("OOM halving", "skipped: needs CUDA")
-        check_ddp(table, work / "ddp", args.size, device, args.epochs)
-        check_training(table, reference, device, batch)
+        elif reference is not None:
+            _guarded(table, "OOM halving", check_oom, work / "oom", images, args.size, device,
+                     reference)
+        _guarded(table, "DDP over nccl", check_ddp, work / "ddp", args.size, device,
+                 args.epochs)
+        if reference is not None:
+            _guarded(table, "fine-tuning throughput", check_training, reference, device, batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ok = table.print()
