@@ -148,8 +148,10 @@ def test_a_killed_stage_leaves_no_process_and_the_rerun_resumes_to_the_same_weig
     proc = _stage(root)
     kept = _wait_epoch(root, 0, proc)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)
     _none_left(root)
+    job = out.split(" -m tasks.finetune ", 1)[1].split()[0]  # a killed stage cannot remove it
+    shutil.rmtree(job)
     kept = _epoch(root)
     assert 1 <= kept < EPOCHS and not (root / "models/finetuned.safetensors").exists()
 
