@@ -4,6 +4,8 @@
 (b) executor dask, a LocalCluster of 2 worker processes started by the stage (start-up counted);
 (c) executor dask, an existing `dask scheduler` + `dask worker --nworkers 2 --nthreads 1` on
     127.0.0.1, started before the run (the workers build the network in the run: counted);
+(a') the local executor again, after (c): the machine is shared, its load drifts, and the
+    ratios are taken against the mean of (a) and (a');
 (d) the merge alone: shard files of 4096 codes committed into a store (read + append + flush).
 Each run computes every image of a fresh store; codes are compared with (a) bit for bit.
 Bytes moved per image: the task spec sent to a worker, its answer, the shard file it writes
@@ -162,6 +164,7 @@ def main() -> None:
             for p in procs:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(30)
+        t_local2, _ = run_stage(tmp / "local2", folder, args.image_size, **common)
         merge_1280 = merge_rate(tmp / "m1", 12)
         merge_both = merge_rate(tmp / "m2", 12, dims={"pooled": 1280, "blocks.4": 112})
         from tasks.lib.params import Extract
@@ -178,6 +181,7 @@ def main() -> None:
     print(f"images: {n} at {args.image_size} px, batch {args.batch_size}, "
           f"shards of {args.shard_size}; {os.cpu_count()} cores")
     print(f"(a) local executor                 {t_local:7.1f} s  {n / t_local:6.1f} img/s")
+    print(f"    and again after (c)            {t_local2:7.1f} s  {n / t_local2:6.1f} img/s")
     print(f"(b) LocalCluster, 2 workers        {t_lc:7.1f} s  {n / t_lc:6.1f} img/s "
           "(cluster start-up included)")
     print(f"(c) existing cluster, 2 workers    {t_ex:7.1f} s  {n / t_ex:6.1f} img/s")
@@ -191,8 +195,9 @@ def main() -> None:
           f"{answer / args.shard_size:.1f} (worker -> stage), shard file "
           f"{m_ex.file_bytes / max(m_ex.rows, 1):.0f} (worker writes, stage reads), "
           f"image read by a worker {image_bytes:.0f}")
-    print(f"ratio LocalCluster / local throughput: {t_local / t_lc:.2f}  (goal >= 0.7)")
-    print(f"ratio existing cluster / local throughput: {t_local / t_ex:.2f}  (goal >= 0.7)")
+    local = (t_local + t_local2) / 2  # the machine is shared: its load drifts during the run
+    print(f"ratio LocalCluster / local throughput: {local / t_lc:.2f}  (goal >= 0.7)")
+    print(f"ratio existing cluster / local throughput: {local / t_ex:.2f}  (goal >= 0.7)")
 
 
 if __name__ == "__main__":

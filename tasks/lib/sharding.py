@@ -239,6 +239,22 @@ def compute_shard(job: ShardJob) -> ShardDone:
 
 
 @contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """distributed's INFO lines (clients connecting, a comm closed at shutdown, with its
+    traceback) stay out of the stage's output, inside a Prefect run too (Prefect's logging
+    set-up shows them); warnings (a worker lost) still show."""
+    import logging
+
+    log = logging.getLogger("distributed")
+    level = log.level
+    log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
 def dask_client(cfg: Extract) -> Iterator[Any]:
     """A distributed.Client: on an existing scheduler (`extract.dask_address`), or on a
     LocalCluster of `extract.dask_workers` processes (null: one per core), one thread each,
@@ -250,7 +266,7 @@ def dask_client(cfg: Extract) -> Iterator[Any]:
 
     if cfg.dask_address is None:
         n = cfg.dask_workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+        with _quiet_distributed(), LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
@@ -260,7 +276,7 @@ def dask_client(cfg: Extract) -> Iterator[Any]:
     except (OSError, TimeoutError) as err:
         raise TlflowError(f"extract.dask_address: no Dask scheduler answers at "
                           f"{cfg.dask_address} ({err})") from None
-    with client:
+    with _quiet_distributed(), client:
         try:
             client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
         except TimeoutError:
