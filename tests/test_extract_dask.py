@@ -231,3 +231,30 @@ def test_shard_files_are_checked_and_a_missing_scheduler_is_one_line(tmp_path: P
                       dask_address=f"tcp://127.0.0.1:{_free_port()}")
     with pytest.raises(TlflowError, match=r"extract.dask_address: no Dask scheduler answers"):
         extract.run(params)
+
+
+def test_a_shard_of_unreadable_images_only_is_a_record_not_a_failure(tmp_path: Path):
+    """compute_shard called directly (as a worker calls it): the unreadable image comes back
+    in the record, the shard file holds no rows but every layer, and a second call finds it."""
+    import torch
+
+    from tasks.lib.backbones import create_backbone
+    from tasks.lib.extraction import describe_extractor
+    from tasks.lib.featurestore import extractor_id, library_versions
+    from tasks.lib.params import Extract
+    from tasks.lib.sharding import ShardJob, compute_shard
+
+    cfg = Extract(**{**TINY, "layers": ("pooled", "blocks.2")})
+    backbone = create_backbone(cfg.backbone, cfg.weights, None, 0)
+    backbone.resize(32)
+    ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, torch.device("cpu")))
+    (tmp_path / "empty.png").write_bytes(b"")
+    job = ShardJob(ext_id, cfg, 0, 32, library_versions(), (str(tmp_path / "empty.png"),),
+                   ("k0",), str(tmp_path / "s.h5"))
+    done = compute_shard(job)
+    assert done.rows == 0 and not done.reused
+    assert [(i, "empty.png: cannot read image" in r) for i, r in done.bad] == [(0, True)]
+    keys, codes, _ = read_shard(tmp_path / "s.h5", ext_id)
+    assert keys == [] and {k: v.shape for k, v in codes.items()} == {
+        "pooled": (0, 1280), "blocks.2": (0, 40)}
+    assert compute_shard(job).reused

@@ -228,9 +228,10 @@ def compute_shard(job: ShardJob) -> ShardDone:
             if batch.images is not None:
                 keys.extend(job.keys[i] for i in batch.indices)
                 parts.append(encode_batch(model, batch.images, job.cfg, device))
-        dims = model.dims(job.size) if not parts else {}  # a shard of unreadable images only
-    codes = {name: np.concatenate([p[name] for p in parts]) if parts else
-             np.empty((0, dims[name]), job.cfg.dtype) for name in job.cfg.layers}
+        if not parts:  # a shard of unreadable images only: the layers' widths from a zero image
+            zero = torch.zeros(1, 3, job.size, job.size)
+            parts = [{k: v[:0] for k, v in encode_batch(model, zero, job.cfg, device).items()}]
+    codes = {name: np.concatenate([p[name] for p in parts]) for name in job.cfg.layers}
     write_shard(path, job.ext_id, keys, codes, bad)
     return ShardDone(job.path, len(keys), tuple(bad))
 
