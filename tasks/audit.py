@@ -44,7 +44,7 @@ def run(params: Params) -> dict[str, int]:
     probe = audit.ProbeSetting(best["layer"], tuple(params.train.C_grid), params.train.normalize,
                                params.train.max_iter, params.train.class_weight)
     issues = audit.label_issues(fit_rows, x_fit, probe, cfg.folds, seed, cfg.max_listed)
-    write_audit(paths.duplicates, {"threshold": cfg.duplicate_threshold, "layer": dup_layer,
+    write_audit(paths.duplicates, {"threshold": dups["threshold"], "layer": dup_layer,
                                    "near_duplicates": dups, "label_conflicts": conflicts})
     write_audit(paths.label_issues, issues)
     write_audit(paths.balance, audit.balance(rows))
@@ -52,7 +52,7 @@ def run(params: Params) -> dict[str, int]:
               "label_issues": issues["count"]}
     write_audit_metrics(paths.audit_metrics, counts)
     print(f"audit: {dups['count']} near-duplicate pair(s) across splits (similarity >= "
-          f"{cfg.duplicate_threshold} on {dup_layer}), {conflicts['count']} file(s) under two "
+          f"{dups['threshold']} on {dup_layer}), {conflicts['count']} file(s) under two "
           f"labels, {issues['count']} likely label error(s) among {len(fit_rows)} train + val "
           f"images -> {paths.duplicates}, {paths.label_issues}", flush=True)
     return counts

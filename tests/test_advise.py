@@ -67,9 +67,10 @@ def test_textures_are_placed_dissimilar_and_the_plan_is_carried_out(textures):
     assert finetune.run(textures) is None  # a probe plan fine-tunes nothing
 
 
-def test_tlflow_advise_prints_the_table(textures, tmp_path, monkeypatch, capsys):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(textures.model_dump(mode="json")))
-    monkeypatch.chdir(tmp_path)
+def test_tlflow_advise_prints_the_table(textures, monkeypatch, capsys):
+    root = textures.base.paths.images.parents[1]  # the project's paths lie inside it
+    (root / "params.yaml").write_text(yaml.safe_dump(textures.model_dump(mode="json")))
+    monkeypatch.chdir(root)
     assert main(["advise"]) == 0
     out = capsys.readouterr().out
     assert "early_probe ← this data set" in out and "top 10 components" in out

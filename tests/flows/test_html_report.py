@@ -31,7 +31,7 @@ def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
     small.resize((48, 48), Image.Resampling.BICUBIC).save(path)
     return path
 
-ODD = "test/red/<b>&amp; \"x\".png"  # a name the page must show, never interpret
+ODD = "test/blue/<b>&amp; \"x\".png"  # red labelled blue: in the gallery, shown, never interpreted
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,9 @@ with prefect_api() as url:
 """
 
 
-def _kill_and_check(code: str, env: dict[str, str]) -> str:
+def _kill_and_check(code: str, env: dict[str, str]) -> tuple[str, set[int]]:
     """Start `code` in a child, read its first line, SIGKILL it: every process it started dies
-    with it. Returns the line."""
+    with it. Returns the line and the pids of the processes it started."""
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -50,7 +50,7 @@ def _kill_and_check(code: str, env: dict[str, str]) -> str:
         return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in born)
 
     wait_for(gone, 10, "the processes it started to die with it")
-    return line
+    return line, {p.pid for p in born}
 
 
 def test_a_bound_process_dies_with_its_killed_parent():
@@ -59,8 +59,9 @@ def test_a_bound_process_dies_with_its_killed_parent():
 
 @pytest.mark.slow  # a temporary Prefect server starts: 10 s, 40 s on a busy machine
 def test_the_temporary_server_dies_with_a_killed_run(tmp_path: Path):
-    url = _kill_and_check(SERVER, cli_env(tmp_path))  # no PREFECT_API_URL
+    url, born = _kill_and_check(SERVER, cli_env(tmp_path))  # no PREFECT_API_URL
     assert url.startswith("http://127.0.0.1:"), url
     port = int(url.rsplit(":", 1)[1].split("/")[0])
+    # none of its processes listens there still (another test's server may have the port now)
     assert not any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                   for c in psutil.net_connections("tcp"))
+                   and c.pid in born for c in psutil.net_connections("tcp"))

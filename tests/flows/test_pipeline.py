@@ -67,8 +67,9 @@ def test_a_second_run_skips_everything(project):
 
 def test_a_C_grid_change_reruns_train_and_only_what_its_outputs_change(project):
     """A grid that keeps the chosen C of every layer reruns train, whose head comes out
-    byte-identical, so neither finetune nor evaluate reruns; a grid that changes the C
-    reruns what reads it, never ingest or extract."""
+    byte-identical, so neither finetune nor evaluate reruns (audit does: it reads the grid,
+    averaging its probes); a grid that changes the C reruns what reads it, never ingest or
+    extract."""
     root, env, _ = project
     probe = json.loads((root / "reports/probe.json").read_text())
     head = (root / "models/head.safetensors").read_bytes()
@@ -77,7 +78,8 @@ def test_a_C_grid_change_reruns_train_and_only_what_its_outputs_change(project):
     _set_C_grid(root, [c for c in grid if c in chosen])  # same order: same tie-breaks
     proc = run_cli(["dvc", "repro"], root, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert set(re.findall(r"Running stage '(\w+)'", proc.stdout)) == {"train"}, proc.stdout
+    assert set(re.findall(r"Running stage '(\w+)'", proc.stdout)) == {"train", "audit"}, \
+        proc.stdout
     assert (root / "models/head.safetensors").read_bytes() == head
     _dvc_up_to_date(root, env)
 
@@ -115,7 +117,8 @@ def test_tlflow_status_agrees_with_dvc_status(project):
         dvc = json.loads(run_cli(["dvc", "status", "--json"], root, env).stdout)
     finally:
         (root / "params.yaml").write_text(original)
-    assert {n for n, why in mine.items() if why} == {k.split(":")[-1] for k in dvc} == {"train"}
+    assert {n for n, why in mine.items() if why} == {k.split(":")[-1] for k in dvc} \
+        == {"train", "audit"}
     assert "params: train" in mine["train"]  # dvc.yaml declares the section
     proc = run_cli(["tlflow", "status"], root, env)
     assert proc.returncode == 0 and proc.stdout.count("up to date") == len(STAGES), proc.stdout
