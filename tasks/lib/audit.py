@@ -36,7 +36,7 @@ import numpy as np
 
 from tasks.lib.manifest import SPLITS, Row
 from tasks.lib.params import Train
-from tasks.lib.probes import make_probe
+from tasks.lib.probes import make_clf, make_norm
 
 QUERY_SPLITS = ("val", "test")  # compared against train for leaks
 _BLOCK_CELLS = 1 << 24  # similarity entries computed at once (64 MiB of float32)
@@ -139,10 +139,15 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, classes: tuple[str, 
             if len(set(y[fit])) < 2:
                 proba[held, [column[v] for v in y[held]]] = 1.0  # nothing to tell apart
                 continue
-            for C in probe.Cs:
-                model = make_probe(C, cfg, seed).fit(x[fit], y[fit])
-                cols = [column[c] for c in model.classes_]
-                proba[np.ix_(held, cols)] += model.predict_proba(x[held]) / len(probe.Cs)
+            norm = make_norm(cfg.normalize).fit(x[fit])
+            x_fit, x_held = norm.transform(x[fit]), norm.transform(x[held])
+            clf = None
+            for C in sorted(probe.Cs):  # the regularization path, warm-started (as train)
+                clf = make_clf(C, cfg, seed, warm_start=True) if clf is None \
+                    else clf.set_params(C=C)
+                clf.fit(x_fit, y[fit])
+                cols = [column[c] for c in clf.classes_]
+                proba[np.ix_(held, cols)] += clf.predict_proba(x_held) / len(probe.Cs)
     return proba
 
 
