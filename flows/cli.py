@@ -371,7 +371,7 @@ def _summary(results: list, params: Params) -> None:
         table.add_column(col)
     for r in results:
         table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
-    console = Console()
+    console = Console(soft_wrap=True)  # a line is never broken inside, piped or not
     console.print(table)
     from tasks.lib.handoff import read_eval_metrics, read_probe_report
 

@@ -424,7 +424,7 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_ds: Images, seed
     trained = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
     where = f"{device}" + (f" x {ranks.world} processes" if ranks.distributed else "")
     _say(f"finetune: {cfg.trainable} ({trained:,} parameters train) on {len(train_ds)} "
-         f"images, {where}, up to {cfg.epochs} epochs")
+         f"images, {where}, up to {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
 
     epoch = state["epoch"]
     while epoch < cfg.epochs and not state["stopped_early"]:

@@ -175,7 +175,7 @@ class Extract(_Section):
     # an existing scheduler's address
     executor: Literal["local", "dask"] = "local"
     shard_size: int = Field(4096, ge=1)
-    dask_address: str | None = Field(None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
+    dask_address: str | None = Field(None, pattern=r"^(tcp|tls|ucx)://[^\s:/]+:\d+$")
     dask_workers: int | None = Field(None, ge=1)
 
     @field_validator("image_size")
@@ -314,6 +314,14 @@ class Params(_Section):
     run: Run = Run()
 
 
+# what a key's pattern (Field(pattern=...)) stands for, said in its errors
+PATTERN_HINTS = {
+    "device": "auto, cpu, cuda or cuda:N",
+    "dask_address": "a scheduler address with its port, e.g. tcp://host:8786",
+    "rdzv_endpoint": "host:port, e.g. node0:29400",
+}
+
+
 def _describe(err: ValidationError, source: str) -> str:
     """One line per problem: the dotted key, what was expected, what was given. A key whose
     item already has a line (C_grid.0: not finite) gets no second line for the consequence
@@ -329,6 +337,8 @@ def _describe(err: ValidationError, source: str) -> str:
             key, given = f"{key}.{field}", ""
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        if e["type"] == "string_pattern_mismatch" and e["loc"][-1] in PATTERN_HINTS:
+            msg = f"expected {PATTERN_HINTS[e['loc'][-1]]}"  # not the regular expression
         lines.append(f"{source}: {key}: {msg}{given}")
         keys.append(key)
     return "\n".join(line for line, key in zip(lines, keys, strict=True)

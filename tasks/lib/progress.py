@@ -3,7 +3,9 @@ stderr (messages, never data; inside a Prefect run, log_prints sends the lines t
 
 Rate and ETA are measured over a moving window of recent updates, starting at the first
 update: the time before it (data loader start, model warm-up, the first batch) and a slow
-start long past never stretch the estimate of what is left.
+start long past never stretch the estimate of what is left. Work that completes in bursts
+(Dask shards) counts from the start instead (`since_start`): between two bursts the rate
+would be a burst's size over a second.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ class Progress:
     """Counts items with a measured rate and ETA; plain lines when stderr is not a tty."""
 
     def __init__(self, label: str, total: int, every_s: float = 10.0,
-                 window_s: float = 30.0) -> None:
+                 window_s: float = 30.0, since_start: bool = False) -> None:
         self.label, self.total, self.done, self.every_s = label, total, 0, every_s
         self.t0 = self.last = time.perf_counter()
         self.rate = MovingRate(window_s)
+        if since_start:
+            self.rate.add(self.t0, 0)
         self._bar = None
         if sys.stderr.isatty():
             from rich.console import Console

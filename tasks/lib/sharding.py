@@ -267,8 +267,10 @@ def dask_client(cfg: Extract) -> Iterator[Any]:
 
     if cfg.dask_address is None:
         n = cfg.dask_workers or os.cpu_count() or 1
+        # dashboard ":0", a free port: None still binds the scheduler's HTTP server to 8787
+        # and warns on stderr when that port is taken (a notebook's cluster, another run)
         with _quiet_distributed(), LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                          dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
         return
@@ -313,9 +315,10 @@ def extract_on_dask(store: FeatureStore, todo: list[Row], images: Path, job: Sha
     have = set(store.keys())
     timing = timing if timing is not None else MergeTiming()
     shards = cut(todo, job.cfg.shard_size)
-    progress = Progress("extract", len(todo))
     bad: list[dict[str, str]] = []
     with dask_client(job.cfg) as client:
+        # shards finish in bursts: the rate counts from submission, not from the first burst
+        progress = Progress("extract", len(todo), since_start=True)
         print(f"extract: {len(shards)} shard(s) of up to {len(shards[0])} images on Dask "
               f"({client.scheduler.address}, {len(client.scheduler_info()['workers'])} "
               "worker(s))", flush=True)

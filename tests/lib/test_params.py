@@ -130,6 +130,7 @@ BAD_EDITS = [  # (dotted key, value) -> the error names the key; one line, exit 
     ("extract.executor", "spark"), ("extract.executor", True), ("extract.shard_size", 0),
     ("extract.shard_size", "4096"), ("extract.shard_size", 1.5),
     ("extract.dask_address", "localhost:8786"), ("extract.dask_address", 8786),
+    ("extract.dask_address", "tcp://localhost"),
     ("extract.dask_workers", 0), ("extract.dask_workers", "2"),
     ("train.C_grid", [True]), ("train.C_grid", ["1"]), ("train.C_grid", [float("nan")]),
     ("train.C_grid", [float("inf")]), ("train.C_grid", [0.0]), ("train.C_grid", []),
