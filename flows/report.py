@@ -126,8 +126,13 @@ def write_html_report(paths: Paths, before: Snapshot) -> str:
     from flows.html_report import write_report
     from tasks.lib.errors import TlflowError
 
+    now = current_data_version(paths)
+    compared_with = "the previous run"
+    if before.data_version is not None and now != before.data_version:
+        compared_with += (f", on other data (data version {before.data_version}): the changes "
+                          "mix the data's effect with the model's")
     try:
-        written = write_report(paths, before.metrics, "the previous run")
+        written = write_report(paths, before.metrics, compared_with)
     except TlflowError as err:
         return f"report: not written ({err})"
     return f"report: {written.page} ({written.thumbnails} thumbnails)"

@@ -118,3 +118,16 @@ def test_chromium_renders_the_page_offline(project, tmp_path: Path):
     dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert "Misclassified test images: probe" in dom and "test/blue/wrong.png" in dom
+
+
+def test_a_run_on_other_data_says_so(project):
+    """Compared with a run on other data, the page says the changes mix data and model."""
+    from flows.report import Snapshot, write_html_report
+
+    params, _ = project
+    line = write_html_report(params.base.paths, Snapshot("0000other", frozenset(), {}))
+    assert line.startswith("report: ")
+    html = params.base.paths.report.read_text()
+    assert "on other data (data version 0000other)" in html
+    write_html_report(params.base.paths, Snapshot.take(params.base.paths))
+    assert "on other data" not in params.base.paths.report.read_text()
