@@ -34,6 +34,11 @@ from tasks.lib.handoff import (
 )
 from tasks.lib.params import Paths
 
+# out-of-fold accuracy of the audit's probes below which the page warns that the likely label
+# errors it lists are as much the probes' own mistakes (hymenoptera at 64 px, a probe of test
+# accuracy 0.78: 49 of 245 images listed)
+WEAK_PROBE = 0.9
+
 THUMBS = "thumbs"  # beside the page: thumbs/<sha256>.jpg
 THUMB_SIDE = 160  # pixels, the longer side
 MAX_GALLERY = 500  # images shown per gallery (the counts are complete)
@@ -232,6 +237,7 @@ def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with:
         "per_class": [r for r in per_class], "models": models,
         "curve": curve_png(paths.finetune_curve), "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,
+        "weak_probe": WEAK_PROBE,
     }
     return _template().render(**data), data
 

@@ -155,7 +155,9 @@ def label_issues(rows: list[Row], x: np.ndarray, probe: ProbeSetting, folds: int
                  max_listed: int) -> dict:
     """Likely label errors among `rows` (train + val) with codes x (N, D): confident learning
     on out-of-fold probabilities, the least self-confident first. Each listed image has its
-    given label, the label the probes suggest, and both probabilities."""
+    given label, the label the probes suggest, and both probabilities; `oof_accuracy` is how
+    often the out-of-fold probes agree with the given labels (below flows.html_report's
+    WEAK_PROBE the page warns that the list holds the probes' own mistakes)."""
     labels = np.array([r.label for r in rows])
     classes = tuple(sorted(set(labels.tolist())))
     head = {"method": "confident learning (cleanlab.filter.find_label_issues, "
@@ -172,7 +174,9 @@ def label_issues(rows: list[Row], x: np.ndarray, probe: ProbeSetting, folds: int
                "p_label": round(float(proba[i, given[i]]), 4),
                "p_suggested": round(float(proba[i].max()), 4)} for i in flagged]
     k = max(2, min(folds, max(Counter(labels.tolist()).values())))
-    return {**head, "folds": k, "count": len(images), "images": images[:max_listed]}
+    oof = round(float((proba.argmax(axis=1) == given).mean()), 4)
+    return {**head, "folds": k, "oof_accuracy": oof, "count": len(images),
+            "images": images[:max_listed]}
 
 
 def _confident_learning(given: np.ndarray, proba: np.ndarray) -> list[int]:

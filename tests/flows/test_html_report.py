@@ -131,3 +131,19 @@ def test_a_run_on_other_data_says_so(project):
     assert "on other data (data version 0000other)" in html
     write_html_report(params.base.paths, Snapshot.take(params.base.paths))
     assert "on other data" not in params.base.paths.report.read_text()
+
+
+def test_a_weak_probe_s_label_errors_come_with_a_warning(project):
+    params, _ = project
+    paths = params.base.paths
+    issues = json.loads(paths.label_issues.read_text())
+    assert 0.9 <= issues["oof_accuracy"] <= 1  # colours: the probes agree with the labels
+    assert 'class="warn"' not in paths.report.read_text()
+    original = paths.label_issues.read_bytes()
+    try:
+        paths.label_issues.write_text(json.dumps({**issues, "oof_accuracy": 0.6}))
+        write_report(paths, {})
+        assert "agree with only 60 % of the given labels" in paths.report.read_text()
+    finally:
+        paths.label_issues.write_bytes(original)
+        write_report(paths, {})
