@@ -24,11 +24,12 @@ run: install  ## run the default pipeline as a Prefect flow and print the result
 
 # Two workers (pytest-xdist), one test module each at a time: module fixtures are built once,
 # and one worker computes while the other waits on a subprocess or the Prefect server.
-test: install  ## the whole suite (no network, no GPU; about 5 minutes on 2 cores)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+# The kill-and-resume tests (marked faults) run with the fault suite: `make faults`; CI runs both.
+test: install  ## the suite (no network, no GPU; about 5 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not faults"
 
 test-fast: install  ## the suite without the slow end-to-end and real-weights tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not faults"
 
 lint: install
 	$(BIN)/ruff check .
@@ -52,7 +53,8 @@ bench: install
 # Refused inputs, SIGKILLs at seeded random moments, a kill between a model pair's files,
 # flipped bytes, bad paths, a full disk (tmpfs, where mounting one is allowed), a killed
 # `tlflow run` leaving no process: bench/faults.py on a tiny colour project.
-faults: install  ## the fault suite (a few minutes on 2 cores)
+faults: install  ## the fault suite and the kill-and-resume tests (about 5 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m faults
 	$(BIN)/python bench/faults.py
 
 clean:

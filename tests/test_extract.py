@@ -219,7 +219,7 @@ sys.exit(main(["stage", "extract"]))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # make faults (CI), not make test
 def test_sigkill_mid_batch_then_resume_gives_the_same_codes(tmp_path: Path, image_folder: Path):
     import subprocess
     import sys

@@ -167,7 +167,7 @@ sys.exit(main(["stage", "extract"]))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # make faults (CI), not make test
 def test_a_stage_killed_mid_run_resumes_without_recomputing(tmp_path: Path, images: Path,
                                                             local_codes, cluster: str):
     """`tlflow stage extract` (what dvc repro runs) SIGKILLed before committing its third

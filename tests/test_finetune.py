@@ -210,7 +210,7 @@ def _tlflow(root: Path, stage: str, env: dict) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # make faults (CI), not make test
 def test_sigkill_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path):
     from safetensors.torch import load_file
 

@@ -136,7 +136,7 @@ def _copy(project: Path, dest: Path) -> Path:
         ".tlflow", "finetuned.*", "finetune.csv")))
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # make faults (CI), not make test
 def test_a_killed_stage_leaves_no_process_and_the_rerun_resumes_to_the_same_weights(
         project: Path, whole, tmp_path: Path):
     """SIGKILL of `tlflow stage finetune` itself: torchrun and both ranks end with it (no
