@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from flows.history import current_data_version
 from flows.report import MODELS, Snapshot
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import atomic_path, write_text
@@ -262,3 +263,18 @@ def write_report(paths: Paths, before: dict[str, Any] | None = None,
                    {m["name"]: m["wrong"] for m in data["models"]},
                    audit.get("duplicates", {}).get("near_duplicates", {}).get("count", 0),
                    audit.get("issues", {}).get("count", 0))
+
+
+def write_html_report(paths: Paths, before: Snapshot) -> str:
+    """The offline HTML report against the metrics before the run; one line saying where it
+    is (or why it could not be written: the run itself succeeded)."""
+    now = current_data_version(paths)
+    compared_with = "the previous run"
+    if before.data_version is not None and now != before.data_version:
+        compared_with += (f", on other data (data version {before.data_version}): the changes "
+                          "mix the data's effect with the model's")
+    try:
+        written = write_report(paths, before.metrics, compared_with)
+    except TlflowError as err:
+        return f"report: not written ({err})"
+    return f"report: {written.page} ({written.thumbnails} thumbnails)"

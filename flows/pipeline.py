@@ -117,7 +117,8 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     Transient failures are retried (run.retries); the summary and the per-class metrics are
     published as artifacts, against what the previous run left.
     """
-    from flows.report import Snapshot, publish_summary, write_html_report
+    from flows.html_report import write_html_report
+    from flows.report import Snapshot, publish_summary
 
     params = load_params()
     paths, cfg = params.base.paths, params.run

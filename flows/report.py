@@ -120,24 +120,6 @@ def misclassified_rows(paths: Paths) -> list[dict[str, Any]]:
              "loss": round(p.loss, 4)} for p in wrong]
 
 
-def write_html_report(paths: Paths, before: Snapshot) -> str:
-    """The offline HTML report against the metrics before the run; one line saying where it
-    is (or why it could not be written: the run itself succeeded)."""
-    from flows.html_report import write_report
-    from tasks.lib.errors import TlflowError
-
-    now = current_data_version(paths)
-    compared_with = "the previous run"
-    if before.data_version is not None and now != before.data_version:
-        compared_with += (f", on other data (data version {before.data_version}): the changes "
-                          "mix the data's effect with the model's")
-    try:
-        written = write_report(paths, before.metrics, compared_with)
-    except TlflowError as err:
-        return f"report: not written ({err})"
-    return f"report: {written.page} ({written.thumbnails} thumbnails)"
-
-
 def headline(before: Snapshot, after: Snapshot) -> str:
     """The test accuracies and their change, e.g. "probe 0.9481 (+0.0070), finetune 0.9540"."""
     parts = []

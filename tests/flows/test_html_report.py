@@ -122,7 +122,8 @@ def test_chromium_renders_the_page_offline(project, tmp_path: Path):
 
 def test_a_run_on_other_data_says_so(project):
     """Compared with a run on other data, the page says the changes mix data and model."""
-    from flows.report import Snapshot, write_html_report
+    from flows.html_report import write_html_report
+    from flows.report import Snapshot
 
     params, _ = project
     line = write_html_report(params.base.paths, Snapshot("0000other", frozenset(), {}))
