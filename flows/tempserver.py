@@ -19,30 +19,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with(parent: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGKILL when the thread that forked it exits (the main
-    thread here, so: when the run's process dies, however it dies); if that already happened
-    between fork and this call, the child ends at once."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+from tasks.lib.lifetime import die_with_parent
 
 
 def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
     """Start a process that the kernel kills (SIGKILL) when this process dies (Linux)."""
-    return subprocess.Popen(args, preexec_fn=_die_with(os.getpid()), **popen)
+    parent = os.getpid()
+    return subprocess.Popen(args, preexec_fn=lambda: die_with_parent(signal.SIGKILL, parent),
+                            **popen)
 
 
 def _free_port() -> int:

@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tasks.lib import lifetime
 from tasks.lib.device import resolve_device
 from tasks.lib.errors import TlflowError
 from tasks.lib.files import write_json
 from tasks.lib.torchrun import JOB, RESULT
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 class WeightsDiverged(RuntimeError):
     """Ranks hold different weights after an epoch: DDP keeps them equal, so a bug or a
@@ -247,15 +247,7 @@ def check_same_weights(model: nn.Module, epoch: int) -> str:
 def die_with_parent() -> None:
     """First thing in a rank: ask Linux for SIGKILL when torchrun (its parent) dies; torchrun
     starts its ranks in sessions of their own, so nothing else would stop them."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (AttributeError, OSError):  # not Linux: torchrun's own clean-up only
-        return
-    if os.getppid() != parent:  # torchrun died before the request
-        os._exit(1)
+    lifetime.die_with_parent(signal.SIGKILL, os.getppid())
 
 
 def _is_peer_failure(err: BaseException) -> bool:

@@ -40,13 +40,9 @@ JOB, RESULT = "job.json", "result.json"  # in the job folder: the work, rank 0's
 # stage dies (torchrun then stops its ranks), check the stage is still there, then become
 # torchrun. A preexec_fn would do the same but is unsafe in a threaded parent (Prefect's).
 _GUARD = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-except (AttributeError, OSError):
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)
+import os, signal, sys
+from tasks.lib.lifetime import die_with_parent
+die_with_parent(signal.SIGTERM, int(sys.argv[1]))
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
