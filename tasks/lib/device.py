@@ -28,6 +28,18 @@ def resolve_workers(num_workers: int | None, device: torch.device, most: int = 8
     return min(most, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
 
 
+def set_cpu_threads(device: torch.device, workers: int) -> None:
+    """On CPU, the forward and backward passes compute on the cores the decoders leave
+    (cores - workers, at least 1; under torchrun each of LOCAL_WORLD_SIZE ranks gets its
+    share of the cores), set here every time rather than inherited: oneDNN's sums
+    differ in the last bits with the thread count, and what a process starts with depends
+    on its environment (OMP_NUM_THREADS, which Dask's nanny sets to 1) and on which stage
+    ran before in it (extract computing codes, or finding them all cached)."""
+    if device.type == "cpu":
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks - workers))
+
+
 def effective_precision(device: torch.device, precision: str) -> str:
     """The precision the network really computes in: the asked one on CUDA, fp32 on CPU."""
     return precision if device.type == "cuda" and precision in _AUTOCAST else "fp32"

@@ -3,7 +3,6 @@ pass, and the filling of a feature store. Used by extract (the stage) and predic
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from tasks.lib.backbones import Backbone, CodeExtractor
-from tasks.lib.device import autocast, effective_precision, resolve_workers
+from tasks.lib.device import autocast, effective_precision, resolve_workers, set_cpu_threads
 from tasks.lib.errors import TlflowError
 from tasks.lib.featurestore import FeatureStore
 from tasks.lib.images import DECODING, read_image
@@ -135,8 +134,7 @@ def make_loader(files: list[Path], backbone: Backbone, cfg: Extract,
                 device: torch.device) -> torch.utils.data.DataLoader:
     """Batches of decoded images in file order (extraction is deterministic: no shuffling)."""
     workers = resolve_workers(cfg.num_workers, device)
-    if device.type == "cpu":  # decoders and the forward pass share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+    set_cpu_threads(device, workers)  # decoders and the forward pass share the cores
     return torch.utils.data.DataLoader(
         ImageFiles(files, backbone.transform()), batch_size=cfg.batch_size,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",

@@ -41,7 +41,7 @@ from PIL import Image
 from tasks.lib import checkpoint, distributed
 from tasks.lib.backbones import POOLED
 from tasks.lib.codedeps import ROOT, code_deps
-from tasks.lib.device import autocast, resolve_device, resolve_workers
+from tasks.lib.device import autocast, resolve_device, resolve_workers, set_cpu_threads
 from tasks.lib.errors import TlflowError
 from tasks.lib.featurestore import FeatureStore
 from tasks.lib.files import atomic_path, sha256_file
@@ -173,6 +173,7 @@ def _loader(ds: torch.utils.data.Dataset, cfg: Finetune, device: torch.device, s
             generator: torch.Generator | None = None,
             sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
     workers = resolve_workers(cfg.num_workers, device, most=4)
+    set_cpu_threads(device, workers)
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
         num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
@@ -534,5 +535,6 @@ def finetuned_probabilities(net: Network, files: list[Path], device_spec: str = 
     ds = Images([Row(str(f), "", net.classes[0], "test") for f in files], Path(), net.classes,
                 net.backbone.transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    set_cpu_threads(device, 0)
     net.model.to(device, memory_format=torch.channels_last)
     return softmax(logits(net, loader, device), axis=1)

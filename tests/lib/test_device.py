@@ -24,3 +24,25 @@ def test_devices_and_workers():
     if not torch.cuda.is_available():
         with pytest.raises(TlflowError, match=r"extract.device: 'cuda:1' asked for"):
             resolve_device("cuda:1")
+
+
+def test_cpu_threads_are_set_not_inherited(monkeypatch):
+    """Whatever a process starts with (OMP_NUM_THREADS=1 from Dask's nanny, a stage before),
+    every CPU loader computes on the same count: codes and weights depend on it."""
+    import os
+
+    import torch
+
+    from tasks.lib.device import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        torch.set_num_threads(1)
+        set_cpu_threads(torch.device("cpu"), 0)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(os.cpu_count() or 1))  # a rank per core
+        set_cpu_threads(torch.device("cpu"), 0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
