@@ -42,8 +42,8 @@ def _digits_scenario() -> dict[str, dict]:
 
 def _finetune(params, label: str) -> dict:
     """The finetune stage then evaluate; the stage's lines are echoed and parsed."""
-    from tasks import evaluate, finetune
-    from tasks.lib.network import read_meta
+    from tlflow.tasks import evaluate, finetune
+    from tlflow.tasks.lib.network import read_meta
 
     out = io.StringIO()
     t0 = time.perf_counter()
@@ -70,8 +70,8 @@ def main() -> None:
 
     import torch
 
-    from tasks import extract, ingest, train
-    from tasks.lib.params import params_under
+    from tlflow.tasks import extract, ingest, train
+    from tlflow.tasks.lib.params import params_under
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} "
           f"threads in one process; {args.nproc} processes of {args.batch // args.nproc} "

@@ -85,8 +85,8 @@ def add_new_images(folder: Path, n: int) -> None:
 
 def stage_rate(folder: Path, work: Path, batch: int, size: int) -> dict[str, float]:
     """The extract stage on the folder: steady rate, start-up, and the cost of 1% new images."""
-    from tasks import extract, ingest
-    from tasks.lib.params import params_under
+    from tlflow.tasks import extract, ingest
+    from tlflow.tasks.lib.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",
                           ingest={"source": "folder", "path": str(folder)},
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--forward-images", type=int, default=256)
     args = ap.parse_args()
 
-    from tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:

@@ -92,8 +92,8 @@ class Suite:
     def in_process(self, name: str) -> None:
         """A stage run to completion in this process (torch imported once), then recorded in
         dvc.lock as `tlflow run` records it."""
-        from flows.stages import commit, stage_runner
-        from tasks.lib.params import load_params
+        from tlflow.flows.stages import commit, stage_runner
+        from tlflow.tasks.lib.params import load_params
 
         with _cwd(self.project), contextlib.redirect_stdout(sys.stderr):
             t0 = time.perf_counter()
@@ -114,9 +114,9 @@ class Suite:
             case.problems.append(f"a refusal changed {sorted(changed - touched)}")
 
     def stage_refusal(self, name: str) -> str:
-        from flows.stages import stage_runner
-        from tasks.lib.errors import TlflowError
-        from tasks.lib.params import load_params
+        from tlflow.flows.stages import stage_runner
+        from tlflow.tasks.lib.errors import TlflowError
+        from tlflow.tasks.lib.params import load_params
 
         with _cwd(self.project), contextlib.redirect_stdout(sys.stderr):
             try:
@@ -130,7 +130,7 @@ class Suite:
     def outputs(self) -> dict[str, str]:
         """sha256 of every output file (base.paths), relative to the project; a feature store
         by its committed content (it is appended in place)."""
-        from tasks.lib.params import load_params
+        from tlflow.tasks.lib.params import load_params
 
         if not hasattr(self, "_paths"):  # read once: some cases make params.yaml invalid
             with _cwd(self.project):
@@ -187,7 +187,7 @@ def _sha(path: Path) -> str:
 
 
 def _codes(path: Path) -> dict[str, tuple]:
-    from tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.featurestore import FeatureStore
 
     with FeatureStore(path) as fs:
         keys = fs.keys()
@@ -262,7 +262,7 @@ def build_versions(s: Suite) -> tuple[dict, dict, dict, Path]:
 
 
 def _has_stage(name: str) -> bool:
-    from flows.stages import STAGES
+    from tlflow.flows.stages import STAGES
 
     return name in STAGES
 
@@ -379,14 +379,15 @@ def run_pair_case(s: Suite, snapshot_a: Path) -> None:
     with s.case("kill between a model pair's files") as case:
         for f in ("head.safetensors", "head.json"):
             shutil.copy2(snapshot_a / "models" / f, s.project / "models" / f)
-        code = ("import os, signal, tasks.lib.files as f\n"
+        code = ("import os, signal, tlflow.tasks.lib.files as f\n"
                 "real = os.replace\n"
                 "def replace(src, dst):\n"
                 "    real(src, dst)\n"
                 "    if str(dst).endswith('head.safetensors'):\n"
                 "        os.kill(os.getpid(), signal.SIGKILL)\n"
                 "f.os.replace = replace\n"
-                "import sys\nfrom flows.cli import main\nsys.exit(main(['stage', 'train']))\n")
+                "import sys\nfrom tlflow.flows.cli import main\n"
+                "sys.exit(main(['stage', 'train']))\n")
         proc = subprocess.run([sys.executable, "-c", code], cwd=s.project, env=s.env,
                               capture_output=True, text=True)
         case.kills += 1

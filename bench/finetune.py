@@ -63,9 +63,9 @@ def parse_set(items: list[str]) -> dict[str, dict]:
 
 
 def run_scenario(name: str, epochs: int | None, seed: int, extra: dict[str, dict]) -> dict:
-    from tasks import evaluate, extract, finetune, ingest, train
-    from tasks.lib.network import read_meta
-    from tasks.lib.params import params_under
+    from tlflow.tasks import evaluate, extract, finetune, ingest, train
+    from tlflow.tasks.lib.network import read_meta
+    from tlflow.tasks.lib.params import params_under
 
     sections = {s: {**SCENARIOS[name].get(s, {}), **extra.get(s, {})}
                 for s in {*SCENARIOS[name], *extra}}

@@ -130,9 +130,9 @@ def check_codes(table: Table, files: list[Path], size: int, device) -> None:
     import numpy as np
     import torch
 
-    from tasks.lib.backbones import create_backbone
-    from tasks.lib.extraction import compute_codes
-    from tasks.lib.params import Extract
+    from tlflow.tasks.lib.backbones import create_backbone
+    from tlflow.tasks.lib.extraction import compute_codes
+    from tlflow.tasks.lib.params import Extract
 
     backbone = create_backbone(BACKBONE, "packaged", size)
     cpu = np.stack(compute_codes(files, backbone, "pooled", Extract(batch_size=32),
@@ -151,7 +151,7 @@ def check_codes(table: Table, files: list[Path], size: int, device) -> None:
 
 
 def _project(work: Path, images: Path, size: int, device, **extract) -> object:
-    from tasks.lib.params import params_under
+    from tlflow.tasks.lib.params import params_under
 
     return params_under(work, ROOT / "params.yaml",
                         ingest={"source": "folder", "path": str(images)},
@@ -163,9 +163,9 @@ def _forward_rate(params, files: list[Path], device, batch: int) -> float:
     """Forward passes alone, bf16 autocast as the stage, batches already on the device."""
     import torch
 
-    from tasks.lib.backbones import CodeExtractor, create_backbone
-    from tasks.lib.device import autocast
-    from tasks.lib.images import read_image
+    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.device import autocast
+    from tlflow.tasks.lib.images import read_image
 
     cfg = params.extract
     backbone = create_backbone(BACKBONE, "packaged", cfg.image_size)
@@ -186,8 +186,8 @@ def _forward_rate(params, files: list[Path], device, batch: int) -> float:
 
 def _decode_rate(params, files: list[Path], device) -> float:
     """The stage's own loader (its workers, pinned memory) without the network."""
-    from tasks.lib.backbones import create_backbone
-    from tasks.lib.extraction import make_loader
+    from tlflow.tasks.lib.backbones import create_backbone
+    from tlflow.tasks.lib.extraction import make_loader
 
     backbone = create_backbone(BACKBONE, "packaged", params.extract.image_size)
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def _decode_rate(params, files: list[Path], device) -> float:
 
 
 def check_extraction(table: Table, work: Path, images: Path, size: int, device):
-    from tasks import extract, ingest
+    from tlflow.tasks import extract, ingest
 
     params = _project(work, images, size, device)
     rows = _quiet(ingest.run, params)
@@ -229,9 +229,9 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
     import numpy as np
     import torch
 
-    from tasks import extract, ingest
-    from tasks.lib.featurestore import FeatureStore
-    from tasks.lib.handoff import current_store
+    from tlflow.tasks import extract, ingest
+    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.handoff import current_store
 
     cap_gib, batch = 1.5, 1024
     params = _project(work, images, size, device, batch_size=batch)
@@ -261,9 +261,9 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
 
 
 def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
-    from tasks import evaluate, extract, finetune, ingest, train
-    from tasks.lib.handoff import read_train_choice
-    from tasks.lib.params import params_under
+    from tlflow.tasks import evaluate, extract, finetune, ingest, train
+    from tlflow.tasks.lib.handoff import read_train_choice
+    from tlflow.tasks.lib.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",
                           ingest={"source": "folder", "path": str(HYMENOPTERA)},
@@ -305,11 +305,11 @@ def check_training(table: Table, params, device, batch: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from tasks.lib import finetuning as tuning
-    from tasks.lib.device import autocast
-    from tasks.lib.manifest import read_manifest
-    from tasks.lib.network import build, freeze
-    from tasks.lib.params import Finetune
+    from tlflow.tasks.lib import finetuning as tuning
+    from tlflow.tasks.lib.device import autocast
+    from tlflow.tasks.lib.manifest import read_manifest
+    from tlflow.tasks.lib.network import build, freeze
+    from tlflow.tasks.lib.params import Finetune
 
     paths = params.base.paths
     rows = read_manifest(paths.manifest)

@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
-from flows.html_report import write_report  # noqa: E402
-from tasks import audit, evaluate, extract, ingest, train  # noqa: E402
-from tasks.lib.manifest import read_manifest  # noqa: E402
-from tasks.lib.params import Params, params_under  # noqa: E402
+from tlflow.flows.html_report import write_report  # noqa: E402
+from tlflow.tasks import audit, evaluate, extract, ingest, train  # noqa: E402
+from tlflow.tasks.lib.manifest import read_manifest  # noqa: E402
+from tlflow.tasks.lib.params import Params, params_under  # noqa: E402
 
 
 def _project(root: Path, source: Path, store_from: Path | None) -> Params:
@@ -127,8 +127,8 @@ def main() -> None:
              == p["train_image"]["relpath"]}
     import numpy as np
 
-    from tasks.lib.featurestore import FeatureStore
-    from tasks.lib.handoff import current_store
+    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.handoff import current_store
 
     prow = read_manifest(pp.manifest)
     with FeatureStore(current_store(pp.features)) as st:

@@ -58,8 +58,8 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tasks.lib.params import Train
-    from tasks.lib.probes import Split, best, sweep
+    from tlflow.tasks.lib.params import Train
+    from tlflow.tasks.lib.probes import Split, best, sweep
 
     rng = np.random.default_rng(1)
     n_val = rows // 5
@@ -90,9 +90,9 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
 
 def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
     """A project whose store holds `rows` generated codes, ready for `tlflow stage train`."""
-    from tasks.lib.featurestore import FeatureStore
-    from tasks.lib.handoff import ExtractReport, write_extract_report, write_pointer
-    from tasks.lib.manifest import Row, write_manifest
+    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.handoff import ExtractReport, write_extract_report, write_pointer
+    from tlflow.tasks.lib.manifest import Row, write_manifest
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update(classifier="sgd", epochs=epochs)
@@ -121,7 +121,7 @@ def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
 # which a forked child shares until it execs.
 _STAGE_REPORTING_PEAK = """
 import sys
-from flows.cli import main
+from tlflow.flows.cli import main
 rc = main(["stage", "train"])
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 sys.exit(rc)
@@ -146,7 +146,7 @@ def bench_memory(codes: Codes, rows: int, epochs: int) -> dict:
         if proc.returncode:
             raise SystemExit(f"tlflow stage train failed with {proc.returncode}")
         peak = int(proc.stdout.rsplit("VmHWM:", 1)[1].split()[0]) * 1024  # kB
-        from tasks.lib.handoff import read_probe_report
+        from tlflow.tasks.lib.handoff import read_probe_report
 
         report = yaml.safe_load((work / "params.yaml").read_text())["base"]["paths"]["probe_report"]
         best = read_probe_report(work / report)["best"]

@@ -16,22 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.lib.errors import TlflowError
+from tlflow import __version__
+from tlflow.tasks.lib.errors import TlflowError
 
 if TYPE_CHECKING:
-    from tasks.lib.params import Params
+    from tlflow.tasks.lib.params import Params
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for `yes | head -1`'s yes
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tlflow")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 def _described(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -51,8 +43,26 @@ def _described(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tlflow", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = _described(p.add_subparsers(dest="command", required=True))
+    ini = sub.add_parser("init", help="make a folder a tlflow project of your own (params.yaml, "
+                                      "dvc.yaml, git and DVC)",
+                         description="Make DIR (default: here) a tlflow project: params.yaml "
+                                     "(every key documented, the source filled in), dvc.yaml, "
+                                     "artifacts.yaml, .gitignore, .dvcignore, a DVC default "
+                                     "remote beside DIR, a README; then `git init` (or DVC's "
+                                     "--subdir layout inside a git repository) and `dvc "
+                                     "init`. No code is copied; nothing is committed unless "
+                                     "--commit. Then: cd DIR && tlflow run.")
+    ini.add_argument("dir", nargs="?", type=Path, default=Path(), help="the project folder")
+    src = ini.add_mutually_exclusive_group()
+    src.add_argument("--images", type=Path, metavar="FOLDER",
+                     help="images in one folder per class (or train/val/test folders of them)")
+    src.add_argument("--csv", type=Path, metavar="FILE",
+                     help="a CSV of path,label[,split] (paths relative to it)")
+    ini.add_argument("--force", action="store_true",
+                     help="overwrite an existing params.yaml, dvc.yaml and artifacts.yaml")
+    ini.add_argument("--commit", action="store_true", help="git commit the project's files")
     r = sub.add_parser("run", help="run the pipeline as a Prefect flow (only stale stages)")
     r.add_argument("--force", action="store_true", help="rerun every stage")
     st = sub.add_parser("status", help="each stage: up to date, or stale and why (dvc status)")
@@ -116,24 +126,25 @@ def _schedule_args(p: argparse.ArgumentParser, required: bool) -> None:
     when = p.add_mutually_exclusive_group(required=required)
     when.add_argument("--cron", help="a cron expression, e.g. '0 3 * * *'")
     when.add_argument("--interval", type=float, help="seconds between runs")
-    p.add_argument("--name", default="tlflow", help="the deployment's name (default tlflow)")
+    p.add_argument("--name", help="the deployment's name (default: base.project)")
 
 
 def _check_project() -> Params:
     """Bad params and a missing DVC project stop here, before Prefect starts."""
-    from tasks.lib.params import load_params
+    from tlflow.tasks.lib.params import load_params
 
     params = load_params()
-    for needed, hint in ((".dvc", "run `dvc init` here"), ("dvc.yaml", "copy tlflow's dvc.yaml")):
+    for needed in (".dvc", "dvc.yaml"):
         if not Path(needed).exists():
-            raise TlflowError(f"{needed}: not found; tlflow needs a DVC project ({hint})")
+            raise TlflowError(f"{needed}: not found; tlflow needs a DVC project (`tlflow "
+                              "init` makes this folder one)")
     return params
 
 
 def cmd_status(as_json: bool, quiet: bool = False) -> int:
     """Each stage: up to date, or stale and why; the same answer as `dvc status`. Quiet, only
     the exit status: 1 when a stage is stale."""
-    from flows.stages import status
+    from tlflow.flows.stages import status
 
     _check_project()
     report = status()
@@ -148,11 +159,11 @@ def cmd_status(as_json: bool, quiet: bool = False) -> int:
     return 0
 
 
-def cmd_serve(cron: str | None, interval: float | None, name: str) -> int:
+def cmd_serve(cron: str | None, interval: float | None, name: str | None) -> int:
     """Serve the flow in this process; each scheduled run takes the data source as it is."""
-    _check_project()
-    from flows.pipeline import pipeline
-    from flows.tempserver import prefect_api
+    name = name or _check_project().base.project
+    from tlflow.flows.pipeline import pipeline
+    from tlflow.flows.tempserver import prefect_api
 
     # limit=1: runs of one project never overlap (they share its files and dvc.lock)
     try:
@@ -163,13 +174,13 @@ def cmd_serve(cron: str | None, interval: float | None, name: str) -> int:
     return 0
 
 
-def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str) -> int:
+def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str | None) -> int:
     """Register a deployment of this project's flow on a work pool (workers run it here)."""
-    _check_project()
-    from flows.pipeline import pipeline
+    name = name or _check_project().base.project
+    from tlflow.flows.pipeline import pipeline
 
     source = pipeline.from_source(source=str(Path.cwd()),
-                                  entrypoint="flows/pipeline.py:pipeline")
+                                  entrypoint="tlflow.flows.pipeline:pipeline")
     try:
         deployment = source.deploy(name=name, work_pool_name=pool, cron=cron,
                                    interval=interval, concurrency_limit=1,
@@ -181,20 +192,38 @@ def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str) -
     return 0
 
 
+def cmd_init(dest: Path, images: Path | None, csv: Path | None, force: bool,
+             commit: bool) -> int:
+    """Write a project of the user's own; what was done on stderr, its path on stdout."""
+    from tlflow.flows.project import init_project, source_of
+
+    done = init_project(dest, source_of(images, csv), force=force, commit=commit)
+    for line in done:
+        print(f"init: {line}", file=sys.stderr)
+    where = dest.expanduser().resolve()
+    step = "" if where == Path.cwd().resolve() else f"cd {dest} && "
+    print(f"init: next: {step}tlflow run", file=sys.stderr)
+    print(where)
+    return 0
+
+
 def cmd_stage(name: str) -> int:
-    """Run one stage in this process."""
-    from flows.stages import stage_runner
-    from tasks.lib.params import load_params
+    """Run one stage in this process (what `dvc repro` runs): the code stamp is refreshed
+    first, so dvc.lock records the code that ran."""
+    from tlflow.flows.stages import stage_runner
+    from tlflow.tasks.lib.codedeps import refresh_stamp
+    from tlflow.tasks.lib.params import load_params
 
     runner = stage_runner(name)
+    refresh_stamp()
     runner(load_params())
     return 0
 
 
 def cmd_promote(model: str, force: bool, stage: str) -> int:
     """Compare HEAD's model with the one in the stage; register and assign it if promoted."""
-    from tasks.lib import registry
-    from tasks.lib.params import load_params
+    from tlflow.tasks.lib import registry
+    from tlflow.tasks.lib.params import load_params
 
     params = load_params()
     outcome = registry.promote(Path(), params.base.paths, params.train.promote_margin, model,
@@ -215,7 +244,7 @@ def bring_up_to_date(names: Sequence[str], params: Params, who: str) -> None:
         return
     import contextlib
 
-    from flows.stages import commit, rescanned, stage_runner, why_stale
+    from tlflow.flows.stages import commit, rescanned, stage_runner, why_stale
 
     for name in names:
         reason = why_stale(name) or rescanned(name, params)
@@ -231,7 +260,7 @@ def warn_if_stale(names: Sequence[str], who: str) -> None:
     their last run, not the data and params as they are now. Silent outside a DVC project."""
     if not Path(".dvc").is_dir():
         return
-    from flows.stages import status
+    from tlflow.flows.stages import status
 
     try:
         report = status()
@@ -247,9 +276,9 @@ def warn_if_stale(names: Sequence[str], who: str) -> None:
 
 def cmd_report(open_it: bool) -> int:
     """Write the HTML report from the outputs on disk; its path on stdout, counts on stderr."""
-    from flows.html_report import write_report
-    from flows.stages import STAGES
-    from tasks.lib.params import load_params
+    from tlflow.flows.html_report import write_report
+    from tlflow.flows.stages import STAGES
+    from tlflow.tasks.lib.params import load_params
 
     paths = load_params().base.paths
     warn_if_stale(STAGES, "report")
@@ -269,9 +298,9 @@ def cmd_report(open_it: bool) -> int:
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store), after
     bringing ingest, extract and train up to date: never the decision for other data."""
-    from tasks import advise
-    from tasks.lib.advice import table
-    from tasks.lib.params import load_params, scoped
+    from tlflow.tasks import advise
+    from tlflow.tasks.lib.advice import table
+    from tlflow.tasks.lib.params import load_params, scoped
 
     params = load_params()
     bring_up_to_date(("ingest", "extract", "train"), params, "advise")
@@ -288,13 +317,13 @@ def cmd_advise(as_json: bool) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     """`tlflow features info|gc`."""
-    from tasks.lib.featurestore import info
-    from tasks.lib.handoff import current_store
-    from tasks.lib.params import load_params
+    from tlflow.tasks.lib.featurestore import info
+    from tlflow.tasks.lib.handoff import current_store
+    from tlflow.tasks.lib.params import load_params
 
     params = load_params()
     if args.action == "verify":
-        from tasks.lib.featurestore import FeatureStore
+        from tlflow.tasks.lib.featurestore import FeatureStore
 
         store = Path(args.store) if args.store else current_store(params.base.paths.features)
         with FeatureStore(store) as fs:
@@ -325,16 +354,16 @@ def _print_info(facts: dict) -> None:
 
 def _gc(params: Params, dry_run: bool) -> int:
     """Prune the stores; record the result in dvc.lock when extract was up to date before."""
-    from tasks.lib.featurestore import gc
-    from tasks.lib.manifest import read_manifest
+    from tlflow.tasks.lib.featurestore import gc
+    from tlflow.tasks.lib.manifest import read_manifest
 
     in_dvc = Path(".dvc").is_dir()
     if in_dvc:
-        from flows.stages import commit, why_stale
+        from tlflow.flows.stages import commit, why_stale
 
         was_fresh = why_stale("extract") is None
     paths = params.base.paths
-    from tasks.lib import ownership
+    from tlflow.tasks.lib import ownership
 
     # gc rewrites every store in the folder: it must be tlflow's (marked, or only its stores)
     ownership.check("features", paths.features, ownership.recognised("features"))
@@ -350,8 +379,8 @@ def _gc(params: Params, dry_run: bool) -> int:
 def cmd_run(force: bool) -> int:
     """Run the flow; print which stages ran and the metrics."""
     params = _check_project()
-    from flows.pipeline import BAD_INPUT, pipeline
-    from flows.tempserver import prefect_api
+    from tlflow.flows.pipeline import BAD_INPUT, pipeline
+    from tlflow.flows.tempserver import prefect_api
 
     with prefect_api():  # no PREFECT_API_URL: a temporary server that dies with this process
         state = pipeline(force=force, return_state=True)
@@ -373,7 +402,7 @@ def _summary(results: list, params: Params) -> None:
         table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
     console = Console(soft_wrap=True)  # a line is never broken inside, piped or not
     console.print(table)
-    from tasks.lib.handoff import read_eval_metrics, read_probe_report
+    from tlflow.tasks.lib.handoff import read_eval_metrics, read_probe_report
 
     paths = params.base.paths
     if not (paths.eval_metrics.is_file() and paths.probe_report.is_file()):
@@ -393,7 +422,7 @@ def _summary(results: list, params: Params) -> None:
         f"macro F1 {test['macro_f1']:.4f}"
     )
     if "finetune" in metrics:
-        from tasks.lib.network import read_meta
+        from tlflow.tasks.lib.network import read_meta
 
         meta, ft = read_meta(paths.finetuned), metrics["finetune"]
         console.print(
@@ -411,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
+        if args.command == "init":
+            return cmd_init(args.dir, args.images, args.csv, args.force, args.commit)
         if args.command == "stage":
             return cmd_stage(args.name)
         if args.command == "features":
@@ -422,8 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return cmd_status(args.json, args.quiet)
         if args.command == "history":
-            from flows import history
-            from tasks.lib.params import load_params
+            from tlflow.flows import history
+            from tlflow.tasks.lib.params import load_params
 
             print("\n".join(history.run(load_params(), args.json)))
             return 0
@@ -434,8 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "promote":
             return cmd_promote(args.model, args.force, args.stage)
         if args.command == "predict":
-            from tasks import predict
-            from tasks.lib.params import load_params, scoped
+            from tlflow.tasks import predict
+            from tlflow.tasks.lib.params import load_params, scoped
 
             if args.model != "promoted":  # a promoted model is a committed version
                 warn_if_stale(("ingest", "extract", "train")
@@ -448,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # the machine's limits (a full disk...): one line, else a bug
-        from tasks.lib.errors import environment_error
+        from tlflow.tasks.lib.errors import environment_error
 
         env = environment_error(err)
         if env is None:

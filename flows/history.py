@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.handoff import parse_eval_metrics
-from tasks.lib.head import parse_meta
-from tasks.lib.params import Params, Paths
-from tasks.lib.registry import read_at
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.handoff import parse_eval_metrics
+from tlflow.tasks.lib.head import parse_meta
+from tlflow.tasks.lib.params import Params, Paths
+from tlflow.tasks.lib.registry import read_at
 
 DATA_VERSION_LEN = 8
 LOCK = "dvc.lock"
@@ -134,7 +134,7 @@ def promotions(root: Path = Path()) -> dict[str, tuple[str, ...]]:
     from gto.exceptions import GTOException
     from scmrepo.exceptions import SCMError
 
-    from tasks.lib.registry import ARTIFACTS
+    from tlflow.tasks.lib.registry import ARTIFACTS
 
     found: dict[str, list[str]] = {}
     for name in ARTIFACTS:

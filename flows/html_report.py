@@ -21,11 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flows.history import current_data_version
-from flows.report import MODELS, Snapshot
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import atomic_path, write_text
-from tasks.lib.handoff import (
+from tlflow.flows.history import current_data_version
+from tlflow.flows.report import MODELS, Snapshot
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import atomic_path, write_text
+from tlflow.tasks.lib.handoff import (
     ImagePrediction,
     parse_eval_metrics,
     read_audit,
@@ -33,7 +33,7 @@ from tasks.lib.handoff import (
     read_predictions,
     read_strategy,
 )
-from tasks.lib.params import Paths
+from tlflow.tasks.lib.params import Paths
 
 # out-of-fold accuracy of the audit's probes below which the page warns that the likely label
 # errors it lists are as much the probes' own mistakes (hymenoptera at 64 px, a probe of test
@@ -142,7 +142,7 @@ def advice_view(paths: Paths) -> dict[str, Any] | None:
     """The 2x2 table's cells (the data set's marked) and the reasons, from the advice."""
     if not paths.strategy.is_file():
         return None
-    from tasks.lib.advice import PLANS, table
+    from tlflow.tasks.lib.advice import PLANS, table
 
     decision = read_strategy(paths.strategy)
     cells = [{"size": size, "plans": [{"plan": PLANS[size, sim], "here": (
@@ -179,7 +179,7 @@ class Thumbnails:
     def _make(src: Path, dest: Path) -> None:
         from PIL import Image
 
-        from tasks.lib.images import read_image
+        from tlflow.tasks.lib.images import read_image
 
         img = read_image(src, lambda im: im.convert("RGB"))
         img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC)

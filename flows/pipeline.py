@@ -5,7 +5,8 @@ calls it stale, then `dvc commit` records it, so `dvc repro` and `tlflow run` ag
 
 In Prefect's UI a stage that was up to date ends in a Completed state named "Skipped" (as
 Prefect names a cache hit "Cached"), its reason as the state's message; a stage that ran ends
-"Completed". Each flow run is tagged with the git revision of the code (`git:<rev>`, with
+"Completed". Each flow run is named and tagged after the project (`project:<base.project>`,
+so projects sharing one server keep apart) and tagged with the git revision (`git:<rev>`, with
 `-dirty` when tracked files differ from it) and the data version it ran on (`data:<md5>`,
 DVC's md5 of the manifest, the name `tlflow history` prints), so runs can be filtered by both.
 """
@@ -15,15 +16,16 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import UTC
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
-from flows.history import current_data_version
-from flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
-from tasks.lib.errors import TlflowError, environment_error
-from tasks.lib.params import load_params
+from tlflow.flows.history import current_data_version
+from tlflow.flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
+from tlflow.tasks.lib.errors import TlflowError, environment_error
+from tlflow.tasks.lib.params import load_params
 
 BAD_INPUT = "BadInput"
 SKIPPED = "Skipped"
@@ -62,7 +64,8 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     t0 = time.perf_counter()
     try:  # bad params, bad input, or DVC refusing (no git, a broken dvc.lock): no retry
         params = load_params()
-        reason = "forced" if force else (why_stale(name) or rescanned(name, params))
+        stale = "forced" if force else why_stale(name)
+        reason = stale or rescanned(name, params)
         if reason is None:
             logger.info("%s: up to date, skipped", name)
             why = "up to date: dvc.lock matches its deps, params and outs"
@@ -70,6 +73,11 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
                              data=StageResult(name, False, "up to date", 0.0))
         logger.info("%s: running (%s)", name, reason)
         stage_runner(name)(params)
+        if stale is None and why_stale(name) is None:  # a rescan that found nothing new
+            logger.info("%s: %s, nothing changed", name, reason)
+            why = f"up to date: {reason}, nothing changed"
+            return Completed(name=SKIPPED, message=why, data=StageResult(
+                name, False, f"up to date ({reason}, unchanged)", time.perf_counter() - t0))
         commit(name)
     except TlflowError as err:
         logger.error("%s", err)
@@ -110,15 +118,27 @@ def tag_run(*tags: str) -> None:
     ctx.flow_run.tags = merged
 
 
-@flow(name="tlflow-pipeline", log_prints=True)
+def run_name() -> str:
+    """The flow run's name: the project (base.project) and the UTC time, e.g.
+    "my-flowers 2026-12-04 21:30:05", so runs of projects sharing one server read apart."""
+    from datetime import datetime
+
+    try:
+        project = load_params().base.project
+    except TlflowError:  # bad params: the run itself says so, in its first stage
+        project = "tlflow"
+    return f"{project} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
+
+
+@flow(name="tlflow-pipeline", flow_run_name=run_name, log_prints=True)
 def pipeline(force: bool = False) -> list[StageResult] | State:
     """Every stage in order; a stage that fails stops the run and keeps what came before.
 
     Transient failures are retried (run.retries); the summary and the per-class metrics are
     published as artifacts, against what the previous run left.
     """
-    from flows.html_report import write_html_report
-    from flows.report import Snapshot, publish_summary
+    from tlflow.flows.html_report import write_html_report
+    from tlflow.flows.report import Snapshot, publish_summary
 
     params = load_params()
     paths, cfg = params.base.paths, params.run
@@ -127,7 +147,7 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
                                    retry_condition_fn=_not_bad_input)
     before = Snapshot.take(paths)
     rev = git_revision()
-    tags = [f"git:{rev}"] if rev else []
+    tags = [f"project:{params.base.project}", *([f"git:{rev}"] if rev else [])]
     results = []
     for name in STAGES:
         state = stage(name, force, return_state=True)
@@ -135,11 +155,12 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
             tags.append(f"data:{data}")
         if state.is_failed():
             tag_run(*tags)
-            publish_summary(paths, before, results, failed=f"{name}: {state.message}")
+            publish_summary(params.base.project, paths, before, results,
+                            failed=f"{name}: {state.message}")
             return Failed(name=state.name, message=state.message)
         if name == "ingest":
             tag_run(*tags)
         results.append(state.result())
     print(write_html_report(paths, before))  # before the summary, which links it
-    publish_summary(paths, before, results)
+    publish_summary(params.base.project, paths, before, results)
     return results

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.history import current_data_version
-from tasks.lib.handoff import read_eval_metrics, read_extract_report, read_per_class
-from tasks.lib.manifest import read_manifest
-from tasks.lib.params import Paths
+from tlflow.flows.history import current_data_version
+from tlflow.tasks.lib.handoff import read_eval_metrics, read_extract_report, read_per_class
+from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.params import Paths
 
 MODELS = ("probe", "finetune")
 # The confusion matrix is embedded in its markdown artifact as a data URI up to this size
@@ -51,14 +51,20 @@ def _delta(now: float, before: float | None) -> str:
     return f"{now:.4f}" if before is None else f"{now:.4f} ({now - before:+.4f})"
 
 
-def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: list,
-                     failed: str | None = None) -> str:
+def _data(snap: Snapshot) -> str:
+    """The data version as the summary names it; never "None"."""
+    return snap.data_version or "not versioned yet (ingest has not been recorded)"
+
+
+def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapshot,
+                     results: list, failed: str | None = None) -> str:
     """The run's summary: data version, stages (ran or skipped, and why), metrics."""
     added, removed = len(after.images - before.images), len(before.images - after.images)
-    lines = ["# tlflow run", ""]
+    lines = [f"# {project}: tlflow run", ""]
     if failed:
         lines += [f"**Failed** at {failed}. The outputs of earlier runs stay in place.", ""]
-    lines += [f"- data version: manifest `{after.data_version}`, {len(after.images)} images "
+    version = f"manifest `{after.data_version}`" if after.data_version else _data(after)
+    lines += [f"- data version: {version}, {len(after.images)} images "
               f"({added} added, {removed} removed since the previous run)"]
     if paths.extract_report.is_file():  # which input size extract.image_size resolved to
         report = read_extract_report(paths.extract_report)
@@ -84,7 +90,7 @@ def summary_markdown(paths: Paths, before: Snapshot, after: Snapshot, results: l
 def audit_lines(paths: Paths) -> list[str]:
     """The counts behind the report: test images each model gets wrong, near-duplicates
     across splits, files under two labels, likely label errors (each when written)."""
-    from tasks.lib.handoff import read_audit, read_predictions
+    from tlflow.tasks.lib.handoff import read_audit, read_predictions
 
     lines = []
     if paths.predictions.is_file():
@@ -108,7 +114,7 @@ def audit_lines(paths: Paths) -> list[str]:
 
 def misclassified_rows(paths: Paths) -> list[dict[str, Any]]:
     """The test images a model gets wrong, hardest (highest loss) first: the table artifact."""
-    from tasks.lib.handoff import read_predictions
+    from tlflow.tasks.lib.handoff import read_predictions
 
     if not paths.predictions.is_file():
         return []
@@ -152,7 +158,7 @@ def confusion_markdown(png: Path, title: str) -> str:
 def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str]:
     """The advice as markdown, with whether train and finetune carried out the plan and
     whether fine-tuning ran against it; and the one-line description."""
-    from tasks.lib.advice import table
+    from tlflow.tasks.lib.advice import table
 
     plan = decision["plan"]
     if decision.get("carried_out"):
@@ -173,36 +179,43 @@ def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str
     return "# Strategy\n\n" + table(decision) + "\n" + "\n".join(notes), description
 
 
-def publish_summary(paths: Paths, before: Snapshot, results: list,
+def artifact_key(project: str, what: str) -> str:
+    """An artifact's key: the project first, e.g. "my-flowers-run-summary" (Prefect's keys are
+    lowercase letters, digits and dashes; base.project is one such name)."""
+    return f"{project}-{what}"
+
+
+def publish_summary(project: str, paths: Paths, before: Snapshot, results: list,
                     failed: str | None = None) -> None:
-    """Create the run's artifacts: summary, per-class table, confusion matrix, advice."""
+    """Create the run's artifacts, each keyed by the project (`artifact_key`): summary,
+    per-class table, confusion matrix, misclassified images, advice."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     after = Snapshot.take(paths)
     head = headline(before, after)
     status = f"failed at {failed.split(':', 1)[0]}; " if failed else ""
-    create_markdown_artifact(markdown=summary_markdown(paths, before, after, results, failed),
-                             key="tlflow-run-summary",
-                             description=f"{status}{head}; data {after.data_version}")
+    markdown = summary_markdown(project, paths, before, after, results, failed)
+    create_markdown_artifact(markdown=markdown, key=artifact_key(project, "run-summary"),
+                             description=f"{status}{head}; data {_data(after)}")
     if failed:
         return
     rows = per_class_rows(read_per_class(paths.per_class)) if paths.per_class.is_file() else []
     if rows:
-        create_table_artifact(table=rows, key="tlflow-per-class",
+        create_table_artifact(table=rows, key=artifact_key(project, "per-class"),
                               description=f"Per-class test metrics: {head}")
     if paths.confusion_png.is_file() and "probe" in after.metrics:
         title = f"probe: test accuracy {after.metrics['probe']['accuracy']:.4f}"
         create_markdown_artifact(markdown=confusion_markdown(paths.confusion_png, title),
-                                 key="tlflow-confusion",
+                                 key=artifact_key(project, "confusion"),
                                  description=f"Confusion matrix (test split): {head}")
     wrong = misclassified_rows(paths)
     if wrong:
-        create_table_artifact(table=wrong, key="tlflow-misclassified",
+        create_table_artifact(table=wrong, key=artifact_key(project, "misclassified"),
                               description=f"Misclassified test images, hardest first: {head}")
     if paths.strategy.is_file():
-        from tasks.lib.handoff import read_strategy
+        from tlflow.tasks.lib.handoff import read_strategy
 
         markdown, description = advice_markdown(read_strategy(paths.strategy),
                                                 "finetune" in after.metrics)
-        create_markdown_artifact(markdown=markdown, key="tlflow-strategy",
+        create_markdown_artifact(markdown=markdown, key=artifact_key(project, "strategy"),
                                  description=description)

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from tasks.lib.lifetime import die_with_parent
+from tlflow.tasks.lib.lifetime import die_with_parent
 
 
 def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
@@ -59,7 +59,7 @@ def _environment() -> dict[str, str]:
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
     import httpx
 
-    from tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.errors import TlflowError
 
     deadline = time.monotonic() + timeout
     with httpx.Client() as client:

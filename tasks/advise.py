@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.lib import advice
-from tasks.lib.handoff import current_store, read_extract_report, read_probe_report
-from tasks.lib.manifest import read_manifest, without
-from tasks.lib.params import Params
+from tlflow.tasks.lib import advice
+from tlflow.tasks.lib.handoff import current_store, read_extract_report, read_probe_report
+from tlflow.tasks.lib.manifest import read_manifest, without
+from tlflow.tasks.lib.params import Params
 
 PARAMS = ("base.seed", "extract.backbone", "extract.weights", "advise")
 
@@ -19,7 +19,7 @@ def _classifier(params: Params) -> advice.Classifier | None:
     ext = params.extract
     if ext.weights == "none":
         return None
-    from tasks.lib.backbones import create_backbone
+    from tlflow.tasks.lib.backbones import create_backbone
 
     clf = create_backbone(ext.backbone, ext.weights, None, params.base.seed).classifier
     return clf.weight.detach().numpy(), clf.bias.detach().numpy()

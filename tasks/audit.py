@@ -6,17 +6,17 @@ models stay as they are (tasks/lib/audit.py)."""
 
 from __future__ import annotations
 
-from tasks.lib import audit
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.handoff import (
+from tlflow.tasks.lib import audit
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.handoff import (
     current_store,
     read_extract_report,
     read_probe_report,
     write_audit,
     write_audit_metrics,
 )
-from tasks.lib.manifest import read_manifest, without
-from tasks.lib.params import Params
+from tlflow.tasks.lib.manifest import read_manifest, without
+from tlflow.tasks.lib.params import Params
 
 # what this stage reads besides base.paths (dvc.yaml: params): the probe protocol the
 # out-of-fold probabilities follow, and its own thresholds

@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.evaluation import (
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.evaluation import (
     image_predictions,
     plot_confusion,
     score,
     write_confusion,
 )
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.handoff import (
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.handoff import (
     current_store,
     read_extract_report,
     write_eval_metrics,
     write_per_class,
     write_predictions,
 )
-from tasks.lib.head import load_head
-from tasks.lib.manifest import Row, read_manifest
-from tasks.lib.network import read_meta
-from tasks.lib.params import Params
+from tlflow.tasks.lib.head import load_head
+from tlflow.tasks.lib.manifest import Row, read_manifest
+from tlflow.tasks.lib.network import read_meta
+from tlflow.tasks.lib.params import Params
 
 # what this stage reads besides base.paths (dvc.yaml: params): where and how many images
 # at a time the fine-tuned network scores
@@ -39,8 +39,8 @@ def finetuned_scores(params: Params, test: list[Row]) -> tuple[np.ndarray, tuple
     paths = params.base.paths
     if not read_meta(paths.finetuned).get("enabled"):
         return None
-    from tasks.lib.finetuning import finetuned_probabilities
-    from tasks.lib.network import load_network
+    from tlflow.tasks.lib.finetuning import finetuned_probabilities
+    from tlflow.tasks.lib.network import load_network
 
     net = load_network(paths.finetuned)
     proba = finetuned_probabilities(net, [paths.images / r.relpath for r in test],

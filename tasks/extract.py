@@ -15,27 +15,27 @@ from pathlib import Path
 
 import torch
 
-from tasks.lib import ownership
-from tasks.lib.backbones import CodeExtractor, create_backbone
-from tasks.lib.device import resolve_device
-from tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
-from tasks.lib.featurestore import (
+from tlflow.tasks.lib import ownership
+from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.device import resolve_device
+from tlflow.tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
+from tlflow.tasks.lib.featurestore import (
     FeatureStore,
     extractor_id,
     library_versions,
     store_path,
     writer_lock,
 )
-from tasks.lib.handoff import (
+from tlflow.tasks.lib.handoff import (
     ExtractReport,
     write_extract_metrics,
     write_extract_report,
     write_pointer,
 )
-from tasks.lib.images import SIZE_SAMPLE, input_size_for
-from tasks.lib.manifest import read_manifest
-from tasks.lib.params import Params
-from tasks.lib.sharding import ShardJob, clean_folder, commit_leftovers, extract_on_dask
+from tlflow.tasks.lib.images import SIZE_SAMPLE, input_size_for
+from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.sharding import ShardJob, clean_folder, commit_leftovers, extract_on_dask
 
 PARAMS = ("base.seed", "extract")  # what this stage reads besides base.paths (dvc.yaml: params)
 

@@ -7,7 +7,7 @@ From train it reads only the values it uses (base.paths.train_choice: the C chos
 pooled codes and the plan), so a train change that leaves them alone does not rerun it.
 
 Above one process (finetune.nproc_per_node x nnodes), the stage launches itself under
-torchrun: `python -m torch.distributed.run ... -m tasks.finetune JOB_DIR` runs `_worker` on
+torchrun: `python -m torch.distributed.run ... -m tlflow.tasks.finetune JOB_DIR` runs `_worker` on
 every rank (tasks/lib/distributed.py), with the params this stage declares, and waits.
 """
 
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.lib import torchrun
-from tasks.lib.handoff import TrainChoice, read_train_choice
-from tasks.lib.params import Finetune, Params, parse_params, scoped
+from tlflow.tasks.lib import torchrun
+from tlflow.tasks.lib.handoff import TrainChoice, read_train_choice
+from tlflow.tasks.lib.params import Finetune, Params, parse_params, scoped
 
 # what this stage reads besides base.paths (dvc.yaml: params)
 # (the input size comes from the current store: extract resolved extract.image_size)
@@ -51,8 +51,8 @@ def run(params: Params) -> dict | None:
     cfg, then_all, why = plan(params, choice)
     if cfg is not None and torchrun.world_size(cfg) > 1:  # the ranks import torch, not this
         return launch(params, cfg, then_all, choice.pooled_C)
-    from tasks.lib.finetuning import fine_tune, write_curve
-    from tasks.lib.network import save_disabled
+    from tlflow.tasks.lib.finetuning import fine_tune, write_curve
+    from tlflow.tasks.lib.network import save_disabled
 
     if cfg is None:
         save_disabled(paths.finetuned)
@@ -83,7 +83,7 @@ def launch(params: Params, cfg: Finetune, then_all: bool = False,
            "then_all": then_all, "pooled_C": pooled_C}
     # the rendezvous id: the same on every machine that runs the same job
     run_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
-    result = torchrun.launch(__spec__.name if __spec__ else "tasks.finetune", job, cfg,
+    result = torchrun.launch(__spec__.name if __spec__ else "tlflow.tasks.finetune", job, cfg,
                                 run_id, params.base.paths.finetune_checkpoints)
     if result is None:
         print("finetune: rank 0 ran on another machine; its outputs are there", flush=True)
@@ -92,8 +92,8 @@ def launch(params: Params, cfg: Finetune, then_all: bool = False,
 
 def _worker(job: dict[str, Any]) -> dict:
     """One rank of a torchrun launch: the same loop as one process, on its share."""
-    from tasks.lib import distributed
-    from tasks.lib.finetuning import fine_tune
+    from tlflow.tasks.lib import distributed
+    from tlflow.tasks.lib.finetuning import fine_tune
 
     params = scoped(parse_params(job["params"], "the finetune job"), PARAMS)
     cfg = Finetune.model_validate(job["finetune"])
@@ -102,7 +102,7 @@ def _worker(job: dict[str, Any]) -> dict:
 
 
 if __name__ == "__main__":  # a rank, started by torchrun (see launch)
-    from tasks.lib.distributed import die_with_parent, worker
+    from tlflow.tasks.lib.distributed import die_with_parent, worker
 
     die_with_parent()
     code = worker(Path(sys.argv[1]), _worker)

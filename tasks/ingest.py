@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from tasks.lib import ownership
-from tasks.lib.errors import TlflowError
-from tasks.lib.hashcache import HashCache
-from tasks.lib.manifest import SPLITS, Row, read_manifest, write_manifest
-from tasks.lib.params import Params
-from tasks.lib.sources import build_manifest, hash_items, scan_source, snapshot
+from tlflow.tasks.lib import ownership
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.hashcache import HashCache
+from tlflow.tasks.lib.manifest import SPLITS, Row, read_manifest, write_manifest
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.sources import build_manifest, hash_items, scan_source, snapshot
 
 PARAMS = ("base.seed", "ingest")  # what this stage reads besides base.paths (dvc.yaml: params)
 

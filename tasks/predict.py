@@ -21,13 +21,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import atomic_path, sha256_file
-from tasks.lib.head import LinearHead, load_head, tensors_path
-from tasks.lib.imagefiles import image_files
-from tasks.lib.images import read_image
-from tasks.lib.params import Params
-from tasks.lib.registry import PROD, Version, fetch_model, promoted
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import atomic_path, sha256_file
+from tlflow.tasks.lib.head import LinearHead, load_head, tensors_path
+from tlflow.tasks.lib.imagefiles import image_files
+from tlflow.tasks.lib.images import read_image
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.registry import PROD, Version, fetch_model, promoted
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -71,8 +71,8 @@ def codes_for(files: list[Path], head: LinearHead, params: Params,
     """Codes of the head's layer: from the store where present, else one forward pass each
     (unreadable files skipped, or an error with `strict`). The current store must hold the
     head's extractor's codes (`source` names the head)."""
-    from tasks.lib.featurestore import FeatureStore
-    from tasks.lib.handoff import current_store
+    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.handoff import current_store
 
     keys = [sha256_file(f) for f in files]
     layer = head.meta["layer"]
@@ -104,17 +104,17 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     extract's loader: {index: code} of the readable files, and the unreadable ones."""
     import torch
 
-    from tasks.lib.backbones import CodeExtractor, create_backbone
-    from tasks.lib.device import resolve_device
-    from tasks.lib.extraction import describe_extractor, encode, make_loader
-    from tasks.lib.featurestore import extractor_id
-    from tasks.lib.progress import Progress
+    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.device import resolve_device
+    from tlflow.tasks.lib.extraction import describe_extractor, encode, make_loader
+    from tlflow.tasks.lib.featurestore import extractor_id
+    from tlflow.tasks.lib.progress import Progress
 
     cfg = params.extract
     device = resolve_device(cfg.device)
     backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
     if cfg.image_size == "auto":  # as extract resolved it for the current store
-        from tasks.lib.handoff import current_input_size
+        from tlflow.tasks.lib.handoff import current_input_size
 
         backbone.resize(current_input_size(params.base.paths.features))
     elif cfg.image_size is not None:
@@ -189,7 +189,7 @@ def load_promoted(params: Params, root: Path = Path()) -> tuple[Version, Any] | 
     with tempfile.TemporaryDirectory() as tmp:
         stem = fetch_model(root, params.base.paths, version, Path(tmp))
         if version.artifact == "finetuned":
-            from tasks.lib.network import load_network
+            from tlflow.tasks.lib.network import load_network
 
             return version, load_network(stem)
         return version, load_head(stem)
@@ -213,8 +213,8 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         source = f"{served[0].label()} in {PROD}" if served else None
         model = served[0].artifact if served else "probe"
     if model == "finetuned":
-        from tasks.lib.finetuning import finetuned_probabilities
-        from tasks.lib.network import load_network
+        from tlflow.tasks.lib.finetuning import finetuned_probabilities
+        from tlflow.tasks.lib.network import load_network
 
         net = served[1] if served else load_network(params.base.paths.finetuned)
         _check_k(k, len(net.classes))  # before any forward pass

@@ -7,9 +7,9 @@ byte, whatever was there before. Which model serves is decided later, by `tlflow
 
 from __future__ import annotations
 
-from tasks.lib import advice
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.handoff import (
+from tlflow.tasks.lib import advice
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.handoff import (
     TrainChoice,
     current_store,
     read_extract_report,
@@ -18,11 +18,11 @@ from tasks.lib.handoff import (
     write_strategy,
     write_train_choice,
 )
-from tasks.lib.head import LinearHead, save_head
-from tasks.lib.manifest import Row, read_manifest, without
-from tasks.lib.params import Params
-from tasks.lib.probes import best, layer_table, sweep_in_memory, to_head, val_set_id
-from tasks.lib.stream import sweep_stream
+from tlflow.tasks.lib.head import LinearHead, save_head
+from tlflow.tasks.lib.manifest import Row, read_manifest, without
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.probes import best, layer_table, sweep_in_memory, to_head, val_set_id
+from tlflow.tasks.lib.stream import sweep_stream
 
 # what this stage reads besides base.paths (dvc.yaml: params); not train.promote_margin,
 # which only `tlflow promote` reads

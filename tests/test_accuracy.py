@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks import evaluate, extract, ingest, train
-from tests.conftest import HYMENOPTERA, make_params
+from tests.conftest import make_params
+from tlflow.tasks import evaluate, extract, ingest, train
 
 
 @pytest.mark.slow
-def test_probe_on_hymenoptera(tmp_path: Path):
+def test_probe_on_hymenoptera(tmp_path: Path, hymenoptera: Path):
     """Every default but the source: train/ gives train and val, val/ is the test set;
     image_size auto takes the model's own 224 px for photos; pooled codes win: >= 0.93."""
-    params = make_params(tmp_path, ingest={"source": "folder", "path": str(HYMENOPTERA)})
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(hymenoptera)})
     assert params.extract.image_size == "auto"
     rows = ingest.run(params)
     assert sum(r.split == "test" for r in rows) == 153

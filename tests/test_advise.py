@@ -9,11 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.cli import main
-from tasks import extract, finetune, ingest, train
-from tasks.lib import advice
-from tasks.lib.network import read_meta
 from tests.conftest import make_params, write_image
+from tlflow.flows.cli import main
+from tlflow.tasks import extract, finetune, ingest, train
+from tlflow.tasks.lib import advice
+from tlflow.tasks.lib.network import read_meta
 
 
 def test_many_images_per_class_flip_the_size(tmp_path: Path):
@@ -101,9 +101,9 @@ def test_advise_after_a_source_change_never_shows_the_old_data(
 
     import yaml
 
-    from flows.cli import main
-    from flows.stages import status
     from tests.conftest import copy_project
+    from tlflow.flows.cli import main
+    from tlflow.flows.stages import status
 
     root = copy_project(tmp_path / "project")
     raw = yaml.safe_load((root / "params.yaml").read_text())

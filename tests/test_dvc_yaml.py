@@ -1,5 +1,6 @@
-"""dvc.yaml agrees with the code: paths said once (params.yaml), code deps derived from the
-imports, params from each stage's PARAMS declaration; stage cmds are `tlflow stage`."""
+"""dvc.yaml agrees with the code: paths said once (params.yaml), each stage's code entry in
+the stamp (tlflow-code.yaml) derived from its imports, params from each stage's PARAMS
+declaration; stage cmds are `tlflow stage`."""
 
 import importlib
 from pathlib import Path
@@ -7,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.stages import STAGES
-from tasks.lib.codedeps import code_deps
 from tests.conftest import ROOT
+from tlflow.flows.stages import STAGES
+from tlflow.tasks.lib.codedeps import STAMP, stage_modules
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,11 @@ def _outs(stage) -> set[str]:
 
 def _deps(stage) -> set[str]:
     return {str(d.def_path) for d in stage.deps if not hasattr(d, "params")}
+
+
+def _params(stage, file: str = "params.yaml") -> set[str]:
+    return {key for d in stage.deps if hasattr(d, "params") and str(d.def_path) == file
+            for key in d.params}
 
 
 def test_stages_match_the_flow(stages):
@@ -75,32 +81,29 @@ def test_each_stage_depends_on_the_data_it_reads(stages, paths):
         "audit": {*store, paths["probe_report"]},
     }
     for name, stage in stages.items():
-        assert {d for d in _deps(stage) if not d.startswith("tasks/")} == data[name], name
+        assert _deps(stage) == data[name], name  # no source file: the code is in the stamp
 
 
-def test_code_deps_are_exactly_what_each_stage_imports(stages):
-    """dvc.yaml lists every tlflow module a stage reaches through its imports, and no other:
-    an import added without its dep would let DVC skip a rerun. Fix: `python -m
-    tasks.lib.codedeps --write`."""
+def test_each_stage_reads_its_own_code_entry(stages):
+    """A stage's code is its entry of the stamp, and only its own: an edit of the probe code
+    must not rerun extract."""
     for name, stage in stages.items():
-        listed = sorted(d for d in _deps(stage) if d.startswith("tasks/"))
-        assert listed == sorted(code_deps(name)), (
-            f"{name}: run `python -m tasks.lib.codedeps --write`")
+        assert _params(stage, STAMP) == {name}, name
 
 
-def test_code_deps_separate_decoding_from_probes():
+def test_code_entries_separate_decoding_from_probes():
     """The image decoder reruns extract, finetune and evaluate; the probe code does not
     rerun extract."""
-    users = {name for name in STAGES if "tasks/lib/images.py" in code_deps(name)}
+    users = {name for name in STAGES if "tlflow.tasks.lib.images" in stage_modules(name)}
     assert users == {"extract", "finetune", "evaluate"}  # ingest lists files, never decodes
-    assert "tasks/lib/probes.py" in code_deps("train")
-    assert "tasks/lib/probes.py" not in code_deps("extract")
+    assert "tlflow.tasks.lib.probes" in stage_modules("train")
+    assert "tlflow.tasks.lib.probes" not in stage_modules("extract")
 
 
 def test_params_are_exactly_what_each_stage_declares(stages):
     for name, stage in stages.items():
-        declared = {key for dep in stage.deps if hasattr(dep, "params") for key in dep.params}
-        assert declared == set(importlib.import_module(f"tasks.{name}").PARAMS), name
+        declared = _params(stage)
+        assert declared == set(importlib.import_module(f"tlflow.tasks.{name}").PARAMS), name
 
 
 def test_metrics_and_plots_are_declared_for_dvc(stages, paths):

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import evaluate, extract, ingest, train
-from tasks.lib.errors import TlflowError
-from tasks.lib.handoff import read_per_class, read_predictions
-from tasks.lib.manifest import read_manifest
 from tests.conftest import make_params
+from tlflow.tasks import evaluate, extract, ingest, train
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.handoff import read_per_class, read_predictions
+from tlflow.tasks.lib.manifest import read_manifest
 
 
 @pytest.fixture

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import extract, ingest
-from tasks.lib.backbones import create_backbone
-from tasks.lib.device import resolve_device
-from tasks.lib.errors import TlflowError
-from tasks.lib.extraction import encode
-from tasks.lib.featurestore import FeatureStore, gc, info, writer_lock
-from tasks.lib.handoff import current_store
-from tasks.lib.manifest import read_manifest
 from tests.conftest import COLOURS, make_params, write_image
+from tlflow.tasks import extract, ingest
+from tlflow.tasks.lib.backbones import create_backbone
+from tlflow.tasks.lib.device import resolve_device
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.extraction import encode
+from tlflow.tasks.lib.featurestore import FeatureStore, gc, info, writer_lock
+from tlflow.tasks.lib.handoff import current_store
+from tlflow.tasks.lib.manifest import read_manifest
 
 TINY = {"weights": "packaged", "layers": ["pooled", "blocks.2"], "image_size": 32,
         "batch_size": 8}
@@ -73,7 +73,7 @@ def test_codes_match_a_direct_forward_pass(ingested):
     """The stored float16 codes are the backbone's codes of the preprocessed file."""
     from PIL import Image
 
-    from tasks.lib.backbones import CodeExtractor
+    from tlflow.tasks.lib.backbones import CodeExtractor
 
     path = extract.run(ingested)
     row = read_manifest(ingested.base.paths.manifest)[0]
@@ -114,7 +114,7 @@ def _add_bad_images(folder: Path) -> dict[str, str]:
 
 
 def test_bad_images_are_skipped_and_reported(ingested, image_folder: Path, capsys):
-    from tasks import evaluate, train
+    from tlflow.tasks import evaluate, train
 
     expected = _add_bad_images(image_folder)
     ingest.run(ingested)
@@ -194,8 +194,8 @@ def test_gc_prunes_unreferenced_rows_and_info_reports(ingested, image_folder: Pa
 KILLER = """
 import os, signal, sys
 import numpy as np
-from flows.cli import main
-from tasks.lib.featurestore import FeatureStore
+from tlflow.flows.cli import main
+from tlflow.tasks.lib.featurestore import FeatureStore
 
 calls = 0
 real_append = FeatureStore.append
@@ -239,9 +239,9 @@ def test_sigkill_mid_batch_then_resume_gives_the_same_codes(tmp_path: Path, imag
 
     def run(root: Path, code: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
-    stage = "import sys; from flows.cli import main; sys.exit(main(['stage', '{s}']))"
+    stage = "import sys; from tlflow.flows.cli import main; sys.exit(main(['stage', '{s}']))"
     killed, whole = project("killed"), project("whole")
     for root in (killed, whole):
         assert run(root, stage.format(s="ingest")).returncode == 0
@@ -279,7 +279,7 @@ def test_missing_manifest_and_unknown_device(tmp_path: Path):
 def test_cuda_codes_match_cpu_codes():
     """bf16 autocast and channels_last on the GPU give the CPU's codes within bf16 error."""
 
-    from tasks.lib.backbones import CodeExtractor
+    from tlflow.tasks.lib.backbones import CodeExtractor
 
     b = create_backbone("timm/tf_efficientnet_lite0", "packaged", image_size=96)
     model = CodeExtractor(b, ("pooled", "blocks.4"))

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import ingest
-from tasks.lib.errors import TlflowError
-from tasks.lib.manifest import read_manifest
-from tasks.lib.sources import assign_split
 from tests.conftest import COLOURS, make_params, write_image
+from tlflow.tasks import ingest
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.sources import assign_split
 
 
 def test_assign_split_is_stable_and_proportional():

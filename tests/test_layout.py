@@ -1,18 +1,19 @@
 """The architecture, held by reading the imports (AST): a stage imports only the library,
-the library never imports a stage, there are no import circles, package inits hold no code."""
+the library never imports a stage, there are no import circles, package inits hold no code,
+and everything is imported under the one package name, `tlflow`."""
 
 import ast
 from pathlib import Path
 
-from tasks.lib.codedeps import imports_of
 from tests.conftest import ROOT
+from tlflow.tasks.lib.codedeps import imports_of
 
 STAGE_MODULES = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
 LIB = ROOT / "tasks" / "lib"
 
 
 def _module(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(("tlflow", *path.relative_to(ROOT).with_suffix("").parts))
 
 
 def _graph() -> dict[str, set[str]]:
@@ -27,16 +28,16 @@ def test_the_stages_and_commands_are_the_expected_ones():
 
 def test_a_stage_imports_only_the_library():
     for module, imports in _graph().items():
-        if module.startswith("tasks.lib."):
+        if module.startswith("tlflow.tasks.lib."):
             continue
-        other = {m for m in imports if not m.startswith("tasks.lib.")}
-        assert not other, f"{module} imports {sorted(other)}: stages import only tasks.lib"
+        other = {m for m in imports if not m.startswith("tlflow.tasks.lib.")}
+        assert not other, f"{module} imports {sorted(other)}: stages import only tlflow.tasks.lib"
 
 
 def test_the_library_never_imports_a_stage():
     for module, imports in _graph().items():
-        if module.startswith("tasks.lib."):
-            stages = {m for m in imports if not m.startswith("tasks.lib.")}
+        if module.startswith("tlflow.tasks.lib."):
+            stages = {m for m in imports if not m.startswith("tlflow.tasks.lib.")}
             assert not stages, f"{module} imports the stage(s) {sorted(stages)}"
 
 
@@ -70,3 +71,16 @@ def test_no_module_is_named_like_the_standard_library():
 
     for path in (ROOT / "tasks").rglob("*.py"):
         assert path.stem not in sys.stdlib_module_names, path
+
+
+def test_everything_is_imported_as_tlflow():
+    """No module (tlflow's, the tests', the benches') imports `flows` or `tasks` by those
+    names: they are folders of the repository, installed as tlflow.flows and tlflow.tasks."""
+    for folder in ("tlflow", "flows", "tasks", "tests", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                         and node.level == 0 else [])
+                top = {n.split(".")[0] for n in names}
+                assert not top & {"flows", "tasks"}, f"{path}:{node.lineno} imports {names}"

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
 from tests.conftest import COLOURS, ROOT, write_image
+from tlflow.flows.cli import main
 
 
 @pytest.fixture
@@ -21,12 +21,12 @@ def trained(tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_cached_image_is_not_recomputed(trained: Path, monkeypatch, capsys):
-    import tasks.lib.backbones
+    import tlflow.tasks.lib.backbones
 
     def no_model(*_a, **_k):
         raise AssertionError("the backbone was built for an image already in the store")
 
-    monkeypatch.setattr(tasks.lib.backbones, "create_backbone", no_model)
+    monkeypatch.setattr(tlflow.tasks.lib.backbones, "create_backbone", no_model)
     capsys.readouterr()
     assert main(["predict", "data/images/red/00.png"]) == 0
     out, err = capsys.readouterr()

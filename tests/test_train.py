@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import extract, ingest, train
-from tasks.lib.errors import TlflowError
-from tasks.lib.head import load_head, tensors_path
 from tests.conftest import make_params
+from tlflow.tasks import extract, ingest, train
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.head import load_head, tensors_path
 
 
 @pytest.mark.parametrize("classifier", ["logistic", "sgd"])

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.manifest import Row
-from tasks.lib.params import Advise
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.params import Advise
 
 POOLED = "pooled"
 PLANS = {

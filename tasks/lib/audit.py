@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.lib.manifest import SPLITS, Row
-from tasks.lib.params import Train
-from tasks.lib.probes import make_clf, make_norm
+from tlflow.tasks.lib.manifest import SPLITS, Row
+from tlflow.tasks.lib.params import Train
+from tlflow.tasks.lib.probes import make_clf, make_norm
 
 QUERY_SPLITS = ("val", "test")  # compared against train for leaks
 _BLOCK_CELLS = 1 << 24  # similarity entries computed at once (64 MiB of float32)
@@ -156,7 +156,7 @@ def label_issues(rows: list[Row], x: np.ndarray, probe: ProbeSetting, folds: int
     """Likely label errors among `rows` (train + val) with codes x (N, D): confident learning
     on out-of-fold probabilities, the least self-confident first. Each listed image has its
     given label, the label the probes suggest, and both probabilities; `oof_accuracy` is how
-    often the out-of-fold probes agree with the given labels (below flows.html_report's
+    often the out-of-fold probes agree with the given labels (below tlflow.flows.html_report's
     WEAK_PROBE the page warns that the list holds the probes' own mistakes)."""
     labels = np.array([r.label for r in rows])
     classes = tuple(sorted(set(labels.tolist())))

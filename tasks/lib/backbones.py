@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import sha256_file
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import sha256_file
 
 POOLED = "pooled"
 PACKAGED_MODEL = "tf_efficientnet_lite0"

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tasks.lib.files import atomic_path, write_json
+from tlflow.tasks.lib.files import atomic_path, write_json
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: reading state.json needs none
     import torch

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.errors import TlflowError
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tasks.lib import lifetime
-from tasks.lib.device import resolve_device
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import write_json
-from tasks.lib.torchrun import JOB, RESULT
+from tlflow.tasks.lib import lifetime
+from tlflow.tasks.lib.device import resolve_device
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import write_json
+from tlflow.tasks.lib.torchrun import JOB, RESULT
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 

@@ -8,9 +8,9 @@ import csv
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-from tasks.lib.files import atomic_path
-from tasks.lib.handoff import ImagePrediction
-from tasks.lib.manifest import Row
+from tlflow.tasks.lib.files import atomic_path
+from tlflow.tasks.lib.handoff import ImagePrediction
+from tlflow.tasks.lib.manifest import Row
 
 TOP_K = 3  # labels kept per image in the predictions table
 

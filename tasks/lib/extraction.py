@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.lib.backbones import Backbone, CodeExtractor
-from tasks.lib.device import autocast, effective_precision, resolve_workers, set_cpu_threads
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.images import DECODING, read_image
-from tasks.lib.manifest import Row
-from tasks.lib.params import Extract
-from tasks.lib.progress import Progress
+from tlflow.tasks.lib.backbones import Backbone, CodeExtractor
+from tlflow.tasks.lib.device import autocast, effective_precision, resolve_workers, set_cpu_threads
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.images import DECODING, read_image
+from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.params import Extract
+from tlflow.tasks.lib.progress import Progress
 
 POOLING = "avg"
 

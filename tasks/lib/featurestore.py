@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from tasks.lib.errors import TlflowError, environment_error
-from tasks.lib.files import atomic_path
+from tlflow.tasks.lib.errors import TlflowError, environment_error
+from tlflow.tasks.lib.files import atomic_path
 
 COMMITTED = "n_committed"
 EXTRACTOR = "extractor"

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.lib.errors import environment_error
+from tlflow.tasks.lib.errors import environment_error
 
 TEMP_PREFIX = ".tlflow-"  # atomic writes' temp files: .tlflow-XXXXXXXX.tmp beside the target
 _UMASK = os.umask(0)

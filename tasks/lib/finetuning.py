@@ -38,18 +38,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tasks.lib import checkpoint, distributed
-from tasks.lib.backbones import POOLED
-from tasks.lib.codedeps import ROOT, code_deps
-from tasks.lib.device import autocast, resolve_device, resolve_workers, set_cpu_threads
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.files import atomic_path, sha256_file
-from tasks.lib.handoff import current_input_size, current_store, read_extract_report
-from tasks.lib.head import LinearHead
-from tasks.lib.images import read_image
-from tasks.lib.manifest import Row, of_split, read_manifest, without
-from tasks.lib.network import (
+from tlflow.tasks.lib import checkpoint, distributed
+from tlflow.tasks.lib.backbones import POOLED
+from tlflow.tasks.lib.codedeps import code_hash
+from tlflow.tasks.lib.device import autocast, resolve_device, resolve_workers, set_cpu_threads
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.files import atomic_path, sha256_file
+from tlflow.tasks.lib.handoff import current_input_size, current_store, read_extract_report
+from tlflow.tasks.lib.head import LinearHead
+from tlflow.tasks.lib.images import read_image
+from tlflow.tasks.lib.manifest import Row, of_split, read_manifest, without
+from tlflow.tasks.lib.network import (
     Network,
     build,
     freeze,
@@ -58,8 +58,8 @@ from tasks.lib.network import (
     save_network,
     train_mode,
 )
-from tasks.lib.params import Finetune, Params, Train
-from tasks.lib.progress import Progress
+from tlflow.tasks.lib.params import Finetune, Params, Train
+from tlflow.tasks.lib.progress import Progress
 
 if TYPE_CHECKING:
     from timm.scheduler import CosineLRScheduler
@@ -313,7 +313,7 @@ def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> Li
 
     Not the saved probe, which is refit on train + val: a head that has seen the val images
     scores them near 1.0 from step 0, and val could no longer tell epochs apart."""
-    from tasks.lib.probes import make_probe, to_head  # scikit-learn: only for this start
+    from tlflow.tasks.lib.probes import make_probe, to_head  # scikit-learn: only for this start
 
     store = current_store(params.base.paths.features)
     with FeatureStore(store) as s:
@@ -345,7 +345,7 @@ def _fingerprint(params: Params, cfg: Finetune, manifest: Path, skipped: list[st
         "backbone": ext.backbone, "weights": ext.weights, "image_size": image_size,
         "manifest": sha256_file(manifest), "skipped": skipped, "pooled_C": pooled_C,
         "max_iter": params.train.max_iter, "class_weight": params.train.class_weight,
-        "code": {f: sha256_file(ROOT / f) for f in code_deps("finetune")},
+        "code": code_hash("finetune"),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

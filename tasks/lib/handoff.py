@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.errors import handoff_error
-from tasks.lib.files import write_json, write_text
+from tlflow.tasks.lib.errors import handoff_error
+from tlflow.tasks.lib.files import write_json, write_text
 
 POINTER = "current.json"  # <features>/current.json: the store the current params select
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.lib.errors import TlflowError, handoff_error
-from tasks.lib.files import atomic_path, sha256_file, write_json
+from tlflow.tasks.lib.errors import TlflowError, handoff_error
+from tlflow.tasks.lib.files import atomic_path, sha256_file, write_json
 
 FORMAT = "tlflow.linear_head/1"
 _TENSORS = ("weight", "bias", "mean", "scale")

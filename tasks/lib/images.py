@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, features
 
-from tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.errors import TlflowError
 
 try:  # HEIC/HEIF, the format iPhones write; registered once, for every stage
     import pillow_heif

@@ -7,8 +7,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.lib.errors import handoff_error
-from tasks.lib.files import atomic_path
+from tlflow.tasks.lib.errors import handoff_error
+from tlflow.tasks.lib.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("relpath", "sha256", "label", "split")

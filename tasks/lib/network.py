@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.lib.backbones import Backbone, create_backbone
-from tasks.lib.checkpoint import state_tensors
-from tasks.lib.errors import TlflowError, handoff_error
-from tasks.lib.files import atomic_path, write_json
-from tasks.lib.head import LinearHead, check_pair, meta_path, tensors_path, write_pair
-from tasks.lib.params import Finetune
+from tlflow.tasks.lib.backbones import Backbone, create_backbone
+from tlflow.tasks.lib.checkpoint import state_tensors
+from tlflow.tasks.lib.errors import TlflowError, handoff_error
+from tlflow.tasks.lib.files import atomic_path, write_json
+from tlflow.tasks.lib.head import LinearHead, check_pair, meta_path, tensors_path, write_pair
+from tlflow.tasks.lib.params import Finetune
 
 FORMAT = "tlflow.finetuned/1"
 

@@ -20,8 +20,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import TEMP_PREFIX, write_text
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import TEMP_PREFIX, write_text
 
 MARKER = ".tlflow-owned"
 # the base.paths key of each folder tlflow owns -> the stage that writes into it
@@ -87,7 +87,7 @@ def recognised(key: str, listed: set[str] = frozenset()) -> Callable[[str], bool
 
 
 def _listed(manifest: Path) -> set[str]:
-    from tasks.lib.manifest import read_manifest
+    from tlflow.tasks.lib.manifest import read_manifest
 
     try:
         return {r.relpath for r in read_manifest(manifest)}

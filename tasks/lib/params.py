@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.errors import TlflowError
 
 PARAMS_FILE = "params.yaml"
 
@@ -135,9 +135,33 @@ _FOLDERS = ("images", "features", "finetune_checkpoints")  # folders tlflow prun
 
 
 
+# base.project: lowercase letters, digits and single dashes, as Prefect's artifact keys are
+PROJECT_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+
+
+def project_slug(name: str) -> str:
+    """A folder's name as a valid base.project: "My Flowers_2" -> "my-flowers-2"."""
+    import re
+
+    return "-".join(re.findall(r"[a-z0-9]+", name.lower()))[:60] or "project"
+
+
 class Base(_Section):
+    # names the project's flow runs, tags and artifact keys on a Prefect server shared by many
+    project: str = Field(pattern=PROJECT_PATTERN, max_length=60)
     seed: int = Field(0, ge=0)
     paths: Paths
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project_says_what(cls, value: Any) -> Any:
+        """The pattern as words, not the regular expression."""
+        import re
+
+        if isinstance(value, str) and not re.match(PROJECT_PATTERN, value):
+            raise ValueError(f"project: expected lowercase letters, digits and single dashes "
+                             f"(e.g. {project_slug(value)!r}), got {value!r}")
+        return value
 
 
 class Ingest(_Section):
@@ -361,7 +385,8 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if path.is_dir():
         raise TlflowError(f"{path}: a folder, not the params file")
     if not path.is_file():
-        raise TlflowError(f"{path}: not found (run tlflow from the project root)")
+        raise TlflowError(f"{path}: not found (run tlflow from the project root, or "
+                          "`tlflow init` to start a project here)")
     try:
         # a SafeLoader subclass: no arbitrary objects
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)

@@ -22,11 +22,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.head import LinearHead
-from tasks.lib.manifest import Row
-from tasks.lib.params import Train
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.head import LinearHead
+from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.params import Train
 
 
 @dataclass(frozen=True)

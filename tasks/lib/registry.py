@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.params import Paths
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.params import Paths
 
 # artifact name -> the base.paths key of its stem (<stem>.safetensors + <stem>.json)
 ARTIFACTS = {"probe": "head", "finetuned": "finetuned"}
@@ -71,10 +71,10 @@ def artifacts_index(paths: Paths) -> dict[str, dict[str, Any]]:
 
 
 def write_index(paths: Paths, root: Path = Path()) -> Path:
-    """Write artifacts.yaml from base.paths (what `python -m tasks.lib.registry --write` does)."""
+    """Write artifacts.yaml from base.paths (`python -m tlflow.tasks.lib.registry --write`)."""
     dest = root / INDEX
     dest.write_text("# GTO's artifacts, derived from params.yaml base.paths: regenerate with\n"
-                    "# `python -m tasks.lib.registry --write`; tests/test_registry.py checks.\n"
+                    "# `python -m tlflow.tasks.lib.registry --write`; tests check it.\n"
                     + yaml.safe_dump(artifacts_index(paths), sort_keys=False))
     return dest
 
@@ -214,14 +214,15 @@ def check_declared(root: Path, paths: Paths, name: str, rev: str) -> None:
     want = model_files(paths, name)[0]
     if subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{rev}:{INDEX}"],
                       capture_output=True).returncode != 0:
-        raise TlflowError(f"{INDEX}: not committed at HEAD; run `python -m tasks.lib.registry "
-                          f"--write` (it declares {name} at {want}) and commit {INDEX}")
+        raise TlflowError(f"{INDEX}: not committed at HEAD; run `python -m "
+                          f"tlflow.tasks.lib.registry --write` (it declares {name} at {want}) "
+                          f"and commit {INDEX}")
     art = _gto_call("describe", gto.api.describe, str(root), name, rev=rev)
     if art is None or art.path != want:
         found = "not declared" if art is None else f"declared at {art.path}"
         raise TlflowError(f"{INDEX}: {name} {found} at HEAD, expected path {want} (from "
-                          f"params.yaml base.paths); run `python -m tasks.lib.registry --write`"
-                          f" and commit {INDEX}")
+                          f"params.yaml base.paths); run `python -m "
+                          f"tlflow.tasks.lib.registry --write` and commit {INDEX}")
 
 
 def _after_last_tag(root: Path) -> None:
@@ -293,8 +294,9 @@ def promoted(root: Path, stage: str = PROD) -> Version | None:
 if __name__ == "__main__":
     import sys
 
-    from tasks.lib.params import load_params
+    from tlflow.tasks.lib.params import load_params
 
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python -m tasks.lib.registry --write  (artifacts.yaml from params.yaml)")
+        sys.exit("usage: python -m tlflow.tasks.lib.registry --write  (artifacts.yaml from "
+                 "params.yaml)")
     print(write_index(load_params().base.paths))

@@ -32,12 +32,12 @@ import h5py
 import numpy as np
 import torch
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import FeatureStore, extractor_id, library_versions
-from tasks.lib.files import TEMP_PREFIX, atomic_path
-from tasks.lib.manifest import Row
-from tasks.lib.params import Extract
-from tasks.lib.progress import Progress
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore, extractor_id, library_versions
+from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path
+from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.params import Extract
+from tlflow.tasks.lib.progress import Progress
 
 SHARD_ATTR = "extractor_id"  # a shard file's attribute: the extractor its codes belong to
 BAD_ATTR = "bad"  # JSON list of [index in the shard, reason] for the unreadable images
@@ -177,9 +177,9 @@ def _model(job: ShardJob) -> tuple[Any, Any, torch.device]:
     would compute other codes than the stage (other weights, libraries or precision)."""
     if job.ext_id in _MODELS:
         return _MODELS[job.ext_id]
-    from tasks.lib.backbones import CodeExtractor, create_backbone
-    from tasks.lib.device import resolve_device
-    from tasks.lib.extraction import describe_extractor
+    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.device import resolve_device
+    from tlflow.tasks.lib.extraction import describe_extractor
 
     ours = library_versions()
     differ = sorted(k for k in job.versions if ours.get(k) != job.versions[k])
@@ -208,7 +208,7 @@ def compute_shard(job: ShardJob) -> ShardDone:
     so the codes are the local executor's on the same CPU type. A finished
     file of the same name is taken as it is (atomic rename: it is whole). Raises TlflowError
     when the worker cannot compute the stage's codes (see `_model`)."""
-    from tasks.lib.extraction import ImageFiles, collate, encode_batch
+    from tlflow.tasks.lib.extraction import ImageFiles, collate, encode_batch
 
     path = Path(job.path)
     if path.is_file():

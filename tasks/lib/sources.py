@@ -19,12 +19,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import atomic_path, sha256_bytes
-from tasks.lib.hashcache import HashCache
-from tasks.lib.imagefiles import IMAGE_SUFFIXES, check_name, metadata_kind, walk_files
-from tasks.lib.manifest import SPLITS, Row
-from tasks.lib.params import Ingest
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import atomic_path, sha256_bytes
+from tlflow.tasks.lib.hashcache import HashCache
+from tlflow.tasks.lib.imagefiles import IMAGE_SUFFIXES, check_name, metadata_kind, walk_files
+from tlflow.tasks.lib.manifest import SPLITS, Row
+from tlflow.tasks.lib.params import Ingest
 
 
 @dataclass(frozen=True)

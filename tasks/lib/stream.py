@@ -19,11 +19,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.manifest import Row
-from tasks.lib.params import Train
-from tasks.lib.probes import Refit, make_norm
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.params import Train
+from tlflow.tasks.lib.probes import Refit, make_norm
 
 MIX = 32  # a buffer gathers at least this many blocks read from random places in the store
 

@@ -1,7 +1,7 @@
 """Fine-tuning on several processes, the stage's side: torchrun started and watched.
 
 Above one process in all (finetune.nproc_per_node x nnodes), the finetune stage starts
-`python -m torch.distributed.run ... -m tasks.finetune JOB_DIR` (`launch`) and waits; each
+`python -m torch.distributed.run ... -m tlflow.tasks.finetune JOB_DIR` (`launch`) and waits; each
 rank runs tasks/lib/distributed.py's `worker`. This module imports no torch: the stage's own
 process only starts and watches.
 
@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.lib import checkpoint
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import write_json
-from tasks.lib.params import Finetune
+from tlflow.tasks.lib import checkpoint
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import write_json
+from tlflow.tasks.lib.params import Finetune
 
 JOB, RESULT = "job.json", "result.json"  # in the job folder: the work, rank 0's answer
 
@@ -41,7 +41,7 @@ JOB, RESULT = "job.json", "result.json"  # in the job folder: the work, rank 0's
 # torchrun. A preexec_fn would do the same but is unsafe in a threaded parent (Prefect's).
 _GUARD = """\
 import os, signal, sys
-from tasks.lib.lifetime import die_with_parent
+from tlflow.tasks.lib.lifetime import die_with_parent
 die_with_parent(signal.SIGTERM, int(sys.argv[1]))
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """

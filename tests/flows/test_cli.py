@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from tasks.lib.featurestore import info
-from tasks.lib.handoff import current_store
-from tasks.lib.manifest import read_manifest
 from tests.conftest import ROOT, cli_env, copy_project, run_cli
+from tlflow.flows.cli import main
+from tlflow.tasks.lib.featurestore import info
+from tlflow.tasks.lib.handoff import current_store
+from tlflow.tasks.lib.manifest import read_manifest
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_cli_exits_2_without_traceback(tmp_path: Path):
     raw["train"]["bogus"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     for args in (["tlflow", "stage", "train"], ["tlflow", "run"]):
-        proc = run_cli(args, tmp_path, cli_env(tmp_path), timeout=120)
+        proc = run_cli(args, tmp_path, cli_env(tmp_path), timeout=1800)
         assert proc.returncode == 2, proc.stderr
         assert "train.bogus: unknown key" in proc.stderr
         assert "Traceback" not in proc.stderr + proc.stdout
@@ -106,7 +106,7 @@ def test_reports_say_when_their_stages_are_stale(tmp_path: Path, image_folder: P
                                                  monkeypatch, capsys):
     """features info (and predict of the working tree's models) never describe old data
     silently: a stale stage is named on stderr, with how to refresh it."""
-    from flows.stages import commit
+    from tlflow.flows.stages import commit
 
     root = copy_project(tmp_path / "project")
     raw = yaml.safe_load((root / "params.yaml").read_text())

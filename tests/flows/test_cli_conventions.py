@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.stages import STAGES, commit
 from tests.conftest import COLOURS, cli_env, colour_project, run_cli, write_image
+from tlflow.flows.cli import main
+from tlflow.flows.stages import STAGES, commit
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 VERSIONED = ("dvc.lock", "params.yaml", "metrics", "plots", ".gitignore", "data/.gitignore",

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import evaluate, extract, finetune, ingest, train
-from tasks.lib.handoff import read_eval_metrics, write_eval_metrics
-from tasks.lib.params import params_under
 from tests.conftest import cli_env, colour_project, run_cli
+from tlflow.tasks import evaluate, extract, finetune, ingest, train
+from tlflow.tasks.lib.handoff import read_eval_metrics, write_eval_metrics
+from tlflow.tasks.lib.params import params_under
 
 WIDTH = 200  # columns a terminal gives `dvc metrics show`
 

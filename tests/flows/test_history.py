@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from flows import history
-from tasks.lib.errors import TlflowError
 from tests.conftest import make_params
+from tlflow.flows import history
+from tlflow.tasks.lib.errors import TlflowError
 
 
 def _entry(rev: str, images: set[str], params: dict, acc: float) -> history.Entry:

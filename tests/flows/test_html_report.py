@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.html_report import write_report
-from tasks import audit, evaluate, extract, ingest, train
-from tasks.lib.handoff import read_predictions
 from tests.conftest import COLOURS, make_params
+from tlflow.flows.html_report import write_report
+from tlflow.tasks import audit, evaluate, extract, ingest, train
+from tlflow.tasks.lib.handoff import read_predictions
 
 
 def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
@@ -110,20 +110,20 @@ def test_chromium_renders_the_page_offline(project, tmp_path: Path):
     shot = tmp_path / "shot.png"
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--proxy-server=127.0.0.1:9", "--window-size=1000,1400"]
-    subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=120,
+    subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=1800,
                    check=True)
     with Image.open(shot) as im:
         colours = im.convert("RGB").getcolors(1 << 20)
     assert colours is not None and len(colours) > 50  # text, tables and thumbnails, not blank
     dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+                         timeout=1800, check=True).stdout
     assert "Misclassified test images: probe" in dom and "test/blue/wrong.png" in dom
 
 
 def test_a_run_on_other_data_says_so(project):
     """Compared with a run on other data, the page says the changes mix data and model."""
-    from flows.html_report import write_html_report
-    from flows.report import Snapshot
+    from tlflow.flows.html_report import write_html_report
+    from tlflow.flows.report import Snapshot
 
     params, _ = project
     line = write_html_report(params.base.paths, Snapshot("0000other", frozenset(), {}))

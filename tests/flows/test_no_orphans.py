@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSI
 
 BOUND = """
 import sys, time
-from flows.tempserver import spawn_bound
+from tlflow.flows.tempserver import spawn_bound
 spawn_bound([sys.executable, "-c", "import time; time.sleep(600)"])
 print("started", flush=True)
 time.sleep(600)
@@ -26,7 +26,7 @@ time.sleep(600)
 
 SERVER = """
 import time
-from flows.tempserver import prefect_api
+from tlflow.flows.tempserver import prefect_api
 with prefect_api() as url:
     print(url, flush=True)
     time.sleep(600)
@@ -49,7 +49,7 @@ def _kill_and_check(code: str, env: dict[str, str]) -> tuple[str, set[int]]:
     def gone() -> bool:
         return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in born)
 
-    wait_for(gone, 10, "the processes it started to die with it")
+    wait_for(gone, 120, "the processes it started to die with it")
     return line, {p.pid for p in born}
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.stages import STAGES
 from tests.conftest import cli_env, copy_project, run_cli
+from tlflow.flows.stages import STAGES
 
 pytestmark = pytest.mark.slow
 

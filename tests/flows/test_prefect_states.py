@@ -12,9 +12,9 @@ import httpx
 import pytest
 import yaml
 
-from flows.stages import STAGES
 from tests.conftest import cli_env, run_cli
 from tests.flows.test_cli_conventions import small_project
+from tlflow.flows.stages import STAGES
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,12 @@ def noop_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: str):
 def test_skipped_stages_are_not_plain_completed(noop_run):
     _, _, tasks, _ = noop_run
     assert set(tasks) == set(STAGES)
-    # a folder source is rescanned on every run (ingest runs); the rest are up to date
-    assert tasks["ingest"]["state"]["name"] == "Completed"
-    for name in STAGES[1:]:
+    # a folder source is rescanned on every run; finding nothing new, ingest is Skipped too
+    for name in STAGES:
         state = tasks[name]["state"]
         assert state["type"] == "COMPLETED" and state["name"] == "Skipped", state
         assert "up to date" in state["message"]
+    assert "rescanned, nothing changed" in tasks["ingest"]["state"]["message"]
 
 
 def test_the_flow_run_is_tagged_with_git_revision_and_data_version(noop_run):
@@ -59,7 +59,8 @@ def test_the_flow_run_is_tagged_with_git_revision_and_data_version(noop_run):
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"]
                if o["path"] == "data/manifest.csv")
-    assert {f"git:{rev}", f"data:{md5[:8]}"} <= set(flow_run["tags"]), flow_run["tags"]
+    assert {f"git:{rev}", f"data:{md5[:8]}", "project:tlflow"} <= set(flow_run["tags"])
+    assert flow_run["name"].startswith("tlflow 20"), flow_run["name"]  # project and time
 
 
 def test_artifact_descriptions_carry_the_accuracy(noop_run):

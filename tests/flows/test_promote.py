@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
 from tests.conftest import BIN, cli_env, run_cli
 from tests.lib.test_registry import build_project, git, run_and_commit, set_params
+from tlflow.flows.cli import main
 
 IMAGE = "data/images/red/00.png"
 
@@ -70,7 +70,7 @@ def test_worse_candidate_stays_out_until_forced(project: Path, capsys):
     assert out.startswith(f"promoted probe v0.0.2 ({worse[:7]}) to prod: forced (--force)")
     assert f"(probe v0.0.2 ({worse[:7]}) in prod)" in cli(capsys, "predict", IMAGE)[2]
     env = cli_env(project)
-    show = run_cli([str(BIN / "gto"), "show", "probe"], project, env, timeout=60)
+    show = run_cli([str(BIN / "gto"), "show", "probe"], project, env, timeout=1800)
     assert show.returncode == 0, show.stderr
     rows = [r for r in show.stdout.splitlines() if "probe@" in r]
     assert len(rows) == 2 and "v0.0.2" in rows[0] and "prod" in rows[0]
@@ -94,6 +94,6 @@ def test_promote_refuses_an_uncommitted_run(project: Path, tmp_path: Path, capsy
     # outside a git repo, through the installed command
     bare = tmp_path / "bare"
     shutil.copytree(project, bare, ignore=shutil.ignore_patterns(".git"))
-    proc = run_cli([str(BIN / "tlflow"), "promote"], bare, cli_env(tmp_path), timeout=120)
+    proc = run_cli([str(BIN / "tlflow"), "promote"], bare, cli_env(tmp_path), timeout=1800)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not a git repo" in proc.stderr

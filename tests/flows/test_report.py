@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from flows.pipeline import StageResult
-from flows.report import Snapshot, per_class_rows, summary_markdown
 from tests.conftest import make_params
+from tlflow.flows.pipeline import StageResult
+from tlflow.flows.report import Snapshot, per_class_rows, summary_markdown
 
 METRICS = {"probe": {"accuracy": 0.9, "macro_f1": 0.8, "n": 10}}
 
@@ -16,12 +16,12 @@ def test_summary_compares_with_the_previous_run(tmp_path: Path):
     after = Snapshot("bbb", frozenset({"y", "z", "w"}), METRICS)
     results = [StageResult("ingest", True, "forced", 1.0),
                StageResult("extract", False, "up to date", 0.0)]
-    text = summary_markdown(paths, before, after, results)
+    text = summary_markdown("tlflow", paths, before, after, results)
     assert "manifest `bbb`, 3 images (2 added, 1 removed since the previous run)" in text
     assert "| ingest | ran | forced | 1.0 |" in text
     assert "| extract | skipped | up to date | 0.0 |" in text
     assert "probe: test accuracy 0.9000 (+0.1000), macro F1 0.8000 (+0.1000)" in text
-    failed = summary_markdown(paths, before, after, results, failed="train: bad")
+    failed = summary_markdown("tlflow", paths, before, after, results, failed="train: bad")
     assert "**Failed** at train: bad" in failed
 
 
@@ -37,11 +37,11 @@ def test_a_project_without_a_manifest_has_no_data_version(tmp_path: Path):
 
 
 def test_summary_says_which_input_size_was_used_and_why(tmp_path: Path):
-    from tasks.lib.handoff import ExtractReport, write_extract_report
+    from tlflow.tasks.lib.handoff import ExtractReport, write_extract_report
 
     paths = make_params(tmp_path).base.paths
     write_extract_report(paths.extract_report, ExtractReport(
         "e1", 3, (), 64, "auto: the images are tiny (median side 8 px < 224 / 8)"))
     after = Snapshot("bbb", frozenset({"x"}), METRICS)
-    text = summary_markdown(paths, Snapshot(None), after, [])
+    text = summary_markdown("tlflow", paths, Snapshot(None), after, [])
     assert "- input size: 64 px (auto: the images are tiny (median side 8 px" in text

@@ -53,9 +53,9 @@ def test_served_runs_take_the_source_as_it_is_now(server: str, tmp_path: Path):
                              start_new_session=True)
     try:
         runs = lambda: len(_completed_runs(server, "served-test"))  # noqa: E731
-        wait_for(lambda: runs() >= 1, 240, "a first completed run", serve)
+        wait_for(lambda: runs() >= 1, 900, "a first completed run", serve)
         _colours(images, 1, start=50)  # one new image per class
-        wait_for(lambda: runs() >= 2, 240, "a second completed run", serve)
+        wait_for(lambda: runs() >= 2, 900, "a second completed run", serve)
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         try:
@@ -79,10 +79,10 @@ def test_deploy_creates_a_deployment_on_a_work_pool(server: str, tmp_path: Path)
     root = _project(tmp_path / "project", _colours(tmp_path / "src", 4))
     env = {**cli_env(tmp_path), "PREFECT_API_URL": server}
     subprocess.run([str(BIN / "prefect"), "work-pool", "create", "tlflow-test", "--type",
-                    "process"], env=env, check=True, capture_output=True, timeout=120)
+                    "process"], env=env, check=True, capture_output=True, timeout=1800)
     proc = subprocess.run([str(BIN / "tlflow"), "deploy", "--pool", "tlflow-test", "--cron",
                            "0 3 * * *", "--name", "nightly"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     deployments = httpx.post(f"{server}/deployments/filter", json={}, timeout=10).json()
     (dep,) = [d for d in deployments if d["name"] == "nightly"]
@@ -90,7 +90,7 @@ def test_deploy_creates_a_deployment_on_a_work_pool(server: str, tmp_path: Path)
     assert dep["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
     proc = subprocess.run([str(BIN / "tlflow"), "deploy", "--pool", "no-such-pool"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -102,7 +102,7 @@ def test_transient_failures_are_retried_bad_input_is_not(server: str, tmp_path: 
     from prefect.exceptions import FailedRun
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import pipeline as pl
+    from tlflow.flows import pipeline as pl
 
     root = _project(tmp_path / "project", _colours(tmp_path / "src", 12))
     monkeypatch.chdir(root)

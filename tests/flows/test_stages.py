@@ -2,9 +2,9 @@
 
 import pytest
 
-from flows.stages import STAGES, _describe, stage_runner
-from tasks.lib.errors import TlflowError
-from tasks.lib.params import UndeclaredParamError
+from tlflow.flows.stages import STAGES, _describe, stage_runner
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.params import UndeclaredParamError
 
 
 def test_stages_in_order_and_unknown_names():
@@ -14,7 +14,7 @@ def test_stages_in_order_and_unknown_names():
 
 
 def test_a_stage_sees_only_its_declared_params(monkeypatch):
-    import tasks.evaluate
+    import tlflow.tasks.evaluate
 
     seen = {}
 
@@ -24,26 +24,31 @@ def test_a_stage_sees_only_its_declared_params(monkeypatch):
             _ = params.train
         return "ok"
 
-    monkeypatch.setattr(tasks.evaluate, "run", peek)
-    from tasks.lib.params import load_params
+    monkeypatch.setattr(tlflow.tasks.evaluate, "run", peek)
     from tests.conftest import ROOT
+    from tlflow.tasks.lib.params import load_params
 
     assert stage_runner("evaluate")(load_params(ROOT / "params.yaml")) == "ok"
     assert seen == {"device": "auto"}
 
 
 def test_dvc_status_entries_are_compacted():
+    def code() -> str:
+        return "tlflow's train code changed (0.1.0 → 0.2.0)"
+
     change = {"changed deps": {"params.yaml": {"train.C_grid": "modified"},
-                               "tasks/lib/probes.py": "modified"}}
-    assert _describe(change) == "params: train.C_grid; deps: tasks/lib/probes.py"
-    assert _describe("always changed") == "always changed"
+                               "data/manifest.csv": "modified"}}
+    assert _describe(change, code) == "params: train.C_grid; deps: data/manifest.csv"
+    assert _describe("always changed", code) == "always changed"
+    stamp = {"changed deps": {"tlflow-code.yaml": {"train": "modified"}}}
+    assert _describe(stamp, code) == code()
 
 
 def test_only_transient_failures_are_retried():
     """A disk or network hiccup may pass on a second try; bad input and bugs would not."""
     from prefect.states import Failed
 
-    from flows.pipeline import BAD_INPUT, _not_bad_input
+    from tlflow.flows.pipeline import BAD_INPUT, _not_bad_input
 
     assert _not_bad_input(None, None, Failed(data=OSError("the disk hiccuped")))
     assert _not_bad_input(None, None, Failed(data=TimeoutError("slow")))

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from tasks.lib import advice
-from tasks.lib.manifest import Row
-from tasks.lib.params import Advise
+from tlflow.tasks.lib import advice
+from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.params import Advise
 
 LAYERS = {
     "pooled_wins": [{"layer": "pooled", "val_accuracy": 0.95}, {"layer": "blocks.4",

@@ -5,9 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.lib.backbones import POOLED, CodeExtractor, create_backbone, map_in_order
-from tasks.lib.errors import TlflowError
-from tests.conftest import HYMENOPTERA
+from tlflow.tasks.lib.backbones import POOLED, CodeExtractor, create_backbone, map_in_order
+from tlflow.tasks.lib.errors import TlflowError
 
 ANT, BEE = 310, 309  # ImageNet class indices
 
@@ -32,11 +31,11 @@ def test_map_in_order_refuses_a_shape_mismatch():
 
 
 @pytest.mark.slow
-def test_packaged_weights_are_imagenet_weights(lite0):
+def test_packaged_weights_are_imagenet_weights(lite0, hymenoptera):
     """The ImageNet head names ants and bees: top-1 is right for >= 80% of hymenoptera/val."""
     transform = lite0.transform()
-    files = [(p, ANT) for p in sorted((HYMENOPTERA / "val" / "ants").iterdir())]
-    files += [(p, BEE) for p in sorted((HYMENOPTERA / "val" / "bees").iterdir())]
+    files = [(p, ANT) for p in sorted((hymenoptera / "val" / "ants").iterdir())]
+    files += [(p, BEE) for p in sorted((hymenoptera / "val" / "bees").iterdir())]
     assert len(files) == 153
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in files])
     with torch.inference_mode():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.lib import checkpoint
+from tlflow.tasks.lib import checkpoint
 
 
 def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:

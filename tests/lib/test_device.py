@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tasks.lib.device import autocast, effective_precision, resolve_device, resolve_workers
-from tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.device import autocast, effective_precision, resolve_device, resolve_workers
+from tlflow.tasks.lib.errors import TlflowError
 
 
 def test_the_cpu_computes_fp32_whatever_is_asked():
@@ -33,7 +33,7 @@ def test_cpu_threads_are_set_not_inherited(monkeypatch):
 
     import torch
 
-    from tasks.lib.device import set_cpu_threads
+    from tlflow.tasks.lib.device import set_cpu_threads
 
     before = torch.get_num_threads()
     try:

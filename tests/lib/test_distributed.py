@@ -2,7 +2,7 @@
 of a failure.
 
 Run as a module (`python -m tests.lib.test_distributed JOB_DIR`), this file is a rank of the
-launches below: the real tasks.lib.torchrun.launch and distributed.worker, with a test body
+launches below: the real tlflow.tasks.lib.torchrun.launch and distributed.worker, with a test body
 instead of fine-tuning, so that a launch costs torchrun's start and not the network's.
 """
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tasks.lib import distributed, torchrun
-from tasks.lib.errors import TlflowError
-from tasks.lib.files import write_json
-from tasks.lib.params import Finetune, parse_params
+from tlflow.tasks.lib import distributed, torchrun
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import write_json
+from tlflow.tasks.lib.params import Finetune, parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
 

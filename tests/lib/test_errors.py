@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prefect.states import Failed
 
-from flows.pipeline import _not_bad_input
-from tasks.lib.errors import TlflowError, environment_error
-from tasks.lib.files import TEMP_PREFIX, atomic_path
+from tlflow.flows.pipeline import _not_bad_input
+from tlflow.tasks.lib.errors import TlflowError, environment_error
+from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path
 
 
 @pytest.mark.parametrize(("exc", "needle"), [
@@ -86,8 +86,8 @@ def test_a_full_disk_during_extract_is_one_line_not_a_segfault(tiny_disk: Path):
     script = f"""
 import numpy as np
 from pathlib import Path
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.errors import TlflowError
 path = Path({str(tiny_disk)!r}) / "0123456789abcdef.h5"
 with FeatureStore.create(path, {{"id": 1}}, {{"pooled": 64}}, "float16") as fs:
     try:
@@ -99,7 +99,7 @@ with FeatureStore(path) as fs:
     print("ROWS", fs.n_committed, len(fs.keys()))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+                          cwd=Path(__file__).resolve().parents[2], timeout=1800)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "disk full" in proc.stdout and "ROWS" in proc.stdout, proc.stdout

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.lib.backbones import create_backbone
-from tasks.lib.extraction import describe_extractor, encode
-from tasks.lib.featurestore import extractor_id
 from tests.conftest import make_params
 from tests.test_extract import TINY
+from tlflow.tasks.lib.backbones import create_backbone
+from tlflow.tasks.lib.extraction import describe_extractor, encode
+from tlflow.tasks.lib.featurestore import extractor_id
 
 
 def test_extractor_id_covers_what_changes_a_code(tmp_path: Path):

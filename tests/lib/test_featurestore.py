@@ -4,8 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.featurestore import COMMITTED, FeatureStore, extractor_id
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.featurestore import COMMITTED, FeatureStore, extractor_id
 
 EXTRACTOR = {"backbone": "timm/x", "layers": ["a", "b"], "dtype": "float16"}
 DIMS = {"a": 4, "b": 2}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.files import TEMP_PREFIX, atomic_path, write_text
+from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path, write_text
 
 
 def longest_name(suffix: str = ".png") -> str:

@@ -6,14 +6,14 @@ import random
 import pytest
 import torch
 
-from tasks.lib import finetuning as tuning
-from tasks.lib.network import (
+from tests.lib.test_network import BACKBONE
+from tlflow.tasks.lib import finetuning as tuning
+from tlflow.tasks.lib.network import (
     build,
     freeze,
     param_groups,
 )
-from tasks.lib.params import Finetune
-from tests.lib.test_network import BACKBONE
+from tlflow.tasks.lib.params import Finetune
 
 
 def test_optimizer_and_schedule_from_timm_keep_each_groups_rate():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib import handoff
-from tasks.lib.errors import TlflowError
+from tlflow.tasks.lib import handoff
+from tlflow.tasks.lib.errors import TlflowError
 
 
 def test_round_trips(tmp_path: Path):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.head import LinearHead, load_head, save_head, tensors_path
-from tasks.lib.probes import make_probe, to_head
 from tests.lib.test_probes import CFG, _blobs
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.head import LinearHead, load_head, save_head, tensors_path
+from tlflow.tasks.lib.probes import make_probe, to_head
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.lib.backbones import CodeExtractor, create_backbone
-from tasks.lib.errors import TlflowError
-from tasks.lib.imagefiles import IMAGE_SUFFIXES
-from tasks.lib.images import BACKGROUND, DECODING, decode, read_image
+from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.imagefiles import IMAGE_SUFFIXES
+from tlflow.tasks.lib.images import BACKGROUND, DECODING, decode, read_image
 
 ORIENTATION = 0x0112
 
@@ -256,7 +256,7 @@ def test_the_rules_are_part_of_the_extractor_id():
 
 
 def test_input_size_auto_is_the_models_own_unless_the_images_are_tiny(tmp_path: Path):
-    from tasks.lib.images import input_size_for
+    from tlflow.tasks.lib.images import input_size_for
 
     def folder(name: str, size: tuple[int, int], n: int = 5) -> list[Path]:
         files = []

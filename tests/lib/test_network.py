@@ -4,14 +4,14 @@
 import pytest
 import torch
 
-from tasks.lib import finetuning as tuning
-from tasks.lib.network import (
+from tlflow.tasks.lib import finetuning as tuning
+from tlflow.tasks.lib.network import (
     build,
     freeze,
     param_groups,
     train_mode,
 )
-from tasks.lib.params import Finetune
+from tlflow.tasks.lib.params import Finetune
 
 BACKBONE = "timm/tf_efficientnet_lite0"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.stages import stage_runner
-from tasks import ingest
-from tasks.lib import ownership
-from tasks.lib.errors import TlflowError
 from tests.conftest import make_params
+from tlflow.flows.stages import stage_runner
+from tlflow.tasks import ingest
+from tlflow.tasks.lib import ownership
+from tlflow.tasks.lib.errors import TlflowError
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.lib.errors import TlflowError
-from tasks.lib.params import load_params, parse_params
 from tests.conftest import ROOT
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.params import load_params, parse_params
 
 
 def _raw() -> dict:
@@ -64,7 +64,7 @@ def test_a_check_across_keys_names_its_key():
 
 
 def test_a_stage_reads_only_what_it_declares():
-    from tasks.lib.params import UndeclaredParamError, scoped
+    from tlflow.tasks.lib.params import UndeclaredParamError, scoped
 
     params = load_params(ROOT / "params.yaml")
     view = scoped(params, ("base.seed", "train.max_iter", "finetune"))
@@ -84,11 +84,11 @@ def test_every_stage_runs_with_what_it_declares():
     """Each stage's PARAMS name real keys (a typo would make dvc.yaml watch nothing)."""
     import importlib
 
-    from flows.stages import STAGES
+    from tlflow.flows.stages import STAGES
 
     params = load_params(ROOT / "params.yaml").model_dump()
     for name in (*STAGES, "predict", "advise"):
-        for key in importlib.import_module(f"tasks.{name}").PARAMS:
+        for key in importlib.import_module(f"tlflow.tasks.{name}").PARAMS:
             node = params
             for part in key.split("."):
                 assert part in node, f"tasks/{name}.py PARAMS: unknown key {key}"

@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 
-from tasks.lib.head import load_head, save_head
-from tasks.lib.params import Train
-from tasks.lib.probes import Split, best, make_probe, sweep, to_head
+from tlflow.tasks.lib.head import load_head, save_head
+from tlflow.tasks.lib.params import Train
+from tlflow.tasks.lib.probes import Split, best, make_probe, sweep, to_head
 
 CFG = Train(C_grid=(0.01, 1.0, 100.0))
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.stages import commit
-from tasks.lib import registry
-from tasks.lib.errors import TlflowError
-from tasks.lib.head import load_head
-from tasks.lib.params import load_params
 from tests.conftest import ROOT, colour_images, copy_project
+from tlflow.flows.cli import main
+from tlflow.flows.stages import commit
+from tlflow.tasks.lib import registry
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.head import load_head
+from tlflow.tasks.lib.params import load_params
 
 GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
 STAGES = ("ingest", "extract", "train", "finetune")  # finetune off: it writes its sidecar only

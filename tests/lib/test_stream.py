@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
 
-from tasks.lib import stream
-from tasks.lib.featurestore import FeatureStore
-from tasks.lib.head import load_head, save_head
-from tasks.lib.params import Train
-from tasks.lib.probes import make_probe, to_head
+from tlflow.tasks.lib import stream
+from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.head import load_head, save_head
+from tlflow.tasks.lib.params import Train
+from tlflow.tasks.lib.probes import make_probe, to_head
 
 N_CLASSES, DIM = 3, 8
 
@@ -103,7 +103,7 @@ def test_sgd_head_exports_exactly(store, tmp_path: Path, loss, normalize):
 
 
 def test_images_without_codes_are_an_error_not_a_skip(store):
-    from tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.errors import TlflowError
 
     path, train, _ = store
     ghost = {**train, "f" * 64: "0"}
