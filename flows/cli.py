@@ -180,7 +180,7 @@ def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str | 
     from tlflow.flows.pipeline import pipeline
 
     source = pipeline.from_source(source=str(Path.cwd()),
-                                  entrypoint="tlflow.flows.pipeline:pipeline")
+                                  entrypoint="tlflow.flows.pipeline.pipeline")
     try:
         deployment = source.deploy(name=name, work_pool_name=pool, cron=cron,
                                    interval=interval, concurrency_limit=1,

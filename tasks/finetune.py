@@ -63,9 +63,10 @@ def run(params: Params) -> dict | None:
 
 
 def _declared(params: Params) -> dict[str, Any]:
-    """The params this stage declares (PARAMS and base.paths) as JSON, for its ranks."""
+    """The params this stage declares (PARAMS, base.paths, base.project) as JSON, for its
+    ranks."""
     raw: dict[str, Any] = {}
-    for key in (*PARAMS, "base.paths"):
+    for key in (*PARAMS, "base.paths", "base.project"):
         *parents, last = key.split(".")
         node, source = raw, params
         for part in parents:

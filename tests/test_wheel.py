@@ -135,6 +135,7 @@ def test_a_project_of_ones_own_from_the_wheel(fresh: Path, tmp_path: Path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "│ ran " not in proc.stdout and proc.stdout.count("│ skipped ") == 6, proc.stdout
     assert run_cli(["tlflow", "report"], root, env).returncode == 0
+    _a_second_project_keeps_apart(tmp_path, photos, env, prefect_server)
 
     installed = Path(_py(fresh, "import tlflow; print(tlflow.__file__)", tmp_path)
                      .stdout.strip()).parent
@@ -154,3 +155,23 @@ def test_a_project_of_ones_own_from_the_wheel(fresh: Path, tmp_path: Path,
     assert status["extract"] == "up to date" and status["ingest"] == "up to date", status
     assert {k for k, v in status.items() if v != "up to date"} == {
         "train", "finetune", "evaluate", "audit"}, status
+
+
+def _a_second_project_keeps_apart(base: Path, photos: Path, env: dict[str, str],
+                                  server: str) -> None:
+    """Two projects on one Prefect server: each run is named and tagged after its project
+    and each has its own `<project>-run-summary` artifact key."""
+    import httpx
+
+    assert run_cli(["tlflow", "init", "depot", "--images", str(photos)], base,
+                   env).returncode == 0
+    proc = run_cli(["tlflow", "run"], base / "depot", env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    keys = {a["key"] for a in httpx.post(f"{server}/artifacts/filter", json={},
+                                         timeout=30).json()}
+    assert {"shop-run-summary", "depot-run-summary", "depot-per-class"} <= keys, keys
+    runs = httpx.post(f"{server}/flow_runs/filter", json={}, timeout=30).json()
+    tagged = {r["name"].split()[0] for r in runs if {"project:shop", "project:depot"}
+              & set(r["tags"])}
+    assert tagged == {"shop", "depot"}, tagged
+    assert not any("None" in r["name"] for r in runs)

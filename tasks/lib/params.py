@@ -470,8 +470,9 @@ class _View:
 
 
 def scoped(params: Params, keys: Iterable[str]) -> Params:
-    """`params` as a stage may see them: the declared keys (a section or section.key) and
-    base.paths, whose files dvc.yaml declares as deps and outs. Reading anything else raises
+    """`params` as a stage may see them: the declared keys (a section or section.key),
+    base.paths, whose files dvc.yaml declares as deps and outs, and base.project, the name
+    that no output depends on (flow runs and artifacts carry it). Reading anything else raises
     UndeclaredParamError, so the declaration that dvc.yaml is checked against (PARAMS in
     tasks/<stage>.py) cannot fall behind the code."""
-    return _View(params, frozenset(keys) | {"base.paths"}, "")  # type: ignore[return-value]
+    return _View(params, frozenset(keys) | {"base.paths", "base.project"}, "")  # type: ignore[return-value]
