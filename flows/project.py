@@ -151,6 +151,10 @@ def _dvc_init(root: Path, subdir: bool, remote: str) -> list[str]:
         with _quiet_dvc():  # "Initialized DVC repository": our own line says it
             Repo.init(str(root), subdir=subdir).close()
         done.append("dvc init" + (" --subdir" if subdir else ""))
+    with Repo(str(root)) as repo:
+        core = repo.config.read("repo").get("core", {})
+        if {"analytics", "check_update", "remote"} <= core.keys():
+            return done  # a config of the user's own: left as it is, comments and all
     with Repo(str(root)) as repo, repo.config.edit("repo") as conf:
         conf.setdefault("core", {})
         conf["core"].setdefault("analytics", "false")  # nothing leaves the machine unasked
