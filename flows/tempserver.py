@@ -31,6 +31,14 @@ def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
                             **popen)
 
 
+def spawn_server(args: list[str], **popen: object) -> subprocess.Popen:
+    """spawn_bound, in a session of its own: a terminal's Ctrl-C (SIGINT to the whole
+    foreground process group) and a SIGTERM to the group reach the run, never its API
+    server, which must outlive the run long enough to record how it ended; the run stops it
+    on the way out, and the kernel when the run dies."""
+    return spawn_bound(args, start_new_session=True, **popen)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,9 +91,12 @@ def _drain() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
+    from tlflow.tasks.lib import interrupts
+
+    timeout = 1 if interrupts.received() is not None else 5  # interrupted: be quick
     for worker in (APILogWorker, EventsWorker):
         with contextlib.suppress(Exception):
-            worker.drain_all(timeout=5)
+            worker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -109,7 +120,7 @@ def prefect_api() -> Iterator[str | None]:
     url = f"http://127.0.0.1:{port}/api"
     print(f"Starting a temporary Prefect server on {url} (it stops with this run)",
           file=sys.stderr, flush=True)
-    proc = spawn_bound(_command(port), env=_environment())
+    proc = spawn_server(_command(port), env=_environment())
     try:
         # Prefect's own wait counts only its 0.1 s sleeps, not the polls between them; a first
         # start (the database's migrations) on a busy machine takes longer than the setting
