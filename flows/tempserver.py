@@ -85,6 +85,28 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
                       "to a running server (`prefect server start`)")
 
 
+def check_reachable(url: str, timeout: float = 3.0) -> None:
+    """A configured API that nothing answers at (refused, no such host, not HTTP, a timeout)
+    is one line naming PREFECT_API_URL and the fix, at once: Prefect's client would retry
+    for minutes and print pages of httpcore tracebacks. A server that answers at all (even
+    503, which is transient) is left to Prefect's own retries."""
+    import httpx
+
+    from tlflow.tasks.lib.errors import TlflowError
+
+    try:
+        with httpx.Client() as client:
+            reply = client.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except (httpx.HTTPError, ValueError) as err:
+        raise TlflowError(f"PREFECT_API_URL: the Prefect API at {url} is unreachable "
+                          f"({type(err).__name__}): start it with `prefect server start`, or "
+                          "unset PREFECT_API_URL to use a temporary server") from None
+    if reply.status_code == 404:
+        raise TlflowError(f"PREFECT_API_URL: {url} answers but is not a Prefect API (GET "
+                          "/health: 404); it usually ends in /api, e.g. "
+                          "http://127.0.0.1:4200/api") from None
+
+
 def _drain() -> None:
     """Send what Prefect's log and event workers still queue (Prefect drains them at exit,
     when this server would be gone: "Error logging to API", and minutes of retries)."""
@@ -112,8 +134,11 @@ def prefect_api() -> Iterator[str | None]:
         temporary_settings,
     )
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() \
-            or sys.platform != "linux":
+    if PREFECT_API_URL.value():
+        check_reachable(PREFECT_API_URL.value())
+        yield None
+        return
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or sys.platform != "linux":
         yield None
         return
     port = _free_port()
