@@ -167,12 +167,46 @@ def cmd_serve(cron: str | None, interval: float | None, name: str | None) -> int
     from tlflow.flows.tempserver import prefect_api
 
     # limit=1: runs of one project never overlap (they share its files and dvc.lock)
+    interrupts.doing("serve")
     try:
         with prefect_api():
-            pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+            try:
+                pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+            finally:  # Prefect's runner pauses its deployment on the way out; make sure
+                _clear_schedule(name)
     except (ValueError, TypeError) as err:  # e.g. a cron expression Prefect cannot parse
         raise TlflowError(f"tlflow serve: {err}") from None
+    interrupts.check()  # Prefect's serve returns quietly on Ctrl-C: exit 130 all the same
     return 0
+
+
+def _clear_schedule(name: str) -> None:
+    """Pause the served deployment (`tlflow-pipeline/<name>`) and delete its runs still
+    Scheduled: nobody serves them now, and they would clutter the UI. Prefect 3's serve does
+    the same on a clean shutdown (pause_on_shutdown; pausing deletes auto-scheduled runs);
+    this also covers runs scheduled by hand. Starting `tlflow serve` again resumes the same
+    deployment."""
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"tlflow-pipeline/{name}")
+        client.pause_deployment(deployment.id)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+        for run in runs:
+            client.delete_flow_run(run.id)
 
 
 def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str | None) -> int:

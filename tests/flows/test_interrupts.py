@@ -102,3 +102,47 @@ def test_identical_files_each_named_in_the_reports(tmp_path, prefect_server):
             "red/00.png"} <= listed
     page = (root / paths["report"]).read_text()
     assert "blue/copy.png" in page and "red/empty1.png" in page
+
+
+def _scheduled(url: str, name: str) -> tuple[str | None, int]:
+    """The deployment's id and how many of its runs are Scheduled (None, 0 before it exists)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), \
+            get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(f"tlflow-pipeline/{name}")
+        except ObjectNotFound:
+            return None, 0
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+    return str(dep.id), sum(r.state.type.value == "SCHEDULED" for r in runs)
+
+
+@pytest.mark.slow
+def test_stopping_serve_leaves_no_scheduled_run_and_restarting_reuses_it(tmp_path,
+                                                                         prefect_server):
+    root = colour_project(tmp_path)
+    env = cli_env(tmp_path, prefect_server)
+    name = f"serve-{tmp_path.name}"
+    ids = []
+    for _ in range(2):
+        proc = subprocess.Popen([str(BIN / "tlflow"), "serve", "--interval", "3600", "--name",
+                                 name], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            wait_for(lambda: _scheduled(prefect_server, name)[1] > 0, 300,
+                     "serve to schedule runs", proc)
+            os.killpg(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+        dep, scheduled = _scheduled(prefect_server, name)
+        assert scheduled == 0
+        ids.append(dep)
+    assert ids[0] == ids[1]  # one deployment, served again
