@@ -82,7 +82,7 @@ def run(params: Params) -> Path:
         todo = missing_images(rows, have)
         n_images = len({r.sha256 for r in rows})  # a duplicate's code is computed once
         print(f"extract: {ext_id} ({backbone.name}) on {device}, {len(todo)} of {n_images} "
-              f"distinct images to compute ({len(rows)} files)", flush=True)
+              f"images to compute ({len(rows)} files: a copy is computed once)", flush=True)
         bad = []
         if todo and cfg.executor == "dask":
             job = ShardJob(ext_id, cfg, params.base.seed, size, library_versions(), (), (), "")
