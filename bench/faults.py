@@ -5,7 +5,10 @@ refuses (one line, nothing written), then 5 SIGKILLs at seeded random moments of
 moves the project from the last good version (A) to a new one (B: three images more per
 class). After every kill, every output file is byte-identical to A's or B's (a feature
 store, appended in place, must hold only committed rows whose codes are B's); a killed
-`tlflow run` leaves no process behind (its temporary Prefect server included). Then:
+`tlflow run` leaves no process behind (its temporary Prefect server included). Then 5
+seeded SIGINTs and SIGTERMs to `tlflow run`'s process group (a terminal's Ctrl-C, `docker
+stop`): exit 130 / 143 within 10 s of the signal, one `interrupted:` line, no traceback, no
+process left, every output A's or B's. Then:
 
 - a kill between the two files of a model pair: the next reader refuses the pair;
 - flipped bytes in a store's codes: `tlflow features verify` and extract refuse in one line;
@@ -474,6 +477,55 @@ def run_full_disk(s: Suite, snapshot_a: Path) -> None:
         subprocess.run(["umount", "-l", str(features)], check=False)
 
 
+INTERRUPT_BUDGET_S = 10.0  # from the signal to the exit, on this machine (issue 23)
+
+
+def interrupt_at(s: Suite, moment: float, sig: int) -> tuple[int | None, float, str, set[int]]:
+    """Start `tlflow run`, send `sig` to its process group `moment` seconds in (as a terminal's
+    Ctrl-C or `docker stop` do); its status (None when it ended first), the seconds from the
+    signal to its exit, its output and the processes it had started."""
+    proc = subprocess.Popen(["tlflow", "run"], cwd=s.project, env=s.env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    born, deadline = set(), time.monotonic() + moment
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            born |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        return None, 0.0, proc.stdout.read(), born
+    t0 = time.monotonic()
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, time.monotonic() - t0, out, born
+
+
+def run_flow_interrupts(s: Suite, a: dict, b: dict, b_codes: dict, n: int) -> None:
+    """Seeded SIGINTs and SIGTERMs to `tlflow run`'s process group at random moments."""
+    with s.case("tlflow run: SIGINT / SIGTERM") as case:
+        for _ in range(n):
+            sig = s.rng.choice((signal.SIGINT, signal.SIGTERM))
+            rc, secs, out, born = interrupt_at(s, s.rng.uniform(1.0, 40.0), sig)
+            case.kills += 1
+            if rc is not None and rc != 128 + sig:
+                case.problems.append(f"{sig.name}: exit {rc}, not {128 + sig}: {out[-300:]!r}")
+            if secs > INTERRUPT_BUDGET_S:
+                case.problems.append(f"{sig.name}: exited {secs:.1f} s after the signal")
+            if "Traceback" in out:
+                case.problems.append(f"{sig.name}: a traceback")
+            if rc is not None and not any(line.startswith("interrupted: ")
+                                          for line in out.splitlines()):
+                case.problems.append(f"{sig.name}: no 'interrupted:' line")
+            time.sleep(0.5)
+            left = _alive(born)
+            if left:
+                case.problems.append(f"{len(left)} process(es) left after {sig.name}")
+                for pid in left:
+                    with contextlib.suppress(psutil.Error):
+                        psutil.Process(pid).kill()
+            s.check_old_or_new(case, a, b, b_codes)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -494,6 +546,7 @@ def main() -> int:
         run_bad_paths(s)
         run_full_disk(s, snapshot_a)
         run_flow_kills(s, a, b, b_codes, args.kills)
+        run_flow_interrupts(s, a, b, b_codes, args.kills)
         run_recovery(s, b)
         return _report(s, t0)
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlflow import __version__
+from tlflow.tasks.lib import interrupts
 from tlflow.tasks.lib.errors import TlflowError
 
 if TYPE_CHECKING:
@@ -166,12 +167,46 @@ def cmd_serve(cron: str | None, interval: float | None, name: str | None) -> int
     from tlflow.flows.tempserver import prefect_api
 
     # limit=1: runs of one project never overlap (they share its files and dvc.lock)
+    interrupts.doing("serve")
     try:
         with prefect_api():
-            pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+            try:
+                pipeline.serve(name=name, cron=cron, interval=interval, limit=1)
+            finally:  # Prefect's runner pauses its deployment on the way out; make sure
+                _clear_schedule(name)
     except (ValueError, TypeError) as err:  # e.g. a cron expression Prefect cannot parse
         raise TlflowError(f"tlflow serve: {err}") from None
+    interrupts.check()  # Prefect's serve returns quietly on Ctrl-C: exit 130 all the same
     return 0
+
+
+def _clear_schedule(name: str) -> None:
+    """Pause the served deployment (`tlflow-pipeline/<name>`) and delete its runs still
+    Scheduled: nobody serves them now, and they would clutter the UI. Prefect 3's serve does
+    the same on a clean shutdown (pause_on_shutdown; pausing deletes auto-scheduled runs);
+    this also covers runs scheduled by hand. Starting `tlflow serve` again resumes the same
+    deployment."""
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"tlflow-pipeline/{name}")
+        client.pause_deployment(deployment.id)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+        for run in runs:
+            client.delete_flow_run(run.id)
 
 
 def cmd_deploy(pool: str, cron: str | None, interval: float | None, name: str | None) -> int:
@@ -215,6 +250,7 @@ def cmd_stage(name: str) -> int:
     from tlflow.tasks.lib.params import load_params
 
     runner = stage_runner(name)
+    interrupts.doing(name)
     refresh_stamp()
     runner(load_params())
     return 0
@@ -326,6 +362,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         from tlflow.tasks.lib.featurestore import FeatureStore
 
         store = Path(args.store) if args.store else current_store(params.base.paths.features)
+        interrupts.doing("features verify")
         with FeatureStore(store) as fs:
             fs.check_whole()
         print(f"{store}: every chunk passes its checksum", file=sys.stderr)
@@ -383,12 +420,30 @@ def cmd_run(force: bool) -> int:
     from tlflow.flows.tempserver import prefect_api
 
     with prefect_api():  # no PREFECT_API_URL: a temporary server that dies with this process
-        state = pipeline(force=force, return_state=True)
+        try:
+            state = pipeline(force=force, return_state=True)
+            interrupts.check()  # a signal that came as the run ended
+        except BaseException:
+            if interrupts.received() is not None:  # whatever it broke on the way
+                _cancelled(interrupts.describe())
+                raise interrupts.Interrupted(interrupts.received()) from None
+            raise
         if state.is_failed():
             print(f"error: {state.message}", file=sys.stderr)
             return 2 if state.name == BAD_INPUT else 1
         _summary(state.result(), params)
     return 0
+
+
+def _cancelled(line: str) -> None:
+    """Mark the interrupted flow run Cancelled while its API is still up (quietly: the
+    interrupted line is what the user reads)."""
+    import contextlib
+
+    from tlflow.flows.pipeline import mark_cancelled
+
+    with contextlib.suppress(Exception):
+        mark_cancelled(line.removeprefix("interrupted: "))
 
 
 def _summary(results: list, params: Params) -> None:
@@ -435,6 +490,7 @@ def _summary(results: list, params: Params) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: expected failures print one line and exit 2, without a traceback."""
     args = _parser().parse_args(argv)
+    interrupts.install()
     # The temporary server Prefect starts for a run sends usage telemetry; offline (this
     # project's premise) each attempt logs an ERROR that makes a clean run look failed. A
     # user's own setting wins.
@@ -471,24 +527,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.model != "promoted":  # a promoted model is a committed version
                 warn_if_stale(("ingest", "extract", "train")
                               + (("finetune",) if args.model == "finetuned" else ()), "predict")
+            interrupts.doing("predict")
             predict.run(scoped(load_params(), predict.PARAMS), args.target, args.top_k,
                         args.out, args.model, args.strict)
             return 0
         return cmd_run(args.force)
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
     except TlflowError as err:
+        if interrupts.received() is not None:  # a child stopped by the same signal
+            return _interrupted(err)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # the machine's limits (a full disk...): one line, else a bug
         from tlflow.tasks.lib.errors import environment_error
 
+        if interrupts.received() is not None:  # e.g. a DataLoader worker killed by it
+            return _interrupted(err)
         env = environment_error(err)
         if env is None:
             raise
         print(f"error: {env}", file=sys.stderr)
         return env.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+
+def _interrupted(err: BaseException) -> int:
+    """The one line of an interrupted command; 128 + the signal (130 for a plain
+    KeyboardInterrupt)."""
+    print(interrupts.describe(), file=sys.stderr, flush=True)
+    signum = interrupts.received()
+    return 128 + signum if signum is not None else 130
 
 
 def console() -> None:

@@ -213,6 +213,9 @@ def _audit(paths: Paths, thumb: Thumbnails) -> dict[str, Any] | None:
             pair[key]["thumb"] = thumb(pair[key]["relpath"], pair[key]["sha256"])
     for image in issues["images"]:
         image["thumb"] = thumb(image["relpath"], image["sha256"])
+    for group in dups["label_conflicts"]["groups"]:
+        for image in group["images"]:
+            image["thumb"] = thumb(image["relpath"], image["sha256"])
     return {"duplicates": dups, "issues": issues,
             "balance": read_audit(paths.balance, "balance")}
 

@@ -24,11 +24,13 @@ from prefect.states import Completed, Failed, State
 
 from tlflow.flows.history import current_data_version
 from tlflow.flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
+from tlflow.tasks.lib import interrupts
 from tlflow.tasks.lib.errors import TlflowError, environment_error
 from tlflow.tasks.lib.params import load_params
 
 BAD_INPUT = "BadInput"
 SKIPPED = "Skipped"
+RUNNING: list = []  # this process's flow run id while it runs (Cancelled if interrupted)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ TRANSIENT = (OSError, TimeoutError, ConnectionError)
 def _not_bad_input(_task, _task_run, state: State) -> bool:
     """Retry transient failures only (TRANSIENT): never bad input, never the machine's
     limits, never a bug."""
-    if state.name == BAD_INPUT:
+    if state.name == BAD_INPUT or interrupts.received() is not None:
         return False
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, TRANSIENT) and environment_error(exc) is None
@@ -62,6 +64,8 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     """Run one stage if DVC calls it stale (or when forced), then record it in dvc.lock."""
     logger = get_run_logger()
     t0 = time.perf_counter()
+    interrupts.check()  # a signal held off between stages: no stage starts after it
+    interrupts.doing(name)
     try:  # bad params, bad input, or DVC refusing (no git, a broken dvc.lock): no retry
         params = load_params()
         stale = "forced" if force else why_stale(name)
@@ -89,6 +93,24 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
         logger.error("%s: %s", name, env)
         return Failed(name=BAD_INPUT, message=str(env))
     return StageResult(name, True, reason, time.perf_counter() - t0)
+
+
+def mark_cancelled(message: str) -> None:
+    """Mark this process's flow run, and its task runs that did not finish, Cancelled (an
+    interrupt leaves them Crashed, or Running when it struck between two API calls)."""
+    if not RUNNING:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=RUNNING)))
+        for run in runs:
+            if run.state is None or not run.state.is_final() or run.state.is_crashed():
+                client.set_task_run_state(run.id, Cancelled(message=message), force=True)
+        client.set_flow_run_state(RUNNING[0], Cancelled(message=message), force=True)
 
 
 def git_revision() -> str | None:
@@ -137,9 +159,13 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     Transient failures are retried (run.retries); the summary and the per-class metrics are
     published as artifacts, against what the previous run left.
     """
+    from prefect.context import FlowRunContext
+
     from tlflow.flows.html_report import write_html_report
     from tlflow.flows.report import Snapshot, publish_summary
 
+    ctx = FlowRunContext.get()
+    RUNNING[:] = [ctx.flow_run.id] if ctx and ctx.flow_run else []
     params = load_params()
     paths, cfg = params.base.paths, params.run
     stage = run_stage.with_options(retries=cfg.retries,

@@ -31,6 +31,14 @@ def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
                             **popen)
 
 
+def spawn_server(args: list[str], **popen: object) -> subprocess.Popen:
+    """spawn_bound, in a session of its own: a terminal's Ctrl-C (SIGINT to the whole
+    foreground process group) and a SIGTERM to the group reach the run, never its API
+    server, which must outlive the run long enough to record how it ended; the run stops it
+    on the way out, and the kernel when the run dies."""
+    return spawn_bound(args, start_new_session=True, **popen)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,15 +85,40 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
                       "to a running server (`prefect server start`)")
 
 
+def check_reachable(url: str, timeout: float = 3.0) -> None:
+    """A configured API that nothing answers at (refused, no such host, not HTTP, a timeout)
+    is one line naming PREFECT_API_URL and the fix, at once: Prefect's client would retry
+    for minutes and print pages of httpcore tracebacks. A server that answers at all (even
+    503, which is transient) is left to Prefect's own retries."""
+    import httpx
+
+    from tlflow.tasks.lib.errors import TlflowError
+
+    try:
+        with httpx.Client() as client:
+            reply = client.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except (httpx.HTTPError, ValueError) as err:
+        raise TlflowError(f"PREFECT_API_URL: the Prefect API at {url} is unreachable "
+                          f"({type(err).__name__}): start it with `prefect server start`, or "
+                          "unset PREFECT_API_URL to use a temporary server") from None
+    if reply.status_code == 404:
+        raise TlflowError(f"PREFECT_API_URL: {url} answers but is not a Prefect API (GET "
+                          "/health: 404); it usually ends in /api, e.g. "
+                          "http://127.0.0.1:4200/api") from None
+
+
 def _drain() -> None:
     """Send what Prefect's log and event workers still queue (Prefect drains them at exit,
     when this server would be gone: "Error logging to API", and minutes of retries)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
+    from tlflow.tasks.lib import interrupts
+
+    timeout = 1 if interrupts.received() is not None else 5  # interrupted: be quick
     for worker in (APILogWorker, EventsWorker):
         with contextlib.suppress(Exception):
-            worker.drain_all(timeout=5)
+            worker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -101,15 +134,18 @@ def prefect_api() -> Iterator[str | None]:
         temporary_settings,
     )
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() \
-            or sys.platform != "linux":
+    if PREFECT_API_URL.value():
+        check_reachable(PREFECT_API_URL.value())
+        yield None
+        return
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or sys.platform != "linux":
         yield None
         return
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     print(f"Starting a temporary Prefect server on {url} (it stops with this run)",
           file=sys.stderr, flush=True)
-    proc = spawn_bound(_command(port), env=_environment())
+    proc = spawn_server(_command(port), env=_environment())
     try:
         # Prefect's own wait counts only its 0.1 s sleeps, not the polls between them; a first
         # start (the database's migrations) on a busy machine takes longer than the setting

@@ -1,5 +1,6 @@
 """Audit: data checks from the cached codes, after train (no forward pass). Near-copies of
-train images in val and test, one file under two labels (reports/duplicates.json), likely
+train images in val and test, one file under two labels, the same bytes under several names
+(reports/duplicates.json), likely
 label errors on train + val (reports/label_issues.json), images per class and split
 (reports/balance.json), and their counts (metrics/audit.json). They inform: the data and the
 models stay as they are (tasks/lib/audit.py)."""
@@ -41,18 +42,21 @@ def run(params: Params) -> dict[str, int]:
         x_fit = store.read(best["layer"], [r.sha256 for r in fit_rows])
     dups = audit.near_duplicates(codes, rows, cfg.duplicate_threshold, cfg.max_listed)
     conflicts = audit.label_conflicts(all_rows, cfg.max_listed)
+    same = audit.identical_files(all_rows, cfg.max_listed)
     probe = audit.ProbeSetting(best["layer"], tuple(params.train.C_grid), params.train.normalize,
                                params.train.max_iter, params.train.class_weight)
     issues = audit.label_issues(fit_rows, x_fit, probe, cfg.folds, seed, cfg.max_listed)
     write_audit(paths.duplicates, {"threshold": dups["threshold"], "layer": dup_layer,
-                                   "near_duplicates": dups, "label_conflicts": conflicts})
+                                   "near_duplicates": dups, "label_conflicts": conflicts,
+                                   "identical_files": same})
     write_audit(paths.label_issues, issues)
     write_audit(paths.balance, audit.balance(rows))
     counts = {"near_duplicates": dups["count"], "label_conflicts": conflicts["count"],
-              "label_issues": issues["count"]}
+              "label_issues": issues["count"], "identical_files": same["files"]}
     write_audit_metrics(paths.audit_metrics, counts)
     print(f"audit: {dups['count']} near-duplicate pair(s) across splits (similarity >= "
           f"{dups['threshold']} on {dup_layer}), {conflicts['count']} file(s) under two "
-          f"labels, {issues['count']} likely label error(s) among {len(fit_rows)} train + val "
+          f"labels, {same['files']} file(s) with a copy under another name, "
+          f"{issues['count']} likely label error(s) among {len(fit_rows)} train + val "
           f"images -> {paths.duplicates}, {paths.label_issues}", flush=True)
     return counts

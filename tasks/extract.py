@@ -33,11 +33,25 @@ from tlflow.tasks.lib.handoff import (
     write_pointer,
 )
 from tlflow.tasks.lib.images import SIZE_SAMPLE, input_size_for
-from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.manifest import Row, read_manifest
 from tlflow.tasks.lib.params import Params
 from tlflow.tasks.lib.sharding import ShardJob, clean_folder, commit_leftovers, extract_on_dask
 
 PARAMS = ("base.seed", "extract")  # what this stage reads besides base.paths (dvc.yaml: params)
+
+
+def each_file(bad: list[dict[str, str]], rows: list[Row]) -> list[dict[str, str]]:
+    """One entry per file (relpath) whose bytes could not be read, in manifest order: codes
+    are computed once per content hash, but a person thinks in files, so every copy of an
+    unreadable image (three empty files are one hash) is listed under its own name."""
+    reasons = {b["sha256"]: (b["relpath"], b["reason"]) for b in bad}
+    out = []
+    for r in rows:
+        if r.sha256 in reasons:
+            first, reason = reasons[r.sha256]
+            out.append({"relpath": r.relpath, "sha256": r.sha256,
+                        "reason": reason.replace(first, r.relpath)})
+    return out
 
 
 def run(params: Params) -> Path:
@@ -66,9 +80,9 @@ def run(params: Params) -> Path:
         if resumed:
             print(f"extract: committed {resumed} codes from finished shard files", flush=True)
         todo = missing_images(rows, have)
-        n_images = len({r.sha256 for r in rows})
+        n_images = len({r.sha256 for r in rows})  # a duplicate's code is computed once
         print(f"extract: {ext_id} ({backbone.name}) on {device}, {len(todo)} of {n_images} "
-              "images to compute", flush=True)
+              f"images to compute ({len(rows)} files: a copy is computed once)", flush=True)
         bad = []
         if todo and cfg.executor == "dask":
             job = ShardJob(ext_id, cfg, params.base.seed, size, library_versions(), (), (), "")
@@ -78,10 +92,12 @@ def run(params: Params) -> Path:
             loader = make_loader([paths.images / r.relpath for r in todo], backbone, cfg, device)
             bad = fill(store, model, todo, iter(loader), cfg, device)
         clean_folder(path)
-    report = ExtractReport(ext_id, n_images, tuple(bad), size, why)
+    bad = each_file(bad, rows)
+    report = ExtractReport(ext_id, len(rows), tuple(bad), size, why)  # files, not hashes
     write_extract_report(paths.extract_report, report)
     write_extract_metrics(paths.extract_metrics, report)
-    print(f"extract: {len(todo) - len(bad)} computed, {n_images - len(todo)} cached, "
-          f"{len(bad)} skipped -> {path}", flush=True)
+    unread = len({b["sha256"] for b in bad})
+    print(f"extract: {len(todo) - unread} computed, {n_images - len(todo)} cached, "
+          f"{len(bad)} file(s) skipped -> {path}", flush=True)
     write_pointer(paths.features, path, extractor)
     return path

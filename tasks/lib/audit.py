@@ -99,6 +99,25 @@ def near_duplicates(codes: dict[str, np.ndarray], rows: list[Row], threshold: fl
             "count": len(pairs), "pairs": listed}
 
 
+def identical_files(rows: list[Row], max_listed: int) -> dict:
+    """Files with the same bytes (one sha256) under several relpaths, in one class or across
+    classes, empty files included: {count (groups), files (in them), groups}. Each group
+    names every file, its labels and splits; `crosses_splits` marks a group with copies on
+    both sides of train / val / test (possible only where the source gives the split: a
+    split drawn by hash puts every copy in one split)."""
+    by_hash: dict[str, list[Row]] = {}
+    for r in rows:
+        by_hash.setdefault(r.sha256, []).append(r)
+    groups = [{"sha256": h, "labels": sorted({r.label for r in rs}),
+               "splits": sorted({r.split for r in rs}),
+               "crosses_splits": len({r.split for r in rs}) > 1,
+               "images": [_image(r) for r in sorted(rs, key=lambda r: r.relpath)]}
+              for h, rs in sorted(by_hash.items(), key=lambda kv: min(r.relpath for r in kv[1]))
+              if len(rs) > 1]
+    return {"count": len(groups), "files": sum(len(g["images"]) for g in groups),
+            "groups": groups[:max_listed]}
+
+
 def label_conflicts(rows: list[Row], max_listed: int) -> dict:
     """Identical files (one sha256) given different labels: {count, groups}."""
     by_hash: dict[str, list[Row]] = {}

@@ -80,7 +80,8 @@ def current_input_size(features_dir: Path) -> int:
 
 @dataclass(frozen=True)
 class ExtractReport:
-    """How many images the manifest holds and which could not be read (sha256 -> reason)."""
+    """How many image files the manifest holds and which could not be read: one entry per
+    file (relpath), every copy of the same bytes listed; `bad` maps sha256 -> reason."""
 
     extractor_id: str
     images: int

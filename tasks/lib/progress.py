@@ -14,6 +14,13 @@ import sys
 import time
 from collections import deque
 
+_LAST: list[Progress] = []  # the newest Progress, kept after close (the interrupted line)
+
+
+def last_progress() -> Progress | None:
+    """The Progress made last in this process (closed or not): what an interrupt stopped."""
+    return _LAST[0] if _LAST else None
+
 
 class MovingRate:
     """Items per second over the last `window_s` seconds of updates (None until two updates
@@ -38,6 +45,7 @@ class Progress:
     def __init__(self, label: str, total: int, every_s: float = 10.0,
                  window_s: float = 30.0, since_start: bool = False) -> None:
         self.label, self.total, self.done, self.every_s = label, total, 0, every_s
+        _LAST[:] = [self]
         self.t0 = self.last = time.perf_counter()
         self.rate = MovingRate(window_s)
         if since_start:

@@ -1,0 +1,148 @@
+"""Interrupts and environment faults of `tlflow run`: SIGTERM or SIGINT to the run's process
+group stops it with one line and 128 + the signal, the flow run Cancelled on the server and
+the last good outputs kept; a Prefect API nothing answers at is one line, exit 2, at once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, cli_env, colour_images, colour_project, run_cli, wait_for
+
+
+def _digest(root: Path) -> str:
+    files = sorted(p for d in ("models", "metrics") for p in (root / d).rglob("*") if p.is_file())
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+def _flow_run_states(url: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), \
+            get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    return [r.state.name for r in sorted(runs, key=lambda r: r.created)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_group_stops_the_run_cancelled_with_one_line(tmp_path, prefect_server,
+                                                                     sig):
+    root = colour_project(tmp_path, extract={"image_size": 224, "batch_size": 8})
+    env = {**cli_env(tmp_path, prefect_server), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    first = run_cli([str(BIN / "tlflow"), "run"], root, env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _digest(root)
+    colour_images(tmp_path / "src", per_class=80)  # many more images: extract takes a while
+    log = open(tmp_path / "run.txt", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(BIN / "tlflow"), "run"], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "extract: " in (tmp_path / "run.txt").read_text(), 600,
+                 "extract to start", proc)
+        time.sleep(3)
+        os.killpg(proc.pid, sig)
+        rc = proc.wait(120)  # generous: the budget of 10 s is measured in bench/faults.py
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    out = (tmp_path / "run.txt").read_text()
+    assert rc == 128 + sig, out[-3000:]
+    assert "Traceback" not in out
+    assert [line for line in out.splitlines() if line.startswith("interrupted: ")], out[-2000:]
+    assert _digest(root) == before  # the last good run's models and metrics
+    assert _flow_run_states(prefect_server)[-1] == "Cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no process of the run's group is left
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/api", "http://no-such-host.invalid/api",
+                                 "not a url"])
+def test_an_unreachable_prefect_api_is_one_line_at_once(tmp_path, url):
+    root = colour_project(tmp_path)
+    env = {**cli_env(tmp_path), "PREFECT_API_URL": url}
+    t0 = time.monotonic()
+    proc = run_cli([str(BIN / "tlflow"), "run"], root, env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "PREFECT_API_URL" in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 60  # generous; 'at once' is a few seconds (bench/faults.py)
+    assert not (root / "data").exists()  # nothing ran
+
+
+def test_identical_files_each_named_in_the_reports(tmp_path, prefect_server):
+    root = colour_project(tmp_path)
+    src = tmp_path / "src"
+    for name in ("empty0.png", "empty1.png"):
+        (src / "red" / name).write_bytes(b"")
+    (src / "blue" / "empty2.png").write_bytes(b"")
+    (src / "blue" / "copy.png").write_bytes((src / "red" / "00.png").read_bytes())  # two labels
+    env = cli_env(tmp_path, prefect_server)
+    run = run_cli([str(BIN / "tlflow"), "run"], root, env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run_cli([str(BIN / "tlflow"), "report"], root, env)
+    assert report.returncode == 0, report.stderr[-3000:]
+    paths = yaml.safe_load((root / "params.yaml").read_text())["base"]["paths"]
+    extract = yaml.safe_load((root / paths["extract_report"]).read_text())
+    assert sorted(b["relpath"] for b in extract["bad_images"]) == \
+        ["blue/empty2.png", "red/empty0.png", "red/empty1.png"]
+    dups = yaml.safe_load((root / paths["duplicates"]).read_text())
+    conflict = {i["relpath"] for g in dups["label_conflicts"]["groups"] for i in g["images"]}
+    assert {"blue/copy.png", "red/00.png"} <= conflict
+    listed = {i["relpath"] for g in dups["identical_files"]["groups"] for i in g["images"]}
+    assert {"blue/empty2.png", "red/empty0.png", "red/empty1.png", "blue/copy.png",
+            "red/00.png"} <= listed
+    page = (root / paths["report"]).read_text()
+    assert "blue/copy.png" in page and "red/empty1.png" in page
+
+
+def _scheduled(url: str, name: str) -> tuple[str | None, int]:
+    """The deployment's id and how many of its runs are Scheduled (None, 0 before it exists)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), \
+            get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(f"tlflow-pipeline/{name}")
+        except ObjectNotFound:
+            return None, 0
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+    return str(dep.id), sum(r.state.type.value == "SCHEDULED" for r in runs)
+
+
+@pytest.mark.slow
+def test_stopping_serve_leaves_no_scheduled_run_and_restarting_reuses_it(tmp_path,
+                                                                         prefect_server):
+    root = colour_project(tmp_path)
+    env = cli_env(tmp_path, prefect_server)
+    name = f"serve-{tmp_path.name}"
+    ids = []
+    for _ in range(2):
+        proc = subprocess.Popen([str(BIN / "tlflow"), "serve", "--interval", "3600", "--name",
+                                 name], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            wait_for(lambda: _scheduled(prefect_server, name)[1] > 0, 300,
+                     "serve to schedule runs", proc)
+            os.killpg(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+        dep, scheduled = _scheduled(prefect_server, name)
+        assert scheduled == 0
+        ids.append(dep)
+    assert ids[0] == ids[1]  # one deployment, served again
