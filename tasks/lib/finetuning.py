@@ -407,7 +407,7 @@ def _load_best(net: Network, path: Path) -> None:
 
 
 def run_phase(net: Network, phase: Phase, train_ds: Images, val_ds: Images, seed: int,
-              device: torch.device, curve_path: Path, curve_before: list[dict]) -> dict:
+              device: torch.device) -> dict:
     """Train until epochs or patience run out, resuming a matching checkpoint; the returned
     state names the best epoch, whose weights are loaded into the network at the end."""
     cfg, ckpt = phase.cfg, phase.ckpt
@@ -452,9 +452,10 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_ds: Images, seed
             state.update(best_accuracy=acc, best_loss=val_loss, best_epoch=epoch)
         state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
         if ranks.main:
+            # the curve so far lives in the checkpoint's state; the output (plots/) is
+            # written once the stage ends, so a killed run leaves the last good one in place
             checkpoint.save(ckpt, epoch, net.model, opt, sched,
                             {**{k: state[k] for k in _FRESH}, "fingerprint": phase.fingerprint})
-            write_curve(curve_path, curve_before + state["curve"])
         _say(f"finetune: epoch {epoch}/{cfg.epochs} ({cfg.trainable}): train loss "
              f"{loss:.4f}, val accuracy {acc:.4f}{' (best)' if better else ''}, "
              f"{time.perf_counter() - t0:.1f} s{same}")
@@ -495,15 +496,14 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
     fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), pooled_C,
                                image_size)
     ckpt = paths.finetune_checkpoints
-    first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_ds, seed, device,
-                      paths.finetune_curve, [])
+    first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_ds, seed, device)
     final, curve, phases = first, first["curve"], [cfg.trainable]
     if then_all:
         every = cfg.model_copy(update={"trainable": "all"})
         _say(f"finetune: then all layers, from the best {cfg.trainable} weights")
         second = run_phase(net, Phase(every, ckpt / "all", f"{fingerprint}+all",
                                       first["epochs_run"] + 1),
-                           train_ds, val_ds, seed, device, paths.finetune_curve, curve)
+                           train_ds, val_ds, seed, device)
         curve = curve + second["curve"]
         if improves(second["best_accuracy"], second["best_loss"], first["best_accuracy"],
                     first["best_loss"]):
