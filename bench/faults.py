@@ -170,11 +170,7 @@ class Suite:
         proc = subprocess.Popen(["tlflow", *args], cwd=self.project, env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        born, deadline = set(), time.monotonic() + moment
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                born |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
-            time.sleep(0.05)
+        born = _watch(proc, moment)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -219,6 +215,16 @@ def _committed_not_in(path: Path, reference: dict) -> str:
             if reference.get(layer, {}).get(key) != code:
                 return f"row {key[:12]} of {layer} differs from an uninterrupted run's"
     return ""
+
+
+def _watch(proc: subprocess.Popen, moment: float) -> set[int]:
+    """Wait `moment` seconds (or until `proc` ends), collecting the processes it starts."""
+    born, deadline = set(), time.monotonic() + moment
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            born |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        time.sleep(0.05)
+    return born
 
 
 def _alive(pids: set[int]) -> list[int]:
@@ -487,11 +493,7 @@ def interrupt_at(s: Suite, moment: float, sig: int) -> tuple[int | None, float, 
     proc = subprocess.Popen(["tlflow", "run"], cwd=s.project, env=s.env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    born, deadline = set(), time.monotonic() + moment
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            born |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
-        time.sleep(0.05)
+    born = _watch(proc, moment)
     if proc.poll() is not None:
         return None, 0.0, proc.stdout.read(), born
     t0 = time.monotonic()

@@ -69,8 +69,9 @@ def _scalar(value: object) -> str:
     """A YAML scalar as it reads in flow style: null, a plain string, or a quoted one."""
     if value is None:
         return "null"
+    # a plain scalar ends with the document-end marker "...", a quoted one does not
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix(
-        "\n...").removesuffix("...").strip()
+        "\n...")
 
 
 def _render(name: str, **values: object) -> str:
@@ -174,7 +175,7 @@ def init_project(dest: Path, source: Source, force: bool = False,
     """Make `dest` a tlflow project (see the module's docstring). Returns what was done, one
     line each. Raises TlflowError, before writing anything, when dest holds params.yaml,
     dvc.yaml or artifacts.yaml (unless `force`) or is not a folder."""
-    from tlflow.tasks.lib.codedeps import refresh_stamp
+    from tlflow.tasks.lib.codedeps import STAMP, refresh_stamp
     from tlflow.tasks.lib.params import Params
     from tlflow.tasks.lib.registry import write_index
 
@@ -211,7 +212,7 @@ def init_project(dest: Path, source: Source, force: bool = False,
         done.append("README.md")
     done += _dvc_init(dest, subdir=top is not None and top != dest, remote=remote)
     refresh_stamp(dest)
-    done.append("tlflow-code.yaml (the tlflow code each stage runs)")
+    done.append(f"{STAMP} (the tlflow code each stage runs)")
     if commit:
         _commit(dest)
         done.append("git commit")
@@ -220,7 +221,9 @@ def init_project(dest: Path, source: Source, force: bool = False,
 
 def _commit(root: Path) -> None:
     """Commit the project's files (only when asked: --commit)."""
-    files = [*OWN, ".gitignore", ".dvcignore", "README.md", "tlflow-code.yaml", ".dvc"]
+    from tlflow.tasks.lib.codedeps import STAMP
+
+    files = [*OWN, ".gitignore", ".dvcignore", "README.md", STAMP, ".dvc"]
     added = _git(root, "add", "--", *[f for f in files if (root / f).exists()])
     done = added if added.returncode else _git(root, "commit", "-qm", "tlflow init")
     if done.returncode != 0:

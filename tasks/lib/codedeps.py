@@ -111,6 +111,7 @@ def stage_modules(stage: str, dirs: Mapping[str, Path] | None = None) -> tuple[s
 
 def code_hash(stage: str, dirs: Mapping[str, Path] | None = None) -> str:
     """sha256 of a stage's code: each module's name and bytes, in name order (hex)."""
+    dirs = package_dirs() if dirs is None else dirs
     digest = hashlib.sha256()
     for module in stage_modules(stage, dirs):
         data = module_path(module, dirs).read_bytes()  # type: ignore[union-attr]
@@ -125,6 +126,7 @@ def stamp(old: Mapping[str, Mapping[str, str]] | None = None,
     not change a stage's code leaves that stage up to date."""
     from tlflow import __version__
 
+    dirs = package_dirs() if dirs is None else dirs
     old = old or {}
     out = {}
     for stage in STAGES:
