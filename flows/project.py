@@ -15,6 +15,7 @@ so the demo project and a user's project never drift.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ def _quiet_dvc() -> Iterator[None]:
 def _dvc_init(root: Path, subdir: bool, remote: str) -> list[str]:
     """`dvc init` (with --subdir inside a larger git repository) unless .dvc exists, and a
     default remote when none is set. Returns what was done."""
+    from dvc.config_schema import RelPath
     from dvc.repo import Repo
 
     done = []
@@ -163,8 +165,11 @@ def _dvc_init(root: Path, subdir: bool, remote: str) -> list[str]:
         if not conf["core"].get("remote"):
             conf.setdefault("remote", {})
             if "local" not in conf["remote"]:
-                # relative to .dvc/config: a folder beside the project
-                conf["remote"]["local"] = {"url": f"../../{remote}"}
+                # a folder beside the project, written relative to .dvc/config. DVC takes a
+                # plain relative str for one relative to the working directory: a RelPath of
+                # the absolute path is what it writes as relative to the config's folder
+                url = RelPath(os.path.abspath(root.parent / remote))
+                conf["remote"]["local"] = {"url": url}
                 done.append(f"DVC remote 'local' at ../{remote} (default)")
             conf["core"]["remote"] = "local"
     return done

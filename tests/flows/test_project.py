@@ -58,9 +58,12 @@ def _git(root: Path, *args: str) -> str:
                           check=True).stdout
 
 
-def test_init_writes_a_project_and_copies_no_code(tmp_path: Path):
+def test_init_writes_a_project_and_copies_no_code(tmp_path: Path, monkeypatch):
     images = colour_images(tmp_path / "photos", per_class=2)
-    done = init_project(tmp_path / "My Flowers", Source("folder", images))
+    elsewhere = tmp_path / "a" / "b" / "c"  # the remote's url must not depend on the cwd
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    done = init_project(Path("../../../My Flowers"), Source("folder", images))
     root = tmp_path / "My Flowers"
     assert "git init" in done and "dvc init" in done
     assert not list(root.rglob("*.py"))
@@ -69,7 +72,8 @@ def test_init_writes_a_project_and_copies_no_code(tmp_path: Path):
     assert raw["ingest"] == {**raw["ingest"], "source": "folder", "path": str(images)}
     assert (root / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
     config = (root / ".dvc" / "config").read_text()
-    assert "remote = local" in config and "../../my-flowers-remote" in config
+    assert "remote = local" in config
+    assert "url = ../../my-flowers-remote\n" in config, config  # beside the project
     assert "/.tlflow/" in (root / ".gitignore").read_text()
     assert (root / "tlflow-code.yaml").is_file() and (root / "README.md").is_file()
     status = _git(root, "status", "--porcelain", "--untracked-files=all")
