@@ -1,155 +1,225 @@
-"""Extraction throughput, measured side by side in one run; ratios printed last.
+"""Extraction speed and memory against the tutorial loop, side by side in one run.
 
-(a) forward passes on pre-decoded tensors, contiguous and channels_last;
-(b) decode + preprocess alone;
-(c) the extract stage on the same files (fixed start-up reported apart).
-On a CPU the decoders and the network share the cores, so the limit is 1/(1/a + 1/b).
+Each way runs in a fresh process on the same images, so its peak RSS is its own:
 
-    python bench/extract.py [--images 1600] [--batch-size 64] [--image-size 224]
+  tutorial     PyTorch's transfer-learning tutorial loop: torchvision ImageFolder +
+               DataLoader (batch 32, no workers: the cores compute), the same timm network and
+               eval transform, fp32, every JPEG pixel decoded
+  fp32 full    the extract stage, extract.precision fp32, extract.decode full (tlflow before
+               bf16 and scaled decoding)
+  fp32         the extract stage, fp32, scaled JPEG decoding (extract.decode: scaled)
+  auto         the extract stage with its defaults (precision auto: bf16 on a CPU with AMX or
+               AVX512-BF16; scaled decoding)
 
-Images: ../shared/datasets/hymenoptera with mirrored, flipped and rotated copies.
+and the forward-only limit of each precision (pre-decoded tensors, channels_last, batch 64).
+Two image sets: the hymenoptera photos (398, about 500 x 375) and N 12-megapixel JPEGs made
+from them (upscaled to 4000 x 3000, quality 92). Ratios are printed last.
+
+    python bench/extract.py [--big 40] [--decode-workers]
+
+--decode-workers also times the stage with 0 and 1 decoder processes (extract.num_workers) on
+the photos, the measurement behind the CPU's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageOps
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
-VARIANTS = {
-    "orig": lambda im: im,
-    "mirror": ImageOps.mirror,
-    "flip": ImageOps.flip,
-    "rot90": lambda im: im.rotate(90, expand=True),
-}
+MODEL = "timm/tf_efficientnet_lite0"
 
 
-def make_images(dest: Path, n: int) -> Path:
-    """Up to n real photos: hymenoptera plus mirrored, flipped and rotated copies."""
-    sources = sorted(HYMENOPTERA.rglob("*.jpg"))
-    count = 0
-    for name, fn in VARIANTS.items():
-        for src in sources:
-            if count >= n:
-                return dest
-            label = src.parent.name
-            out = dest / label / f"{name}_{src.parent.parent.name}_{src.name}"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fn(Image.open(src).convert("RGB")).save(out, quality=92)
-            count += 1
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def photos(dest: Path) -> Path:
+    """The hymenoptera photos in class folders (train and val together)."""
+    for src in sorted(HYMENOPTERA.rglob("*.jpg")):
+        out = dest / src.parent.name / f"{src.parent.parent.name}_{src.name}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(src.read_bytes())
     return dest
 
 
-def forward_rate(model, x: torch.Tensor, batch: int, channels_last: bool) -> float:
-    """Images per second of forward passes alone."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    with torch.inference_mode():
-        model(x[:batch].contiguous(memory_format=fmt))  # warm-up
-        t0 = time.perf_counter()
-        for b in x.split(batch):
-            model(b.contiguous(memory_format=fmt))
-        return len(x) / (time.perf_counter() - t0)
+def big_jpegs(dest: Path, n: int) -> Path:
+    """n 12-megapixel JPEGs (4000 x 3000, quality 92) upscaled from the photos."""
+    from PIL import Image
+
+    for src in sorted(HYMENOPTERA.rglob("*.jpg"))[::7][:n]:
+        out = dest / src.parent.name / f"big_{src.name}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            im.convert("RGB").resize((4000, 3000), Image.BICUBIC).save(out, quality=92)
+    return dest
 
 
-def decode_rate(files: list[Path], transform) -> float:
-    """Images per second of decode + preprocess alone."""
+# ---------------------------------------------------------------- one way, in its own process
+
+
+def tutorial(folder: Path) -> dict[str, float]:
+    """ImageFolder + DataLoader + the network in fp32, as the tutorial writes it."""
+    import torch
+    from torchvision import datasets
+
+    from tlflow.tasks.lib.backbones import create_backbone
+
     t0 = time.perf_counter()
-    for f in files:
-        with Image.open(f) as im:
-            transform(im.convert("RGB"))
-    return len(files) / (time.perf_counter() - t0)
+    backbone = create_backbone(MODEL, "packaged", None, 0)
+    model = backbone.model.eval()
+    ds = datasets.ImageFolder(str(folder), transform=backbone.transform())
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=0)
+    start = time.perf_counter()
+    codes = []
+    with torch.no_grad():
+        for x, _ in loader:
+            codes.append(model.forward_head(model.forward_features(x), pre_logits=True))
+    return {"n": len(ds), "seconds": time.perf_counter() - start,
+            "setup": start - t0}
 
 
-def import_seconds() -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, timm"], check=True)
-    return time.perf_counter() - t0
-
-
-def add_new_images(folder: Path, n: int) -> None:
-    """n new photos: rotated by 270 degrees, bytes no store has seen."""
-    for src in sorted(HYMENOPTERA.rglob("*.jpg"))[:n]:
-        out = folder / src.parent.name / f"rot270_{src.parent.parent.name}_{src.name}"
-        Image.open(src).convert("RGB").rotate(270, expand=True).save(out, quality=92)
-
-
-def stage_rate(folder: Path, work: Path, batch: int, size: int) -> dict[str, float]:
-    """The extract stage on the folder: steady rate, start-up, and the cost of 1% new images."""
+def stage(folder: Path, work: Path, precision: str, decode: str,
+          workers: int | None) -> dict[str, float]:
+    """The extract stage (ingest first, untimed), layers pooled only, at 224 px."""
     from tlflow.tasks import extract, ingest
     from tlflow.tasks.lib.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",
                           ingest={"source": "folder", "path": str(folder)},
-                          extract={"layers": ["pooled", "blocks.4"], "image_size": size,
-                                   "batch_size": batch})
+                          extract={"layers": ["pooled"], "image_size": 224,
+                                   "precision": precision, "decode": decode,
+                                   "num_workers": workers})
     rows = ingest.run(params)
     t0 = time.perf_counter()
     extract.run(params)
-    total = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    extract.run(params)  # nothing to compute: the stage's fixed cost
-    startup = time.perf_counter() - t0
-    n = len({r.sha256 for r in rows})
-    n_new = max(1, n // 100)
-    add_new_images(folder, n_new)
-    ingest.run(params)
-    t0 = time.perf_counter()
-    extract.run(params)
-    incremental = time.perf_counter() - t0
-    return {"rate": n / (total - startup), "startup": startup, "n": n, "full": total,
-            "n_new": n_new, "incremental": incremental}
+    return {"n": len(rows), "seconds": time.perf_counter() - t0}
+
+
+def forward_limit(precision: str) -> dict[str, float]:
+    """Images per second of forward passes alone, batch 64 at 224 px, channels_last."""
+    import torch
+
+    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.device import autocast
+
+    model = CodeExtractor(create_backbone(MODEL, "packaged", None, 0), ("pooled",))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(64, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    with torch.inference_mode(), autocast(cpu, precision):
+        model(x)  # warm-up: oneDNN picks its kernels
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model(x)
+        return {"n": 192, "seconds": time.perf_counter() - t0}
+
+
+def one(args: argparse.Namespace) -> None:
+    """Run one way (in this process) and print its JSON line."""
+    import torch
+
+    if args.way == "tutorial":
+        out = tutorial(args.folder)
+    elif args.way.startswith("forward"):
+        out = forward_limit(args.precision)
+    else:
+        out = stage(args.folder, args.work, args.precision, args.decode, args.workers)
+    out |= {"rss": peak_rss_mib(), "threads": torch.get_num_threads()}
+    print(json.dumps(out))
+
+
+def run_way(*argv: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, __file__, "--one", *argv], capture_output=True,
+                          text=True, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"bench: {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the side-by-side run
+
+
+def measure(folder: Path, work: Path) -> dict[str, dict[str, float]]:
+    ways = {"tutorial": ("tutorial",), "fp32 full": ("stage", "fp32", "full"),
+            "fp32": ("stage", "fp32", "scaled"), "auto": ("stage", "auto", "scaled")}
+    out = {}
+    for name, (way, *rest) in ways.items():
+        argv = ["--way", way, "--folder", str(folder), "--work", str(work / name.replace(" ", "-"))]
+        if rest:
+            argv += ["--precision", rest[0], "--decode", rest[1]]
+        out[name] = run_way(*argv)
+    return out
+
+
+def table(title: str, res: dict[str, dict[str, float]]) -> None:
+    base = res["tutorial"]
+    print(f"\n{title}: {base['n']} images")
+    print(f"  {'way':<10} {'img/s':>8} {'seconds':>8} {'peak RSS MiB':>13} {'speed-up':>9} "
+          f"{'RSS ratio':>10}")
+    for name, r in res.items():
+        rate = r["n"] / r["seconds"]
+        print(f"  {name:<10} {rate:8.1f} {r['seconds']:8.1f} {r['rss']:13.0f} "
+              f"{base['seconds'] / r['seconds']:8.2f}x {r['rss'] / base['rss']:10.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=1600)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--forward-images", type=int, default=256)
+    ap.add_argument("--big", type=int, default=40, help="12-megapixel JPEGs to make")
+    ap.add_argument("--decode-workers", action="store_true")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--way", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--decode", default="scaled", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        return one(args)
+    if not HYMENOPTERA.is_dir():
+        sys.exit(f"bench: needs the photos at {HYMENOPTERA}")
+    import torch
 
-    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.device import cpu_has_bf16, effective_precision
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    auto = effective_precision(torch.device("cpu"), "auto")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 in hardware: "
+          f"{cpu_has_bf16()}; precision auto = {auto}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_images(Path(tmp) / "images", args.images)
-        files = sorted(folder.rglob("*.jpg"))
-        backbone = create_backbone("timm/tf_efficientnet_lite0", "packaged", args.image_size)
-        model = CodeExtractor(backbone, ("pooled", "blocks.4"))
-        transform = backbone.transform()
-        b = decode_rate(files, transform)
-        x = torch.stack([transform(Image.open(f).convert("RGB"))
-                         for f in files[: args.forward_images]])
-        a_plain = forward_rate(model, x, args.batch_size, channels_last=False)
-        a = forward_rate(model, x, args.batch_size, channels_last=True)
-        st = stage_rate(folder, Path(tmp) / "work", args.batch_size, args.image_size)
-    c, startup, n = st["rate"], st["startup"], st["n"]
-    limit = 1 / (1 / a + 1 / b)
-    budget = 0.05 * st["full"] + 2.0
-    print(f"images: {n} at {args.image_size} px, batch {args.batch_size}")
-    print(f"(a) forward, contiguous        {a_plain:8.1f} img/s")
-    print(f"(a) forward, channels_last     {a:8.1f} img/s")
-    print(f"(b) decode + preprocess        {b:8.1f} img/s")
-    print(f"(c) extract stage, steady      {c:8.1f} img/s")
-    print(f"    stage start-up (model load) {startup:7.2f} s; import torch+timm "
-          f"{import_seconds():.2f} s")
-    print(f"    limit 1/(1/a + 1/b)        {limit:8.1f} img/s")
-    print(f"    full extraction {st['full']:.1f} s; +{st['n_new']} new images (1%) "
-          f"{st['incremental']:.2f} s; budget 0.05 x full + 2 s = {budget:.1f} s")
-    print(f"ratio channels_last / contiguous forward: {a / a_plain:.2f}")
-    print(f"ratio incremental / full: {st['incremental'] / st['full']:.3f}  "
-          f"(within budget: {st['incremental'] <= budget})")
-    print(f"ratio stage / limit: {c / limit:.2f}  (goal >= 0.85)")
+        tmp = Path(tmp)
+        small = photos(tmp / "photos")
+        big = big_jpegs(tmp / "big", args.big)
+        limits = {p: run_way("--way", "forward", "--precision", p) for p in ("fp32", "auto")}
+        res_small = measure(small, tmp / "w-small")
+        res_big = measure(big, tmp / "w-big")
+        workers = {w: run_way("--way", "stage", "--folder", str(small), "--work",
+                              str(tmp / f"w-workers-{w}"), "--precision", "auto",
+                              "--workers", str(w))
+                   for w in ((0, 1) if args.decode_workers else ())}
+    for p, r in limits.items():
+        print(f"forward only, {p:<4} ({effective_precision(torch.device('cpu'), p)}): "
+              f"{r['n'] / r['seconds']:6.1f} img/s")
+    table("hymenoptera photos", res_small)
+    table(f"{args.big} 12-megapixel JPEGs", res_big)
+    for w, r in workers.items():
+        print(f"decoder processes {w}: {r['n'] / r['seconds']:.1f} img/s "
+              f"(torch threads {r['threads']}), peak RSS {r['rss']:.0f} MiB")
+    print()
+    for title, res in (("photos", res_small), ("12-MP JPEGs", res_big)):
+        t, a = res["tutorial"], res["auto"]
+        print(f"ratio {title}: auto / tutorial speed {t['seconds'] / a['seconds']:.2f}x, "
+              f"fp32 / tutorial {t['seconds'] / res['fp32']['seconds']:.2f}x, "
+              f"peak RSS auto / tutorial {a['rss'] / t['rss']:.2f}")
+    f32, f16 = (limits[p]["n"] / limits[p]["seconds"] for p in ("fp32", "auto"))
+    print(f"ratio forward only: auto / fp32 {f16 / f32:.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,8 +26,11 @@ from tlflow.tasks.lib.files import atomic_path, sha256_file
 from tlflow.tasks.lib.head import LinearHead, load_head, tensors_path
 from tlflow.tasks.lib.imagefiles import image_files
 from tlflow.tasks.lib.images import read_image
-from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.params import Extract, Params
 from tlflow.tasks.lib.registry import PROD, Version, fetch_model, promoted
+
+if TYPE_CHECKING:
+    import torch
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -119,6 +122,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
         backbone.resize(current_input_size(params.base.paths.features))
     elif cfg.image_size is not None:
         backbone.resize(cfg.image_size)
+    cfg = _served_precision(cfg, backbone.identity(), device, head.meta["extractor_id"])
     ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
     if ext_id != head.meta["extractor_id"]:
         raise TlflowError(
@@ -142,6 +146,22 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     finally:
         progress.close()
     return codes, skipped
+
+
+def _served_precision(cfg: Extract, identity: dict, device: torch.device,
+                      served: str) -> Extract:
+    """extract's params with the precision the served head's codes were computed in (its
+    extractor id says which): a head trained on bf16 codes (a CPU with AMX, say) computes
+    bf16 codes here too, emulated where this CPU lacks it, rather than codes of another
+    extractor. Unchanged when no precision gives the head's id."""
+    from tlflow.tasks.lib.extraction import describe_extractor
+    from tlflow.tasks.lib.featurestore import extractor_id
+
+    for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
+        trial = cfg.model_copy(update={"precision": precision})
+        if extractor_id(describe_extractor(identity, trial, device)) == served:
+            return trial
+    return cfg
 
 
 def readable(files: list[Path], strict: bool = False) -> tuple[list[int], list[str]]:

@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
+from tlflow.tasks.lib.device import effective_precision
 
 
 @pytest.mark.slow
@@ -28,3 +30,31 @@ def test_probe_on_hymenoptera(tmp_path: Path, hymenoptera: Path):
     advice = json.loads(params.base.paths.strategy.read_text())
     assert (advice["size"], advice["similarity"], advice["plan"]) == ("small", "similar", "probe")
     assert advice["evidence"]["similarity"]["spread"]["top10_variance"] < 0.5
+
+    # the other precision than auto's (bf16 on CPUs with AMX or AVX512-BF16): within 0.005
+    other = "fp32" if effective_precision(torch.device("cpu"), "auto") == "bf16" else "bf16"
+    accuracy, _ = _probe_accuracy(tmp_path, other, source="folder", path=str(hymenoptera))
+    assert abs(accuracy - metrics["probe"]["accuracy"]) <= 0.005, (other, accuracy, metrics)
+
+
+def _probe_accuracy(tmp_path: Path, precision: str, **ingest_cfg) -> float:
+    """Test accuracy of the probe on codes computed in `precision`; each precision has its
+    own store in the project's features folder."""
+    params = make_params(tmp_path, ingest=ingest_cfg, extract={"precision": precision})
+    if not params.base.paths.manifest.is_file():
+        ingest.run(params)
+    store = extract.run(params)
+    train.run(params)
+    return evaluate.run(params)["probe"]["accuracy"], store
+
+
+
+@pytest.mark.slow
+def test_bf16_codes_train_as_accurate_a_probe_as_fp32_on_digits(tmp_path: Path):
+    """extract.precision auto computes bf16 on CPUs with AMX or AVX512-BF16: the probe on
+    bf16 codes must score within 0.005 of the probe on fp32 codes (the same test images).
+    The same check on hymenoptera closes test_probe_on_hymenoptera."""
+    fp32, fp32_store = _probe_accuracy(tmp_path, "fp32", source="digits")
+    bf16, bf16_store = _probe_accuracy(tmp_path, "bf16", source="digits")
+    assert fp32_store != bf16_store  # the precision is part of the extractor id
+    assert abs(bf16 - fp32) <= 0.005, (bf16, fp32)

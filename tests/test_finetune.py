@@ -68,7 +68,7 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
         want = head.logits(store.read("pooled", [r.sha256 for r in rows]))
     ds = tuning.Images(rows, paths.images, head.classes, net.backbone.transform())
     got = tuning.logits(net, torch.utils.data.DataLoader(ds, batch_size=8),
-                          torch.device("cpu"))
+                          torch.device("cpu"), project.extract.precision)  # the codes' own
     np.testing.assert_allclose(got, want, atol=0.05, rtol=0.01)  # the store keeps float16
     assert (got.argmax(1) == want.argmax(1)).all()
 

@@ -10,6 +10,7 @@ forward_head, torchvision's create_feature_extractor), never from hooks left on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ class Backbone:
         from timm.data import create_transform
 
         return create_transform(**self.data_config, is_training=False)
+
+    @property
+    def resize_side(self) -> int:
+        """The shorter side, in pixels, the eval transform resizes an image to before its
+        crop: timm's scale_size, input size / crop_pct (0.875 where the config has none)."""
+        from timm.data import DEFAULT_CROP_PCT
+
+        return math.ceil(self.input_size / (self.data_config.get("crop_pct") or DEFAULT_CROP_PCT))
 
     @property
     def input_size(self) -> int:

@@ -1,8 +1,10 @@
-"""Where the network runs: device, decoder processes, mixed precision."""
+"""Where the network runs: device, decoder processes, mixed precision (bf16 on CUDA and on
+CPUs with bf16 in hardware)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -40,13 +42,38 @@ def set_cpu_threads(device: torch.device, workers: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks - workers))
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: AMX tiles (Intel Sapphire Rapids on) or
+    AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 on), as torch's own CPU probe (cpuinfo) says,
+    asked once. oneDNN then runs bf16 convolutions and matmuls natively; elsewhere it
+    emulates them, slower than fp32."""
+    probe = getattr(torch, "cpu", None)
+    try:
+        return bool(probe._is_amx_tile_supported() or probe._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without the probe: assume the common case, no bf16
+        return False
+
+
 def effective_precision(device: torch.device, precision: str) -> str:
-    """The precision the network really computes in: the asked one on CUDA, fp32 on CPU."""
-    return precision if device.type == "cuda" and precision in _AUTOCAST else "fp32"
+    """The precision the network really computes in, one of bf16, fp16 or fp32.
+
+    `auto`: bf16 on a CUDA GPU that supports it (fp16 on one that does not) and on a CPU
+    with AMX or AVX512-BF16 (`cpu_has_bf16`), fp32 elsewhere. `bf16` and `fp32` are taken as
+    asked on either device; `fp16` is CUDA's only (a CPU computes fp32 instead).
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        return "fp32"
+    return precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 or fp16); the CPU computes in fp32."""
-    if effective_precision(device, precision) != "fp32":
-        return torch.autocast("cuda", dtype=_AUTOCAST[precision])
-    return contextlib.nullcontext()
+    """Mixed precision (torch.autocast) in the effective precision; nothing for fp32."""
+    effective = effective_precision(device, precision)
+    if effective == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST[effective])

@@ -30,7 +30,15 @@ def describe_extractor(identity: dict[str, Any], cfg: Extract,
     codes are computed in (bf16 codes differ from fp32 ones). Not the device itself, nor the
     batch size: fp32 codes agree across devices to float tolerance."""
     return {**identity, "layers": sorted(cfg.layers), "pooling": POOLING, "dtype": cfg.dtype,
-            "decoding": DECODING, "precision": effective_precision(device, cfg.precision)}
+            "decoding": DECODING, "decode": cfg.decode,
+            "precision": effective_precision(device, cfg.precision)}
+
+
+def decode_side(backbone: Backbone, cfg: Extract) -> int | None:
+    """The shorter side a scaled JPEG decode must keep (images.decode's `min_side`): the
+    eval transform's resize side with `extract.decode: scaled`, None (every pixel) with
+    `full`."""
+    return backbone.resize_side if cfg.decode == "scaled" else None
 
 
 def missing_images(rows: list[Row], have: set[str]) -> list[Row]:
@@ -45,15 +53,16 @@ def missing_images(rows: list[Row], have: set[str]) -> list[Row]:
 class ImageFiles(torch.utils.data.Dataset):
     """(index, tensor or None, error or None) per file: a bad file never stops the loader."""
 
-    def __init__(self, files: list[Path], transform: Callable) -> None:
-        self.files, self.transform = files, transform
+    def __init__(self, files: list[Path], transform: Callable,
+                 min_side: int | None = None) -> None:
+        self.files, self.transform, self.min_side = files, transform, min_side
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, read_image(self.files[i], self.transform), None
+            return i, read_image(self.files[i], self.transform, self.min_side), None
         except TlflowError as err:
             return i, None, str(err)
 
@@ -136,7 +145,8 @@ def make_loader(files: list[Path], backbone: Backbone, cfg: Extract,
     workers = resolve_workers(cfg.num_workers, device)
     set_cpu_threads(device, workers)  # decoders and the forward pass share the cores
     return torch.utils.data.DataLoader(
-        ImageFiles(files, backbone.transform()), batch_size=cfg.batch_size,
+        ImageFiles(files, backbone.transform(), decode_side(backbone, cfg)),
+        batch_size=cfg.batch_size,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
@@ -146,9 +156,10 @@ def compute_codes(files: list[Path], backbone: Backbone, layer: str, cfg: Extrac
                   device: torch.device) -> list[np.ndarray]:
     """Codes of one layer for image files, in order; an unreadable file is an error."""
     model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
-    transform = backbone.transform()
+    transform, side = backbone.transform(), decode_side(backbone, cfg)
     out: list[np.ndarray] = []
     for start in range(0, len(files), cfg.batch_size):
-        x = torch.stack([read_image(f, transform) for f in files[start:start + cfg.batch_size]])
+        x = torch.stack([read_image(f, transform, side)
+                         for f in files[start:start + cfg.batch_size]])
         out.extend(encode(model, x, device, cfg.precision)[layer])
     return out

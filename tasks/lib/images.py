@@ -61,14 +61,32 @@ _OPTIONAL = {
 _NOMINAL_MAX = {"F": 1.0}  # a constant image's level: value / nominal max (default 65535)
 
 
-def decode(path: Path) -> Image.Image:
+def decode(path: Path, min_side: int | None = None) -> Image.Image:
     """The file as the 8-bit RGB image a viewer shows (see the module's rules).
 
-    Raises whatever Pillow raises; `read_image` turns that into one line naming the file.
+    With `min_side` (pixels), a JPEG whose shorter side is at least twice that is decoded at
+    the smallest DCT scale (1/2, 1/4 or 1/8: libjpeg's scaled decoding, Pillow's
+    `Image.draft`) that keeps its shorter side at least `min_side`: a 12-megapixel photo
+    headed for a 256 px resize costs about a tenth of a full decode. Orientation, colour and
+    the resize that follows are unchanged. Raises whatever Pillow raises; `read_image` turns
+    that into one line naming the file.
     """
     with Image.open(path) as img:
         img.seek(0)  # the first frame of an animation or a multi-page file
+        if min_side is not None:
+            draft(img, min_side)
         return to_rgb(ImageOps.exif_transpose(img))
+
+
+def draft(img: Image.Image, min_side: int) -> None:
+    """Ask a JPEG's decoder for the smallest DCT scale whose shorter side is >= min_side;
+    other formats, and JPEGs under twice min_side, are left as they are."""
+    w, h = img.size
+    short = min(w, h)
+    if img.format != "JPEG" or short < 2 * min_side:
+        return
+    # draft() picks the largest scale with both sides >= the requested ones
+    img.draft(img.mode, (-(-w * min_side // short), -(-h * min_side // short)))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -120,15 +138,17 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: Path, transform: Callable[[Image.Image], Any]) -> Any:
-    """Decode and preprocess one file; any failure is a TlflowError naming file and reason.
+def read_image(path: Path, transform: Callable[[Image.Image], Any],
+               min_side: int | None = None) -> Any:
+    """Decode (scaled to `min_side`, see `decode`) and preprocess one file; any failure is a
+    TlflowError naming file and reason.
 
     Pillow's decompression-bomb warning (a header declaring a huge size) counts as a failure.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return transform(decode(path))
+            return transform(decode(path, min_side))
     except Exception as err:
         raise TlflowError(f"{path}: cannot read image: {_reason(path, err)}") from None
 

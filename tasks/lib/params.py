@@ -190,7 +190,11 @@ class Extract(_Section):
     batch_size: int = Field(64, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float16", "float32"] = "float16"
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA; CPU computes fp32
+    # auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere (device.py)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # scaled: a JPEG at least twice the resize target is decoded at the smallest DCT scale
+    # (1/2, 1/4, 1/8) that still covers it (Pillow's Image.draft); full: every pixel
+    decode: Literal["scaled", "full"] = "scaled"
     num_workers: int | None = Field(None, ge=0)  # decoder processes; null = auto
     on_bad_image: Literal["skip", "fail"] = "skip"
     lock_timeout: float = Field(600.0, ge=0)  # seconds to wait for another writer
@@ -267,8 +271,9 @@ class Finetune(_Section):
     hflip: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # training loss only
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    # autocast on CUDA; no fp16: training in it needs loss scaling, which bf16 does not
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # as extract.precision (auto: bf16 where the device computes it in hardware); no fp16:
+    # training in it needs loss scaling, which bf16 does not
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_workers: int | None = Field(None, ge=0)
     # above one process in all, the stage launches itself under torchrun (torch DDP: gloo on
     # the CPU, nccl on CUDA, one GPU per process); batch_size is per process

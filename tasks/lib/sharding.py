@@ -157,8 +157,8 @@ def clean_folder(store: Path) -> None:
 
 # ---------------------------------------------------------------- the worker's side
 
-# extractor id -> (CodeExtractor, transform, device), built once per worker process
-_MODELS: dict[str, tuple[Any, Any, torch.device]] = {}
+# extractor id -> (CodeExtractor, transform, decode side, device), built once per worker process
+_MODELS: dict[str, tuple[Any, Any, int | None, torch.device]] = {}
 _ONE_SHARD_AT_A_TIME = threading.Lock()  # a worker's threads compute one shard, with all of them
 
 
@@ -172,14 +172,14 @@ def _worker_threads() -> int:
         return torch.get_num_threads()
 
 
-def _model(job: ShardJob) -> tuple[Any, Any, torch.device]:
+def _model(job: ShardJob) -> tuple[Any, Any, int | None, torch.device]:
     """This process's network for the job's extractor, built once; refused when the worker
     would compute other codes than the stage (other weights, libraries or precision)."""
     if job.ext_id in _MODELS:
         return _MODELS[job.ext_id]
     from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
     from tlflow.tasks.lib.device import resolve_device
-    from tlflow.tasks.lib.extraction import describe_extractor
+    from tlflow.tasks.lib.extraction import decode_side, describe_extractor
 
     ours = library_versions()
     differ = sorted(k for k in job.versions if ours.get(k) != job.versions[k])
@@ -195,9 +195,9 @@ def _model(job: ShardJob) -> tuple[Any, Any, torch.device]:
         raise TlflowError(f"extract: a Dask worker computes extractor {own}, the stage "
                           f"{job.ext_id} (other weights file, preprocessing or precision on "
                           f"{device}); give every worker the same weights and set "
-                          "extract.device explicitly")
+                          "extract.device and extract.precision explicitly")
     model = CodeExtractor(backbone, job.cfg.layers).to(device, memory_format=torch.channels_last)
-    _MODELS[job.ext_id] = model, backbone.transform(), device
+    _MODELS[job.ext_id] = model, backbone.transform(), decode_side(backbone, job.cfg), device
     return _MODELS[job.ext_id]
 
 
@@ -216,11 +216,12 @@ def compute_shard(job: ShardJob) -> ShardDone:
             keys, _, bad = read_shard(path, job.ext_id)
             return ShardDone(job.path, len(keys), tuple(bad), reused=True)
     with _ONE_SHARD_AT_A_TIME:
-        model, transform, device = _model(job)
+        model, transform, side, device = _model(job)
         if device.type == "cpu":
             torch.set_num_threads(_worker_threads())
         loader = torch.utils.data.DataLoader(
-            ImageFiles([Path(f) for f in job.files], transform), batch_size=job.cfg.batch_size,
+            ImageFiles([Path(f) for f in job.files], transform, side),
+            batch_size=job.cfg.batch_size,
             num_workers=0, collate_fn=collate)  # no processes inside a (daemonic) worker
         keys, parts, bad = [], [], []
         for batch in loader:

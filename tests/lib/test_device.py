@@ -7,12 +7,25 @@ from tlflow.tasks.lib.device import autocast, effective_precision, resolve_devic
 from tlflow.tasks.lib.errors import TlflowError
 
 
-def test_the_cpu_computes_fp32_whatever_is_asked():
+def test_precision_auto_is_bf16_where_the_hardware_computes_it(monkeypatch):
+    """auto: bf16 on a CPU with AMX or AVX512-BF16 (torch's probe), fp32 on one without;
+    bf16 and fp32 are taken as asked; fp16 is CUDA's only."""
+    import tlflow.tasks.lib.device as device
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
-    assert {effective_precision(cpu, p) for p in ("bf16", "fp16", "fp32")} == {"fp32"}
+    probe = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert device.cpu_has_bf16() == probe
+    assert effective_precision(cpu, "auto") == ("bf16" if probe else "fp32")
+    assert [effective_precision(cpu, p) for p in ("bf16", "fp16", "fp32")] == [
+        "bf16", "fp32", "fp32"]
     assert [effective_precision(cuda, p) for p in ("bf16", "fp16", "fp32")] == [
         "bf16", "fp16", "fp32"]
+    for has in (True, False):  # the rule on the other kind of CPU than this one
+        monkeypatch.setattr(device, "cpu_has_bf16", lambda has=has: has)
+        assert effective_precision(cpu, "auto") == ("bf16" if has else "fp32")
     with autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(cpu, "fp16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 

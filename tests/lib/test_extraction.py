@@ -9,6 +9,7 @@ import torch
 from tests.conftest import make_params
 from tests.test_extract import TINY
 from tlflow.tasks.lib.backbones import create_backbone
+from tlflow.tasks.lib.device import cpu_has_bf16
 from tlflow.tasks.lib.extraction import describe_extractor, encode
 from tlflow.tasks.lib.featurestore import extractor_id
 
@@ -19,16 +20,20 @@ def test_extractor_id_covers_what_changes_a_code(tmp_path: Path):
         b = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
         return extractor_id(describe_extractor(b.identity(), cfg, torch.device("cpu")))
 
-    base = ext_id()
-    assert ext_id(batch_size=1) == base and ext_id(device="cpu") == base
-    assert ext_id(image_size=48) != base
-    assert ext_id(dtype="float32") != base
-    assert ext_id(layers=["pooled"]) != base
-    assert ext_id(weights="none") != base
+    base = ext_id(precision="fp32")
+    assert ext_id(batch_size=1, precision="fp32") == base
+    assert ext_id(device="cpu", precision="fp32") == base
+    assert ext_id(image_size=48, precision="fp32") != base
+    assert ext_id(dtype="float32", precision="fp32") != base
+    assert ext_id(layers=["pooled"], precision="fp32") != base
+    assert ext_id(weights="none", precision="fp32") != base
+    assert ext_id(decode="full", precision="fp32") != base
+    assert ext_id(precision="bf16") != base
     # pinned: a change here means every user's stores are recomputed, so it must be meant
-    # (the decoding rules viewer/2 changed it; the switch from hooks to forward_intermediates
-    # did not: the codes are the hooks' bit for bit, tests/lib/test_backbones.py)
-    assert base == "21373ceb18ccc993"
+    # (the decoding rules viewer/2 changed it, and so did extract.decode; the switch from
+    # hooks to forward_intermediates did not: the codes are the hooks' bit for bit,
+    # tests/lib/test_backbones.py)
+    assert base == "1514b06775e4d565"
 
 
 def test_oom_halves_the_batch():
@@ -50,8 +55,8 @@ def test_oom_halves_the_batch():
 
 
 def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
-    """bf16 and fp16 codes differ from fp32 ones (up to 5e-2): each gets its own store. The
-    CPU computes fp32 whatever is asked, and fp32 codes agree across devices."""
+    """bf16 and fp16 codes differ from fp32 ones (up to 5e-2): each gets its own store, on
+    the CPU as on CUDA. fp16 on the CPU computes fp32, and fp32 codes agree across devices."""
     cfg = make_params(tmp_path, extract=TINY).extract
     b = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
 
@@ -60,5 +65,8 @@ def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
         return extractor_id(describe_extractor(b.identity(), c, torch.device(device)))
 
     fp32 = ext_id("cpu", "fp32")
-    assert ext_id("cpu", "bf16") == ext_id("cpu", "fp16") == ext_id("cuda", "fp32") == fp32
+    assert ext_id("cpu", "fp16") == ext_id("cuda", "fp32") == fp32
+    assert ext_id("cpu", "bf16") == ext_id("cuda", "bf16") != fp32
     assert len({fp32, ext_id("cuda", "bf16"), ext_id("cuda", "fp16")}) == 3
+    auto = ext_id("cpu", "auto")
+    assert auto == (ext_id("cpu", "bf16") if cpu_has_bf16() else fp32)

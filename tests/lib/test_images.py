@@ -141,6 +141,54 @@ def test_every_exif_orientation_shows_upright(tmp_path: Path, orientation: int):
     assert np.array_equal(np.asarray(decode(tmp_path / "o.png")), np.asarray(upright))
 
 
+# ---------------------------------------------------------------- scaled JPEG decoding
+
+
+def _big_photo(path: Path, w: int, h: int, orientation: int = 1, fmt: str = "JPEG") -> Path:
+    im = Image.fromarray(photo(3, 40, 56)).resize((w, h), Image.BICUBIC)
+    exif = im.getexif()
+    exif[ORIENTATION] = orientation
+    im.save(path, format=fmt, exif=exif, **({"quality": 92} if fmt == "JPEG" else {}))
+    return path
+
+
+@pytest.mark.parametrize(("size", "min_side", "decoded"), [
+    ((2100, 1500), 256, (525, 375)),  # 1/4: the smallest scale whose short side stays >= 256
+    ((1200, 900), 256, (600, 450)),  # 1/2 (1/4 would be 225 px)
+    ((4000, 3000), 256, (500, 375)),  # 1/8, a 12-megapixel photo
+    ((600, 450), 256, (600, 450)),  # under twice the side: every pixel
+])
+def test_a_big_jpeg_decodes_at_the_smallest_scale_that_covers_the_resize(
+        tmp_path: Path, size: tuple[int, int], min_side: int, decoded: tuple[int, int]):
+    path = _big_photo(tmp_path / "big.jpg", *size)
+    assert decode(path, min_side).size == decoded
+    assert decode(path).size == size  # no min_side: every pixel
+
+
+def test_scaled_decoding_keeps_orientation_and_leaves_other_formats(tmp_path: Path):
+    turned = _big_photo(tmp_path / "phone.jpg", 1600, 1200, orientation=6)
+    assert decode(turned, 200).size == (300, 400)  # 1/4, then turned upright
+    png = _big_photo(tmp_path / "big.png", 1600, 1200, fmt="PNG")
+    assert decode(png, 200).size == (1600, 1200)
+    small = _big_photo(tmp_path / "small.jpg", 380, 300)  # bit for bit today's decode
+    assert np.array_equal(np.asarray(decode(small, 200)), np.asarray(decode(small)))
+
+
+def test_scaled_decoding_gives_nearly_the_codes_of_a_full_decode(tmp_path: Path, codes):
+    """The network sees the same 32 px crop either way: libjpeg's scaled IDCT and the
+    antialiased resize agree closely (the README states the figures on real photos)."""
+    path = _big_photo(tmp_path / "big.jpg", 1600, 1200)
+    backbone = create_backbone("timm/tf_efficientnet_lite0", "packaged", 32)
+    transform, side = backbone.transform(), backbone.resize_side
+    assert side == 37  # 32 / crop_pct 0.875, rounded up
+    full, scaled = (read_image(path, transform, s) for s in (None, side))
+    assert not torch.equal(full, scaled)
+    extractor = CodeExtractor(backbone, ("pooled",))
+    with torch.inference_mode():
+        a, b = extractor(torch.stack([full, scaled]))["pooled"]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
 # ---------------------------------------------------------------- transparency
 
 
