@@ -17,8 +17,9 @@ from them (upscaled to 4000 x 3000, quality 92). Ratios are printed last.
 
     python bench/extract.py [--big 40] [--decode-workers]
 
---decode-workers also times the stage with 0 and 1 decoder processes (extract.num_workers) on
-the photos, the measurement behind the CPU's default.
+--decode-workers also times the stage on the photos with extract.num_workers null (the CPU's
+default: one decoding thread beside the forward pass), 0 (decoding in turn with it) and 1 (a
+decoder process, the forward pass on the cores left), the measurement behind the default.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--decode", default="scaled", help=argparse.SUPPRESS)
-    ap.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=lambda v: None if v == "null" else int(v),
+                    default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         return one(args)
@@ -202,15 +204,15 @@ def main() -> None:
         res_big = measure(big, tmp / "w-big")
         workers = {w: run_way("--way", "stage", "--folder", str(small), "--work",
                               str(tmp / f"w-workers-{w}"), "--precision", "auto",
-                              "--workers", str(w))
-                   for w in ((0, 1) if args.decode_workers else ())}
+                              "--workers", w)
+                   for w in (("null", "0", "1") if args.decode_workers else ())}
     for p, r in limits.items():
         print(f"forward only, {p:<4} ({effective_precision(torch.device('cpu'), p)}): "
               f"{r['n'] / r['seconds']:6.1f} img/s")
     table("hymenoptera photos", res_small)
     table(f"{args.big} 12-megapixel JPEGs", res_big)
     for w, r in workers.items():
-        print(f"decoder processes {w}: {r['n'] / r['seconds']:.1f} img/s "
+        print(f"extract.num_workers {w:<4}: {r['n'] / r['seconds']:5.1f} img/s "
               f"(torch threads {r['threads']}), peak RSS {r['rss']:.0f} MiB")
     print()
     for title, res in (("photos", res_small), ("12-MP JPEGs", res_big)):

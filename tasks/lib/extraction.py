@@ -3,7 +3,9 @@ pass, and the filling of a feature store. Used by extract (the stage) and predic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,17 +141,60 @@ def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Ite
     return bad
 
 
+_END = object()
+
+
+def in_background(batches: Iterable[Batch], depth: int = 2) -> Iterator[Batch]:
+    """The batches of `batches`, made by one background thread up to `depth` ahead, so that
+    on a CPU decoding overlaps the forward pass (Pillow releases the GIL while it decodes and
+    resizes, torch while it computes). Order is kept; an error in the thread is raised here;
+    leaving the loop early (an error, an interrupt) stops the thread at its next batch."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as err:  # handed to the consumer, raised there
+            put(err)
+
+    threading.Thread(target=produce, name="tlflow-decode", daemon=True).start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def make_loader(files: list[Path], backbone: Backbone, cfg: Extract,
-                device: torch.device) -> torch.utils.data.DataLoader:
-    """Batches of decoded images in file order (extraction is deterministic: no shuffling)."""
+                device: torch.device) -> Iterable[Batch]:
+    """Batches of decoded images in file order (extraction is deterministic: no shuffling):
+    from decoder processes (`extract.num_workers`, CUDA's default), else, on a CPU with
+    `num_workers: null`, from one background thread beside the forward pass (`in_background`;
+    `0`: decoded in turn with it)."""
     workers = resolve_workers(cfg.num_workers, device)
     set_cpu_threads(device, workers)  # decoders and the forward pass share the cores
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         ImageFiles(files, backbone.transform(), decode_side(backbone, cfg)),
         batch_size=cfg.batch_size,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
+    return in_background(loader) if workers == 0 and cfg.num_workers is None else loader
 
 
 def compute_codes(files: list[Path], backbone: Backbone, layer: str, cfg: Extract,

@@ -4,6 +4,7 @@ import typing
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import make_params
@@ -70,3 +71,37 @@ def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
     assert len({fp32, ext_id("cuda", "bf16"), ext_id("cuda", "fp16")}) == 3
     auto = ext_id("cpu", "auto")
     assert auto == (ext_id("cpu", "bf16") if cpu_has_bf16() else fp32)
+
+
+def test_batches_made_in_the_background_keep_order_errors_and_stop():
+    import threading
+
+    from tlflow.tasks.lib.extraction import in_background
+
+    assert list(in_background(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for b in in_background(broken()):
+            got.append(b)
+    assert got == [1]  # what came before the error was handed over
+
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    for b in in_background(endless(), depth=2):
+        if b == 3:
+            break  # the consumer leaves: the thread stops at its next batch
+    for t in threading.enumerate():
+        if t.name == "tlflow-decode":
+            t.join(timeout=5)
+    assert not any(t.name == "tlflow-decode" for t in threading.enumerate())
+    assert len(made) <= 3 + 2 + 2  # at most depth ahead, plus the one it was putting
