@@ -87,8 +87,8 @@ def tutorial(folder: Path) -> dict[str, float]:
             "setup": start - t0}
 
 
-def stage(folder: Path, work: Path, precision: str, decode: str,
-          workers: int | None) -> dict[str, float]:
+def stage(folder: Path, work: Path, precision: str, decode: str, workers: int | None,
+          batch_size: int | None = None) -> dict[str, float]:
     """The extract stage (ingest first, untimed), layers pooled only, at 224 px."""
     from tlflow.tasks import extract, ingest
     from tlflow.tasks.lib.params import params_under
@@ -97,7 +97,8 @@ def stage(folder: Path, work: Path, precision: str, decode: str,
                           ingest={"source": "folder", "path": str(folder)},
                           extract={"layers": ["pooled"], "image_size": 224,
                                    "precision": precision, "decode": decode,
-                                   "num_workers": workers})
+                                   "num_workers": workers,
+                                   **({"batch_size": batch_size} if batch_size else {})})
     rows = ingest.run(params)
     t0 = time.perf_counter()
     extract.run(params)
@@ -132,7 +133,8 @@ def one(args: argparse.Namespace) -> None:
     elif args.way.startswith("forward"):
         out = forward_limit(args.precision)
     else:
-        out = stage(args.folder, args.work, args.precision, args.decode, args.workers)
+        out = stage(args.folder, args.work, args.precision, args.decode, args.workers,
+                    args.batch_size)
     out |= {"rss": peak_rss_mib(), "threads": torch.get_num_threads()}
     print(json.dumps(out))
 
@@ -176,6 +178,7 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=40, help="12-megapixel JPEGs to make")
     ap.add_argument("--decode-workers", action="store_true")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--way", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)

@@ -187,7 +187,7 @@ class Extract(_Section):
     # auto: the model's own input size, smaller for tiny images (tasks/lib/images.py
     # input_size_for); null: the model's own; a number: that many pixels
     image_size: Literal["auto"] | int | None = "auto"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float16", "float32"] = "float16"
     # auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere (device.py)
@@ -195,7 +195,7 @@ class Extract(_Section):
     # scaled: a JPEG at least twice the resize target is decoded at the smallest DCT scale
     # (1/2, 1/4, 1/8) that still covers it (Pillow's Image.draft); full: every pixel
     decode: Literal["scaled", "full"] = "scaled"
-    num_workers: int | None = Field(None, ge=0)  # decoder processes; null = auto
+    num_workers: int | None = Field(None, ge=0)  # decoder processes; null = auto (device.py)
     on_bad_image: Literal["skip", "fail"] = "skip"
     lock_timeout: float = Field(600.0, ge=0)  # seconds to wait for another writer
     # sharded extraction (tasks/lib/sharding.py): local | dask; shards of shard_size images;
