@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,11 @@ from typing import TYPE_CHECKING
 from tlflow import __version__
 from tlflow.tasks.lib import interrupts
 from tlflow.tasks.lib.errors import TlflowError
+
+# Prefect warns at import when it cannot create PREFECT_HOME; a run that needs it says so in
+# one line naming the variable and the fix (flows/tempserver.check_home)
+warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory",
+                        category=UserWarning)
 
 if TYPE_CHECKING:
     from tlflow.tasks.lib.params import Params

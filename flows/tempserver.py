@@ -18,8 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from tlflow.tasks.lib.lifetime import die_with_parent
 
@@ -107,6 +109,27 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
                           "http://127.0.0.1:4200/api") from None
 
 
+def check_home() -> None:
+    """The temporary server keeps its database in PREFECT_HOME (default ~/.prefect): a home
+    that cannot be written (a read-only HOME in a container or on a CI runner, a missing one)
+    is one line naming the variable and the fix, at once; uvicorn would print pages of
+    tracebacks that never name HOME."""
+    from prefect.settings import PREFECT_HOME
+
+    from tlflow.tasks.lib.errors import TlflowError
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=home).close()
+    except OSError as err:
+        var = "PREFECT_HOME" if os.environ.get("PREFECT_HOME") else "HOME"
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise TlflowError(f"{var}: Prefect's home {home} cannot be written ({reason}): set "
+                          "PREFECT_HOME to a writable folder (e.g. PREFECT_HOME=/tmp/prefect), "
+                          "or PREFECT_API_URL to a running Prefect server") from None
+
+
 def _drain() -> None:
     """Send what Prefect's log and event workers still queue (Prefect drains them at exit,
     when this server would be gone: "Error logging to API", and minutes of retries)."""
@@ -141,6 +164,7 @@ def prefect_api() -> Iterator[str | None]:
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or sys.platform != "linux":
         yield None
         return
+    check_home()
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     print(f"Starting a temporary Prefect server on {url} (it stops with this run)",

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import atomic_path, sha256_file
+from tlflow.tasks.lib.files import atomic_path, check_file_path, sha256_file
 from tlflow.tasks.lib.head import LinearHead, load_head, tensors_path
 from tlflow.tasks.lib.imagefiles import image_files
 from tlflow.tasks.lib.images import read_image
@@ -222,7 +222,9 @@ def _note(text: str) -> None:
 def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         model: str = "promoted", strict: bool = False) -> list[Prediction]:
     """Predict every readable image of `target`: CSV rows on stdout (and in `out` when asked),
-    a summary line on stderr."""
+    a summary line on stderr. Raises TlflowError before any work when `out` is a folder."""
+    if out is not None:
+        check_file_path(out, "--out")
     files = image_files(target)
     served, source = None, None
     if model == "promoted":

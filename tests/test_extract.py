@@ -313,3 +313,31 @@ def test_a_damaged_store_is_never_used_as_a_cache(ingested):
         extract.run(ingested)
     path.unlink()  # the repair the message names
     assert extract.run(ingested) == path
+
+
+@pytest.mark.parametrize("damage", ["keys", "layers/blocks.2", "n_committed", "header"])
+def test_a_store_with_damaged_structure_is_one_line_with_the_repair(ingested, damage: str):
+    """Damage to the structure, not the codes (a dataset or attribute gone, the header
+    overwritten): one line naming the store, what is missing and the repair, never a
+    KeyError; the repair works."""
+    import h5py
+
+    path = extract.run(ingested)
+    if damage == "header":
+        with open(path, "r+b") as f:
+            f.write(b"\0" * 8)  # HDF5's signature
+        needle = "not a readable HDF5 feature store"
+    else:
+        with h5py.File(path, "a") as h5:
+            if damage in h5.attrs:
+                del h5.attrs[damage]
+                needle = f"damaged structure \\(missing attribute {damage}\\)"
+            else:
+                del h5[damage]
+                needle = "damaged structure \\(missing " + (
+                    "dataset keys" if damage == "keys" else "") + ".*"
+    with pytest.raises(TlflowError, match=needle) as err:
+        extract.run(ingested)
+    assert "tlflow features verify" in str(err.value) and "\n" not in str(err.value)
+    path.unlink()  # the repair the message names
+    assert extract.run(ingested) == path

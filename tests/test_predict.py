@@ -49,11 +49,35 @@ def test_new_images_are_computed_and_written(trained: Path, tmp_path: Path, caps
         assert 1.0 >= float(r["probability_1"]) >= float(r["probability_2"]) >= 0.0
 
 
+def test_new_images_get_codes_in_the_precision_of_the_served_head(trained: Path,
+                                                                    tmp_path: Path, capsys):
+    """A head trained on codes of one precision (auto here; bf16 on a CPU with AMX or
+    AVX512-BF16) is served with codes of that precision whatever extract.precision says now
+    (a head trained on another machine, whose auto differs)."""
+    import torch
+
+    from tlflow.tasks.lib.device import effective_precision
+
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    trained_in = effective_precision(torch.device("cpu"), "auto")
+    raw["extract"]["precision"] = "fp32" if trained_in == "bf16" else "bf16"
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    new = tmp_path / "new"
+    for name, colour in COLOURS.items():
+        write_image(new / f"{name}.png", colour, seed=77)
+    capsys.readouterr()
+    assert main(["predict", str(new), "--out", "preds.csv"]) == 0
+    assert "0 codes from the store, 3 computed" in capsys.readouterr().err
+    with open("preds.csv") as f:
+        assert all(r["label_1"] == Path(r["path"]).stem for r in csv.DictReader(f))
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["predict", "nowhere.png"], "nowhere.png: no such image or folder"),
         (["predict", "data/images", "--top-k", "9"], "--top-k: must be between 1 and 3"),
+        (["predict", "data/images", "--out", "data"], "--out: data: a folder where a file goes"),
     ],
 )
 def test_bad_predict_input(trained: Path, capsys, args, needle):

@@ -37,6 +37,10 @@ _ENVIRONMENT = {
     errno.ENAMETOOLONG: ("file name too long", "shorten the path (most file systems allow "
                          "255 bytes per name)"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and rerun"),
+    errno.EISDIR: ("a folder where a file goes", "remove or rename that folder, or name a "
+                   "file path instead"),
+    errno.ENOTDIR: ("a file where a folder goes", "remove or rename that file, or name "
+                    "another path"),
 }
 # The same failures as other libraries word them (HDF5, safetensors' Rust I/O, SQLite), where
 # the exception carries no errno.
@@ -48,6 +52,8 @@ _TEXTS = (
       "attempt to write a readonly database"), errno.EROFS),
     (("Permission denied", "PermissionDenied", "errno = 13"), errno.EACCES),
     (("File name too long", "errno = 36"), errno.ENAMETOOLONG),
+    (("Is a directory", "errno = 21"), errno.EISDIR),
+    (("Not a directory", "errno = 20"), errno.ENOTDIR),
 )
 
 

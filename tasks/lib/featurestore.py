@@ -70,6 +70,11 @@ def writer_lock(store: Path, timeout: float) -> Iterator[None]:
         flock.release()
 
 
+_REPAIR = ("`tlflow features verify` checks every store; delete this one and run `tlflow stage "
+           "extract` to recompute it (or `tlflow features gc`), or `dvc checkout` to restore "
+           "the committed one")
+
+
 class FeatureStore:
     """Read and append codes in one HDF5 file."""
 
@@ -80,7 +85,39 @@ class FeatureStore:
         try:  # readers take no HDF5 file lock: they never block, and trust committed rows only
             self._h5 = h5py.File(self.path, mode, locking=mode != "r")
         except OSError as err:
-            raise TlflowError(f"{self.path}: not a readable HDF5 feature store ({err})") from None
+            raise TlflowError(f"{self.path}: not a readable HDF5 feature store ({err}); "
+                              f"{_REPAIR}") from None
+        try:
+            self._check_structure()
+        except TlflowError:
+            self._h5.close()
+            raise
+
+    def _check_structure(self) -> None:
+        """A store is new (nothing in it) or whole: its attributes (extractor, versions,
+        committed rows) and datasets (keys, one per layer, as long as the committed rows)
+        are there and readable. Anything else (a damaged header or key table, a dataset or
+        attribute missing) is one line naming what and the repair, never a KeyError."""
+        h5 = self._h5
+        try:
+            if EXTRACTOR not in h5.attrs and not len(h5):
+                return  # new: create() fills it
+            missing = [f"attribute {a}" for a in (EXTRACTOR, COMMITTED) if a not in h5.attrs]
+            missing += [f"dataset {d}" for d in ("keys", "layers") if d not in h5]
+            if not missing:
+                layers = json.loads(h5.attrs[EXTRACTOR]).get("layers", [])
+                missing += [f"dataset layers/{k}" for k in layers if k not in h5["layers"]]
+                n = int(h5.attrs[COMMITTED])
+                short = [name for name, ds in [("keys", h5["keys"]), *(
+                    (f"layers/{k}", v) for k, v in h5["layers"].items())] if ds.shape[0] < n]
+                missing += [f"rows of {name}" for name in short]
+                if not len(h5["layers"]):
+                    missing.append("every layer")
+        except (OSError, KeyError, ValueError, TypeError) as err:  # unreadable metadata
+            missing = [f"readable metadata ({type(err).__name__}: {err})"]
+        if missing:
+            raise TlflowError(f"{self.path}: damaged structure (missing {', '.join(missing)}); "
+                              f"{_REPAIR}")
 
     @classmethod
     def create(

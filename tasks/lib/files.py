@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     name the file system allows (up to 255 bytes) stays writable.
     """
     dest = Path(dest)
+    check_file_path(dest)  # before the work of the block, not at its rename
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=dest.parent)
@@ -44,6 +46,22 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def check_file_path(dest: Path, what: str = "") -> None:
+    """Refuse, in one line naming `what` (a key, an option) or the path, a file path that is
+    an existing folder, or one under an existing file: a rename onto a folder fails only
+    after the work, with IsADirectoryError. Raises TlflowError."""
+    dest = Path(dest)
+    name = f"{what}: {dest}" if what else str(dest)
+    if dest.is_dir():
+        raise environment_error(OSError(errno.EISDIR, "Is a directory"), name)
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise environment_error(OSError(errno.ENOTDIR, "Not a directory"),
+                                        f"{name} (its folder {parent} is a file)")
+            return
 
 
 def write_text(dest: Path, text: str) -> None:

@@ -114,6 +114,7 @@ class Paths(_Section):
                                  "above it")
             stems = (".safetensors", ".json") if key in _STEMS else ("",)
             files[key] = [resolved.with_name(resolved.name + s) for s in stems]
+            _check_kind(key, value, files[key], folder=key in _FOLDERS)
         seen: dict[Path, str] = {}
         for key, paths in files.items():
             for f in paths:
@@ -128,6 +129,20 @@ class Paths(_Section):
                     raise ValueError(f"{key}: {inside[0]} lies inside base.paths.{folder} "
                                      f"({top}), which tlflow mirrors or clears")
         return self
+
+
+def _check_kind(key: str, value: Path, paths: list[Path], folder: bool) -> None:
+    """A file's path that is an existing folder, or a folder's that is an existing file, is
+    refused before anything runs (an atomic rename onto a folder fails after the work)."""
+    for f in paths:
+        if folder and f.is_file():
+            raise ValueError(f"{key}: {str(value)!r} is a file; it names a folder")
+        if not folder and f.is_dir():
+            raise ValueError(f"{key}: {str(value)!r} is a folder; it names a file "
+                             f"({f.name}): remove that folder or name another path")
+        above = next((a for a in f.parents if a.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"{key}: {str(value)!r} lies under {above}, which is a file")
 
 
 _STEMS = ("head", "finetuned")  # a model: <stem>.safetensors and <stem>.json

@@ -78,6 +78,28 @@ def test_an_unreachable_prefect_api_is_one_line_at_once(tmp_path, url):
     assert not (root / "data").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("variable", ["HOME", "PREFECT_HOME"])
+def test_an_unwritable_prefect_home_is_one_line_at_once(tmp_path, variable):
+    """No PREFECT_API_URL: the temporary server needs PREFECT_HOME (default ~/.prefect). A
+    HOME under a file (missing; a read-only one fails the same check, EROFS) is one line
+    naming the variable, exit 2, before any stage."""
+    root = colour_project(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = cli_env(tmp_path)
+    if variable == "HOME":
+        env.pop("PREFECT_HOME")
+        env["HOME"] = str(blocker / "home")
+    else:
+        env["PREFECT_HOME"] = str(blocker / ".prefect")
+    proc = run_cli([str(BIN / "tlflow"), "run"], root, env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {variable}: "), proc.stderr
+    assert "PREFECT_HOME to a writable folder" in lines[0] and "Traceback" not in proc.stderr
+    assert not (root / "data").exists()  # nothing ran
+
+
 def test_identical_files_each_named_in_the_reports(tmp_path, prefect_server):
     root = colour_project(tmp_path)
     src = tmp_path / "src"

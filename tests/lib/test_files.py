@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path, write_text
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path, check_file_path, write_text
 
 
 def longest_name(suffix: str = ".png") -> str:
@@ -37,3 +38,18 @@ def test_a_failed_block_leaves_neither_dest_nor_temp(tmp_path: Path):
         raise RuntimeError("killed")
     assert dest.read_text() == "good"
     assert os.listdir(tmp_path) == [dest.name]
+
+
+def test_a_folder_where_a_file_goes_is_refused_before_the_work(tmp_path: Path):
+    (tmp_path / "out.csv").mkdir()
+    ran = []
+    with pytest.raises(TlflowError, match=r"--out: .*out.csv: a folder where a file goes"):
+        check_file_path(tmp_path / "out.csv", "--out")
+    with pytest.raises(TlflowError, match="a folder where a file goes"), \
+            atomic_path(tmp_path / "out.csv"):
+        ran.append(1)
+    assert not ran and (tmp_path / "out.csv").is_dir()  # the block never ran; nothing moved
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(TlflowError, match=r"its folder .*f is a file\): a file where a folder"):
+        check_file_path(tmp_path / "f" / "x.json")
+    check_file_path(tmp_path / "new" / "x.json")  # not there yet: fine

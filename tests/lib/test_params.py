@@ -116,6 +116,29 @@ def test_paths_that_would_make_a_clean_up_delete_others_are_refused(key, value, 
         parse_params(raw)
 
 
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("manifest", "data", "base.paths.manifest: 'data' is a folder; it names a file"),
+    ("head", "models",
+     r"base.paths.head: 'models' is a folder; it names a file \(models.json\)"),
+    ("features", "params.yaml", "base.paths.features: 'params.yaml' is a file; it names a "
+                                "folder"),
+    ("report", "params.yaml/report.html", "base.paths.report: .* lies under .*params.yaml, "
+                                          "which is a file"),
+])
+def test_a_folder_where_a_file_goes_and_the_reverse_are_refused(tmp_path: Path, monkeypatch,
+                                                                 key, value, needle):
+    """Checked with the params, before any stage: an atomic rename onto a folder would fail
+    only after the stage's work, with an IsADirectoryError traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "models.json").mkdir()  # head: models.safetensors and models.json
+    (tmp_path / "params.yaml").write_text("")
+    raw = _raw()
+    raw["base"]["paths"][key] = value
+    with pytest.raises(TlflowError, match=needle):
+        parse_params(raw)
+
+
 BAD_EDITS = [  # (dotted key, value) -> the error names the key; one line, exit 2 in the CLI
     ("nope", 1), ("base.nope", 1), ("base.paths.nope", "x"), ("ingest.nope", 1),
     ("extract.nope", 1), ("train.nope", 1), ("finetune.nope", 1), ("advise.nope", 1),
