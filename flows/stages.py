@@ -127,16 +127,20 @@ def _describe(change: object, code_change: Callable[[], str]) -> str:
 
 
 def commit(name: str, root: Path = Path()) -> None:
-    """Record the stage's deps, params and outs in dvc.lock (and its outs in the cache)."""
+    """Record the stage's deps, params and outs in dvc.lock (and its outs in the cache). A
+    first SIGINT or SIGTERM is held off until the record is written: DVC rewrites dvc.lock
+    in place, and a lock cut half-way makes the next run fail its validation."""
     import logging
 
     import dvc  # first: importing it sets up its logger, which would undo the level below
+
+    from tlflow.tasks.lib import interrupts
 
     dvc_log = logging.getLogger(dvc.__name__)
     level = dvc_log.level
     dvc_log.setLevel(max(level, logging.WARNING))  # "Updating lock file": not on stdout
     try:
-        with _dvc(root) as repo:
+        with interrupts.held("dvc.lock"), _dvc(root) as repo:
             repo.commit(name, force=True)
     finally:
         dvc_log.setLevel(level)

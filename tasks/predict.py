@@ -109,7 +109,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
 
     from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
     from tlflow.tasks.lib.device import resolve_device
-    from tlflow.tasks.lib.extraction import describe_extractor, encode, make_loader
+    from tlflow.tasks.lib.extraction import close, describe_extractor, encode, make_loader
     from tlflow.tasks.lib.featurestore import extractor_id
     from tlflow.tasks.lib.progress import Progress
 
@@ -132,8 +132,9 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
     codes, skipped = {}, []
     progress = Progress("predict: computing codes", len(files))
+    batches = make_loader(files, backbone, cfg, device)
     try:
-        for batch in make_loader(files, backbone, cfg, device):
+        for batch in batches:
             for _, err in batch.errors:
                 if strict:
                     raise TlflowError(f"{err} (--strict)")
@@ -144,23 +145,26 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
                 codes.update(zip(batch.indices, out, strict=True))
             progress.advance(len(batch.indices) + len(batch.errors))
     finally:
+        close(batches)
         progress.close()
     return codes, skipped
 
 
 def _served_precision(cfg: Extract, identity: dict, device: torch.device,
                       served: str) -> Extract:
-    """extract's params with the precision the served head's codes were computed in (its
-    extractor id says which): a head trained on bf16 codes (a CPU with AMX, say) computes
-    bf16 codes here too, emulated where this CPU lacks it, rather than codes of another
-    extractor. Unchanged when no precision gives the head's id."""
+    """extract's params with the precision and decoding the served head's codes were
+    computed with (its extractor id says which): a head trained on bf16 codes (a CPU with
+    AMX, say) computes bf16 codes here too, emulated where this CPU lacks it, and a head from
+    before `extract.decode` decodes every pixel, rather than codes of another extractor.
+    Unchanged when no combination gives the head's id."""
     from tlflow.tasks.lib.extraction import describe_extractor
     from tlflow.tasks.lib.featurestore import extractor_id
 
-    for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
-        trial = cfg.model_copy(update={"precision": precision})
-        if extractor_id(describe_extractor(identity, trial, device)) == served:
-            return trial
+    for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
+        for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
+            trial = cfg.model_copy(update={"precision": precision, "decode": decode})
+            if extractor_id(describe_extractor(identity, trial, device)) == served:
+                return trial
     return cfg
 
 

@@ -55,25 +55,30 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def effective_precision(device: torch.device, precision: str) -> str:
+def effective_precision(device: torch.device, precision: str, allow_fp16: bool = True) -> str:
     """The precision the network really computes in, one of bf16, fp16 or fp32.
 
-    `auto`: bf16 on a CUDA GPU that supports it (fp16 on one that does not) and on a CPU
-    with AMX or AVX512-BF16 (`cpu_has_bf16`), fp32 elsewhere. `bf16` and `fp32` are taken as
+    `auto`: bf16 on a CUDA GPU that computes it natively (Ampere on), else fp16 there (fp32
+    where `allow_fp16` is False: training in fp16 needs loss scaling), and bf16 on a CPU with
+    AMX or AVX512-BF16 (`cpu_has_bf16`), fp32 elsewhere. `bf16` and `fp32` are taken as
     asked on either device; `fp16` is CUDA's only (a CPU computes fp32 instead).
     """
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            with torch.cuda.device(device):
+                if torch.cuda.is_bf16_supported(including_emulation=False):
+                    return "bf16"
+            return "fp16" if allow_fp16 else "fp32"
         return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         return "fp32"
     return precision
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str,
+             allow_fp16: bool = True) -> contextlib.AbstractContextManager:
     """Mixed precision (torch.autocast) in the effective precision; nothing for fp32."""
-    effective = effective_precision(device, precision)
+    effective = effective_precision(device, precision, allow_fp16)
     if effective == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=_AUTOCAST[effective])

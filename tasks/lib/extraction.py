@@ -3,6 +3,7 @@ pass, and the filling of a feature store. Used by extract (the stage) and predic
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -28,12 +29,16 @@ POOLING = "avg"
 def describe_extractor(identity: dict[str, Any], cfg: Extract,
                        device: torch.device) -> dict[str, Any]:
     """The canonical description hashed into the extractor id: backbone, weights,
-    preprocessing, decoding rules, layers, pooling, storage dtype, and the precision the
-    codes are computed in (bf16 codes differ from fp32 ones). Not the device itself, nor the
+    preprocessing, decoding rules and policy (`extract.decode`, named only when scaled),
+    layers, pooling, storage dtype, and the precision the codes are computed in (bf16 codes
+    differ from fp32 ones). Not the device itself, nor the
     batch size: fp32 codes agree across devices to float tolerance."""
-    return {**identity, "layers": sorted(cfg.layers), "pooling": POOLING, "dtype": cfg.dtype,
-            "decoding": DECODING, "decode": cfg.decode,
-            "precision": effective_precision(device, cfg.precision)}
+    described = {**identity, "layers": sorted(cfg.layers), "pooling": POOLING,
+                 "dtype": cfg.dtype, "decoding": DECODING,
+                 "precision": effective_precision(device, cfg.precision)}
+    if cfg.decode != "full":  # absent for full: stores and heads from before it are reused
+        described["decode"] = cfg.decode
+    return described
 
 
 def decode_side(backbone: Backbone, cfg: Extract) -> int | None:
@@ -137,6 +142,7 @@ def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Ite
                              encode_batch(model, batch.images, cfg, device))
             progress.advance(len(batch.indices) + len(batch.errors))
     finally:
+        close(loader)
         progress.close()
     return bad
 
@@ -170,14 +176,25 @@ def in_background(batches: Iterable[Batch], depth: int = 2) -> Iterator[Batch]:
         except BaseException as err:  # handed to the consumer, raised there
             put(err)
 
-    threading.Thread(target=produce, name="tlflow-decode", daemon=True).start()
+    thread = threading.Thread(target=produce, name="tlflow-decode", daemon=True)
+    thread.start()
     try:
         while (item := q.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+    finally:  # joined, never left running into the interpreter's shutdown: at most a batch
         stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        thread.join()
+
+
+def close(batches: Iterable[Batch]) -> None:
+    """Stop a loader's background thread now (`in_background`), not when it is collected:
+    after an error or an interrupt its frame lives on in the traceback."""
+    getattr(batches, "close", lambda: None)()
 
 
 def make_loader(files: list[Path], backbone: Backbone, cfg: Extract,

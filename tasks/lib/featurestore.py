@@ -70,9 +70,8 @@ def writer_lock(store: Path, timeout: float) -> Iterator[None]:
         flock.release()
 
 
-_REPAIR = ("`tlflow features verify` checks every store; delete this one and run `tlflow stage "
-           "extract` to recompute it (or `tlflow features gc`), or `dvc checkout` to restore "
-           "the committed one")
+_REPAIR = ("delete it and run `tlflow stage extract` to recompute it, or `dvc checkout` to "
+           "restore the committed one")
 
 
 class FeatureStore:
@@ -88,20 +87,25 @@ class FeatureStore:
             raise TlflowError(f"{self.path}: not a readable HDF5 feature store ({err}); "
                               f"{_REPAIR}") from None
         try:
-            self._check_structure()
+            self._check_structure(mode)
         except TlflowError:
             self._h5.close()
             raise
 
-    def _check_structure(self) -> None:
-        """A store is new (nothing in it) or whole: its attributes (extractor, versions,
-        committed rows) and datasets (keys, one per layer, as long as the committed rows)
-        are there and readable. Anything else (a damaged header or key table, a dataset or
-        attribute missing) is one line naming what and the repair, never a KeyError."""
+    def _check_structure(self, mode: str) -> None:
+        """A store opened to append is new (nothing committed, no extractor yet: `create`
+        fills it, dropping what a create killed half-way left) or whole; one opened to read
+        is whole: its attributes (extractor, committed rows) and datasets (keys, one per
+        layer, as long as the committed rows) are there and readable. Anything else (a
+        damaged header or key table, a dataset or attribute missing) is one line naming what
+        and the repair, never a KeyError."""
         h5 = self._h5
         try:
-            if EXTRACTOR not in h5.attrs and not len(h5):
-                return  # new: create() fills it
+            if EXTRACTOR not in h5.attrs and mode != "r" and (
+                    "keys" not in h5 or h5["keys"].shape[0] == 0):
+                for name in list(h5):  # a create killed before its attributes: start anew
+                    del h5[name]
+                return
             missing = [f"attribute {a}" for a in (EXTRACTOR, COMMITTED) if a not in h5.attrs]
             missing += [f"dataset {d}" for d in ("keys", "layers") if d not in h5]
             if not missing:

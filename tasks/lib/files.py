@@ -54,14 +54,17 @@ def check_file_path(dest: Path, what: str = "") -> None:
     after the work, with IsADirectoryError. Raises TlflowError."""
     dest = Path(dest)
     name = f"{what}: {dest}" if what else str(dest)
-    if dest.is_dir():
-        raise environment_error(OSError(errno.EISDIR, "Is a directory"), name)
-    for parent in dest.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise environment_error(OSError(errno.ENOTDIR, "Not a directory"),
-                                        f"{name} (its folder {parent} is a file)")
-            return
+    try:
+        if dest.is_dir():
+            raise environment_error(OSError(errno.EISDIR, "Is a directory"), name)
+        for parent in dest.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise environment_error(OSError(errno.ENOTDIR, "Not a directory"),
+                                            f"{name} (its folder {parent} is a file)")
+                return
+    except OSError as err:  # a folder above that cannot be searched (permission denied)
+        raise environment_error(err, name) or err from None
 
 
 def write_text(dest: Path, text: str) -> None:

@@ -211,7 +211,7 @@ def train_epoch(net: Network, loader, opt: torch.optim.Optimizer, sched: Schedul
         for x, y in loader:
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
+            with autocast(device, cfg.precision, allow_fp16=False):
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -236,7 +236,7 @@ def logits(net: Network, loader, device: torch.device, precision: str = "fp32") 
     out = []
     for x, _ in loader:
         x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
-        with autocast(device, precision):
+        with autocast(device, precision, allow_fp16=False):
             out.append(net.model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, len(net.classes)))
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, features
+from PIL import Image, ImageCms, ImageOps, JpegImagePlugin, features
 
 from tlflow.tasks.lib.errors import TlflowError
 
@@ -83,8 +83,8 @@ def draft(img: Image.Image, min_side: int) -> None:
     other formats, and JPEGs under twice min_side, are left as they are."""
     w, h = img.size
     short = min(w, h)
-    if img.format != "JPEG" or short < 2 * min_side:
-        return
+    if not isinstance(img, JpegImagePlugin.JpegImageFile) or short < 2 * min_side:
+        return  # JPEG and its MPO variant (phones' multi-picture files) decode scaled
     # draft() picks the largest scale with both sides >= the requested ones
     img.draft(img.mode, (-(-w * min_side // short), -(-h * min_side // short)))
 

@@ -28,6 +28,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[int] = []  # the signals seen, first first
 _doing: list[str] = []  # what is in hand: the stage (or command) running now
+_holding: list[str] = []  # writes in hand that must not be cut (see `held`)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -60,6 +61,19 @@ def doing(what: str) -> None:
     _doing[:] = [what]
 
 
+@contextlib.contextmanager
+def held(what: str) -> Iterator[None]:
+    """Hold a first signal off for the block, a write that is not atomic and so no safe
+    point (DVC rewrites dvc.lock in place: cut half-way, the next run finds it invalid);
+    raised as Interrupted when the block is done. A second signal still exits at once."""
+    _holding.append(what)
+    try:
+        yield
+    finally:
+        _holding.pop()
+    check()
+
+
 def check() -> None:
     """A safe point: raise Interrupted if a signal came while it was held off elsewhere."""
     if _received:
@@ -73,7 +87,8 @@ def _handler(signum: int, _frame: FrameType | None) -> None:
         sys.stderr.flush()
         os._exit(128 + _received[0])
     _received.append(signum)
-    raise Interrupted(signum)
+    if not _holding:
+        raise Interrupted(signum)
 
 
 def describe() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -134,6 +135,12 @@ class Paths(_Section):
 def _check_kind(key: str, value: Path, paths: list[Path], folder: bool) -> None:
     """A file's path that is an existing folder, or a folder's that is an existing file, is
     refused before anything runs (an atomic rename onto a folder fails after the work)."""
+    # a folder that cannot be searched: the stage that writes there says so in one line
+    with contextlib.suppress(OSError):
+        _check_kind_of(key, value, paths, folder)
+
+
+def _check_kind_of(key: str, value: Path, paths: list[Path], folder: bool) -> None:
     for f in paths:
         if folder and f.is_file():
             raise ValueError(f"{key}: {str(value)!r} is a file; it names a folder")

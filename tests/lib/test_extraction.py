@@ -31,10 +31,12 @@ def test_extractor_id_covers_what_changes_a_code(tmp_path: Path):
     assert ext_id(decode="full", precision="fp32") != base
     assert ext_id(precision="bf16") != base
     # pinned: a change here means every user's stores are recomputed, so it must be meant
-    # (the decoding rules viewer/2 changed it, and so did extract.decode; the switch from
-    # hooks to forward_intermediates did not: the codes are the hooks' bit for bit,
-    # tests/lib/test_backbones.py)
+    # (the decoding rules viewer/2 changed it; the switch from hooks to forward_intermediates
+    # did not: the codes are the hooks' bit for bit, tests/lib/test_backbones.py). Decoding
+    # every pixel in fp32 keeps the id from before extract.decode and precision auto, so the
+    # stores and heads users have stay valid
     assert base == "1514b06775e4d565"
+    assert ext_id(decode="full", precision="fp32") == "21373ceb18ccc993"
 
 
 def test_oom_halves_the_batch():

@@ -107,3 +107,18 @@ def test_flipped_bytes_are_detected_not_learned_from(tmp_path: Path):
             store.read("pooled", keys[300:310])
         with pytest.raises(TlflowError, match="damaged"):
             list(store.blocks("pooled", rows=256))
+
+
+def test_a_create_cut_before_its_attributes_starts_anew_and_readers_refuse_it(tmp_path: Path):
+    """A create killed after its datasets, before its attributes: a reader finds it damaged
+    (one line, no KeyError); the next create drops what was left and fills it."""
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("keys", (0,), dtype="S64", maxshape=(None,))
+        h5.create_dataset("layers/a", (0, 4), dtype="float16", maxshape=(None, 4))
+    with pytest.raises(TlflowError, match=r"s.h5: damaged structure \(missing attribute"):
+        FeatureStore(path)
+    with FeatureStore.create(path, EXTRACTOR, DIMS, "float16") as store:
+        store.append(["k0"], _codes(1, 0))
+    with FeatureStore(path) as store:
+        assert store.keys() == ["k0"] and store.layers == DIMS
