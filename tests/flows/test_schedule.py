@@ -45,7 +45,9 @@ def _colours(root: Path, n: int, start: int = 0) -> Path:
 def test_served_runs_take_the_source_as_it_is_now(server: str, tmp_path: Path):
     images = _colours(tmp_path / "src", 12)
     root = _project(tmp_path / "project", images)
-    env = {**cli_env(tmp_path), "PREFECT_API_URL": server}
+    # the runner polls for due runs every 2 s, not Prefect's default 10: the same code, less
+    # waiting in the suite
+    env = {**cli_env(tmp_path), "PREFECT_API_URL": server, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     out = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
     serve = subprocess.Popen([str(BIN / "tlflow"), "serve", "--interval", "10", "--name",
                               "served-test"], cwd=root,
