@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast lint bench faults clean vega
+.PHONY: install run test test-fast accuracy lint bench faults clean vega
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,12 +24,17 @@ run: install  ## run the default pipeline as a Prefect flow and print the result
 
 # Two workers (pytest-xdist), one test module each at a time: module fixtures are built once,
 # and one worker computes while the other waits on a subprocess or the Prefect server.
-# The kill-and-resume tests (marked faults) run with the fault suite: `make faults`; CI runs both.
-test: install  ## the suite (no network, no GPU; about 5 minutes on 2 cores)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not faults"
+# The kill-and-resume tests (marked faults) run with the fault suite: `make faults`; the
+# accuracy claims (marked accuracy: the probe on hymenoptera, bf16 against fp32 on it and on
+# the digits) with `make accuracy`; CI runs all three.
+test: install  ## the suite (no network, no GPU; about 6 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not faults and not accuracy"
 
 test-fast: install  ## the suite without the slow end-to-end and real-weights tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not faults"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not faults and not accuracy"
+
+accuracy: install  ## the accuracy claims on real images, each precision (about 1 minute)
+	$(BIN)/python -m pytest -q -n 2 --dist load -m accuracy
 
 lint: install
 	$(BIN)/ruff check .

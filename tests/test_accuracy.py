@@ -10,6 +10,8 @@ from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
 from tlflow.tasks.lib.device import effective_precision
 
+pytestmark = pytest.mark.accuracy  # `make accuracy` (CI runs it after `make test`)
+
 
 @pytest.mark.slow
 def test_probe_on_hymenoptera(tmp_path: Path, hymenoptera: Path):
