@@ -140,7 +140,7 @@ def commit(name: str, root: Path = Path()) -> None:
     level = dvc_log.level
     dvc_log.setLevel(max(level, logging.WARNING))  # "Updating lock file": not on stdout
     try:
-        with interrupts.held("dvc.lock"), _dvc(root) as repo:
+        with interrupts.held(), _dvc(root) as repo:
             repo.commit(name, force=True)
     finally:
         dvc_log.setLevel(level)

@@ -122,7 +122,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
         backbone.resize(current_input_size(params.base.paths.features))
     elif cfg.image_size is not None:
         backbone.resize(cfg.image_size)
-    cfg = _served_precision(cfg, backbone.identity(), device, head.meta["extractor_id"])
+    cfg = _served_extractor(cfg, backbone.identity(), device, head.meta["extractor_id"])
     ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
     if ext_id != head.meta["extractor_id"]:
         raise TlflowError(
@@ -150,7 +150,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     return codes, skipped
 
 
-def _served_precision(cfg: Extract, identity: dict, device: torch.device,
+def _served_extractor(cfg: Extract, identity: dict, device: torch.device,
                       served: str) -> Extract:
     """extract's params with the precision and decoding the served head's codes were
     computed with (its extractor id says which): a head trained on bf16 codes (a CPU with

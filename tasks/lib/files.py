@@ -48,23 +48,36 @@ def atomic_path(dest: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def wrong_kind(path: Path, folder: bool = False) -> tuple[str, Path] | None:
+    """What stands in the way of `path` being a file (or, with `folder`, a folder): ("is a
+    folder", path), ("is a file", path) or ("under a file", the file above it); None when
+    nothing does (absent paths are fine). Raises OSError when a folder cannot be searched."""
+    path = Path(path)
+    if folder and path.is_file():
+        return "is a file", path
+    if not folder and path.is_dir():
+        return "is a folder", path
+    above = next((a for a in path.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        return "under a file", above
+    return None
+
+
 def check_file_path(dest: Path, what: str = "") -> None:
     """Refuse, in one line naming `what` (a key, an option) or the path, a file path that is
     an existing folder, or one under an existing file: a rename onto a folder fails only
     after the work, with IsADirectoryError. Raises TlflowError."""
-    dest = Path(dest)
     name = f"{what}: {dest}" if what else str(dest)
     try:
-        if dest.is_dir():
-            raise environment_error(OSError(errno.EISDIR, "Is a directory"), name)
-        for parent in dest.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise environment_error(OSError(errno.ENOTDIR, "Not a directory"),
-                                            f"{name} (its folder {parent} is a file)")
-                return
+        wrong = wrong_kind(dest)
     except OSError as err:  # a folder above that cannot be searched (permission denied)
         raise environment_error(err, name) or err from None
+    if wrong is None:
+        return
+    if wrong[0] == "is a folder":
+        raise environment_error(OSError(errno.EISDIR, "Is a directory"), name)
+    raise environment_error(OSError(errno.ENOTDIR, "Not a directory"),
+                            f"{name} (its folder {wrong[1]} is a file)")
 
 
 def write_text(dest: Path, text: str) -> None:

@@ -28,7 +28,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[int] = []  # the signals seen, first first
 _doing: list[str] = []  # what is in hand: the stage (or command) running now
-_holding: list[str] = []  # writes in hand that must not be cut (see `held`)
+_holding: list[None] = []  # one entry per write in hand that must not be cut (see `held`)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -62,11 +62,11 @@ def doing(what: str) -> None:
 
 
 @contextlib.contextmanager
-def held(what: str) -> Iterator[None]:
+def held() -> Iterator[None]:
     """Hold a first signal off for the block, a write that is not atomic and so no safe
     point (DVC rewrites dvc.lock in place: cut half-way, the next run finds it invalid);
     raised as Interrupted when the block is done. A second signal still exits at once."""
-    _holding.append(what)
+    _holding.append(None)
     try:
         yield
     finally:

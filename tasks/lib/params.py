@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import wrong_kind
 
 PARAMS_FILE = "params.yaml"
 
@@ -135,21 +136,18 @@ class Paths(_Section):
 def _check_kind(key: str, value: Path, paths: list[Path], folder: bool) -> None:
     """A file's path that is an existing folder, or a folder's that is an existing file, is
     refused before anything runs (an atomic rename onto a folder fails after the work)."""
-    # a folder that cannot be searched: the stage that writes there says so in one line
-    with contextlib.suppress(OSError):
-        _check_kind_of(key, value, paths, folder)
-
-
-def _check_kind_of(key: str, value: Path, paths: list[Path], folder: bool) -> None:
     for f in paths:
-        if folder and f.is_file():
-            raise ValueError(f"{key}: {str(value)!r} is a file; it names a folder")
-        if not folder and f.is_dir():
-            raise ValueError(f"{key}: {str(value)!r} is a folder; it names a file "
-                             f"({f.name}): remove that folder or name another path")
-        above = next((a for a in f.parents if a.exists()), None)
-        if above is not None and not above.is_dir():
-            raise ValueError(f"{key}: {str(value)!r} lies under {above}, which is a file")
+        # a folder that cannot be searched: the stage that writes there says so in one line
+        with contextlib.suppress(OSError):
+            wrong = wrong_kind(f, folder)
+            if wrong is None:
+                continue
+            if wrong[0] == "is a file":
+                raise ValueError(f"{key}: {str(value)!r} is a file; it names a folder")
+            if wrong[0] == "is a folder":
+                raise ValueError(f"{key}: {str(value)!r} is a folder; it names a file "
+                                 f"({f.name}): remove that folder or name another path")
+            raise ValueError(f"{key}: {str(value)!r} lies under {wrong[1]}, which is a file")
 
 
 _STEMS = ("head", "finetuned")  # a model: <stem>.safetensors and <stem>.json

@@ -21,7 +21,7 @@ def handled(monkeypatch):
 
 def test_a_signal_inside_a_held_write_is_raised_when_the_write_is_done(handled):
     written = []
-    with pytest.raises(interrupts.Interrupted) as err, interrupts.held("dvc.lock"):
+    with pytest.raises(interrupts.Interrupted) as err, interrupts.held():
         os.kill(os.getpid(), signal.SIGTERM)
         written.append("first half")
         written.append("second half")  # not cut half-way
