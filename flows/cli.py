@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "advice, the misclassified test images, near-duplicates "
                                     "across splits and likely label errors. Prints its path.")
     rp.add_argument("--open", action="store_true", help="also open it in the web browser")
+    cp = sub.add_parser("compare", help="the backbones of extract.compare, measured: one "
+                                        "row each, the winner marked (the last run's)")
+    cp.add_argument("--json", action="store_true", help="reports/compare.json as it is")
     a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
     a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
@@ -337,6 +340,27 @@ def cmd_report(open_it: bool) -> int:
     return 0
 
 
+def cmd_compare(as_json: bool) -> int:
+    """Print the last run's comparison of backbones (reports/compare.json): a table on
+    stdout, or the file's JSON; a line saying how to ask for one when none ran."""
+    from tlflow.tasks.lib.compare import format_table
+    from tlflow.tasks.lib.handoff import read_compare_report
+    from tlflow.tasks.lib.params import load_params
+
+    paths = load_params().base.paths
+    warn_if_stale(("ingest", "extract", "train"), "compare")
+    rep = read_compare_report(paths.compare_report)
+    if as_json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    elif not rep["compared"]:
+        print("compare: no comparison ran; list backbones in params.yaml extract.compare, "
+              "e.g. [timm/tf_efficientnet_lite1, timm/tf_efficientnet_lite2], and run "
+              "`tlflow run`", file=sys.stderr)
+    else:
+        print(format_table(rep))
+    return 0
+
+
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store), after
     bringing ingest, extract and train up to date: never the decision for other data."""
@@ -510,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_features(args)
         if args.command == "advise":
             return cmd_advise(args.json)
+        if args.command == "compare":
+            return cmd_compare(args.json)
         if args.command == "report":
             return cmd_report(args.open)
         if args.command == "status":

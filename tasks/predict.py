@@ -1,9 +1,10 @@
 """Predict: labels for new images with the model in prod (GTO), or the working tree's probe
 (codes in the store are reused) or fine-tuned network.
 
-Read-only: it never writes to the feature store (a DVC output), and it refuses to run when the
-current store or params describe another extractor than the one the head was trained on. The
-promoted model's files are read at its commit through dvc.api (safetensors and JSON only).
+Read-only: it never writes to the feature store (a DVC output). Codes come from the backbone
+the head names (extract.compare's winner) and, where they must be computed, it refuses to run
+when params describe another extractor (layers, storage dtype) than the head was trained on.
+The promoted model's files are read at its commit through dvc.api (safetensors and JSON only).
 
 The predictions are data: CSV on stdout (the same rows `--out` writes). Everything else (the
 summary line, notes, the progress of computing codes, the images skipped) goes to stderr.
@@ -23,7 +24,7 @@ import numpy as np
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import atomic_path, check_file_path, sha256_file
-from tlflow.tasks.lib.head import LinearHead, load_head, tensors_path
+from tlflow.tasks.lib.head import LinearHead, load_head
 from tlflow.tasks.lib.imagefiles import image_files
 from tlflow.tasks.lib.images import read_image
 from tlflow.tasks.lib.params import Extract, Params
@@ -31,6 +32,8 @@ from tlflow.tasks.lib.registry import PROD, Version, fetch_model, promoted
 
 if TYPE_CHECKING:
     import torch
+
+    from tlflow.tasks.lib.backbones import Backbone
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -70,26 +73,23 @@ class Codes:
 
 
 def codes_for(files: list[Path], head: LinearHead, params: Params,
-              source: str | None = None, strict: bool = False) -> Codes:
-    """Codes of the head's layer: from the store where present, else one forward pass each
-    (unreadable files skipped, or an error with `strict`). The current store must hold the
-    head's extractor's codes (`source` names the head)."""
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import current_store
+              strict: bool = False) -> Codes:
+    """Codes of the head's layer: from the store of the head's own extractor where it holds
+    them (content-addressed: the same image bytes, the same codes), else one forward pass each
+    with the backbone the head names (unreadable files skipped, or an error with
+    `strict`)."""
+    from tlflow.tasks.lib.featurestore import FeatureStore, store_path
 
     keys = [sha256_file(f) for f in files]
     layer = head.meta["layer"]
-    path = current_store(params.base.paths.features)
-    if path.stem != head.meta.get("extractor_id"):
-        raise TlflowError(
-            f"{source or tensors_path(params.base.paths.head)}: trained on codes of extractor "
-            f"{head.meta.get('extractor_id')}, the current store is {path}; rerun `tlflow run` "
-            "(and `tlflow promote`), or pick --model probe"
-        )
-    with FeatureStore(path) as store:
-        have = set(store.keys())
-        cached = [k for k in keys if k in have]
-        stored = dict(zip(cached, store.read(layer, cached), strict=True)) if cached else {}
+    path = store_path(params.base.paths.features, head.meta.get("extractor_id", "-"))
+    stored: dict[str, np.ndarray] = {}
+    if path.is_file():  # the store of the head's own extractor: its codes are reused
+        with FeatureStore(path) as store:
+            have = set(store.keys())
+            cached = [k for k in keys if k in have]
+            if cached and layer in store.layers:
+                stored = dict(zip(cached, store.read(layer, cached), strict=True))
     todo = [i for i, k in enumerate(keys) if k not in stored]
     fresh, skipped = {}, []
     if todo:
@@ -107,7 +107,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     extract's loader: {index: code} of the readable files, and the unreadable ones."""
     import torch
 
-    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.backbones import CodeExtractor
     from tlflow.tasks.lib.device import resolve_device
     from tlflow.tasks.lib.extraction import close, describe_extractor, encode, make_loader
     from tlflow.tasks.lib.featurestore import extractor_id
@@ -115,13 +115,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
 
     cfg = params.extract
     device = resolve_device(cfg.device)
-    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
-    if cfg.image_size == "auto":  # as extract resolved it for the current store
-        from tlflow.tasks.lib.handoff import current_input_size
-
-        backbone.resize(current_input_size(params.base.paths.features))
-    elif cfg.image_size is not None:
-        backbone.resize(cfg.image_size)
+    backbone = head_backbone(head, params)
     cfg = _served_extractor(cfg, backbone.identity(), device, head.meta["extractor_id"])
     ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
     if ext_id != head.meta["extractor_id"]:
@@ -148,6 +142,27 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
         close(batches)
         progress.close()
     return codes, skipped
+
+
+def head_backbone(head: LinearHead, params: Params) -> Backbone:
+    """The backbone a head's codes came from, at their input size: the one its sidecar names
+    (train records extract.compare's winner), else, for a head from before that, params'
+    extract.backbone at the size extract resolved for the current store."""
+    from tlflow.tasks.lib.backbones import create_backbone
+
+    cfg, meta = params.extract, head.meta
+    if "backbone" in meta:
+        backbone = create_backbone(meta["backbone"], meta["weights"], None, params.base.seed)
+        backbone.resize(int(meta["input_size"]))
+        return backbone
+    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
+    if cfg.image_size == "auto":  # as extract resolved it for the current store
+        from tlflow.tasks.lib.handoff import current_input_size
+
+        backbone.resize(current_input_size(params.base.paths.features))
+    elif cfg.image_size is not None:
+        backbone.resize(cfg.image_size)
+    return backbone
 
 
 def _served_extractor(cfg: Extract, identity: dict, device: torch.device,
@@ -253,7 +268,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     else:
         head = served[1] if served else load_head(params.base.paths.head)
         _check_k(k, len(head.classes))  # before any forward pass
-        found = codes_for(files, head, params, source, strict)
+        found = codes_for(files, head, params, strict)
         kept, skipped = found.kept, found.skipped
         scores = head_scores(head, found.codes) if kept else None
         classes = head.classes
