@@ -70,3 +70,19 @@ def test_cost_counts_flops_and_parameters():
     gflops, params = compare.cost(b)
     assert params == 4_652_008  # timm's tf_efficientnet_lite0, ImageNet classifier included
     assert 0.7 < gflops < 0.9  # 0.4 GMACs at 224 px (EfficientNet-Lite0's published 407M MACs)
+
+
+def test_the_prefect_table_artifact_rows(tmp_path):
+    from tests.conftest import make_params
+    from tlflow.flows.report import compare_rows
+    from tlflow.tasks.lib.handoff import write_compare_report
+
+    paths = make_params(tmp_path).base.paths
+    assert compare_rows(paths) == []  # no report yet
+    write_compare_report(paths.compare_report, {"compared": False})
+    assert compare_rows(paths) == []
+    results = [_result("timm/a", 0.95), _result("timm/b", 0.90)]
+    write_compare_report(paths.compare_report, compare.report(results, 0))
+    rows = compare_rows(paths)
+    assert [r["backbone"] for r in rows] == ["*a", " b"]
+    assert rows[1]["val acc"] == "0.9000" and rows[1]["GFLOPs"] == "1.00"
