@@ -112,7 +112,7 @@ def run(params: Params) -> LinearHead:
     head = to_head(refit(top), meta)
     save_head(head, paths.head)
     write_probe_report(paths.probe_report, meta, layers, table)
-    write_probe_metrics(paths.probe_metrics, meta)
+    write_probe_metrics(paths.probe_metrics, meta, compared)
     write_compare_report(paths.compare_report, compared)
     write_strategy(paths.strategy, decision)
     pooled_C = next((r["C"] for r in layers if r["layer"] == advice.POOLED), None)

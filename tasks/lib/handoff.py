@@ -166,10 +166,17 @@ def write_probe_report(path: Path, best: dict[str, Any], layers: list[dict],
     write_json(path, {"best": best, "layers": layers, "sweep": sweep})
 
 
-def write_probe_metrics(path: Path, best: dict[str, Any]) -> None:
-    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string)."""
-    write_json(path, {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
-                                "layer": best["layer"]}})
+def write_probe_metrics(path: Path, best: dict[str, Any],
+                        compared: dict[str, Any] | None = None) -> None:
+    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string);
+    after a comparison of backbones, one number per backbone (its val accuracy, keyed by the
+    model's name), not the table (reports/compare.json)."""
+    obj: dict[str, Any] = {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
+                                     "layer": best["layer"]}}
+    if compared and compared.get("compared"):
+        obj["compare"] = {r["backbone"].partition("/")[2]: r["val_accuracy"]
+                          for r in compared["rows"]}
+    write_json(path, obj)
 
 
 def read_probe_report(path: Path) -> dict[str, Any]:
