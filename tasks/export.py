@@ -54,11 +54,17 @@ def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any
                   "layer": head.meta["layer"]},
         "predict_precision": served_in,
     }
+    notes = []
     if served_in != "fp32":
-        meta["note"] = (f"the head was trained on {served_in} codes and predict computes "
-                        f"{served_in} codes for new images; this graph computes fp32: its "
-                        "scores differ from predict's by the rounding of the codes (README: "
-                        "Export)")
+        notes.append(f"the head was trained on {served_in} codes and predict computes "
+                     f"{served_in} codes for new images; this graph computes fp32: its scores "
+                     "differ from predict's by the rounding of the codes")
+    if cfg.dtype != "float32":
+        notes.append(f"for images already in the feature store predict reads their codes as "
+                     f"stored ({cfg.dtype}): its scores for those differ from this graph's by "
+                     "that rounding")
+    if notes:
+        meta["note"] = "; ".join(notes) + " (README: Export)"
     if scores == "decision":
         meta["note_scores"] = ("a linear SVM has no probabilities: the output is its decision "
                                "values, as `tlflow predict` prints them")
@@ -76,6 +82,12 @@ def _finetuned(served: Served) -> tuple[Any, int, str, dict[str, Any]]:
         "predict_precision": "fp32",
     }
     return SoftmaxGraph(net.model), net.backbone.input_size, "probability", meta
+
+
+def graph(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]]:
+    """The torch module to export (fp32, CPU), its input size, what its scores are
+    (probability or decision) and the sidecar's description of it."""
+    return _finetuned(served) if served.artifact == "finetuned" else _probe(served, params)
 
 
 def check_ready(fmt: str = "onnx") -> None:
@@ -103,8 +115,7 @@ def run(params: Params, model: str = "promoted", fmt: str = "onnx",
         served = load_served(params, "probe")
     dest = out / f"{served.artifact}.onnx"
     check_file_path(dest, "--out")
-    build = _finetuned(served) if served.artifact == "finetuned" else _probe(served, params)
-    module, size, scores, meta = build
+    module, size, scores, meta = graph(served, params)
     done = export(module, size, "probabilities" if scores == "probability" else "decision",
                   dest, meta)
     print(done.onnx)
