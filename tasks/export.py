@@ -2,8 +2,8 @@
 network: the one predict would use, built the way predict builds it) as one ONNX graph,
 backbone and head together, plus a JSON sidecar: <out>/<artifact>.onnx and <artifact>.json.
 
-Not a pipeline stage: the graph is a pure function of a model version (its files' sha256 are
-in the sidecar), so registering the model registers the export (README: Export).
+Not a pipeline stage: the graph is derived from a model version (its files' sha256 are in
+the sidecar), so registering the model registers what the export computes (README: Export).
 """
 
 from __future__ import annotations
