@@ -100,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
                     help="the version in prod (default; the working tree's probe when none "
                          "is), or the working tree's probe or fine-tuned network")
+    ex = sub.add_parser("export", help="write the served model as one ONNX graph (backbone "
+                                       "and head) plus a JSON sidecar; needs tlflow[zoo]",
+                        description="Write the model predict would serve (--model) as one "
+                                    "ONNX graph, backbone and head together: a preprocessed "
+                                    "float32 batch (N, 3, H, W) in, class probabilities out, "
+                                    "in <out>/<artifact>.onnx, and a JSON sidecar beside it "
+                                    "(classes, preprocessing, the model's version and sha256). "
+                                    "Prints the graph's path. Needs pip install 'tlflow[zoo]'.")
+    ex.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
+                    help="the version in prod (default; the working tree's probe when none "
+                         "is), or the working tree's probe or fine-tuned network")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only one)")
+    ex.add_argument("--out", type=Path, help="the folder (default base.paths.export)")
     pm = sub.add_parser("promote", help="register HEAD's model with GTO and assign it to a "
                                         "stage, unless it is worse than the one serving")
     pm.add_argument("--model", choices=("probe", "finetuned"), default="probe",
@@ -552,6 +565,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_deploy(args.pool, args.cron, args.interval, args.name)
         if args.command == "promote":
             return cmd_promote(args.model, args.force, args.stage)
+        if args.command == "export":
+            from tlflow.tasks import export
+            from tlflow.tasks.lib.params import load_params, scoped
+
+            export.check_ready(args.format)
+            if args.model != "promoted":  # as predict: the working tree's model may be stale
+                warn_if_stale(("extract", "train")
+                              + (("finetune",) if args.model == "finetuned" else ()), "export")
+            export.run(scoped(load_params(), export.PARAMS), args.model, args.format, args.out)
+            return 0
         if args.command == "predict":
             from tlflow.tasks import predict
             from tlflow.tasks.lib.params import load_params, scoped

@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import csv
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO
 
 import numpy as np
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import atomic_path, check_file_path, sha256_file
-from tlflow.tasks.lib.head import LinearHead, load_head
+from tlflow.tasks.lib.head import LinearHead
 from tlflow.tasks.lib.imagefiles import image_files
 from tlflow.tasks.lib.images import read_image
-from tlflow.tasks.lib.params import Extract, Params
-from tlflow.tasks.lib.registry import PROD, Version, fetch_model, promoted
-
-if TYPE_CHECKING:
-    import torch
-
-    from tlflow.tasks.lib.backbones import Backbone
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.registry import PROD
+from tlflow.tasks.lib.serving import load_served
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -109,20 +104,12 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
 
     from tlflow.tasks.lib.backbones import CodeExtractor
     from tlflow.tasks.lib.device import resolve_device
-    from tlflow.tasks.lib.extraction import close, describe_extractor, encode, make_loader
-    from tlflow.tasks.lib.featurestore import extractor_id
+    from tlflow.tasks.lib.extraction import close, encode, make_loader
     from tlflow.tasks.lib.progress import Progress
+    from tlflow.tasks.lib.serving import served_backbone
 
-    cfg = params.extract
-    device = resolve_device(cfg.device)
-    backbone = head_backbone(head, params)
-    cfg = _served_extractor(cfg, backbone.identity(), device, head.meta["extractor_id"])
-    ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
-    if ext_id != head.meta["extractor_id"]:
-        raise TlflowError(
-            f"params.yaml: extract describes extractor {ext_id} on {device}, the head was "
-            f"trained on {head.meta['extractor_id']}; run `tlflow run` first"
-        )
+    device = resolve_device(params.extract.device)
+    backbone, cfg = served_backbone(head, params, device)
     model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
     codes, skipped = {}, []
     progress = Progress("predict: computing codes", len(files))
@@ -142,45 +129,6 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
         close(batches)
         progress.close()
     return codes, skipped
-
-
-def head_backbone(head: LinearHead, params: Params) -> Backbone:
-    """The backbone a head's codes came from, at their input size: the one its sidecar names
-    (train records extract.compare's winner), else, for a head from before that, params'
-    extract.backbone at the size extract resolved for the current store."""
-    from tlflow.tasks.lib.backbones import create_backbone
-
-    cfg, meta = params.extract, head.meta
-    if "backbone" in meta:
-        backbone = create_backbone(meta["backbone"], meta["weights"], None, params.base.seed)
-        backbone.resize(int(meta["input_size"]))
-        return backbone
-    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
-    if cfg.image_size == "auto":  # as extract resolved it for the current store
-        from tlflow.tasks.lib.handoff import current_input_size
-
-        backbone.resize(current_input_size(params.base.paths.features))
-    elif cfg.image_size is not None:
-        backbone.resize(cfg.image_size)
-    return backbone
-
-
-def _served_extractor(cfg: Extract, identity: dict, device: torch.device,
-                      served: str) -> Extract:
-    """extract's params with the precision and decoding the served head's codes were
-    computed with (its extractor id says which): a head trained on bf16 codes (a CPU with
-    AMX, say) computes bf16 codes here too, emulated where this CPU lacks it, and a head from
-    before `extract.decode` decodes every pixel, rather than codes of another extractor.
-    Unchanged when no combination gives the head's id."""
-    from tlflow.tasks.lib.extraction import describe_extractor
-    from tlflow.tasks.lib.featurestore import extractor_id
-
-    for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
-        for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
-            trial = cfg.model_copy(update={"precision": precision, "decode": decode})
-            if extractor_id(describe_extractor(identity, trial, device)) == served:
-                return trial
-    return cfg
 
 
 def readable(files: list[Path], strict: bool = False) -> tuple[list[int], list[str]]:
@@ -219,21 +167,6 @@ def _check_k(k: int, n_classes: int) -> None:
         raise TlflowError(f"--top-k: must be between 1 and {n_classes}, got {k}")
 
 
-def load_promoted(params: Params, root: Path = Path()) -> tuple[Version, Any] | None:
-    """The model in prod, loaded from its files at its commit (a LinearHead or a Network);
-    None when no version is assigned to prod (or there is no git repo)."""
-    version = promoted(root, PROD)
-    if version is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        stem = fetch_model(root, params.base.paths, version, Path(tmp))
-        if version.artifact == "finetuned":
-            from tlflow.tasks.lib.network import load_network
-
-            return version, load_network(stem)
-        return version, load_head(stem)
-
-
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -245,19 +178,16 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     if out is not None:
         check_file_path(out, "--out")
     files = image_files(target)
-    served, source = None, None
-    if model == "promoted":
-        served = load_promoted(params)
-        if served is None:
-            _note(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the "
-                  "working tree's probe")
-        source = f"{served[0].label()} in {PROD}" if served else None
-        model = served[0].artifact if served else "probe"
-    if model == "finetuned":
+    served = load_served(params, model)
+    if served is None:
+        _note(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the "
+              "working tree's probe")
+        served = load_served(params, "probe")
+    source = served.source
+    if served.artifact == "finetuned":
         from tlflow.tasks.lib.finetuning import finetuned_probabilities
-        from tlflow.tasks.lib.network import load_network
 
-        net = served[1] if served else load_network(params.base.paths.finetuned)
+        net = served.model
         _check_k(k, len(net.classes))  # before any forward pass
         kept, skipped = readable(files, strict)
         scores = finetuned_probabilities(net, [files[i] for i in kept],
@@ -266,7 +196,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         classes = net.classes
         kind, note = "probability", f"predict: {len(kept)} images, fine-tuned network"
     else:
-        head = served[1] if served else load_head(params.base.paths.head)
+        head = served.model
         _check_k(k, len(head.classes))  # before any forward pass
         found = codes_for(files, head, params, strict)
         kept, skipped = found.kept, found.skipped

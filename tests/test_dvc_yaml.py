@@ -52,6 +52,7 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     assert paths.pop("hash_cache").startswith(".")  # a cache, not versioned data
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     paths.pop("report")  # the HTML report: written by `tlflow run` and `tlflow report`
+    paths.pop("export")  # `tlflow export`'s graphs: remade from a model version, not a stage's
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"], paths["extract_metrics"]},

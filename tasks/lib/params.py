@@ -100,6 +100,7 @@ class Paths(_Section):
     balance: Path  # audit: images per class and split
     audit_metrics: Path  # audit: the counts
     report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
+    export: Path  # tlflow export: <export>/<artifact>.onnx + .json sidecar (a folder)
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:
@@ -118,7 +119,7 @@ class Paths(_Section):
                                  "above it")
             stems = (".safetensors", ".json") if key in _STEMS else ("",)
             files[key] = [resolved.with_name(resolved.name + s) for s in stems]
-            _check_kind(key, value, files[key], folder=key in _FOLDERS)
+            _check_kind(key, value, files[key], folder=key in (*_FOLDERS, "export"))
         seen: dict[Path, str] = {}
         for key, paths in files.items():
             for f in paths:
