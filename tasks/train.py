@@ -23,6 +23,7 @@ from tlflow.tasks.lib.manifest import Row, read_manifest, without
 from tlflow.tasks.lib.params import Params
 from tlflow.tasks.lib.probes import best, layer_table, sweep_in_memory, to_head, val_set_id
 from tlflow.tasks.lib.stream import sweep_stream
+from tlflow.tasks.lib.trust import attach, describe
 
 # what this stage reads besides base.paths (dvc.yaml: params); not train.promote_margin,
 # which only `tlflow promote` reads
@@ -60,7 +61,7 @@ def run(params: Params) -> LinearHead:
     decision, top = choose(params, rows, table, layers)
     meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
             "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows)}
-    head = to_head(refit(top), meta)
+    head = attach(to_head(refit(top), meta), path, rows, cfg, seed)  # calibration, novelty
     save_head(head, paths.head)
     write_probe_report(paths.probe_report, meta, layers, table)
     write_probe_metrics(paths.probe_metrics, meta)
@@ -73,4 +74,5 @@ def run(params: Params) -> LinearHead:
     print(f"train: advice: {decision['size']} and {decision['similarity']} -> "
           f"{decision['plan']}{'' if decision['carried_out'] else ' (advise.strategy: manual)'}",
           flush=True)
+    print(f"train: {describe(head.meta)}", flush=True)
     return head

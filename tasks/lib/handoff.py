@@ -160,7 +160,8 @@ def read_train_choice(path: Path) -> TrainChoice:
 # ---------------------------------------------------------------- evaluate
 
 
-EVAL_KEYS = ("accuracy", "macro_f1", "n")  # per model in metrics/eval.json
+# per model in metrics/eval.json; the expected calibration errors where there are any
+EVAL_KEYS = ("accuracy", "macro_f1", "n", "ece", "ece_calibrated")
 PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model in the per-class CSV
 
 
@@ -168,7 +169,8 @@ def write_eval_metrics(path: Path, scores: dict[str, dict[str, Any]]) -> None:
     """metrics/eval.json: {model: {accuracy, macro_f1, n}} from evaluation.score's results;
     their per-class tables go to write_per_class. The fine-tuned network is scored on the
     probe's test images, so its n is left out (one column fewer in `dvc metrics show`)."""
-    write_json(path, {model: {k: s[k] for k in EVAL_KEYS if model == "probe" or k != "n"}
+    write_json(path, {model: {k: s[k] for k in EVAL_KEYS
+                              if k in s and (model == "probe" or k != "n")}
                       for model, s in scores.items()})
 
 
