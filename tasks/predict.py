@@ -238,9 +238,9 @@ def load_promoted(params: Params, root: Path = Path()) -> tuple[Version, Any] | 
 def assess(scores: np.ndarray, kind: str, meta: dict, min_confidence: float | None,
            head: LinearHead | None, codes: np.ndarray | None):
     """tasks/lib/trust.py's assessment of these scores (probabilities or decision values)."""
-    from tlflow.tasks.lib.trust import assess as trust_assess, logits_for
+    from tlflow.tasks.lib import trust
 
-    return trust_assess(logits_for(scores, kind), meta, kind == "probability",
+    return trust.assess(trust.logits_for(scores, kind), meta, kind == "probability",
                         min_confidence, head, codes)
 
 

@@ -41,8 +41,9 @@ def reference_rows(n: int, cap: int, seed: int) -> np.ndarray:
 
 def kth_distance(reference: np.ndarray, queries: np.ndarray | None, k: int = K) -> np.ndarray:
     """Euclidean distance from each query (M, D) to its k-th nearest reference row (N, D);
-    (M,). Rows as given: `unit` them first for the score of Sun et al. `queries` None scores the reference rows themselves, each without itself (leave
-    one out: NearestNeighbors.kneighbors with no X). k is capped at the rows there are."""
+    (M,). Rows as given (`unit` them first for the score of Sun et al.). `queries` None
+    scores the reference rows themselves, each without itself (leave one out:
+    NearestNeighbors.kneighbors with no X). k is capped at the rows there are."""
     from sklearn.neighbors import NearestNeighbors
 
     ref = np.asarray(reference, dtype=np.float32)

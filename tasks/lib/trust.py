@@ -133,8 +133,8 @@ def describe(meta: dict) -> str:
     cal, nov = meta.get("calibration"), meta.get("novelty")
     a = (f"temperature {cal['temperature']:.3f} (out-of-fold NLL {cal['nll']:.4f} -> "
          f"{cal['nll_calibrated']:.4f}, {cal['folds']} folds)" if cal else "not calibrated")
-    b = (f"novel beyond a distance of {nov['threshold']:.3f} "
-         f"to the {nov['k']}th neighbour ({nov['rate']:.0%} of {nov['threshold_on']}; {nov['reference_rows']} of "
+    b = (f"novel beyond a distance of {nov['threshold']:.3f} to the {nov['k']}th neighbour "
+         f"({nov['rate']:.0%} of {nov['threshold_on']}; {nov['reference_rows']} of "
          f"{nov['train_rows']} train codes kept)" if nov else "no novelty check")
     return f"{a}; {b}"
 
