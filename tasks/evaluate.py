@@ -112,8 +112,9 @@ def run(params: Params) -> dict:
 def _say_calibration(ece: dict, coverage: list[dict]) -> None:
     """The probe's calibration error before and after, and its accuracy-coverage table."""
     if ece:
+        names = {"ece": "as the probe says", "ece_t": "after temperature scaling"}
         print("evaluate: expected calibration error " + ", ".join(
-            f"{k.replace('_', ' ')} {v:.4f}" for k, v in ece.items()), flush=True)
+            f"{v:.4f} {names[k]}" for k, v in ece.items()), flush=True)
     for r in coverage:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         print(f"evaluate: min confidence {r['min_confidence']:g}: keeps {r['kept']} "

@@ -195,7 +195,7 @@ def assess(logits: np.ndarray, meta: dict, probabilities: bool,
 
 def calibration_scores(logits: np.ndarray, y_idx: np.ndarray, meta: dict,
                        probabilities: bool) -> tuple[dict, list[dict]]:
-    """On the test split (logits (N, K), true class indices (N,)): {ece, ece_calibrated}
+    """On the test split (logits (N, K), true class indices (N,)): {ece, ece_t}
     (each only when there are such probabilities) and the accuracy-coverage rows at
     calibration.COVERAGE_AT, from the calibrated confidence (the model's own without a
     temperature)."""
@@ -204,7 +204,7 @@ def calibration_scores(logits: np.ndarray, y_idx: np.ndarray, meta: dict,
         out["ece"] = calibration.expected_calibration_error(calibration.softmax(logits), y_idx)
     t = temperature(meta)
     if t is not None:
-        out["ece_calibrated"] = calibration.expected_calibration_error(
+        out["ece_t"] = calibration.expected_calibration_error(
             calibration.softmax(logits, t), y_idx)
     conf, _ = confidence(logits, meta, probabilities)
     if conf is None:
