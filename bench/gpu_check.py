@@ -281,7 +281,7 @@ def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
     out = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(out):
-        meta = finetune.launch(params, params.finetune, False, choice.pooled_C)
+        meta = finetune.launch(params, params.finetune, choice)
     seconds = time.perf_counter() - t0
     text = out.getvalue()
     backend = {"cuda": "nccl", "cpu": "gloo"}[device.type]

@@ -103,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
                     help="the version in prod (default; the working tree's probe when none "
                          "is), or the working tree's probe or fine-tuned network")
+    ex = sub.add_parser("export", help="write the served model as one ONNX graph (backbone "
+                                       "and head) plus a JSON sidecar; needs tlflow[zoo]",
+                        description="Write the model predict would serve (--model) as one "
+                                    "ONNX graph, backbone and head together: a preprocessed "
+                                    "float32 batch (N, 3, H, W) in, class probabilities out, "
+                                    "in <out>/<artifact>.onnx, and a JSON sidecar beside it "
+                                    "(classes, preprocessing, the model's version and sha256). "
+                                    "Prints the graph's path. Needs pip install 'tlflow[zoo]'.")
+    ex.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
+                    help="the version in prod (default; the working tree's probe when none "
+                         "is), or the working tree's probe or fine-tuned network")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only one)")
+    ex.add_argument("--out", type=Path, help="the folder (default base.paths.export)")
     pm = sub.add_parser("promote", help="register HEAD's model with GTO and assign it to a "
                                         "stage, unless it is worse than the one serving")
     pm.add_argument("--model", choices=("probe", "finetuned"), default="probe",
@@ -118,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "advice, the misclassified test images, near-duplicates "
                                     "across splits and likely label errors. Prints its path.")
     rp.add_argument("--open", action="store_true", help="also open it in the web browser")
+    cp = sub.add_parser("compare", help="the backbones of extract.compare, measured: one "
+                                        "row each, the winner marked (the last run's)")
+    cp.add_argument("--json", action="store_true", help="reports/compare.json as it is")
     a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
     a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
@@ -340,6 +356,27 @@ def cmd_report(open_it: bool) -> int:
     return 0
 
 
+def cmd_compare(as_json: bool) -> int:
+    """Print the last run's comparison of backbones (reports/compare.json): a table on
+    stdout, or the file's JSON; a line saying how to ask for one when none ran."""
+    from tlflow.tasks.lib.compare import format_table
+    from tlflow.tasks.lib.handoff import read_compare_report
+    from tlflow.tasks.lib.params import load_params
+
+    paths = load_params().base.paths
+    warn_if_stale(("ingest", "extract", "train"), "compare")
+    rep = read_compare_report(paths.compare_report)
+    if as_json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    elif not rep["compared"]:
+        print("compare: no comparison ran; list backbones in params.yaml extract.compare, "
+              "e.g. [timm/tf_efficientnet_lite1, timm/tf_efficientnet_lite2], and run "
+              "`tlflow run`", file=sys.stderr)
+    else:
+        print(format_table(rep))
+    return 0
+
+
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store), after
     bringing ingest, extract and train up to date: never the decision for other data."""
@@ -513,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_features(args)
         if args.command == "advise":
             return cmd_advise(args.json)
+        if args.command == "compare":
+            return cmd_compare(args.json)
         if args.command == "report":
             return cmd_report(args.open)
         if args.command == "status":
@@ -529,6 +568,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_deploy(args.pool, args.cron, args.interval, args.name)
         if args.command == "promote":
             return cmd_promote(args.model, args.force, args.stage)
+        if args.command == "export":
+            from tlflow.tasks import export
+            from tlflow.tasks.lib.params import load_params, scoped
+
+            export.check_ready(args.format)
+            if args.model != "promoted":  # as predict: the working tree's model may be stale
+                warn_if_stale(("extract", "train")
+                              + (("finetune",) if args.model == "finetuned" else ()), "export")
+            export.run(scoped(load_params(), export.PARAMS), args.model, args.format, args.out)
+            return 0
         if args.command == "predict":
             from tlflow.tasks import predict
             from tlflow.tasks.lib.params import load_params, scoped

@@ -179,6 +179,21 @@ def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str
     return "# Strategy\n\n" + table(decision) + "\n" + "\n".join(notes), description
 
 
+def compare_rows(paths: Paths) -> list[dict[str, str]]:
+    """The comparison of backbones as table rows (column title -> cell), the winner marked;
+    [] when none ran (reports/compare.json from train)."""
+    from tlflow.tasks.lib.compare import table
+    from tlflow.tasks.lib.handoff import read_compare_report
+
+    if not paths.compare_report.is_file():
+        return []
+    rep = read_compare_report(paths.compare_report)
+    if not rep["compared"]:
+        return []
+    header, rows = table(rep)
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
 def artifact_key(project: str, what: str) -> str:
     """An artifact's key: the project first, e.g. "my-flowers-run-summary" (Prefect's keys are
     lowercase letters, digits and dashes; base.project is one such name)."""
@@ -188,7 +203,7 @@ def artifact_key(project: str, what: str) -> str:
 def publish_summary(project: str, paths: Paths, before: Snapshot, results: list,
                     failed: str | None = None) -> None:
     """Create the run's artifacts, each keyed by the project (`artifact_key`): summary,
-    per-class table, confusion matrix, misclassified images, advice."""
+    per-class table, confusion matrix, misclassified images, the backbones compared, advice."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     after = Snapshot.take(paths)
@@ -212,6 +227,12 @@ def publish_summary(project: str, paths: Paths, before: Snapshot, results: list,
     if wrong:
         create_table_artifact(table=wrong, key=artifact_key(project, "misclassified"),
                               description=f"Misclassified test images, hardest first: {head}")
+    compared = compare_rows(paths)
+    if compared:
+        create_table_artifact(table=compared, key=artifact_key(project, "compare"),
+                              description="Backbones compared on the same images (extract."
+                                          "compare); * serves: the best on val, ties within "
+                                          "one standard error to the cheaper")
     if paths.strategy.is_file():
         from tlflow.tasks.lib.handoff import read_strategy
 

@@ -7,21 +7,23 @@ from __future__ import annotations
 from typing import Any
 
 from tlflow.tasks.lib import advice
-from tlflow.tasks.lib.handoff import current_store, read_extract_report, read_probe_report
+from tlflow.tasks.lib.handoff import chosen_store, read_extract_report, read_probe_report
 from tlflow.tasks.lib.manifest import read_manifest, without
 from tlflow.tasks.lib.params import Params
 
 PARAMS = ("base.seed", "extract.backbone", "extract.weights", "advise")
 
 
-def _classifier(params: Params) -> advice.Classifier | None:
-    """The backbone's own ImageNet classifier (None when its weights are random)."""
-    ext = params.extract
-    if ext.weights == "none":
+def _classifier(params: Params, best: dict[str, Any]) -> advice.Classifier | None:
+    """The ImageNet classifier of the backbone the probe was trained on (extract.compare's
+    winner; extract.backbone for a probe from before it); None when its weights are random."""
+    name = best.get("backbone", params.extract.backbone)
+    weights = best.get("weights", params.extract.weights)
+    if weights == "none":
         return None
     from tlflow.tasks.lib.backbones import create_backbone
 
-    clf = create_backbone(ext.backbone, ext.weights, None, params.base.seed).classifier
+    clf = create_backbone(name, weights, None, params.base.seed).classifier
     return clf.weight.detach().numpy(), clf.bias.detach().numpy()
 
 
@@ -29,7 +31,8 @@ def run(params: Params) -> dict[str, Any]:
     """The decision as JSON (size, similarity, plan, evidence)."""
     paths = params.base.paths
     rows = without(read_manifest(paths.manifest), read_extract_report(paths.extract_report).bad)
-    layers = read_probe_report(paths.probe_report)["layers"]
-    decision = advice.measure(current_store(paths.features), rows, layers, params.advise,
-                              params.base.seed, _classifier(params))
+    probe = read_probe_report(paths.probe_report)
+    store = chosen_store(paths.features, probe["best"]["extractor_id"], paths.probe_report)
+    decision = advice.measure(store, rows, probe["layers"], params.advise,
+                              params.base.seed, _classifier(params, probe["best"]))
     return decision.as_json()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tlflow.tasks.lib import audit
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.handoff import (
-    current_store,
+    chosen_store,
     read_extract_report,
     read_probe_report,
     write_audit,
@@ -34,7 +34,7 @@ def run(params: Params) -> dict[str, int]:
     rows = without(all_rows, read_extract_report(paths.extract_report).bad)
     best = read_probe_report(paths.probe_report)["best"]
     fit_rows = [r for r in rows if r.split in ("train", "val")]
-    path = current_store(paths.features)
+    path = chosen_store(paths.features, best["extractor_id"], paths.probe_report)
     with FeatureStore(path) as store:
         dup_layer = DUPLICATE_LAYER if DUPLICATE_LAYER in store.layers else best["layer"]
         keys = sorted({r.sha256 for r in rows})

@@ -19,7 +19,7 @@ from tlflow.tasks.lib.evaluation import (
 )
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.handoff import (
-    current_store,
+    chosen_store,
     read_extract_report,
     write_eval_metrics,
     write_per_class,
@@ -61,8 +61,8 @@ def run(params: Params) -> dict:
     test = [r for r in rows if r.split == "test" and r.sha256 not in bad]
     if not test:
         raise TlflowError("evaluate: the test split is empty; set ingest.test_fraction above 0")
-    path = current_store(paths.features)
-    head = load_head(paths.head, extractor_id=path.stem)
+    head = load_head(paths.head)
+    path = chosen_store(paths.features, head.meta["extractor_id"], paths.head)
     with FeatureStore(path) as store:
         codes = store.read(head.meta["layer"], [r.sha256 for r in test])
     kind = "probability" if head.has_probabilities else "decision"

@@ -11,12 +11,15 @@ the extract report lists how many codes were computed and which images could not
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tlflow.tasks.lib import ownership
 from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.compare import candidate_specs, cost
 from tlflow.tasks.lib.device import resolve_device
 from tlflow.tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
 from tlflow.tasks.lib.featurestore import (
@@ -27,6 +30,7 @@ from tlflow.tasks.lib.featurestore import (
     writer_lock,
 )
 from tlflow.tasks.lib.handoff import (
+    Candidate,
     ExtractReport,
     write_extract_metrics,
     write_extract_report,
@@ -54,24 +58,34 @@ def each_file(bad: list[dict[str, str]], rows: list[Row]) -> list[dict[str, str]
     return out
 
 
-def run(params: Params) -> Path:
-    """Compute the codes the store lacks; point `current.json` at the store; write the report."""
+@dataclass(frozen=True)
+class Extracted:
+    """One backbone's store after extract: where, what describes it, what was unreadable."""
+
+    path: Path
+    extractor: dict
+    candidate: Candidate
+    bad: list[dict[str, str]]
+    size_why: str
+
+
+def extract_one(params: Params, rows: list[Row], device: torch.device, name: str,
+                weights: str, comparing: bool) -> Extracted:
+    """Compute the codes one backbone's store lacks (resumable, batch by batch) and record
+    the throughput; with `comparing`, also count its GFLOPs and parameters."""
     cfg, paths = params.extract, params.base.paths
-    rows = read_manifest(paths.manifest)
-    device = resolve_device(cfg.device)
-    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
+    backbone = create_backbone(name, weights, None, params.base.seed)
     train = sorted((r for r in rows if r.split == "train"), key=lambda r: r.sha256)
     size, why = input_size_for(cfg.image_size, backbone.input_size,
                                [paths.images / r.relpath for r in train[:SIZE_SAMPLE]])
     backbone.resize(size)
-    print(f"extract: input size {size} px ({why})", flush=True)
+    print(f"extract: {backbone.name}: input size {size} px ({why})", flush=True)
     extractor = describe_extractor(backbone.identity(), cfg, device)
     ext_id = extractor_id(extractor)
     model = CodeExtractor(backbone, cfg.layers)
     dims = model.dims(size)
+    gflops, n_params = cost(backbone) if comparing else (None, None)
     path = store_path(paths.features, ext_id)
-    ownership.check_outputs("extract", paths)  # as ingest: marked before anything is written,
-    ownership.mark("features", paths.features)  # so a killed run's shard files stay ours
     with writer_lock(path, cfg.lock_timeout), \
             FeatureStore.create(path, extractor, dims, cfg.dtype) as store:
         store.check_whole()  # a damaged store is never a cache (Fletcher-32 on chunks)
@@ -83,21 +97,42 @@ def run(params: Params) -> Path:
         n_images = len({r.sha256 for r in rows})  # a duplicate's code is computed once
         print(f"extract: {ext_id} ({backbone.name}) on {device}, {len(todo)} of {n_images} "
               f"images to compute ({len(rows)} files: a copy is computed once)", flush=True)
-        bad = []
+        bad, start = [], time.perf_counter()
         if todo and cfg.executor == "dask":
-            job = ShardJob(ext_id, cfg, params.base.seed, size, library_versions(), (), (), "")
+            one = cfg.model_copy(update={"backbone": name, "weights": weights})
+            job = ShardJob(ext_id, one, params.base.seed, size, library_versions(), (), (), "")
             bad = extract_on_dask(store, todo, paths.images, job)
         elif todo:
             model = model.to(device, memory_format=torch.channels_last)
             loader = make_loader([paths.images / r.relpath for r in todo], backbone, cfg, device)
             bad = fill(store, model, todo, iter(loader), cfg, device)
+        unread = len({b["sha256"] for b in bad})
+        store.record_throughput(len(todo) - unread, time.perf_counter() - start)
         clean_folder(path)
-    bad = each_file(bad, rows)
-    report = ExtractReport(ext_id, len(rows), tuple(bad), size, why)  # files, not hashes
+    print(f"extract: {len(todo) - unread} computed, {n_images - len(todo)} cached, "
+          f"{len(bad)} image(s) skipped -> {path}", flush=True)
+    candidate = Candidate(name, weights, ext_id, size, dims, gflops, n_params)
+    return Extracted(path, extractor, candidate, bad, why)
+
+
+def run(params: Params) -> Path:
+    """Compute the codes each candidate's store lacks (extract.backbone, then extract.compare);
+    point `current.json` at extract.backbone's store, listing every candidate; write the
+    report."""
+    cfg, paths = params.extract, params.base.paths
+    rows = read_manifest(paths.manifest)
+    device = resolve_device(cfg.device)
+    ownership.check_outputs("extract", paths)  # as ingest: marked before anything is written,
+    ownership.mark("features", paths.features)  # so a killed run's shard files stay ours
+    specs = candidate_specs(cfg)
+    done = [extract_one(params, rows, device, name, weights, len(specs) > 1)
+            for name, weights in specs]
+    main = done[0]
+    unreadable = {b["sha256"]: b for d in done for b in d.bad}  # the same files for each
+    bad = each_file(list(unreadable.values()), rows)
+    report = ExtractReport(main.candidate.extractor_id, len(rows), tuple(bad),
+                           main.candidate.input_size, main.size_why)  # files, not hashes
     write_extract_report(paths.extract_report, report)
     write_extract_metrics(paths.extract_metrics, report)
-    unread = len({b["sha256"] for b in bad})
-    print(f"extract: {len(todo) - unread} computed, {n_images - len(todo)} cached, "
-          f"{len(bad)} file(s) skipped -> {path}", flush=True)
-    write_pointer(paths.features, path, extractor)
-    return path
+    write_pointer(paths.features, main.path, main.extractor, tuple(d.candidate for d in done))
+    return main.path

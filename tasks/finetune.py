@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ from tlflow.tasks.lib.handoff import TrainChoice, read_train_choice
 from tlflow.tasks.lib.params import Finetune, Params, parse_params, scoped
 
 # what this stage reads besides base.paths (dvc.yaml: params)
-# (the input size comes from the current store: extract resolved extract.image_size)
-PARAMS = ("base.seed", "extract.backbone", "extract.weights", "train.max_iter",
-          "train.class_weight", "finetune", "advise.strategy")
+# (the backbone, its weights and the input size come from train's choice: extract.compare's
+# winner, at the size extract resolved extract.image_size to)
+PARAMS = ("base.seed", "train.max_iter", "train.class_weight", "finetune", "advise.strategy")
 
 
 def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, str]:
@@ -50,7 +51,7 @@ def run(params: Params) -> dict | None:
     choice = read_train_choice(paths.train_choice)
     cfg, then_all, why = plan(params, choice)
     if cfg is not None and torchrun.world_size(cfg) > 1:  # the ranks import torch, not this
-        return launch(params, cfg, then_all, choice.pooled_C)
+        return launch(params, cfg, choice, then_all)
     from tlflow.tasks.lib.finetuning import fine_tune, write_curve
     from tlflow.tasks.lib.network import save_disabled
 
@@ -59,7 +60,7 @@ def run(params: Params) -> dict | None:
         write_curve(paths.finetune_curve, [])
         print(f"finetune: off ({why})", flush=True)
         return None
-    return fine_tune(params, cfg, then_all, choice.pooled_C)
+    return fine_tune(params, cfg, choice, then_all)
 
 
 def _declared(params: Params) -> dict[str, Any]:
@@ -76,12 +77,12 @@ def _declared(params: Params) -> dict[str, Any]:
     return raw
 
 
-def launch(params: Params, cfg: Finetune, then_all: bool = False,
-           pooled_C: float | None = None) -> dict | None:
+def launch(params: Params, cfg: Finetune, choice: TrainChoice,
+           then_all: bool = False) -> dict | None:
     """Fine-tune under torchrun (DDP) on world_size(cfg) processes, even one; rank 0's
     sidecar values (None when rank 0 ran on another machine, which holds the outputs)."""
     job = {"params": _declared(params), "finetune": cfg.model_dump(mode="json"),
-           "then_all": then_all, "pooled_C": pooled_C}
+           "then_all": then_all, "choice": asdict(choice)}
     # the rendezvous id: the same on every machine that runs the same job
     run_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     result = torchrun.launch(__spec__.name if __spec__ else "tlflow.tasks.finetune", job, cfg,
@@ -99,7 +100,7 @@ def _worker(job: dict[str, Any]) -> dict:
     params = scoped(parse_params(job["params"], "the finetune job"), PARAMS)
     cfg = Finetune.model_validate(job["finetune"])
     distributed.start(cfg.device)
-    return fine_tune(params, cfg, job["then_all"], job["pooled_C"])
+    return fine_tune(params, cfg, TrainChoice(**job["choice"]), job["then_all"])
 
 
 if __name__ == "__main__":  # a rank, started by torchrun (see launch)

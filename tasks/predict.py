@@ -1,9 +1,10 @@
 """Predict: labels for new images with the model in prod (GTO), or the working tree's probe
 (codes in the store are reused) or fine-tuned network.
 
-Read-only: it never writes to the feature store (a DVC output), and it refuses to run when the
-current store or params describe another extractor than the one the head was trained on. The
-promoted model's files are read at its commit through dvc.api (safetensors and JSON only).
+Read-only: it never writes to the feature store (a DVC output). Codes come from the backbone
+the head names (extract.compare's winner) and, where they must be computed, it refuses to run
+when params describe another extractor (layers, storage dtype) than the head was trained on.
+The promoted model's files are read at its commit through dvc.api (safetensors and JSON only).
 
 The predictions are data: CSV on stdout (the same rows `--out` writes). Everything else (the
 summary line, notes, the progress of computing codes, the images skipped) goes to stderr.
@@ -14,23 +15,20 @@ from __future__ import annotations
 
 import csv
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO
 
 import numpy as np
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import atomic_path, check_file_path, sha256_file
-from tlflow.tasks.lib.head import LinearHead, load_head, tensors_path
+from tlflow.tasks.lib.head import LinearHead
 from tlflow.tasks.lib.imagefiles import image_files
 from tlflow.tasks.lib.images import read_image
-from tlflow.tasks.lib.params import Extract, Params
-from tlflow.tasks.lib.registry import PROD, Version, fetch_model, promoted
-
-if TYPE_CHECKING:
-    import torch
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.registry import PROD
+from tlflow.tasks.lib.serving import load_served
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -77,26 +75,23 @@ class Codes:
 
 
 def codes_for(files: list[Path], head: LinearHead, params: Params,
-              source: str | None = None, strict: bool = False) -> Codes:
-    """Codes of the head's layer: from the store where present, else one forward pass each
-    (unreadable files skipped, or an error with `strict`). The current store must hold the
-    head's extractor's codes (`source` names the head)."""
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import current_store
+              strict: bool = False) -> Codes:
+    """Codes of the head's layer: from the store of the head's own extractor where it holds
+    them (content-addressed: the same image bytes, the same codes), else one forward pass each
+    with the backbone the head names (unreadable files skipped, or an error with
+    `strict`)."""
+    from tlflow.tasks.lib.featurestore import FeatureStore, store_path
 
     keys = [sha256_file(f) for f in files]
     layer = head.meta["layer"]
-    path = current_store(params.base.paths.features)
-    if path.stem != head.meta.get("extractor_id"):
-        raise TlflowError(
-            f"{source or tensors_path(params.base.paths.head)}: trained on codes of extractor "
-            f"{head.meta.get('extractor_id')}, the current store is {path}; rerun `tlflow run` "
-            "(and `tlflow promote`), or pick --model probe"
-        )
-    with FeatureStore(path) as store:
-        have = set(store.keys())
-        cached = [k for k in keys if k in have]
-        stored = dict(zip(cached, store.read(layer, cached), strict=True)) if cached else {}
+    path = store_path(params.base.paths.features, head.meta.get("extractor_id", "-"))
+    stored: dict[str, np.ndarray] = {}
+    if path.is_file():  # the store of the head's own extractor: its codes are reused
+        with FeatureStore(path) as store:
+            have = set(store.keys())
+            cached = [k for k in keys if k in have]
+            if cached and layer in store.layers:
+                stored = dict(zip(cached, store.read(layer, cached), strict=True))
     todo = [i for i, k in enumerate(keys) if k not in stored]
     fresh, skipped = {}, []
     if todo:
@@ -114,28 +109,14 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     extract's loader: {index: code} of the readable files, and the unreadable ones."""
     import torch
 
-    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.backbones import CodeExtractor
     from tlflow.tasks.lib.device import resolve_device
-    from tlflow.tasks.lib.extraction import close, describe_extractor, encode, make_loader
-    from tlflow.tasks.lib.featurestore import extractor_id
+    from tlflow.tasks.lib.extraction import close, encode, make_loader
     from tlflow.tasks.lib.progress import Progress
+    from tlflow.tasks.lib.serving import served_backbone
 
-    cfg = params.extract
-    device = resolve_device(cfg.device)
-    backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
-    if cfg.image_size == "auto":  # as extract resolved it for the current store
-        from tlflow.tasks.lib.handoff import current_input_size
-
-        backbone.resize(current_input_size(params.base.paths.features))
-    elif cfg.image_size is not None:
-        backbone.resize(cfg.image_size)
-    cfg = _served_extractor(cfg, backbone.identity(), device, head.meta["extractor_id"])
-    ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
-    if ext_id != head.meta["extractor_id"]:
-        raise TlflowError(
-            f"params.yaml: extract describes extractor {ext_id} on {device}, the head was "
-            f"trained on {head.meta['extractor_id']}; run `tlflow run` first"
-        )
+    device = resolve_device(params.extract.device)
+    backbone, cfg = served_backbone(head, params, device)
     model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
     codes, skipped = {}, []
     progress = Progress("predict: computing codes", len(files))
@@ -155,24 +136,6 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
         close(batches)
         progress.close()
     return codes, skipped
-
-
-def _served_extractor(cfg: Extract, identity: dict, device: torch.device,
-                      served: str) -> Extract:
-    """extract's params with the precision and decoding the served head's codes were
-    computed with (its extractor id says which): a head trained on bf16 codes (a CPU with
-    AMX, say) computes bf16 codes here too, emulated where this CPU lacks it, and a head from
-    before `extract.decode` decodes every pixel, rather than codes of another extractor.
-    Unchanged when no combination gives the head's id."""
-    from tlflow.tasks.lib.extraction import describe_extractor
-    from tlflow.tasks.lib.featurestore import extractor_id
-
-    for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
-        for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
-            trial = cfg.model_copy(update={"precision": precision, "decode": decode})
-            if extractor_id(describe_extractor(identity, trial, device)) == served:
-                return trial
-    return cfg
 
 
 def readable(files: list[Path], strict: bool = False) -> tuple[list[int], list[str]]:
@@ -218,21 +181,6 @@ def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
 def _check_k(k: int, n_classes: int) -> None:
     if not 1 <= k <= n_classes:
         raise TlflowError(f"--top-k: must be between 1 and {n_classes}, got {k}")
-
-
-def load_promoted(params: Params, root: Path = Path()) -> tuple[Version, Any] | None:
-    """The model in prod, loaded from its files at its commit (a LinearHead or a Network);
-    None when no version is assigned to prod (or there is no git repo)."""
-    version = promoted(root, PROD)
-    if version is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        stem = fetch_model(root, params.base.paths, version, Path(tmp))
-        if version.artifact == "finetuned":
-            from tlflow.tasks.lib.network import load_network
-
-            return version, load_network(stem)
-        return version, load_head(stem)
 
 
 def assess(scores: np.ndarray, kind: str, meta: dict, min_confidence: float | None,
@@ -285,19 +233,16 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     elif not 0 < min_confidence <= 1:
         raise TlflowError(f"--min-confidence: must be in (0, 1], got {min_confidence:g}")
     files = image_files(target)
-    served, source = None, None
-    if model == "promoted":
-        served = load_promoted(params)
-        if served is None:
-            _note(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the "
-                  "working tree's probe")
-        source = f"{served[0].label()} in {PROD}" if served else None
-        model = served[0].artifact if served else "probe"
-    if model == "finetuned":
+    served = load_served(params, model)
+    if served is None:
+        _note(f"predict: no model is assigned to {PROD} (`tlflow promote`); using the "
+              "working tree's probe")
+        served = load_served(params, "probe")
+    source = served.source
+    if served.artifact == "finetuned":
         from tlflow.tasks.lib.finetuning import finetuned_probabilities
-        from tlflow.tasks.lib.network import load_network
 
-        net = served[1] if served else load_network(params.base.paths.finetuned)
+        net = served.model
         _check_k(k, len(net.classes))  # before any forward pass
         kept, skipped = readable(files, strict)
         scores = finetuned_probabilities(net, [files[i] for i in kept],
@@ -307,9 +252,9 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         kind, note = "probability", f"predict: {len(kept)} images, fine-tuned network"
         meta, head, codes = {}, None, None  # no temperature or novelty reference (yet)
     else:
-        head = served[1] if served else load_head(params.base.paths.head)
+        head = served.model
         _check_k(k, len(head.classes))  # before any forward pass
-        found = codes_for(files, head, params, source, strict)
+        found = codes_for(files, head, params, strict)
         kept, skipped = found.kept, found.skipped
         scores = head_scores(head, found.codes) if kept else None
         classes = head.classes
@@ -332,7 +277,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     _note(note + (f" ({source})" if source else ""))
     if kind == "decision":
         _note("predict: the scores are the linear SVM's decision values, not probabilities")
-    for line in trust_notes(seen, min_confidence, model == "finetuned"):
+    for line in trust_notes(seen, min_confidence, served.artifact == "finetuned"):
         _note(f"predict: {line}")
     if out is not None:
         write_predictions(out, preds, kind)

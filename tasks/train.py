@@ -7,12 +7,18 @@ byte, whatever was there before. Which model serves is decided later, by `tlflow
 
 from __future__ import annotations
 
-from tlflow.tasks.lib import advice
+from pathlib import Path
+
+import numpy as np
+
+from tlflow.tasks.lib import advice, compare
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.handoff import (
+    Candidate,
     TrainChoice,
-    current_store,
+    read_candidates,
     read_extract_report,
+    write_compare_report,
     write_probe_metrics,
     write_probe_report,
     write_strategy,
@@ -21,7 +27,15 @@ from tlflow.tasks.lib.handoff import (
 from tlflow.tasks.lib.head import LinearHead, save_head
 from tlflow.tasks.lib.manifest import Row, read_manifest, without
 from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.probes import best, layer_table, sweep_in_memory, to_head, val_set_id
+from tlflow.tasks.lib.params import Train as TrainCfg
+from tlflow.tasks.lib.probes import (
+    Refit,
+    best,
+    layer_table,
+    sweep_in_memory,
+    to_head,
+    val_set_id,
+)
 from tlflow.tasks.lib.stream import sweep_stream
 from tlflow.tasks.lib.trust import attach, describe
 
@@ -32,12 +46,11 @@ PARAMS = ("base.seed", "train.classifier", "train.C_grid", "train.max_iter", "tr
           "advise")
 
 
-def choose(params: Params, rows: list[Row], table: list[dict],
+def choose(params: Params, store: Path, rows: list[Row], table: list[dict],
            layers: list[dict]) -> tuple[dict, dict]:
     """The advice (always measured and written) and the sweep row the probe is refit from:
     the best overall, or under advise.strategy the plan's layer (pooled or an earlier one).
     `layers` is layer_table(table)."""
-    store = current_store(params.base.paths.features)
     decision = advice.measure(store, rows, layers, params.advise, params.base.seed)
     carried_out = params.advise.strategy != "manual"
     layer = advice.layer_for(decision, layers) if carried_out else None
@@ -45,30 +58,68 @@ def choose(params: Params, rows: list[Row], table: list[dict],
     return {**decision.as_json(), "carried_out": carried_out}, top
 
 
-def run(params: Params) -> LinearHead:
-    """Sweep layers and C on val, refit the chosen one on train + val; save the head, the
-    sweep table, the advice, and what fine-tuning takes from them."""
-    cfg, paths, seed = params.train, params.base.paths, params.base.seed
-    rows = without(read_manifest(paths.manifest), read_extract_report(paths.extract_report).bad)
-    path = current_store(paths.features)
+def sweep_store(path: Path, rows: list[Row], cfg: TrainCfg, seed: int) -> tuple[list, Refit]:
+    """The sweep of layers and C on one store's codes, and its refit on train + val."""
     if cfg.classifier == "sgd":
         with FeatureStore(path) as store:
             dims = store.layers
-        table, refit = sweep_stream(path, rows, dims, cfg, seed)
-    else:
-        table, refit = sweep_in_memory(path, rows, cfg, seed)
+        return sweep_stream(path, rows, dims, cfg, seed)
+    return sweep_in_memory(path, rows, cfg, seed)
+
+
+def measure(c: Candidate, path: Path, rows: list[Row], table: list[dict],
+            refit: Refit) -> compare.Result:
+    """One candidate's row of the comparison: its best (layer, C) on val, refit on train +
+    val and scored on test (reported, never used to choose), and its costs."""
+    top = best(table)
+    head = to_head(refit(top), {"layer": top["layer"], "extractor_id": c.extractor_id})
+    test = [r for r in rows if r.split == "test"]
+    with FeatureStore(path) as store:
+        speed, size = store.images_per_second, store.size_bytes() / 1e6
+        x = store.read(top["layer"], [r.sha256 for r in test]) if test else None
+    accuracy = float(np.mean(head.predict(x) == np.array([r.label for r in test]))) \
+        if test else None
+    return compare.Result(
+        c.backbone, c.extractor_id, c.input_size, c.dims[top["layer"]], top["layer"],
+        top["C"], top["val_accuracy"], sum(r.split == "val" for r in rows), accuracy,
+        speed, c.gflops, c.parameters, size)
+
+
+def run(params: Params) -> LinearHead:
+    """Sweep layers and C on val, refit the chosen one on train + val; save the head, the
+    sweep table, the advice, and what fine-tuning takes from them. With extract.compare, the
+    same sweep on each candidate backbone's codes first, and the winner's probe is saved
+    (tasks/lib/compare.py: the rule)."""
+    cfg, paths, seed = params.train, params.base.paths, params.base.seed
+    rows = without(read_manifest(paths.manifest), read_extract_report(paths.extract_report).bad)
+    candidates = read_candidates(paths.features)
+    stores = [c.store(paths.features) for c in candidates]
+    sweeps = [sweep_store(p, rows, cfg, seed) for p in stores]
+    winner, compared = 0, {"compared": False}
+    if len(candidates) > 1:
+        results = [measure(c, p, rows, *sw) for c, p, sw in zip(candidates, stores, sweeps,
+                                                                   strict=True)]
+        winner = compare.pick(results)
+        compared = compare.report(results, winner)
+        print(compare.format_table(compared), flush=True)
+    chosen, path = candidates[winner], stores[winner]
+    table, refit = sweeps[winner]
     layers = layer_table(table)
-    decision, top = choose(params, rows, table, layers)
+    decision, top = choose(params, path, rows, table, layers)
     meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
-            "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows)}
+            "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows),
+            "backbone": chosen.backbone, "weights": chosen.weights,
+            "input_size": chosen.input_size}
     head = attach(to_head(refit(top), meta), path, rows, cfg, seed)  # calibration, novelty
     save_head(head, paths.head)
     write_probe_report(paths.probe_report, meta, layers, table)
-    write_probe_metrics(paths.probe_metrics, meta)
+    write_probe_metrics(paths.probe_metrics, meta, compared)
+    write_compare_report(paths.compare_report, compared)
     write_strategy(paths.strategy, decision)
     pooled_C = next((r["C"] for r in layers if r["layer"] == advice.POOLED), None)
     write_train_choice(paths.train_choice, TrainChoice(
-        pooled_C, decision["plan"] if decision["carried_out"] else None))
+        pooled_C, decision["plan"] if decision["carried_out"] else None, chosen.backbone,
+        chosen.weights, chosen.extractor_id, chosen.input_size))
     print(f"train: layer {top['layer']} (C={top['C']:g}), val accuracy "
           f"{top['val_accuracy']:.4f} -> {paths.head}", flush=True)
     print(f"train: advice: {decision['size']} and {decision['similarity']} -> "

@@ -52,11 +52,13 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     assert paths.pop("hash_cache").startswith(".")  # a cache, not versioned data
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     paths.pop("report")  # the HTML report: written by `tlflow run` and `tlflow report`
+    paths.pop("export")  # `tlflow export`'s graphs: remade from a model version, not a stage's
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"], paths["extract_metrics"]},
         "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"],
-                  paths["probe_report"], paths["strategy"], paths["train_choice"]},
+                  paths["probe_report"], paths["strategy"], paths["train_choice"],
+                  paths["compare_report"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
         "evaluate": {paths["eval_metrics"], paths["per_class"], paths["confusion"],
                      paths["confusion_png"], paths["confusion_finetune"], paths["predictions"],

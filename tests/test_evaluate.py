@@ -55,7 +55,7 @@ def test_evaluate_refuses_a_head_of_another_extractor(trained):
     meta = trained.base.paths.head.parent / "head.json"
     data = json.loads(meta.read_text())
     meta.write_text(json.dumps({**data, "extractor_id": "0000"}))
-    with pytest.raises(TlflowError, match="trained on codes of extractor 0000"):
+    with pytest.raises(TlflowError, match="names the codes of extractor 0000, which"):
         evaluate.run(trained)
 
 

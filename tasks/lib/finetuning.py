@@ -45,7 +45,7 @@ from tlflow.tasks.lib.device import autocast, resolve_device, resolve_workers, s
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.files import atomic_path, sha256_file
-from tlflow.tasks.lib.handoff import current_input_size, current_store, read_extract_report
+from tlflow.tasks.lib.handoff import TrainChoice, chosen_store, read_extract_report
 from tlflow.tasks.lib.head import LinearHead
 from tlflow.tasks.lib.images import read_image
 from tlflow.tasks.lib.manifest import Row, of_split, read_manifest, without
@@ -307,7 +307,7 @@ def _optimizer_and_schedule(net: Network, cfg: Finetune, steps_per_epoch: int
 # ---------------------------------------------------------------- the probe as a start
 
 
-def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> LinearHead:
+def probe_for_init(params: Params, train_rows: list[Row], choice: TrainChoice) -> LinearHead:
     """The head's start: a logistic probe on the store's pooled codes of the train split only,
     at the C the sweep chose for pooled (train.C_grid on val; 1.0 when it was not swept).
 
@@ -315,13 +315,14 @@ def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> Li
     scores them near 1.0 from step 0, and val could no longer tell epochs apart."""
     from tlflow.tasks.lib.probes import make_probe, to_head  # scikit-learn: only for this start
 
-    store = current_store(params.base.paths.features)
+    paths = params.base.paths
+    store = chosen_store(paths.features, choice.extractor_id, paths.train_choice)
     with FeatureStore(store) as s:
         if POOLED not in s.layers:
             raise TlflowError("finetune.init_head: probe needs pooled codes in the store "
                               "(add pooled to extract.layers) or init_head: random")
         x = s.read(POOLED, [r.sha256 for r in train_rows])
-    C = 1.0 if C is None else C
+    C = 1.0 if choice.pooled_C is None else choice.pooled_C
     cfg = Train(classifier="logistic", C_grid=(C,), max_iter=params.train.max_iter,
                 normalize="standardize", class_weight=params.train.class_weight)
     probe = make_probe(C, cfg, params.base.seed)
@@ -335,15 +336,15 @@ def probe_for_init(params: Params, train_rows: list[Row], C: float | None) -> Li
 
 
 def _fingerprint(params: Params, cfg: Finetune, manifest: Path, skipped: list[str],
-                 pooled_C: float | None, image_size: int) -> str:
+                 choice: TrainChoice, image_size: int) -> str:
     """What a checkpoint must share with this run to be resumed by it: params, data, the
-    head's start, and the code of the fine-tune stage (its derived code deps)."""
-    ext = params.extract
+    backbone and the head's start, and the code of the fine-tune stage (its derived code
+    deps)."""
     blob = json.dumps({  # where the machines meet changes nothing of the result
         "finetune": cfg.model_dump(mode="json", exclude={"rdzv_endpoint"}),
         "seed": params.base.seed,
-        "backbone": ext.backbone, "weights": ext.weights, "image_size": image_size,
-        "manifest": sha256_file(manifest), "skipped": skipped, "pooled_C": pooled_C,
+        "backbone": choice.backbone, "weights": choice.weights, "image_size": image_size,
+        "manifest": sha256_file(manifest), "skipped": skipped, "pooled_C": choice.pooled_C,
         "max_iter": params.train.max_iter, "class_weight": params.train.class_weight,
         "code": code_hash("finetune"),
     }, sort_keys=True)
@@ -467,13 +468,13 @@ def run_phase(net: Network, phase: Phase, train_ds: Images, val_ds: Images, seed
     return state
 
 
-def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = False,
-              pooled_C: float | None = None) -> dict:
+def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
+              then_all: bool = False) -> dict:
     """Fine-tune (cfg, default params.finetune), resuming matching checkpoints; with then_all,
     a second phase trains everything from the first's best weights, kept only if val
-    improves. The head starts from a train-split probe at `pooled_C`. Saves the best-on-val
-    network, its sidecar and the learning curve (rank 0, under torchrun)."""
-    cfg = cfg or params.finetune
+    improves. The backbone is train's choice (extract.compare's winner), its head starts
+    from a train-split probe at the choice's pooled C. Saves the best-on-val network, its
+    sidecar and the learning curve (rank 0, under torchrun)."""
     paths, seed = params.base.paths, params.base.seed
     main = distributed.current().main
     bad = read_extract_report(paths.extract_report).bad
@@ -483,18 +484,17 @@ def fine_tune(params: Params, cfg: Finetune | None = None, then_all: bool = Fals
         raise TlflowError("finetune: the val split is empty; early stopping and the best "
                           "epoch need one (set ingest.val_fraction above 0)")
     classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
-    image_size = cfg.image_size or current_input_size(paths.features)
+    image_size = cfg.image_size or choice.input_size
     device = distributed.device_for(cfg.device)
 
-    net = build(params.extract.backbone, params.extract.weights, image_size, seed, classes)
+    net = build(choice.backbone, choice.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
-        init_from_probe(net, probe_for_init(params, train_rows, pooled_C))
+        init_from_probe(net, probe_for_init(params, train_rows, choice))
     net.model.to(device, memory_format=torch.channels_last)
     train_ds = Images(train_rows, paths.images, classes, net.backbone.transform(),
                       train_augment(net, cfg), seed)
     val_ds = Images(val_rows, paths.images, classes, net.backbone.transform())
-    fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), pooled_C,
-                               image_size)
+    fingerprint = _fingerprint(params, cfg, paths.manifest, sorted(bad), choice, image_size)
     ckpt = paths.finetune_checkpoints
     first = run_phase(net, Phase(cfg, ckpt, fingerprint), train_ds, val_ds, seed, device)
     final, curve, phases = first, first["curve"], [cfg.trainable]

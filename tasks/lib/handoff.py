@@ -2,9 +2,10 @@
 
 | file (base.paths)            | written by | read by                               |
 |------------------------------|------------|---------------------------------------|
-| <features>/current.json      | extract    | train, finetune, evaluate, predict    |
+| <features>/current.json      | extract    | train (the candidates), predict       |
 | extract_report               | extract    | train, finetune, evaluate             |
-| probe_report                 | train      | advise, the run summary               |
+| probe_report                 | train      | advise, audit, the run summary        |
+| compare_report               | train      | tlflow compare, the reports           |
 | strategy                     | train      | advise, the run summary               |
 | train_choice                 | train      | finetune (only the values it uses)    |
 | eval_metrics                 | evaluate   | the run summary, history              |
@@ -56,16 +57,60 @@ def _parse(text: str | bytes, path: Path, stage: str, keys: tuple[str, ...]) -> 
 # ---------------------------------------------------------------- extract
 
 
-def write_pointer(features_dir: Path, store: Path, extractor: dict[str, Any]) -> None:
-    """Point the stages downstream at the store the current params select."""
+@dataclass(frozen=True)
+class Candidate:
+    """One backbone extract computed codes with (extract.backbone, then extract.compare):
+    what builds it again, its store, and what it costs. Train fits the same probe on each
+    candidate's store and the best on val serves (tasks/lib/compare.py)."""
+
+    backbone: str  # <source>/<model>
+    weights: str  # as extract.weights: packaged | imagenet | none | a file
+    extractor_id: str  # its store is <features>/<extractor_id>.h5
+    input_size: int  # pixels, as extract resolved extract.image_size for it
+    dims: dict[str, int]  # code size D per layer
+    gflops: float | None = None  # per image at input_size (torch's FlopCounterMode); compare
+    parameters: int | None = None  # the backbone's, its ImageNet classifier included; compare
+
+    def store(self, features_dir: Path) -> Path:
+        return features_dir / f"{self.extractor_id}.h5"
+
+
+def write_pointer(features_dir: Path, store: Path, extractor: dict[str, Any],
+                  candidates: tuple[Candidate, ...] = ()) -> None:
+    """Point the stages downstream at the store the current params select (extract.backbone's)
+    and list every candidate of a comparison (that one first)."""
     write_json(features_dir / POINTER, {"extractor_id": store.stem, "store": store.name,
-                                         "extractor": extractor})
+                                         "extractor": extractor,
+                                         "candidates": [asdict(c) for c in candidates]})
 
 
 def current_store(features_dir: Path) -> Path:
     """The store the last extract run selected."""
     obj = _read(features_dir / POINTER, "extract", ("store",))
     return features_dir / obj["store"]
+
+
+def read_candidates(features_dir: Path) -> tuple[Candidate, ...]:
+    """The backbones the last extract run computed codes with, extract.backbone's first."""
+    path = features_dir / POINTER
+    obj = _read(path, "extract", ("candidates",))
+    try:
+        found = tuple(Candidate(**c) for c in obj["candidates"])
+    except TypeError as err:
+        raise handoff_error(path, "extract", f"a candidate is malformed ({err})") from None
+    if not found:
+        raise handoff_error(path, "extract", "lists no candidate backbone")
+    return found
+
+
+def chosen_store(features_dir: Path, extractor_id: str, origin: Path) -> Path:
+    """The store of the extractor a model was trained on (its sidecar says which, `origin`):
+    with extract.compare that is the winner's, not always extract.backbone's."""
+    path = features_dir / f"{extractor_id}.h5"
+    if not path.is_file():
+        raise handoff_error(origin, "train", f"names the codes of extractor {extractor_id}, "
+                            f"which {features_dir} does not hold; rerun `tlflow run`")
+    return path
 
 
 def current_input_size(features_dir: Path) -> int:
@@ -121,10 +166,17 @@ def write_probe_report(path: Path, best: dict[str, Any], layers: list[dict],
     write_json(path, {"best": best, "layers": layers, "sweep": sweep})
 
 
-def write_probe_metrics(path: Path, best: dict[str, Any]) -> None:
-    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string)."""
-    write_json(path, {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
-                                "layer": best["layer"]}})
+def write_probe_metrics(path: Path, best: dict[str, Any],
+                        compared: dict[str, Any] | None = None) -> None:
+    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string);
+    after a comparison of backbones, one number per backbone (its val accuracy, keyed by the
+    model's name), not the table (reports/compare.json)."""
+    obj: dict[str, Any] = {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
+                                     "layer": best["layer"]}}
+    if compared and compared.get("compared"):
+        obj["compare"] = {r["backbone"].partition("/")[2]: r["val_accuracy"]
+                          for r in compared["rows"]}
+    write_json(path, obj)
 
 
 def read_probe_report(path: Path) -> dict[str, Any]:
@@ -146,6 +198,10 @@ class TrainChoice:
 
     pooled_C: float | None  # the C the sweep chose for pooled codes (the head's start)
     plan: str | None  # the plan fine-tuning carries out; None under advise.strategy: manual
+    backbone: str  # the backbone the probe was trained on (extract.compare's winner) ...
+    weights: str  # ... its weights (as extract.weights)
+    extractor_id: str  # ... and its codes: <features>/<extractor_id>.h5
+    input_size: int  # pixels, the codes' input size
 
 
 def write_train_choice(path: Path, choice: TrainChoice) -> None:
@@ -153,8 +209,22 @@ def write_train_choice(path: Path, choice: TrainChoice) -> None:
 
 
 def read_train_choice(path: Path) -> TrainChoice:
-    obj = _read(path, "train", ("pooled_C", "plan"))
-    return TrainChoice(obj["pooled_C"], obj["plan"])
+    keys = ("pooled_C", "plan", "backbone", "weights", "extractor_id", "input_size")
+    obj = _read(path, "train", keys)
+    return TrainChoice(*(obj[k] for k in keys))
+
+
+# ---------------------------------------------------------------- compare
+
+
+def write_compare_report(path: Path, report: dict[str, Any]) -> None:
+    """reports/compare.json: one row per candidate backbone, the rule and the winner
+    (tasks/lib/compare.py builds it); {"compared": false} when extract.compare is empty."""
+    write_json(path, report)
+
+
+def read_compare_report(path: Path) -> dict[str, Any]:
+    return _read(path, "train", ("compared",))
 
 
 # ---------------------------------------------------------------- evaluate

@@ -82,6 +82,8 @@ class Paths(_Section):
     head: Path
     probe_metrics: Path
     probe_report: Path
+    # train: one row per backbone of extract.compare (a default: projects from before it)
+    compare_report: Path = Path("reports/compare.json")
     eval_metrics: Path
     per_class: Path
     confusion: Path
@@ -99,6 +101,7 @@ class Paths(_Section):
     balance: Path  # audit: images per class and split
     audit_metrics: Path  # audit: the counts
     report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
+    export: Path  # tlflow export: <export>/<artifact>.onnx + .json sidecar (a folder)
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:
@@ -117,7 +120,7 @@ class Paths(_Section):
                                  "above it")
             stems = (".safetensors", ".json") if key in _STEMS else ("",)
             files[key] = [resolved.with_name(resolved.name + s) for s in stems]
-            _check_kind(key, value, files[key], folder=key in _FOLDERS)
+            _check_kind(key, value, files[key], folder=key in (*_FOLDERS, "export"))
         seen: dict[Path, str] = {}
         for key, paths in files.items():
             for f in paths:
@@ -226,6 +229,21 @@ class Extract(_Section):
     shard_size: int = Field(4096, ge=1)
     dask_address: str | None = Field(None, pattern=r"^(tcp|tls|ucx)://[^\s:/]+:\d+$")
     dask_workers: int | None = Field(None, ge=1)
+    # more backbones to measure on the same images, each <source>/<model> with weights
+    # `packaged` where tlflow packages them, else `imagenet` (the library's cache): codes for
+    # each in its own store, the same probe on each, the best on val serves (compare.py)
+    compare: tuple[str, ...] = ()
+
+    @field_validator("compare")
+    @classmethod
+    def _compare(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            source, _, model = name.partition("/")
+            if not source or not model:
+                raise ValueError(f"compare: {name!r} is not <source>/<model>")
+        if len(set(v)) != len(v):
+            raise ValueError(f"compare: backbones must be unique, got {list(v)}")
+        return v
 
     @field_validator("image_size")
     @classmethod

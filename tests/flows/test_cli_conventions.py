@@ -140,3 +140,12 @@ def test_history_json_and_table(project: Path, capsys):
     header, line = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["when", "rev", "data"] and "promoted" in header
     assert md5[:8] in line and "probe v0.0.1 (prod)" in line and "first run" in line
+
+
+def test_compare_without_a_comparison_says_how_to_ask(project: Path, capsys):
+    capsys.readouterr()
+    assert main(["compare"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "list backbones in params.yaml extract.compare" in err
+    assert main(["compare", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"compared": False}

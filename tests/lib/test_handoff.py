@@ -17,10 +17,17 @@ def test_round_trips(tmp_path: Path):
     assert report.bad == {"s": "r"}
 
     store = tmp_path / "features" / "e1.h5"
-    handoff.write_pointer(tmp_path / "features", store, {"backbone": "b"})
+    cand = handoff.Candidate("timm/b", "packaged", "e1", 64, {"pooled": 8}, 0.5, 1000)
+    handoff.write_pointer(tmp_path / "features", store, {"backbone": "b"}, (cand,))
     assert handoff.current_store(tmp_path / "features") == store
+    assert handoff.read_candidates(tmp_path / "features") == (cand,)
+    assert cand.store(tmp_path / "features") == store
+    store.touch()
+    assert handoff.chosen_store(tmp_path / "features", "e1", tmp_path / "h.json") == store
+    with pytest.raises(TlflowError, match="names the codes of extractor e2, which"):
+        handoff.chosen_store(tmp_path / "features", "e2", tmp_path / "h.json")
 
-    choice = handoff.TrainChoice(0.1, None)
+    choice = handoff.TrainChoice(0.1, None, "timm/b", "packaged", "e1", 64)
     handoff.write_train_choice(tmp_path / "choice.json", choice)
     assert handoff.read_train_choice(tmp_path / "choice.json") == choice
 
@@ -46,8 +53,9 @@ def test_round_trips(tmp_path: Path):
 
 
 def test_the_same_object_gives_the_same_bytes(tmp_path: Path):
-    handoff.write_train_choice(tmp_path / "a.json", handoff.TrainChoice(1.0, "probe"))
-    handoff.write_train_choice(tmp_path / "b.json", handoff.TrainChoice(1.0, "probe"))
+    choice = handoff.TrainChoice(1.0, "probe", "timm/b", "packaged", "e1", 64)
+    handoff.write_train_choice(tmp_path / "a.json", choice)
+    handoff.write_train_choice(tmp_path / "b.json", choice)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 

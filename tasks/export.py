@@ -1,0 +1,128 @@
+"""Export: the served model (the version in prod, or the working tree's probe or fine-tuned
+network: the one predict would use, built the way predict builds it) as one ONNX graph,
+backbone and head together, plus a JSON sidecar: <out>/<artifact>.onnx and <artifact>.json.
+
+Not a pipeline stage: the graph is derived from a model version (its files' sha256 are in
+the sidecar), so registering the model registers what the export computes (README: Export).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import check_file_path
+from tlflow.tasks.lib.onnxexport import Exported, require_onnx
+from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.registry import PROD
+from tlflow.tasks.lib.serving import Served, load_served
+
+# what export reads besides base.paths: the extractor the probe's codes come from
+PARAMS = ("base.seed", "extract")
+FORMATS = ("onnx",)
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _model_meta(served: Served) -> dict[str, Any]:
+    v = served.version
+    return {"artifact": served.artifact, "version": v.version if v else None,
+            "rev": v.rev if v else None, "stage": PROD if v else None,
+            "source": served.source or "the working tree", "files_sha256": served.files}
+
+
+def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]]:
+    import torch
+
+    from tlflow.tasks.lib.device import effective_precision
+    from tlflow.tasks.lib.onnxexport import ProbeGraph, preprocess
+    from tlflow.tasks.lib.serving import served_backbone
+
+    head = served.model
+    backbone, cfg = served_backbone(head, params, torch.device("cpu"))
+    scores = "probability" if head.has_probabilities else "decision"
+    served_in = effective_precision(torch.device("cpu"), cfg.precision)
+    meta = {
+        "classes": list(head.classes), "scores": scores,
+        "preprocess": preprocess(backbone, cfg.decode),
+        "model": {**_model_meta(served), "extractor_id": head.meta["extractor_id"],
+                  "backbone": backbone.name, "weights": backbone.weights_id,
+                  "layer": head.meta["layer"]},
+        "predict_precision": served_in,
+    }
+    notes = []
+    if served_in != "fp32":
+        notes.append(f"the head was trained on {served_in} codes and predict computes "
+                     f"{served_in} codes for new images; this graph computes fp32: its scores "
+                     "differ from predict's by the rounding of the codes")
+    if cfg.dtype != "float32":
+        notes.append(f"for images already in the feature store predict reads their codes as "
+                     f"stored ({cfg.dtype}): its scores for those differ from this graph's by "
+                     "that rounding")
+    if notes:
+        meta["note"] = "; ".join(notes) + " (README: Export)"
+    if scores == "decision":
+        meta["note_scores"] = ("a linear SVM has no probabilities: the output is its decision "
+                               "values, as `tlflow predict` prints them")
+    return ProbeGraph(backbone, head), backbone.input_size, scores, meta
+
+
+def _finetuned(served: Served) -> tuple[Any, int, str, dict[str, Any]]:
+    from tlflow.tasks.lib.onnxexport import SoftmaxGraph, preprocess
+
+    net = served.model
+    meta = {
+        "classes": list(net.classes), "scores": "probability",
+        "preprocess": preprocess(net.backbone, "full"),
+        "model": {**_model_meta(served), "backbone": net.backbone.name},
+        "predict_precision": "fp32",
+    }
+    return SoftmaxGraph(net.model), net.backbone.input_size, "probability", meta
+
+
+def graph(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]]:
+    """The torch module to export (fp32, CPU), its input size, what its scores are
+    (probability or decision) and the sidecar's description of it."""
+    return _finetuned(served) if served.artifact == "finetuned" else _probe(served, params)
+
+
+def check_ready(fmt: str = "onnx") -> None:
+    """Before any work: the format is known and its optional packages are installed
+    (TlflowError, one line, otherwise)."""
+    if fmt not in FORMATS:
+        raise TlflowError(f"--format: unknown format {fmt!r}; one of {list(FORMATS)}")
+    require_onnx()
+
+
+def run(params: Params, model: str = "promoted", fmt: str = "onnx",
+        out: Path | None = None) -> Exported:
+    """Write <out>/<artifact>.onnx and its .json sidecar (out: base.paths.export by default);
+    the graph's path on stdout, a summary line on stderr. Raises TlflowError (one line)
+    before any work for an unknown format, a missing optional package, an --out that is a
+    file, or a model that does not exist."""
+    from tlflow.tasks.lib.onnxexport import export
+
+    check_ready(fmt)
+    out = params.base.paths.export if out is None else out
+    served = load_served(params, model)
+    if served is None:
+        _note(f"export: no model is assigned to {PROD} (`tlflow promote`); exporting the "
+              "working tree's probe")
+        served = load_served(params, "probe")
+    dest = out / f"{served.artifact}.onnx"
+    check_file_path(dest, "--out")
+    module, size, scores, meta = graph(served, params)
+    done = export(module, size, "probabilities" if scores == "probability" else "decision",
+                  dest, meta)
+    print(done.onnx)
+    who = served.source or f"the working tree's {served.artifact}"
+    _note(f"export: {who} -> {done.onnx} ({done.size / 1e6:.1f} MB, {done.seconds:.1f} s), sidecar "
+          f"{done.sidecar}; ONNX Runtime vs torch on the check batch: max |diff| "
+          f"{done.max_diff:.1e}")
+    if "note" in meta:
+        _note(f"export: {meta['note']}")
+    return done
