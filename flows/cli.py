@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, help="also write the predictions to this CSV")
     pr.add_argument("--strict", action="store_true",
                     help="fail (exit 2) on the first unreadable image instead of skipping it")
+    pr.add_argument("--min-confidence", type=float, metavar="P",
+                    help="label an image `unsure` when its calibrated top probability is "
+                         "below P (default predict.min_confidence)")
     pr.add_argument("--model", choices=("promoted", "probe", "finetuned"), default="promoted",
                     help="the version in prod (default; the working tree's probe when none "
                          "is), or the working tree's probe or fine-tuned network")
@@ -584,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               + (("finetune",) if args.model == "finetuned" else ()), "predict")
             interrupts.doing("predict")
             predict.run(scoped(load_params(), predict.PARAMS), args.target, args.top_k,
-                        args.out, args.model, args.strict)
+                        args.out, args.model, args.strict, args.min_confidence)
             return 0
         return cmd_run(args.force)
     except KeyboardInterrupt as err:

@@ -1,8 +1,10 @@
 """Evaluate: the probe (and the fine-tuned network, when there is one) on the test split,
-touched once. Metrics JSON (a few numbers per model), the per-class table, the per-image
+touched once. Metrics JSON (a few numbers per model, the probe's expected calibration error
+before and after temperature scaling among them), the per-class table, the per-image
 predictions (top-3 labels with their scores, the loss, right or wrong), confusion CSVs (one
-per model) and one PNG (tasks/lib/evaluation.py); the unreadable images it leaves out are
-listed on stdout and in the extract report."""
+per model) and one PNG (tasks/lib/evaluation.py), the probe's accuracy against coverage for
+the reject option (tasks/lib/trust.py); the unreadable images it leaves out are listed on
+stdout and in the extract report."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tlflow.tasks.lib.head import load_head
 from tlflow.tasks.lib.manifest import Row, read_manifest
 from tlflow.tasks.lib.network import read_meta
 from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.trust import calibration_scores, head_logits, write_coverage
 
 # what this stage reads besides base.paths (dvc.yaml: params): where and how many images
 # at a time the fine-tuned network scores
@@ -69,6 +72,11 @@ def run(params: Params) -> dict:
     relpaths = [r.relpath for r in test]
     skipped = sorted({r.relpath: bad[r.sha256] for r in rows if r.sha256 in bad}.items())
     metrics = {"probe": score(y_true, y_pred, head.classes)}
+    index = {c: i for i, c in enumerate(head.classes)}
+    ece, coverage = calibration_scores(head_logits(head, codes),
+                                       np.array([index.get(y, -1) for y in y_true]),
+                                       head.meta, head.has_probabilities)
+    metrics["probe"].update(ece)
     preds = image_predictions("probe", test, probe_scores, head.classes, kind)
     p = metrics["probe"]
     panels = [(y_true, y_pred, f"probe on {head.meta['layer']}: test accuracy "
@@ -91,9 +99,23 @@ def run(params: Params) -> dict:
     write_confusion(paths.confusion_finetune, y_true[: len(ft_pred)], ft_pred,
                     relpaths[: len(ft_pred)])
     plot_confusion(paths.confusion_png, panels, head.classes)
+    write_coverage(paths.coverage, coverage)
     print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "
           f"on {p['n']} images, {p['n'] - sum(pr.correct for pr in preds[:p['n']])} wrong "
           f"-> {paths.eval_metrics}, {paths.predictions}", flush=True)
+    _say_calibration(ece, coverage)
     for relpath, why in skipped:
         print(f"evaluate: skipped unreadable {relpath}: {why}", flush=True)
     return metrics
+
+
+def _say_calibration(ece: dict, coverage: list[dict]) -> None:
+    """The probe's calibration error before and after, and its accuracy-coverage table."""
+    if ece:
+        names = {"ece": "as the probe says", "ece_t": "after temperature scaling"}
+        print("evaluate: expected calibration error " + ", ".join(
+            f"{v:.4f} {names[k]}" for k, v in ece.items()), flush=True)
+    for r in coverage:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        print(f"evaluate: min confidence {r['min_confidence']:g}: keeps {r['kept']} "
+              f"({r['coverage']:.1%}), accuracy on them {acc}", flush=True)

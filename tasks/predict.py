@@ -32,16 +32,23 @@ from tlflow.tasks.lib.serving import load_served
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
-PARAMS = ("base.seed", "extract", "finetune.device", "finetune.batch_size")
+PARAMS = ("base.seed", "extract", "finetune.device", "finetune.batch_size",
+          "predict.min_confidence")
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """Top-k labels of one image with their probabilities."""
+    """Top-k labels of one image with their probabilities (the model's own), and what
+    tasks/lib/trust.py makes of them: the decision (the top label, or `unsure` below the min
+    confidence), the calibrated top probability and whether the image is novel (None: no
+    check)."""
 
     path: str
     labels: tuple[str, ...]
     scores: tuple[float, ...]
+    prediction: str = ""
+    confidence: float | None = None
+    novel: bool | None = None
 
 
 def top_k(scores: np.ndarray, classes: tuple[str, ...], k: int) -> list[tuple[tuple, tuple]]:
@@ -146,14 +153,23 @@ def readable(files: list[Path], strict: bool = False) -> tuple[list[int], list[s
     return kept, skipped
 
 
+TRUST_COLUMNS = ("prediction", "confidence", "novel")
+
+
 def write_csv(f: IO[str], preds: list[Prediction], score: str) -> None:
-    """CSV: path, then label_i and probability_i (or decision_i) for each of the top k."""
+    """CSV: path, then label_i and probability_i (or decision_i) for each of the top k (the
+    model's own), then prediction (label_1, or `unsure`), confidence (the calibrated top
+    probability; empty without one) and novel (true / false; empty without a check)."""
     k = len(preds[0].labels)
     w = csv.writer(f, lineterminator="\n")
-    w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"label_{i}", f"{score}_{i}")]])
+    w.writerow(["path", *[c for i in range(1, k + 1) for c in (f"label_{i}", f"{score}_{i}")],
+                *TRUST_COLUMNS])
     for p in preds:
         w.writerow([p.path, *[v for pair in zip(p.labels, p.scores, strict=True)
-                              for v in (pair[0], f"{pair[1]:.6f}")]])
+                              for v in (pair[0], f"{pair[1]:.6f}")],
+                    p.prediction or p.labels[0],
+                    "" if p.confidence is None else f"{p.confidence:.6f}",
+                    "" if p.novel is None else str(p.novel).lower()])
 
 
 def write_predictions(dest: Path, preds: list[Prediction], score: str) -> None:
@@ -167,16 +183,55 @@ def _check_k(k: int, n_classes: int) -> None:
         raise TlflowError(f"--top-k: must be between 1 and {n_classes}, got {k}")
 
 
+def assess(scores: np.ndarray, kind: str, meta: dict, min_confidence: float | None,
+           head: LinearHead | None, codes: np.ndarray | None):
+    """tasks/lib/trust.py's assessment of these scores (probabilities or decision values)."""
+    from tlflow.tasks.lib import trust
+
+    return trust.assess(trust.logits_for(scores, kind), meta, kind == "probability",
+                        min_confidence, head, codes)
+
+
+def trust_notes(seen, min_confidence: float | None, finetuned: bool = False) -> list[str]:
+    """The stderr lines on the images labelled unsure and the novel ones."""
+    from tlflow.tasks.lib.novelty import summary
+
+    lines = []
+    if seen.confidence is None:
+        lines.append("no confidence: decision values and no calibration recorded"
+                     + (" (--min-confidence ignored)" if min_confidence is not None else ""))
+    elif not seen.calibrated:
+        lines.append("the model records no calibration: confidence is its own top "
+                     "probability")
+    if min_confidence is not None and seen.confidence is not None:
+        lines.append(f"{int(seen.unsure.sum())} of {len(seen.unsure)} images unsure "
+                     f"(calibrated confidence below {min_confidence:g})")
+    if seen.novel is not None:
+        lines.append(summary(seen.novel))
+    else:
+        lines.append("no novelty check: " + (
+            "the fine-tuned network keeps no training codes (the probe does: --model probe)"
+            if finetuned else "the head keeps no training codes (rerun `tlflow stage train`)"))
+    return lines
+
+
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
 def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
-        model: str = "promoted", strict: bool = False) -> list[Prediction]:
+        model: str = "promoted", strict: bool = False,
+        min_confidence: float | None = None) -> list[Prediction]:
     """Predict every readable image of `target`: CSV rows on stdout (and in `out` when asked),
-    a summary line on stderr. Raises TlflowError before any work when `out` is a folder."""
+    a summary line on stderr, and lines on the unsure and novel images. `min_confidence`
+    None: predict.min_confidence. Raises TlflowError before any work when `out` is a folder
+    or min_confidence is outside (0, 1]."""
     if out is not None:
         check_file_path(out, "--out")
+    if min_confidence is None:
+        min_confidence = params.predict.min_confidence
+    elif not 0 < min_confidence <= 1:
+        raise TlflowError(f"--min-confidence: must be in (0, 1], got {min_confidence:g}")
     files = image_files(target)
     served = load_served(params, model)
     if served is None:
@@ -195,6 +250,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
             if kept else None
         classes = net.classes
         kind, note = "probability", f"predict: {len(kept)} images, fine-tuned network"
+        meta, head, codes = {}, None, None  # no temperature or novelty reference (yet)
     else:
         head = served.model
         _check_k(k, len(head.classes))  # before any forward pass
@@ -205,10 +261,15 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         kind = "probability" if head.has_probabilities else "decision"
         note = (f"predict: {len(kept)} images, {len(kept) - found.computed} codes from the "
                 f"store, {found.computed} computed")
+        meta, codes = head.meta, found.codes
     if not kept:
         raise TlflowError(f"{target}: no readable image ({len(skipped)} skipped)")
-    preds = [Prediction(str(files[i]), labels, values)
-             for i, (labels, values) in zip(kept, top_k(scores, classes, k), strict=True)]
+    seen = assess(scores, kind, meta, min_confidence, head, codes)
+    preds = [Prediction(str(files[i]), labels, values, "unsure" if seen.unsure[j] else labels[0],
+                        None if seen.confidence is None else float(seen.confidence[j]),
+                        None if seen.novel is None else bool(seen.novel[j]))
+             for j, (i, (labels, values)) in enumerate(zip(kept, top_k(scores, classes, k),
+                                                           strict=True))]
     write_csv(sys.stdout, preds, kind)
     sys.stdout.flush()
     if skipped:
@@ -216,6 +277,8 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
     _note(note + (f" ({source})" if source else ""))
     if kind == "decision":
         _note("predict: the scores are the linear SVM's decision values, not probabilities")
+    for line in trust_notes(seen, min_confidence, served.artifact == "finetuned"):
+        _note(f"predict: {line}")
     if out is not None:
         write_predictions(out, preds, kind)
     return preds

@@ -37,6 +37,7 @@ from tlflow.tasks.lib.probes import (
     val_set_id,
 )
 from tlflow.tasks.lib.stream import sweep_stream
+from tlflow.tasks.lib.trust import attach, describe
 
 # what this stage reads besides base.paths (dvc.yaml: params); not train.promote_margin,
 # which only `tlflow promote` reads
@@ -109,7 +110,7 @@ def run(params: Params) -> LinearHead:
             "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows),
             "backbone": chosen.backbone, "weights": chosen.weights,
             "input_size": chosen.input_size}
-    head = to_head(refit(top), meta)
+    head = attach(to_head(refit(top), meta), path, rows, cfg, seed)  # calibration, novelty
     save_head(head, paths.head)
     write_probe_report(paths.probe_report, meta, layers, table)
     write_probe_metrics(paths.probe_metrics, meta, compared)
@@ -124,4 +125,5 @@ def run(params: Params) -> LinearHead:
     print(f"train: advice: {decision['size']} and {decision['similarity']} -> "
           f"{decision['plan']}{'' if decision['carried_out'] else ' (advise.strategy: manual)'}",
           flush=True)
+    print(f"train: {describe(head.meta)}", flush=True)
     return head

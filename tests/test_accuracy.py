@@ -1,14 +1,18 @@
 """Accuracy claims on real images: the linear probe on hymenoptera (ants and bees)."""
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_params
-from tlflow.tasks import evaluate, extract, ingest, train
+from tests.conftest import HYMENOPTERA, make_params
+from tlflow.tasks import evaluate, extract, ingest, predict, train
 from tlflow.tasks.lib.device import effective_precision
+from tlflow.tasks.lib.manifest import read_manifest
 
 pytestmark = pytest.mark.accuracy  # `make accuracy` (CI runs it after `make test`)
 
@@ -37,6 +41,36 @@ def test_probe_on_hymenoptera(tmp_path: Path, hymenoptera: Path):
     other = "fp32" if effective_precision(torch.device("cpu"), "auto") == "bf16" else "bf16"
     accuracy, _ = _probe_accuracy(tmp_path, other, source="folder", path=str(hymenoptera))
     assert abs(accuracy - metrics["probe"]["accuracy"]) <= 0.005, (other, accuracy, metrics)
+    _abstain_and_drift(tmp_path, params, metrics, hymenoptera)
+
+
+def _abstain_and_drift(tmp_path: Path, params, metrics: dict, hymenoptera: Path) -> None:
+    """--min-confidence 0.9 keeps images at least as accurate as all; the model's own test
+    images are novel at most 5% of the time, 200 digits at least 90%."""
+    with open(params.base.paths.coverage) as f:
+        at = {r["min_confidence"]: r for r in csv.DictReader(f)}
+    assert float(at["0.9"]["accuracy"]) >= metrics["probe"]["accuracy"], at
+    assert metrics["probe"]["ece_t"] < 0.1, metrics["probe"]
+    own = predict.run(params, params.base.paths.images / "val", model="probe",
+                      min_confidence=0.9)  # the test split: hymenoptera's val/
+    assert len(own) == 153 and np.mean([p.novel for p in own]) <= 0.05
+    kept = [p for p in own if p.prediction != "unsure"]
+    assert len(kept) < len(own)
+    assert np.mean([Path(p.path).parent.name == p.labels[0] for p in kept]) \
+        >= metrics["probe"]["accuracy"]
+    digits = predict.run(params, _digit_images(tmp_path / "digits", 200), model="probe")
+    assert np.mean([p.novel for p in digits]) >= 0.9
+
+
+def _digit_images(dest: Path, n: int) -> Path:
+    """The first n of scikit-learn's 8x8 digits as PNG files (grey levels 0-16 to 0-255)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    dest.mkdir(parents=True)
+    for i, img in enumerate(load_digits().images[:n]):
+        Image.fromarray((img * 255 / 16).astype(np.uint8)).save(dest / f"{i:04d}.png")
+    return dest
 
 
 def _probe_accuracy(tmp_path: Path, precision: str, **ingest_cfg) -> float:
@@ -60,3 +94,15 @@ def test_bf16_codes_train_as_accurate_a_probe_as_fp32_on_digits(tmp_path: Path):
     bf16, bf16_store = _probe_accuracy(tmp_path, "bf16", source="digits")
     assert fp32_store != bf16_store  # the precision is part of the extractor id
     assert abs(bf16 - fp32) <= 0.005, (bf16, fp32)
+
+    # drift, from the digits' side: the photos are novel, the digits' own test images are not
+    params = make_params(tmp_path, ingest={"source": "digits"}, extract={"precision": "bf16"})
+    own = tmp_path / "own"  # the test split's files (their codes are in the store)
+    own.mkdir()
+    for r in read_manifest(params.base.paths.manifest):
+        if r.split == "test":
+            shutil.copy(params.base.paths.images / r.relpath, own / r.relpath.replace("/", "_"))
+    assert np.mean([p.novel for p in predict.run(params, own, model="probe")]) <= 0.05
+    if HYMENOPTERA.is_dir():
+        photos = predict.run(params, HYMENOPTERA / "val", model="probe")
+        assert np.mean([p.novel for p in photos]) >= 0.9

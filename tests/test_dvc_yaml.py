@@ -61,7 +61,8 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
                   paths["compare_report"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
         "evaluate": {paths["eval_metrics"], paths["per_class"], paths["confusion"],
-                     paths["confusion_png"], paths["confusion_finetune"], paths["predictions"]},
+                     paths["confusion_png"], paths["confusion_finetune"], paths["predictions"],
+                     paths["coverage"]},
         "audit": {paths["duplicates"], paths["label_issues"], paths["balance"],
                   paths["audit_metrics"]},
     }
@@ -123,7 +124,11 @@ def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     top = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     assert top == [{"${base.paths.finetune_curve}": {
         "x": "epoch", "y": ["train_loss", "val_accuracy"],
-        "title": "fine-tuning (train loss, val accuracy)"}}]
+        "title": "fine-tuning (train loss, val accuracy)"}}, {"${base.paths.coverage}": {
+        "x": "coverage", "y": "accuracy", "template": "linear",
+        "title": "accuracy on the images kept vs the share kept (min confidence 0.5, 0.8, "
+                 "0.9, 0.95)"}}]
+    assert paths["coverage"] in {str(o.def_path) for o in stages["evaluate"].outs}
     assert paths["finetune_curve"] in {str(o.def_path) for o in stages["finetune"].outs}
     assert str(per_class.def_path) == paths["per_class"]
     assert (per_class.plot["x"], per_class.plot["y"]) == ("probe_f1", "class")

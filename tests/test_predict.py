@@ -1,6 +1,7 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -98,3 +99,37 @@ def test_predict_refuses_changed_params(trained: Path, tmp_path: Path, capsys):
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     assert main(["predict", str(tmp_path / "x.png")]) == 2
     assert "the head was trained on" in capsys.readouterr().err
+
+
+def test_min_confidence_and_novel_images(trained: Path, tmp_path: Path, capsys):
+    """The reject option and the drift flag end to end: label_1 stays the model's top label,
+    `prediction` says unsure below the min confidence (the calibrated one, in `confidence`),
+    and an image unlike the three colours is novel while the training images are not."""
+    from PIL import Image
+
+    new = tmp_path / "new"
+    new.mkdir()
+    rng = np.random.default_rng(5)
+    stripes = np.zeros((24, 24, 3), np.uint8)
+    stripes[::2] = 255  # black and white lines: no colour of the training set
+    Image.fromarray(stripes).save(new / "stripes.png")
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(new / "noise.png")
+    capsys.readouterr()
+    assert main(["predict", str(new), "--model", "probe", "--out", "new.csv"]) == 0
+    assert "2 of 2 new images look unlike the training set" in capsys.readouterr().err
+    assert main(["predict", "data/images", "--model", "probe", "--min-confidence", "0.999",
+                 "--out", "own.csv"]) == 0
+    err = capsys.readouterr().err
+    assert "unsure (calibrated confidence below 0.999)" in err
+    with open("own.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 36
+    # 1% of a val split of 9 noisy images sets no exact rate (the rates are checked on the
+    # photos, tests/test_accuracy.py): the colour images are far less often novel than not
+    assert sum(r["novel"] == "true" for r in rows) <= 9, err
+    for r in rows:
+        assert r["label_1"] == Path(r["path"]).parent.name
+        unsure = float(r["confidence"]) < 0.999
+        assert r["prediction"] == ("unsure" if unsure else r["label_1"])
+    assert main(["predict", "data/images", "--min-confidence", "1.5"]) == 2
+    assert "--min-confidence: must be in (0, 1], got 1.5" in capsys.readouterr().err

@@ -230,15 +230,18 @@ def read_compare_report(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- evaluate
 
 
-EVAL_KEYS = ("accuracy", "macro_f1", "n")  # per model in metrics/eval.json
+# per model in metrics/eval.json; the expected calibration errors where there are any
+EVAL_KEYS = ("accuracy", "macro_f1", "n", "ece", "ece_t")
 PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model in the per-class CSV
 
 
 def write_eval_metrics(path: Path, scores: dict[str, dict[str, Any]]) -> None:
-    """metrics/eval.json: {model: {accuracy, macro_f1, n}} from evaluation.score's results;
-    their per-class tables go to write_per_class. The fine-tuned network is scored on the
-    probe's test images, so its n is left out (one column fewer in `dvc metrics show`)."""
-    write_json(path, {model: {k: s[k] for k in EVAL_KEYS if model == "probe" or k != "n"}
+    """metrics/eval.json: {model: {accuracy, macro_f1, n, ece, ece_t}} from
+    evaluation.score's results (the ECEs where evaluate adds them); their per-class tables go
+    to write_per_class. The fine-tuned network is scored on the probe's test images, so its n
+    is left out, and its ECEs too (columns fewer in `dvc metrics show`)."""
+    write_json(path, {model: {k: s[k] for k in EVAL_KEYS
+                              if k in s and (model == "probe" or k in EVAL_KEYS[:2])}
                       for model, s in scores.items()})
 
 

@@ -18,6 +18,7 @@ from tlflow.tasks.lib.files import atomic_path, sha256_file, write_json
 
 FORMAT = "tlflow.linear_head/1"
 _TENSORS = ("weight", "bias", "mean", "scale")
+REFERENCE = "reference"  # optional: training codes for the novelty check (tasks/lib/trust.py)
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,19 @@ class LinearHead:
     scale: np.ndarray  # (D,)
     classes: tuple[str, ...]
     meta: dict[str, Any] = field(default_factory=dict)  # layer, extractor_id, C, val_accuracy...
+    # (R, D) raw training codes (float16) the novelty check measures against; None: no check
+    reference: np.ndarray | None = None
+
+    def features(self, codes: np.ndarray) -> np.ndarray:
+        """The codes (N, D) in the space the linear layer reads: l2-normalized when the head
+        says so, then (codes - mean) / scale; (N, D)."""
+        if self.meta.get("normalize") == "l2":
+            codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+        return (codes - self.mean) / self.scale
 
     def logits(self, codes: np.ndarray) -> np.ndarray:
         """Class scores for a batch of codes (N, D) -> (N, K)."""
-        if self.meta.get("normalize") == "l2":
-            codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-        return ((codes - self.mean) / self.scale) @ self.weight.T + self.bias
+        return self.features(codes) @ self.weight.T + self.bias
 
     @property
     def has_probabilities(self) -> bool:
@@ -93,6 +101,8 @@ def save_head(head: LinearHead, stem: Path) -> None:
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(getattr(head, k), dtype=np.float32) for k in _TENSORS}
+    if head.reference is not None:
+        tensors[REFERENCE] = np.ascontiguousarray(head.reference, dtype=np.float16)
     write_pair(stem, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}),
                {**head.meta, "format": FORMAT, "classes": list(head.classes)})
 
@@ -124,7 +134,7 @@ def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
         raise TlflowError(f"{path}: not a safetensors head (pickles are refused): {err}") from None
     meta = parse_meta(sidecar.read_text(errors="replace"), str(sidecar))
     check_pair(stem, meta, "train")
-    if set(tensors) != set(_TENSORS):
+    if set(tensors) - {REFERENCE} != set(_TENSORS):
         raise TlflowError(f"{path}: not a {FORMAT} head (tensors {sorted(tensors)})")
     if extractor_id is not None and meta.get("extractor_id") != extractor_id:
         raise TlflowError(
@@ -134,4 +144,5 @@ def load_head(stem: Path, extractor_id: str | None = None) -> LinearHead:
     classes = tuple(meta.pop("classes"))
     meta.pop("format")
     meta.pop(TENSORS_SHA256)
-    return LinearHead(**{k: tensors[k] for k in _TENSORS}, classes=classes, meta=meta)
+    return LinearHead(**{k: tensors[k] for k in _TENSORS}, classes=classes, meta=meta,
+                      reference=tensors.get(REFERENCE))

@@ -94,6 +94,7 @@ class Paths(_Section):
     finetune_curve: Path
     finetune_checkpoints: Path
     predictions: Path  # evaluate: one row per (model, test image)
+    coverage: Path  # evaluate: accuracy against coverage at four min confidences (DVC plot)
     confusion_finetune: Path  # evaluate: the fine-tuned network's confusion CSV
     duplicates: Path  # audit: near-duplicates across splits, one image under two labels
     label_issues: Path  # audit: likely label errors on train + val
@@ -363,6 +364,13 @@ class Audit(_Section):
     max_listed: int = Field(100, ge=0)  # images listed per check (the counts are complete)
 
 
+class Predict(_Section):
+    """`tlflow predict`: the reject option (tasks/lib/trust.py)."""
+
+    # an image whose calibrated top probability is below this is labelled unsure; null: never
+    min_confidence: float | None = Field(None, gt=0, le=1)
+
+
 class Run(_Section):
     """How `tlflow run` and scheduled runs behave."""
 
@@ -378,6 +386,7 @@ class Params(_Section):
     finetune: Finetune = Finetune()
     advise: Advise = Advise()
     audit: Audit = Audit()
+    predict: Predict = Predict()
     run: Run = Run()
 
 
