@@ -98,6 +98,7 @@ class Paths(_Section):
     balance: Path  # audit: images per class and split
     audit_metrics: Path  # audit: the counts
     report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
+    plots_page: Path  # `tlflow plots`: the project's DVC plots rendered to SVG, offline
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:
