@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
 from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import read_per_class, read_predictions
+from tlflow.tasks.lib.handoff import read_eval_metrics, read_per_class, read_predictions
 from tlflow.tasks.lib.manifest import read_manifest
 
 
@@ -22,8 +22,9 @@ def trained(tmp_path: Path, image_folder: Path):
 def test_evaluate_writes_metrics_and_confusion(trained):
     metrics = evaluate.run(trained)
     on_disk = json.loads(trained.base.paths.eval_metrics.read_text())
-    assert on_disk == {"probe": {k: metrics["probe"][k] for k in ("accuracy", "macro_f1", "n")}}
-    probe = on_disk["probe"]
+    assert on_disk == {"acc": metrics["probe"]["accuracy"], "f1": metrics["probe"]["macro_f1"],
+                       "n": metrics["probe"]["n"]}
+    probe = read_eval_metrics(trained.base.paths.eval_metrics)["probe"]
     per_class = read_per_class(trained.base.paths.per_class)
     assert {r["class"] for r in per_class} == set(metrics["probe"]["per_class"]) \
         == {"blue", "green", "red"}

@@ -13,9 +13,13 @@
 | duplicates, label_issues,    | audit      | the run summary, the HTML report      |
 | balance                      |            |                                       |
 
-The DVC metrics (extract_metrics, probe_metrics, eval_metrics) hold a few numbers each (and
-the probe's layer name), so `dvc metrics show` stays readable and `dvc metrics diff` compares
-numbers; the details behind them are reports/ files and plots.
+The DVC metrics (extract_metrics, probe_metrics, eval_metrics, audit_metrics) hold a few
+numbers each (and the probe's layer name) under short names, shared where they mean the same
+thing: `dvc metrics show` prints one column per name and one row per file, so `acc` is the
+chosen probe's val accuracy on the probe.json row and its test accuracy on the eval.json row,
+`n` the images in the manifest (extract) or the test images (eval). It fits 120 columns with
+fine-tuning on, and `dvc metrics diff` compares numbers; the details behind them are reports/
+files and plots.
 
 (The manifest's owner is tasks/lib/manifest.py; the model files' are head.py and network.py.)
 A missing or malformed file is a TlflowError naming the file and the stage that writes it.
@@ -102,8 +106,9 @@ def write_extract_report(path: Path, report: ExtractReport) -> None:
 
 
 def write_extract_metrics(path: Path, report: ExtractReport) -> None:
-    """metrics/extract.json: images in the manifest and how many were skipped as unreadable."""
-    write_json(path, {"extract": {"images": report.images, "skipped": len(report.bad_images)}})
+    """metrics/extract.json: `n`, the images in the manifest (how many were skipped as
+    unreadable, and which, is the extract report's)."""
+    write_json(path, {"n": report.images})
 
 
 def read_extract_report(path: Path) -> ExtractReport:
@@ -122,9 +127,9 @@ def write_probe_report(path: Path, best: dict[str, Any], layers: list[dict],
 
 
 def write_probe_metrics(path: Path, best: dict[str, Any]) -> None:
-    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string)."""
-    write_json(path, {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
-                                "layer": best["layer"]}})
+    """metrics/probe.json: the chosen probe's val accuracy (`acc`), C and layer (the one
+    string)."""
+    write_json(path, {"acc": best["val_accuracy"], "C": best["C"], "layer": best["layer"]})
 
 
 def read_probe_report(path: Path) -> dict[str, Any]:
@@ -160,16 +165,20 @@ def read_train_choice(path: Path) -> TrainChoice:
 # ---------------------------------------------------------------- evaluate
 
 
-EVAL_KEYS = ("accuracy", "macro_f1", "n")  # per model in metrics/eval.json
+EVAL_KEYS = ("accuracy", "macro_f1", "n")  # per model, as read_eval_metrics returns them
+# their names in metrics/eval.json: the probe's plain, the fine-tuned network's with "ft_"
+EVAL_NAMES = {"accuracy": "acc", "macro_f1": "f1", "n": "n"}
+MODEL_PREFIX = {"probe": "", "finetune": "ft_"}
 PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model in the per-class CSV
 
 
 def write_eval_metrics(path: Path, scores: dict[str, dict[str, Any]]) -> None:
-    """metrics/eval.json: {model: {accuracy, macro_f1, n}} from evaluation.score's results;
-    their per-class tables go to write_per_class. The fine-tuned network is scored on the
-    probe's test images, so its n is left out (one column fewer in `dvc metrics show`)."""
-    write_json(path, {model: {k: s[k] for k in EVAL_KEYS if model == "probe" or k != "n"}
-                      for model, s in scores.items()})
+    """metrics/eval.json: acc, f1 (macro) and n (test images) of the probe, ft_acc and ft_f1
+    of the fine-tuned network, from evaluation.score's results; their per-class tables go to
+    write_per_class. The fine-tuned network is scored on the probe's test images, so its n is
+    left out (one column fewer in `dvc metrics show`)."""
+    write_json(path, {MODEL_PREFIX[model] + EVAL_NAMES[k]: s[k] for model, s in scores.items()
+                      for k in EVAL_KEYS if model == "probe" or k != "n"})
 
 
 def write_per_class(path: Path, scores: dict[str, dict[str, Any]]) -> None:
@@ -204,12 +213,24 @@ def read_per_class(path: Path) -> list[dict[str, Any]]:
 
 
 def read_eval_metrics(path: Path) -> dict[str, Any]:
-    return _read(path, "evaluate", ("probe",))
+    """{model: {accuracy, macro_f1[, n]}} (probe, and finetune when it ran)."""
+    if not path.is_file():
+        raise handoff_error(path, "evaluate")
+    return parse_eval_metrics(path.read_bytes(), path)
 
 
-def parse_eval_metrics(text: str, path: Path) -> dict[str, Any]:
-    """The eval metrics from their JSON text (e.g. as committed at a git revision)."""
-    return _parse(text, path, "evaluate", ("probe",))
+def parse_eval_metrics(text: str | bytes, path: Path) -> dict[str, Any]:
+    """The eval metrics from their JSON text (e.g. as committed at a git revision), as
+    {model: {accuracy, macro_f1[, n]}}; a file committed before the short names (nested by
+    model, as this returns it) is read as it is."""
+    obj = _parse(text, path, "evaluate", ())
+    if "probe" in obj:  # the nested form of earlier runs
+        return obj
+    if "acc" not in obj:
+        raise handoff_error(path, "evaluate", "expected a JSON object with keys ['acc', ...]")
+    return {model: {k: obj[prefix + name] for k, name in EVAL_NAMES.items()
+                    if prefix + name in obj}
+            for model, prefix in MODEL_PREFIX.items() if prefix + "acc" in obj}
 
 
 # ---------------------------------------------------------------- per-image predictions
@@ -289,5 +310,6 @@ def read_audit(path: Path, kind: str) -> dict[str, Any]:
 
 
 def write_audit_metrics(path: Path, counts: dict[str, int]) -> None:
-    """metrics/audit.json: the counts of each check (numbers only)."""
-    write_json(path, {"audit": counts})
+    """metrics/audit.json: near-duplicate pairs across splits (`dups`) and likely label errors
+    (`label_issues`); the other counts are the audit reports' (duplicates, label_issues)."""
+    write_json(path, {"dups": counts["near_duplicates"], "label_issues": counts["label_issues"]})

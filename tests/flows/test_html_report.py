@@ -67,7 +67,7 @@ def test_the_audit_finds_the_near_copy_and_the_flipped_label(project):
     assert ("test/green/copy.png", "train/green/03.png") in pairs
     issues = json.loads(paths.label_issues.read_text())
     assert "train/blue/flipped.png" in {i["relpath"] for i in issues["images"]}
-    assert json.loads(paths.audit_metrics.read_text())["audit"]["label_issues"] == \
+    assert json.loads(paths.audit_metrics.read_text())["label_issues"] == \
         issues["count"]
     balance = json.loads(paths.balance.read_text())
     assert balance["splits"]["train"] == {"blue": 11, "green": 10, "red": 10}
