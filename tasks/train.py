@@ -16,6 +16,7 @@ from tlflow.tasks.lib.handoff import (
     write_probe_metrics,
     write_probe_report,
     write_strategy,
+    write_sweep,
     write_train_choice,
 )
 from tlflow.tasks.lib.head import LinearHead, save_head
@@ -63,6 +64,7 @@ def run(params: Params) -> LinearHead:
     head = to_head(refit(top), meta)
     save_head(head, paths.head)
     write_probe_report(paths.probe_report, meta, layers, table)
+    write_sweep(paths.sweep, table)
     write_probe_metrics(paths.probe_metrics, meta)
     write_strategy(paths.strategy, decision)
     pooled_C = next((r["C"] for r in layers if r["layer"] == advice.POOLED), None)

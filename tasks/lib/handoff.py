@@ -4,7 +4,8 @@
 |------------------------------|------------|---------------------------------------|
 | <features>/current.json      | extract    | train, finetune, evaluate, predict    |
 | extract_report               | extract    | train, finetune, evaluate             |
-| probe_report                 | train      | advise, the run summary               |
+| probe_report                 | train      | advise, the run summary, the report   |
+| sweep (a plot)               | train      | `dvc plots show`, `tlflow plots`      |
 | strategy                     | train      | advise, the run summary               |
 | train_choice                 | train      | finetune (only the values it uses)    |
 | eval_metrics                 | evaluate   | the run summary, history              |
@@ -130,6 +131,24 @@ def write_probe_metrics(path: Path, best: dict[str, Any]) -> None:
     """metrics/probe.json: the chosen probe's val accuracy (`acc`), C and layer (the one
     string)."""
     write_json(path, {"acc": best["val_accuracy"], "C": best["C"], "layer": best["layer"]})
+
+
+def write_sweep(path: Path, sweep: list[dict]) -> None:
+    """plots/sweep.csv, the sweep as a DVC plot: one row per C (ascending), its log10 (the
+    plot's x: the grid is log-spaced), then the val accuracy of each layer in a column named
+    after it (as extract.layers names it, which dvc.yaml's plot lists as its y); empty where
+    the sweep did not fit that layer at that C."""
+    import math
+
+    layers = list(dict.fromkeys(r["layer"] for r in sweep))
+    acc = {(r["layer"], r["C"]): r["val_accuracy"] for r in sweep}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["C", "log10_C", *layers])
+    for C in sorted({r["C"] for r in sweep}):
+        w.writerow([f"{C:g}", f"{math.log10(C):.6g}",
+                    *(f"{acc[layer, C]:.6g}" if (layer, C) in acc else "" for layer in layers)])
+    write_text(path, buf.getvalue())
 
 
 def read_probe_report(path: Path) -> dict[str, Any]:

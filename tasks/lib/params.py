@@ -82,6 +82,7 @@ class Paths(_Section):
     head: Path
     probe_metrics: Path
     probe_report: Path
+    sweep: Path  # train: the sweep as a DVC plot (val accuracy per C, a column per layer)
     eval_metrics: Path
     per_class: Path
     confusion: Path

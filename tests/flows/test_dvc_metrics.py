@@ -107,14 +107,15 @@ def test_the_details_are_reports_and_plots(project):
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert not shown.get("errors"), shown["errors"]
-    assert {"plots/per_class.csv", "plots/finetune.csv", "plots/confusion.csv"} <= \
-        set(shown["data"])
+    assert {"plots/per_class.csv", "plots/finetune.csv", "plots/confusion.csv",
+            "plots/sweep.csv"} <= set(shown["data"])
 
 
 def test_tlflow_plots_draws_dvc_plots_offline(project):
     """`tlflow plots`: DVC's plots drawn to inline SVG (the per-class bars, the confusion
-    matrix) and its image (the confusion PNG) on a page that loads nothing: no script, no
-    http(s) source; the plots DVC has no rows for (fine-tuning off) are left out."""
+    matrix, the probe's sweep) and its image (the confusion PNG) on a page that loads
+    nothing: no script, no http(s) source; the plots DVC has no rows for (fine-tuning off)
+    are left out."""
     root, params, env = project
     proc = run_cli(["tlflow", "plots"], root, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -124,11 +125,12 @@ def test_tlflow_plots_draws_dvc_plots_offline(project):
     figures = dict(re.findall(r'<figure class="plot" data-plot="([^"]+)">(.*?)</figure>',
                               html, re.S))
     assert set(figures) == {"plots/per_class.csv", "plots/confusion.csv",
-                            "plots/confusion.png"}, list(figures)
-    for name in ("plots/per_class.csv", "plots/confusion.csv"):
+                            "plots/confusion.png", "plots/sweep.csv"}, list(figures)
+    for name in ("plots/per_class.csv", "plots/confusion.csv", "plots/sweep.csv"):
         svg = figures[name]
         assert "<svg" in svg and svg.count("<path") + svg.count("<rect") > 3, name
     assert ">blue<" in figures["plots/confusion.csv"]  # the classes label its axes
+    assert ">val accuracy<" in figures["plots/sweep.csv"]
     assert '<img src="data:image/png;base64,' in figures["plots/confusion.png"]
     assert "<script" not in html
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)

@@ -98,6 +98,23 @@ def test_the_page_loads_nothing_from_the_network(project):
     assert "default-src 'none'" in html  # Chromium refuses any other source
 
 
+def test_the_page_shows_the_probe_sweep_as_inline_svg(project):
+    """Why this model: the sweep drawn inline (SVG, no script), its chosen (layer, C) named;
+    a second report with the same sweep reuses the drawn chart."""
+    params, _ = project
+    paths = params.base.paths
+    best = json.loads(paths.probe_report.read_text())["best"]
+    section = paths.report.read_text().split('id="sweep"')[1].split("<h2")[0]
+    assert "<svg" in section and "<script" not in section
+    assert f"{best['layer']} at C={best['C']:g}" in section
+    assert ">val accuracy<" in section and section.count("<path") > 3  # axes, line, ring
+    cached = list((paths.report.parent / "sweep").glob("*.svg"))
+    assert len(cached) == 1 and cached[0].read_text() in section
+    before = cached[0].stat().st_mtime_ns
+    write_report(paths, {})
+    assert cached[0].stat().st_mtime_ns == before  # not drawn again
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

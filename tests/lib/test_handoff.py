@@ -26,6 +26,12 @@ def test_round_trips(tmp_path: Path):
 
     handoff.write_probe_report(tmp_path / "probe.json", {"C": 1.0}, [], [])
     assert handoff.read_probe_report(tmp_path / "probe.json")["best"] == {"C": 1.0}
+    sweep = [{"layer": "pooled", "C": 10.0, "val_accuracy": 0.5},
+             {"layer": "pooled", "C": 0.1, "val_accuracy": 0.25},
+             {"layer": "blocks.4", "C": 0.1, "val_accuracy": 0.75}]
+    handoff.write_sweep(tmp_path / "sweep.csv", sweep)  # a DVC plot: a column per layer
+    assert (tmp_path / "sweep.csv").read_text().splitlines() == [
+        "C,log10_C,pooled,blocks.4", "0.1,-1,0.25,0.75", "10,1,0.5,"]
     handoff.write_probe_metrics(tmp_path / "m.json", {"C": 1.0, "layer": "l",
                                                       "val_accuracy": 0.5, "val_set": "x"})
     assert json.loads((tmp_path / "m.json").read_text()) == {"C": 1.0, "layer": "l", "acc": 0.5}
