@@ -209,8 +209,8 @@ def _cells(r: dict[str, Any]) -> tuple[str, ...]:
 def lines(history: list[Entry], width: int = WIDTH) -> list[str]:
     """A header, then one aligned line per run, within `width` columns: the columns no run
     fills (finetune, promoted) are left out, and the params that changed, last, wrap under
-    their own column (or, where it would be narrower than MIN_WRAP, on indented lines of
-    their own). `--json` has everything in full."""
+    their own column (or, where they do not fit a column narrower than MIN_WRAP, on indented
+    lines of their own). `--json` has everything in full."""
     rows = [HEADER, *(_cells(r) for r in records(history))]
     keep = [i for i, name in enumerate(HEADER)
             if name not in OPTIONAL or any(row[i] != "-" for row in rows[1:])]
@@ -221,7 +221,7 @@ def lines(history: list[Entry], width: int = WIDTH) -> list[str]:
     out = []
     for row in rows:
         fixed = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-        if room >= MIN_WRAP:
+        if len(row[-1]) <= room or room >= MIN_WRAP:
             first, *more = textwrap.wrap(row[-1], room, break_on_hyphens=False) or [""]
             out += [f"{fixed}  {first}", *(" " * start + m for m in more)]
         else:
