@@ -40,10 +40,13 @@ def _projections() -> dict[str, object]:
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    from tlflow.flows.embedding_map import tsne
+
     found: dict[str, object] = {
         "pca": lambda x: PCA(2, random_state=0).fit_transform(x),
-        "tsne": lambda x: TSNE(2, init="pca", perplexity=min(30, len(x) // 4),
-                               random_state=0).fit_transform(x),
+        "tsne (1000 iter)": lambda x: TSNE(2, init="pca", perplexity=min(30, len(x) // 4),
+                                           random_state=0).fit_transform(x),
+        "tsne (the map's)": lambda x: tsne(x, 0),
     }
     try:
         import umap

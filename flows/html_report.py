@@ -153,6 +153,21 @@ def sweep_chart(paths: Paths) -> Markup | None:
     return Markup(svg) if svg else None
 
 
+def map_view(paths: Paths, preds: list[ImagePrediction],
+             thumb: Thumbnails) -> dict[str, Any] | None:
+    """The embedding map of the probe's test images (flows/embedding_map.py) on the chosen
+    layer's codes; None before train and evaluate have run."""
+    mine = [p for p in preds if p.model == "probe"]
+    if not mine or not paths.probe_report.is_file():
+        return None
+    from tlflow.flows.embedding_map import MAP, embedding_map
+    from tlflow.tasks.lib.handoff import current_store
+
+    layer = read_probe_report(paths.probe_report)["best"]["layer"]
+    return embedding_map(mine, current_store(paths.features), layer,
+                         paths.report.parent / MAP, thumb)
+
+
 def advice_view(paths: Paths) -> dict[str, Any] | None:
     """The 2x2 table's cells (the data set's marked) and the reasons, from the advice."""
     if not paths.strategy.is_file():
@@ -254,7 +269,8 @@ def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with:
         "data_version": after.data_version, "images": len(after.images),
         "compared_with": compared_with, "headline": headline_rows(before, after.metrics),
         "per_class": [r for r in per_class], "models": models,
-        "sweep": sweep_chart(paths), "curve": curve_png(paths.finetune_curve),
+        "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
+        "curve": curve_png(paths.finetune_curve),
         "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,
         "weak_probe": WEAK_PROBE,
