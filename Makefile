@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast accuracy lint bench faults clean vega
+.PHONY: install run test test-fast accuracy lint bench faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,19 +38,6 @@ accuracy: install  ## the accuracy claims on real images, each precision (about 
 
 lint: install
 	$(BIN)/ruff check .
-
-# `dvc plots show` writes HTML that loads Vega from a CDN; this fetches Vega, Vega-Lite and
-# Vega-Embed once with npm into .tlflow/vega (not versioned) and writes a page template that
-# loads them from there: `dvc plots show --html-template .tlflow/vega/template.html`, or once
-# for good `dvc config --local plots.html_template .tlflow/vega/template.html`.
-VEGA := $(abspath .tlflow/vega)
-vega:  ## a local Vega bundle for `dvc plots show` without a network
-	npm install --prefix $(VEGA) --no-save --no-audit --no-fund vega@5 vega-lite@5 vega-embed@6
-	{ echo '<!DOCTYPE html><html><head><meta charset="utf-8"><title>DVC Plot</title>'; \
-	  for m in vega vega-lite vega-embed; do \
-	    echo "<script src=\"file://$(VEGA)/node_modules/$$m/build/$$m.min.js\"></script>"; done; \
-	  echo '</head><body>{plot_divs}</body></html>'; } > $(VEGA)/template.html
-	@echo "dvc plots show --html-template $(VEGA)/template.html"
 
 bench: install
 	$(BIN)/python bench/extract.py

@@ -134,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="the backbones of extract.compare, measured: one "
                                         "row each, the winner marked (the last run's)")
     cp.add_argument("--json", action="store_true", help="reports/compare.json as it is")
+    pl = sub.add_parser("plots", help="draw the project's DVC plots to one page that opens "
+                                      "offline (base.paths.plots_page); no stage runs",
+                        description="Draw what `dvc plots show` computes from the workspace "
+                                    "(the filled Vega-Lite specs and the images) to SVG with "
+                                    "vl-convert, on one page (base.paths.plots_page) that "
+                                    "needs no network, no npm and no script. Prints its path.")
+    pl.add_argument("--open", action="store_true", help="also open it in the web browser")
     a = sub.add_parser("advise", help="place the data set in the 2x2 table and name the plan")
     a.add_argument("--json", action="store_true", help="print JSON")
     f = sub.add_parser("features", help="inspect or prune the feature stores")
@@ -377,6 +384,23 @@ def cmd_compare(as_json: bool) -> int:
     return 0
 
 
+def cmd_plots(open_it: bool) -> int:
+    """Write the DVC plots page; its path on stdout, what it holds on stderr."""
+    from tlflow.flows.dvc_plots import write_page
+
+    page, plots, errors = write_page(_check_project().base.paths)
+    for line in errors:
+        print(f"plots: dvc: {line}", file=sys.stderr)
+    print(f"plots: {len(plots)} plot(s): {', '.join(p.name for p in plots) or 'none'}",
+          file=sys.stderr)
+    print(page)
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
+    return 0
+
+
 def cmd_advise(as_json: bool) -> int:
     """Measure size and similarity now (from the manifest, the sweep and the store), after
     bringing ingest, extract and train up to date: never the decision for other data."""
@@ -554,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args.json)
         if args.command == "report":
             return cmd_report(args.open)
+        if args.command == "plots":
+            return cmd_plots(args.open)
         if args.command == "status":
             return cmd_status(args.json, args.quiet)
         if args.command == "history":

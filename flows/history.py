@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import subprocess
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,9 @@ def records(history: list[Entry]) -> list[dict[str, Any]]:
 
 HEADER = ("when", "rev", "data", "images", "extractor", "model", "probe", "finetune",
           "promoted", "params changed")
+WIDTH = 120  # columns `tlflow history` fits its lines in
+OPTIONAL = ("finetune", "promoted")  # columns left out when no run has a value in them
+MIN_WRAP = 24  # the params column narrower than this: they go on lines of their own
 
 
 def _cells(r: dict[str, Any]) -> tuple[str, ...]:
@@ -196,17 +200,34 @@ def _cells(r: dict[str, Any]) -> tuple[str, ...]:
     changed = r["params_changed"]
     params = "first run" if changed is None else (
         ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
-    return (r["when"], r["rev"], r["data_version"] or "?", images, r["extractor_id"] or "?",
+    extractor = (r["extractor_id"] or "?")[:DATA_VERSION_LEN]  # in full in --json
+    return (r["when"], r["rev"], r["data_version"] or "?", images, extractor,
             r["model"] or "?", acc(r["probe_accuracy"]), acc(r["finetune_accuracy"]),
             ", ".join(r["promotions"]) or "-", params)
 
 
-def lines(history: list[Entry]) -> list[str]:
-    """A header, then one aligned line per run (the params that changed come last)."""
+def lines(history: list[Entry], width: int = WIDTH) -> list[str]:
+    """A header, then one aligned line per run, within `width` columns: the columns no run
+    fills (finetune, promoted) are left out, and the params that changed, last, wrap under
+    their own column (or, where they do not fit a column narrower than MIN_WRAP, on indented
+    lines of their own). `--json` has everything in full."""
     rows = [HEADER, *(_cells(r) for r in records(history))]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
-    return ["  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]])
-            for row in rows]
+    keep = [i for i, name in enumerate(HEADER)
+            if name not in OPTIONAL or any(row[i] != "-" for row in rows[1:])]
+    rows = [tuple(row[i] for i in keep) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(keep) - 1)]
+    start = sum(widths) + 2 * len(widths)  # where the last column begins
+    room = width - start
+    out = []
+    for row in rows:
+        fixed = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+        if len(row[-1]) <= room or room >= MIN_WRAP:
+            first, *more = textwrap.wrap(row[-1], room, break_on_hyphens=False) or [""]
+            out += [f"{fixed}  {first}", *(" " * start + m for m in more)]
+        else:
+            out += [fixed.rstrip(), *("    " + m for m in textwrap.wrap(
+                row[-1], width - 4, break_on_hyphens=False))]
+    return out
 
 
 def run(params: Params, as_json: bool = False) -> list[str]:

@@ -4,10 +4,10 @@ beside it (report/thumbs/<sha256>.jpg), written by every `tlflow run` and by `tl
 It reads only what the stages wrote (metrics, per-class table, per-image predictions, the
 fine-tuning curve, the advice, the audit's summaries) and the ingest snapshot's images for
 the thumbnails: no forward pass. The page loads nothing from the network: no script at all,
-its one chart is a PNG embedded as a data URI, and a Content-Security-Policy forbids any
-other source, so the folder can be copied or attached as it is. The HTML is a Jinja2
-template (flows/templates/report.html.j2) with autoescaping: a relpath such as
-`<b>.jpg` is shown, never interpreted.
+the probe's sweep is inline SVG (drawn by vl-convert), the fine-tuning curve a PNG embedded
+as a data URI, and a Content-Security-Policy forbids any other source, so the folder can be
+copied or attached as it is. The HTML is a Jinja2 template (flows/templates/report.html.j2)
+with autoescaping: a relpath such as `<b>.jpg` is shown, never interpreted.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from tlflow.flows.history import current_data_version
 from tlflow.flows.report import MODELS, Snapshot
 from tlflow.tasks.lib.errors import TlflowError
@@ -31,6 +33,7 @@ from tlflow.tasks.lib.handoff import (
     read_audit,
     read_per_class,
     read_predictions,
+    read_probe_report,
     read_strategy,
 )
 from tlflow.tasks.lib.params import Paths
@@ -41,6 +44,7 @@ from tlflow.tasks.lib.params import Paths
 WEAK_PROBE = 0.9
 
 THUMBS = "thumbs"  # beside the page: thumbs/<sha256>.jpg
+SWEEP = "sweep"  # beside the page: sweep/<hash>.svg, the sweep chart while it is the same
 THUMB_SIDE = 160  # pixels, the longer side
 MAX_GALLERY = 500  # images shown per gallery (the counts are complete)
 _THUMB_NAME = re.compile(r"^[0-9a-f]{64}\.jpg$")
@@ -136,6 +140,32 @@ def curve_png(path: Path) -> str | None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sweep_chart(paths: Paths) -> Markup | None:
+    """The probe's sweep (val accuracy per C, a line per layer, the chosen one ringed) as
+    inline SVG (flows/charts.py); None before train has run."""
+    if not paths.probe_report.is_file():
+        return None
+    from tlflow.flows.charts import sweep_svg
+
+    svg = sweep_svg(read_probe_report(paths.probe_report), paths.report.parent / SWEEP)
+    return Markup(svg) if svg else None
+
+
+def map_view(paths: Paths, preds: list[ImagePrediction],
+             thumb: Thumbnails) -> dict[str, Any] | None:
+    """The embedding map of the probe's test images (flows/embedding_map.py) on the chosen
+    layer's codes; None before train and evaluate have run."""
+    mine = [p for p in preds if p.model == "probe"]
+    if not mine or not paths.probe_report.is_file():
+        return None
+    from tlflow.flows.embedding_map import MAP, embedding_map
+    from tlflow.tasks.lib.handoff import current_store
+
+    layer = read_probe_report(paths.probe_report)["best"]["layer"]
+    return embedding_map(mine, current_store(paths.features), layer,
+                         paths.report.parent / MAP, thumb)
 
 
 def advice_view(paths: Paths) -> dict[str, Any] | None:
@@ -239,7 +269,9 @@ def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with:
         "data_version": after.data_version, "images": len(after.images),
         "compared_with": compared_with, "headline": headline_rows(before, after.metrics),
         "per_class": [r for r in per_class], "models": models,
-        "curve": curve_png(paths.finetune_curve), "advice": advice_view(paths),
+        "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
+        "curve": curve_png(paths.finetune_curve),
+        "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,
         "weak_probe": WEAK_PROBE,
     }

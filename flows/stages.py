@@ -55,6 +55,9 @@ def _dvc(root: Path) -> Iterator[object]:
         raise TlflowError(f"dvc: {text}{hint}") from None
 
 
+dvc_repo = _dvc  # the same, for the modules that read DVC's plots (flows/dvc_plots.py)
+
+
 def rescanned(name: str, params: Params) -> str | None:
     """Folder and CSV sources live outside DVC: ingest rescans them on every run (the stat
     cache makes that cheap) and the stages after it rerun only if the manifest changed."""

@@ -54,6 +54,8 @@ def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any
                   "layer": head.meta["layer"]},
         "predict_precision": served_in,
     }
+    if "calibration" in head.meta:  # the temperature predict's --min-confidence divides by
+        meta["calibration"] = head.meta["calibration"]
     notes = []
     if served_in != "fp32":
         notes.append(f"the head was trained on {served_in} codes and predict computes "

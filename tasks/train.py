@@ -22,6 +22,7 @@ from tlflow.tasks.lib.handoff import (
     write_probe_metrics,
     write_probe_report,
     write_strategy,
+    write_sweep,
     write_train_choice,
 )
 from tlflow.tasks.lib.head import LinearHead, save_head
@@ -113,6 +114,7 @@ def run(params: Params) -> LinearHead:
     head = attach(to_head(refit(top), meta), path, rows, cfg, seed)  # calibration, novelty
     save_head(head, paths.head)
     write_probe_report(paths.probe_report, meta, layers, table)
+    write_sweep(paths.sweep, table)
     write_probe_metrics(paths.probe_metrics, meta, compared)
     write_compare_report(paths.compare_report, compared)
     write_strategy(paths.strategy, decision)

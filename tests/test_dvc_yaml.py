@@ -53,12 +53,13 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     paths.pop("report")  # the HTML report: written by `tlflow run` and `tlflow report`
     paths.pop("export")  # `tlflow export`'s graphs: remade from a model version, not a stage's
+    paths.pop("plots_page")  # DVC's plots drawn: written by `tlflow plots`
     expected = {
         "ingest": {paths["images"], paths["manifest"]},
         "extract": {paths["features"], paths["extract_report"], paths["extract_metrics"]},
         "train": {f"{head}.safetensors", f"{head}.json", paths["probe_metrics"],
-                  paths["probe_report"], paths["strategy"], paths["train_choice"],
-                  paths["compare_report"]},
+                  paths["probe_report"], paths["sweep"], paths["strategy"],
+                  paths["train_choice"], paths["compare_report"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
         "evaluate": {paths["eval_metrics"], paths["per_class"], paths["confusion"],
                      paths["confusion_png"], paths["confusion_finetune"], paths["predictions"],
@@ -127,9 +128,14 @@ def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
         "title": "fine-tuning (train loss, val accuracy)"}}, {"${base.paths.coverage}": {
         "x": "coverage", "y": "accuracy", "template": "linear",
         "title": "accuracy on the images kept vs the share kept (min confidence 0.5, 0.8, "
-                 "0.9, 0.95)"}}]
+                 "0.9, 0.95)"}},
+        {"${base.paths.sweep}": {  # one line per layer: the layers extract computes codes of
+            "x": "log10_C", "y": "${extract.layers}", "template": "simple",
+            "title": "probe sweep (val accuracy per log10 C, one line per layer)",
+            "y_label": "val accuracy"}}]
     assert paths["coverage"] in {str(o.def_path) for o in stages["evaluate"].outs}
     assert paths["finetune_curve"] in {str(o.def_path) for o in stages["finetune"].outs}
+    assert paths["sweep"] in {str(o.def_path) for o in stages["train"].outs}
     assert str(per_class.def_path) == paths["per_class"]
     assert (per_class.plot["x"], per_class.plot["y"]) == ("probe_f1", "class")
     assert str(csv.def_path) == paths["confusion"]

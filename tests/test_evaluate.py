@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
 from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import read_per_class, read_predictions
+from tlflow.tasks.lib.handoff import read_eval_metrics, read_per_class, read_predictions
 from tlflow.tasks.lib.manifest import read_manifest
 
 
@@ -23,15 +23,16 @@ def trained(tmp_path: Path, image_folder: Path):
 def test_evaluate_writes_metrics_and_confusion(trained):
     metrics = evaluate.run(trained)
     on_disk = json.loads(trained.base.paths.eval_metrics.read_text())
-    assert on_disk == {"probe": {k: metrics["probe"][k]
-                                 for k in ("accuracy", "macro_f1", "n", "ece", "ece_t")}}
-    assert 0 <= on_disk["probe"]["ece_t"] <= 1
+    assert on_disk == {"acc": metrics["probe"]["accuracy"], "f1": metrics["probe"]["macro_f1"],
+                       "n": metrics["probe"]["n"], "ece": metrics["probe"]["ece"],
+                       "ece_t": metrics["probe"]["ece_t"]}
+    assert 0 <= on_disk["ece_t"] <= 1
     with open(trained.base.paths.coverage) as f:  # the reject option's plot, one row per P
         coverage = list(csv.DictReader(f))
     assert [r["min_confidence"] for r in coverage] == ["0.5", "0.8", "0.9", "0.95"]
     assert [int(r["kept"]) for r in coverage] == sorted((int(r["kept"]) for r in coverage),
                                                         reverse=True)
-    probe = on_disk["probe"]
+    probe = read_eval_metrics(trained.base.paths.eval_metrics)["probe"]
     per_class = read_per_class(trained.base.paths.per_class)
     assert {r["class"] for r in per_class} == set(metrics["probe"]["per_class"]) \
         == {"blue", "green", "red"}

@@ -61,6 +61,7 @@ def test_the_graph_gives_predicts_probabilities(project: Path, monkeypatch, caps
         "models/head.safetensors": sha256_file(Path("models/head.safetensors")),
         "models/head.json": sha256_file(Path("models/head.json"))}
     assert meta["model"]["extractor_id"] == head["extractor_id"]
+    assert meta["calibration"] == head["calibration"]  # the temperature, for abstaining
     assert meta["sha256"] == sha256_file(onnx)
     assert meta["input"]["shape"] == ["batch", 3, 32, 32]
     assert meta["preprocess"]["input_size"] == [3, 32, 32]

@@ -28,7 +28,8 @@ def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path, classifi
     assert head.classes == ("blue", "green", "red")
     assert probe["best"]["val_accuracy"] >= 0.8  # colour is easy
     metrics = json.loads(params.base.paths.probe_metrics.read_text())
-    assert metrics == {"probe": {k: probe["best"][k] for k in ("val_accuracy", "C", "layer")}}
+    assert metrics == {"acc": probe["best"]["val_accuracy"],
+                       **{k: probe["best"][k] for k in ("C", "layer")}}
     assert json.loads(params.base.paths.compare_report.read_text()) == {"compared": False}
     assert (head.meta["backbone"], head.meta["input_size"]) == (params.extract.backbone, 32)
 

@@ -4,8 +4,9 @@
 |------------------------------|------------|---------------------------------------|
 | <features>/current.json      | extract    | train (the candidates), predict       |
 | extract_report               | extract    | train, finetune, evaluate             |
-| probe_report                 | train      | advise, audit, the run summary        |
+| probe_report                 | train      | advise, audit, the run summary, report|
 | compare_report               | train      | tlflow compare, the reports           |
+| sweep (a plot)               | train      | `dvc plots show`, `tlflow plots`      |
 | strategy                     | train      | advise, the run summary               |
 | train_choice                 | train      | finetune (only the values it uses)    |
 | eval_metrics                 | evaluate   | the run summary, history              |
@@ -14,9 +15,13 @@
 | duplicates, label_issues,    | audit      | the run summary, the HTML report      |
 | balance                      |            |                                       |
 
-The DVC metrics (extract_metrics, probe_metrics, eval_metrics) hold a few numbers each (and
-the probe's layer name), so `dvc metrics show` stays readable and `dvc metrics diff` compares
-numbers; the details behind them are reports/ files and plots.
+The DVC metrics (extract_metrics, probe_metrics, eval_metrics, audit_metrics) hold a few
+numbers each (and the probe's layer name) under short names, shared where they mean the same
+thing: `dvc metrics show` prints one column per name and one row per file, so `acc` is the
+chosen probe's val accuracy on the probe.json row and its test accuracy on the eval.json row,
+`n` the images in the manifest (extract) or the test images (eval). It fits 120 columns with
+fine-tuning on, and `dvc metrics diff` compares numbers; the details behind them are reports/
+files and plots.
 
 (The manifest's owner is tasks/lib/manifest.py; the model files' are head.py and network.py.)
 A missing or malformed file is a TlflowError naming the file and the stage that writes it.
@@ -147,8 +152,9 @@ def write_extract_report(path: Path, report: ExtractReport) -> None:
 
 
 def write_extract_metrics(path: Path, report: ExtractReport) -> None:
-    """metrics/extract.json: images in the manifest and how many were skipped as unreadable."""
-    write_json(path, {"extract": {"images": report.images, "skipped": len(report.bad_images)}})
+    """metrics/extract.json: `n`, the images in the manifest (how many were skipped as
+    unreadable, and which, is the extract report's)."""
+    write_json(path, {"n": report.images})
 
 
 def read_extract_report(path: Path) -> ExtractReport:
@@ -168,15 +174,32 @@ def write_probe_report(path: Path, best: dict[str, Any], layers: list[dict],
 
 def write_probe_metrics(path: Path, best: dict[str, Any],
                         compared: dict[str, Any] | None = None) -> None:
-    """metrics/probe.json: the chosen probe's val accuracy, C and layer (the one string);
-    after a comparison of backbones, one number per backbone (its val accuracy, keyed by the
-    model's name), not the table (reports/compare.json)."""
-    obj: dict[str, Any] = {"probe": {"val_accuracy": best["val_accuracy"], "C": best["C"],
-                                     "layer": best["layer"]}}
+    """metrics/probe.json: the chosen probe's val accuracy (`acc`), C and layer (the one
+    string); after a comparison of backbones, one number per backbone (its val accuracy,
+    keyed by the model's name under `compare`), not the table (reports/compare.json)."""
+    obj: dict[str, Any] = {"acc": best["val_accuracy"], "C": best["C"], "layer": best["layer"]}
     if compared and compared.get("compared"):
         obj["compare"] = {r["backbone"].partition("/")[2]: r["val_accuracy"]
                           for r in compared["rows"]}
     write_json(path, obj)
+
+
+def write_sweep(path: Path, sweep: list[dict]) -> None:
+    """plots/sweep.csv, the sweep as a DVC plot: one row per C (ascending), its log10 (the
+    plot's x: the grid is log-spaced), then the val accuracy of each layer in a column named
+    after it (as extract.layers names it, which dvc.yaml's plot lists as its y); empty where
+    the sweep did not fit that layer at that C."""
+    import math
+
+    layers = list(dict.fromkeys(r["layer"] for r in sweep))
+    acc = {(r["layer"], r["C"]): r["val_accuracy"] for r in sweep}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["C", "log10_C", *layers])
+    for C in sorted({r["C"] for r in sweep}):
+        w.writerow([f"{C:g}", f"{math.log10(C):.6g}",
+                    *(f"{acc[layer, C]:.6g}" if (layer, C) in acc else "" for layer in layers)])
+    write_text(path, buf.getvalue())
 
 
 def read_probe_report(path: Path) -> dict[str, Any]:
@@ -230,19 +253,24 @@ def read_compare_report(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- evaluate
 
 
-# per model in metrics/eval.json; the expected calibration errors where there are any
+# per model, as read_eval_metrics returns them (the ECEs: the probe's, where evaluate has them)
 EVAL_KEYS = ("accuracy", "macro_f1", "n", "ece", "ece_t")
+# their names in metrics/eval.json: the probe's plain, the fine-tuned network's with "ft_"
+EVAL_NAMES = {"accuracy": "acc", "macro_f1": "f1", "n": "n", "ece": "ece", "ece_t": "ece_t"}
+MODEL_PREFIX = {"probe": "", "finetune": "ft_"}
 PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model in the per-class CSV
 
 
 def write_eval_metrics(path: Path, scores: dict[str, dict[str, Any]]) -> None:
-    """metrics/eval.json: {model: {accuracy, macro_f1, n, ece, ece_t}} from
-    evaluation.score's results (the ECEs where evaluate adds them); their per-class tables go
-    to write_per_class. The fine-tuned network is scored on the probe's test images, so its n
-    is left out, and its ECEs too (columns fewer in `dvc metrics show`)."""
-    write_json(path, {model: {k: s[k] for k in EVAL_KEYS
-                              if k in s and (model == "probe" or k in EVAL_KEYS[:2])}
-                      for model, s in scores.items()})
+    """metrics/eval.json: acc, f1 (macro), n (test images) and the expected calibration
+    errors before and after temperature scaling (ece, ece_t) of the probe, ft_acc and ft_f1 of
+    the fine-tuned network, from evaluation.score's results (the ECEs where evaluate adds
+    them); their per-class tables go to write_per_class. The fine-tuned network is scored on
+    the probe's test images, so its n is left out, and its ECEs too (fewer columns in
+    `dvc metrics show`)."""
+    write_json(path, {MODEL_PREFIX[model] + EVAL_NAMES[k]: s[k] for model, s in scores.items()
+                      for k in EVAL_KEYS
+                      if k in s and (model == "probe" or k in ("accuracy", "macro_f1"))})
 
 
 def write_per_class(path: Path, scores: dict[str, dict[str, Any]]) -> None:
@@ -277,12 +305,24 @@ def read_per_class(path: Path) -> list[dict[str, Any]]:
 
 
 def read_eval_metrics(path: Path) -> dict[str, Any]:
-    return _read(path, "evaluate", ("probe",))
+    """{model: {accuracy, macro_f1[, n]}} (probe, and finetune when it ran)."""
+    if not path.is_file():
+        raise handoff_error(path, "evaluate")
+    return parse_eval_metrics(path.read_bytes(), path)
 
 
-def parse_eval_metrics(text: str, path: Path) -> dict[str, Any]:
-    """The eval metrics from their JSON text (e.g. as committed at a git revision)."""
-    return _parse(text, path, "evaluate", ("probe",))
+def parse_eval_metrics(text: str | bytes, path: Path) -> dict[str, Any]:
+    """The eval metrics from their JSON text (e.g. as committed at a git revision), as
+    {model: {accuracy, macro_f1[, n]}}; a file committed before the short names (nested by
+    model, as this returns it) is read as it is."""
+    obj = _parse(text, path, "evaluate", ())
+    if "probe" in obj:  # the nested form of earlier runs
+        return obj
+    if "acc" not in obj:
+        raise handoff_error(path, "evaluate", "expected a JSON object with keys ['acc', ...]")
+    return {model: {k: obj[prefix + name] for k, name in EVAL_NAMES.items()
+                    if prefix + name in obj}
+            for model, prefix in MODEL_PREFIX.items() if prefix + "acc" in obj}
 
 
 # ---------------------------------------------------------------- per-image predictions
@@ -362,5 +402,6 @@ def read_audit(path: Path, kind: str) -> dict[str, Any]:
 
 
 def write_audit_metrics(path: Path, counts: dict[str, int]) -> None:
-    """metrics/audit.json: the counts of each check (numbers only)."""
-    write_json(path, {"audit": counts})
+    """metrics/audit.json: near-duplicate pairs across splits (`dups`) and likely label errors
+    (`label_issues`); the other counts are the audit reports' (duplicates, label_issues)."""
+    write_json(path, {"dups": counts["near_duplicates"], "label_issues": counts["label_issues"]})

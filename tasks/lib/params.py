@@ -84,6 +84,8 @@ class Paths(_Section):
     probe_report: Path
     # train: one row per backbone of extract.compare (a default: projects from before it)
     compare_report: Path = Path("reports/compare.json")
+    # train: the sweep as a DVC plot (val accuracy per C, a column per layer)
+    sweep: Path = Path("plots/sweep.csv")
     eval_metrics: Path
     per_class: Path
     confusion: Path
@@ -94,14 +96,17 @@ class Paths(_Section):
     finetune_curve: Path
     finetune_checkpoints: Path
     predictions: Path  # evaluate: one row per (model, test image)
-    coverage: Path  # evaluate: accuracy against coverage at four min confidences (DVC plot)
+    # evaluate: accuracy against coverage at four min confidences (DVC plot)
+    coverage: Path = Path("plots/coverage.csv")
     confusion_finetune: Path  # evaluate: the fine-tuned network's confusion CSV
     duplicates: Path  # audit: near-duplicates across splits, one image under two labels
     label_issues: Path  # audit: likely label errors on train + val
     balance: Path  # audit: images per class and split
     audit_metrics: Path  # audit: the counts
     report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
-    export: Path  # tlflow export: <export>/<artifact>.onnx + .json sidecar (a folder)
+    # The keys below have defaults: a project made before them keeps working.
+    export: Path = Path("export")  # tlflow export: <export>/<artifact>.onnx + .json (a folder)
+    plots_page: Path = Path("report/plots.html")  # `tlflow plots`: DVC's plots as SVG, offline
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:

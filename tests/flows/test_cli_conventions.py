@@ -90,8 +90,10 @@ def test_predict_writes_only_csv_rows_to_stdout(project: Path):
     proc = run_cli(["tlflow", "predict", "data/images"], project, cli_env(project))
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(io.StringIO(proc.stdout)))
-    assert rows[0] == ["path", "label_1", "probability_1"] and len(rows) == 37
-    assert all(Path(path).parent.name == label for path, label, _ in rows[1:])  # colour: easy
+    assert rows[0] == ["path", "label_1", "probability_1", "prediction", "confidence",
+                       "novel"] and len(rows) == 37
+    assert all(Path(row[0]).parent.name == row[1] == row[3] for row in rows[1:])  # colour: easy
+    assert {row[5] for row in rows[1:]} <= {"true", "false"}
     assert "predict: 36 images, 36 codes from the store, 0 computed" in proc.stderr
 
 

@@ -13,10 +13,16 @@ import yaml
 
 from tests.conftest import cli_env, colour_project, run_cli
 from tlflow.tasks import evaluate, extract, finetune, ingest, train
-from tlflow.tasks.lib.handoff import read_eval_metrics, write_eval_metrics
+from tlflow.tasks.lib.handoff import (
+    ExtractReport,
+    write_audit_metrics,
+    write_eval_metrics,
+    write_extract_metrics,
+    write_probe_metrics,
+)
 from tlflow.tasks.lib.params import params_under
 
-WIDTH = 200  # columns a terminal gives `dvc metrics show`
+WIDTH = 120  # columns a terminal gives `dvc metrics show`
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def project(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("dvc_metrics")
     root = colour_project(tmp)
     params = params_under(root, root / "params.yaml")
-    for stage in (ingest, extract, train, finetune, evaluate):
+    for stage in (ingest, extract, train, finetune, evaluate):  # the audit's file: written below
         stage.run(params)
     return root, params, cli_env(tmp)
 
@@ -48,23 +54,33 @@ def test_metrics_show_fits_and_leads_with_the_test_accuracy(project):
     lines = _metrics_show(root, env)
     assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
     columns = re.split(r"\s{2,}", lines[0].strip())
-    assert "probe.accuracy" in columns[:5], columns
+    assert "acc" in columns[:3], columns
 
 
 def test_metrics_still_fit_with_a_fine_tuned_network(project):
-    """The fine-tuned network adds its accuracy and macro F1 (its n is the probe's)."""
+    """The fine-tuned network adds its accuracy and macro F1 (its n is the probe's), with
+    every metric as wide as a real run makes it (DVC prints 5 decimals): 120 columns."""
     root, params, env = project
-    path = params.base.paths.eval_metrics
-    before = path.read_bytes()
-    probe = read_eval_metrics(path)["probe"]
+    paths = params.base.paths
+    files = (paths.extract_metrics, paths.probe_metrics, paths.eval_metrics, paths.audit_metrics)
+    before = [p.read_bytes() if p.is_file() else None for p in files]
+    long = 0.9655172413793104
     try:
-        write_eval_metrics(path, {"probe": probe, "finetune": {**probe, "accuracy": 0.5}})
+        write_extract_metrics(paths.extract_metrics, ExtractReport("x", 12345, ()))
+        write_probe_metrics(paths.probe_metrics, {"val_accuracy": long, "C": 0.001,
+                                                  "layer": "blocks.4"})
+        model = {"accuracy": long, "macro_f1": long, "n": 1234}
+        write_eval_metrics(paths.eval_metrics, {"probe": model, "finetune": model})
+        write_audit_metrics(paths.audit_metrics, {"near_duplicates": 123, "label_issues": 456})
         lines = _metrics_show(root, env)
     finally:
-        path.write_bytes(before)
-    # the probe's two calibration errors (ece, ece_t) take 20 columns: 220 with both models
-    assert max(map(len, lines)) <= WIDTH + 20, "\n".join(lines)
-    assert "finetune.accuracy" in lines[0] and "finetune.n" not in lines[0]
+        for p, b in zip(files, before, strict=True):
+            if b is None:
+                p.unlink()
+            else:
+                p.write_bytes(b)
+    assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
+    assert "ft_acc" in lines[0] and "ft_n" not in lines[0]
 
 
 def test_metrics_hold_numbers_and_at_most_a_few_short_strings(project):
@@ -94,5 +110,30 @@ def test_the_details_are_reports_and_plots(project):
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert not shown.get("errors"), shown["errors"]
-    assert {"plots/per_class.csv", "plots/finetune.csv", "plots/confusion.csv"} <= \
-        set(shown["data"])
+    assert {"plots/per_class.csv", "plots/finetune.csv", "plots/confusion.csv",
+            "plots/sweep.csv"} <= set(shown["data"])
+
+
+def test_tlflow_plots_draws_dvc_plots_offline(project):
+    """`tlflow plots`: DVC's plots drawn to inline SVG (the per-class bars, the confusion
+    matrix, the probe's sweep) and its image (the confusion PNG) on a page that loads
+    nothing: no script, no http(s) source; the plots DVC has no rows for (fine-tuning off)
+    are left out."""
+    root, params, env = project
+    proc = run_cli(["tlflow", "plots"], root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    page = Path(proc.stdout.strip())
+    assert (root / page).resolve() == params.base.paths.plots_page.resolve()
+    html = (root / page).read_text()
+    figures = dict(re.findall(r'<figure class="plot" data-plot="([^"]+)">(.*?)</figure>',
+                              html, re.S))
+    assert set(figures) == {"plots/per_class.csv", "plots/confusion.csv",
+                            "plots/confusion.png", "plots/sweep.csv"}, list(figures)
+    for name in ("plots/per_class.csv", "plots/confusion.csv", "plots/sweep.csv"):
+        svg = figures[name]
+        assert "<svg" in svg and svg.count("<path") + svg.count("<rect") > 3, name
+    assert ">blue<" in figures["plots/confusion.csv"]  # the classes label its axes
+    assert ">val accuracy<" in figures["plots/sweep.csv"]
+    assert '<img src="data:image/png;base64,' in figures["plots/confusion.png"]
+    assert "<script" not in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)

@@ -31,3 +31,21 @@ def test_history_needs_git(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TlflowError, match="no git repository"):
         history.run(make_params(tmp_path))
+
+
+def test_lines_fit_120_columns_and_wrap_the_params_that_changed():
+    """With a fine-tuned network, a promotion and many changed params, every line fits 120
+    columns; the params wrap under their column, none lost; empty columns are left out."""
+    many = {f"finetune.key_{i}": [0.1 * i, 0.2 * i] for i in range(12)}
+    first, second = (_entry("a1", {"x"}, {}, 0.9), _entry("b2", {"x", "y"}, many, 0.95))
+    second = history.Entry(*[*vars(second).values()][:7],
+                           {"probe": {"accuracy": 0.95}, "finetune": {"accuracy": 0.97}},
+                           ("probe v0.0.2 (prod)",))
+    out = history.lines([first, second])
+    assert max(map(len, out)) <= history.WIDTH, "\n".join(out)
+    assert "finetune" in out[0] and "promoted" in out[0]
+    assert any("0.9700" in line and "probe v0.0.2 (prod)" in line for line in out)
+    joined = " ".join(line.strip() for line in out)
+    assert all(f"{k}={v}" in joined for k, v in many.items())
+    plain = history.lines([first])
+    assert "finetune" not in plain[0] and "promoted" not in plain[0]

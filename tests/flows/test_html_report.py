@@ -4,6 +4,7 @@ test images the probe gets wrong, and the page loads nothing from the network.""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -67,7 +68,7 @@ def test_the_audit_finds_the_near_copy_and_the_flipped_label(project):
     assert ("test/green/copy.png", "train/green/03.png") in pairs
     issues = json.loads(paths.label_issues.read_text())
     assert "train/blue/flipped.png" in {i["relpath"] for i in issues["images"]}
-    assert json.loads(paths.audit_metrics.read_text())["audit"]["label_issues"] == \
+    assert json.loads(paths.audit_metrics.read_text())["label_issues"] == \
         issues["count"]
     balance = json.loads(paths.balance.read_text())
     assert balance["splits"]["train"] == {"blue": 11, "green": 10, "red": 10}
@@ -96,6 +97,54 @@ def test_the_page_loads_nothing_from_the_network(project):
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert "<script" not in html
     assert "default-src 'none'" in html  # Chromium refuses any other source
+
+
+def test_the_page_shows_the_probe_sweep_as_inline_svg(project):
+    """Why this model: the sweep drawn inline (SVG, no script), its chosen (layer, C) named;
+    a second report with the same sweep reuses the drawn chart."""
+    params, _ = project
+    paths = params.base.paths
+    best = json.loads(paths.probe_report.read_text())["best"]
+    section = paths.report.read_text().split('id="sweep"')[1].split("<h2")[0]
+    assert "<svg" in section and "<script" not in section
+    assert f"{best['layer']} at C={best['C']:g}" in section
+    assert ">val accuracy<" in section and section.count("<path") > 3  # axes, line, ring
+    cached = list((paths.report.parent / "sweep").glob("*.svg"))
+    assert len(cached) == 1 and cached[0].read_text() in section
+    before = cached[0].stat().st_mtime_ns
+    write_report(paths, {})
+    assert cached[0].stat().st_mtime_ns == before  # not drawn again
+
+
+def test_the_map_has_one_point_per_test_image_the_wrong_ones_ringed(project):
+    params, _ = project
+    paths = params.base.paths
+    preds = [p for p in read_predictions(paths.predictions) if p.model == "probe"]
+    section = paths.report.read_text().split('id="map"')[1].split("<h2")[0]
+    points = re.findall(r'<g data-relpath="([^"]*)"><title>([^<]*)</title><circle ([^>]*)/>'
+                        r'(<image class="tip" href="([^"]+)")?', section)
+    assert len(points) == len(preds) >= 5
+    by_path = {html.unescape(rel): (title, circle, thumb) for rel, title, circle, _, thumb
+               in points}
+    for p in preds:
+        title, circle, thumb = by_path[p.relpath]
+        assert f"label {p.label}, predicted {p.top[0]}" in html.unescape(title)
+        assert ('stroke="#000"' in circle) == (not p.correct), p.relpath
+        assert (paths.report.parent / thumb).is_file()
+    assert "<script" not in section
+    assert len(list((paths.report.parent / "map").glob("*.json"))) == 1  # kept for next time
+
+
+def test_the_map_keeps_every_wrong_image_when_it_subsamples():
+    from tlflow.flows.embedding_map import subsample
+    from tlflow.tasks.lib.handoff import ImagePrediction
+
+    preds = [ImagePrediction("probe", f"{i}.png", f"{i:064x}", "a", ("a" if i % 7 else "b",),
+                             (1.0,), "probability", 0.0, bool(i % 7)) for i in range(100)]
+    shown = subsample(preds, 30, seed=0)
+    assert len(shown) == 30 and shown == sorted(shown, key=lambda p: int(p.relpath[:-4]))
+    assert {p.relpath for p in preds if not p.correct} <= {p.relpath for p in shown}
+    assert subsample(preds, 30, seed=0) == shown and subsample(preds, 200, 0) == preds
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -33,10 +33,15 @@ def test_round_trips(tmp_path: Path):
 
     handoff.write_probe_report(tmp_path / "probe.json", {"C": 1.0}, [], [])
     assert handoff.read_probe_report(tmp_path / "probe.json")["best"] == {"C": 1.0}
+    sweep = [{"layer": "pooled", "C": 10.0, "val_accuracy": 0.5},
+             {"layer": "pooled", "C": 0.1, "val_accuracy": 0.25},
+             {"layer": "blocks.4", "C": 0.1, "val_accuracy": 0.75}]
+    handoff.write_sweep(tmp_path / "sweep.csv", sweep)  # a DVC plot: a column per layer
+    assert (tmp_path / "sweep.csv").read_text().splitlines() == [
+        "C,log10_C,pooled,blocks.4", "0.1,-1,0.25,0.75", "10,1,0.5,"]
     handoff.write_probe_metrics(tmp_path / "m.json", {"C": 1.0, "layer": "l",
                                                       "val_accuracy": 0.5, "val_set": "x"})
-    assert json.loads((tmp_path / "m.json").read_text()) == {
-        "probe": {"C": 1.0, "layer": "l", "val_accuracy": 0.5}}
+    assert json.loads((tmp_path / "m.json").read_text()) == {"C": 1.0, "layer": "l", "acc": 0.5}
 
     per_class = {"a": {"precision": 1.0, "recall": 0.5, "f1-score": 2 / 3, "support": 2}}
     scores = {"probe": {"accuracy": 1.0, "macro_f1": 0.5, "n": 2, "per_class": per_class},
@@ -45,6 +50,10 @@ def test_round_trips(tmp_path: Path):
     assert handoff.read_eval_metrics(tmp_path / "eval.json") == {
         "probe": {"accuracy": 1.0, "macro_f1": 0.5, "n": 2},
         "finetune": {"accuracy": 0.5, "macro_f1": 0.25}}  # numbers only, n said once
+    assert json.loads((tmp_path / "eval.json").read_text()) == {  # short names: DVC's columns
+        "acc": 1.0, "f1": 0.5, "n": 2, "ft_acc": 0.5, "ft_f1": 0.25}
+    nested = {"probe": {"accuracy": 0.9, "macro_f1": 0.8, "n": 3}}  # as runs before them wrote
+    assert handoff.parse_eval_metrics(json.dumps(nested), tmp_path / "old.json") == nested
     handoff.write_per_class(tmp_path / "per_class.csv", scores)
     rows = handoff.read_per_class(tmp_path / "per_class.csv")
     assert [r["model"] for r in rows] == ["probe", "finetune"]
