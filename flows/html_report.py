@@ -153,6 +153,18 @@ def sweep_chart(paths: Paths) -> Markup | None:
     return Markup(svg) if svg else None
 
 
+def compare_view(paths: Paths) -> dict[str, Any] | None:
+    """The backbones of extract.compare as a table (header, rows, the rule, the winner),
+    from train's reports/compare.json; None when no comparison ran."""
+    from tlflow.flows.report import compare_rows
+    from tlflow.tasks.lib.compare import RULE
+
+    rows = compare_rows(paths)
+    if not rows:
+        return None
+    return {"header": list(rows[0]), "rows": [list(r.values()) for r in rows], "rule": RULE}
+
+
 def map_view(paths: Paths, preds: list[ImagePrediction],
              thumb: Thumbnails) -> dict[str, Any] | None:
     """The embedding map of the probe's test images (flows/embedding_map.py) on the chosen
@@ -270,6 +282,7 @@ def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with:
         "compared_with": compared_with, "headline": headline_rows(before, after.metrics),
         "per_class": [r for r in per_class], "models": models,
         "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
+        "compare": compare_view(paths),
         "curve": curve_png(paths.finetune_curve),
         "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,

@@ -197,3 +197,26 @@ def test_a_weak_probe_s_label_errors_come_with_a_warning(project):
     finally:
         paths.label_issues.write_bytes(original)
         write_report(paths, {})
+
+
+def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
+    from tlflow.tasks.lib import compare
+    from tlflow.tasks.lib.handoff import write_compare_report
+
+    params, _ = project
+    paths = params.base.paths
+    assert 'id="compare"' not in paths.report.read_text()  # extract.compare: []
+    rows = [compare.Result(f"timm/{n}", f"id{i}", 224, 1280, "pooled", 1.0, acc, 42, 0.95,
+                           60.0, g, 5_000_000, 1.7)
+            for i, (n, acc, g) in enumerate([("tf_efficientnet_lite0", 0.9524, 0.77),
+                                             ("tf_efficientnet_lite1", 0.9762, 1.20)])]
+    before = paths.compare_report.read_bytes()
+    try:
+        write_compare_report(paths.compare_report, compare.report(rows, compare.pick(rows)))
+        write_report(paths, {})
+        section = paths.report.read_text().split('id="compare"')[1].split("<h2")[0]
+    finally:
+        paths.compare_report.write_bytes(before)
+        write_report(paths, {})
+    assert "<td class=\"l\">*tf_efficientnet_lite1</td>" in section
+    assert "<td>0.9524</td>" in section and compare.RULE in section
