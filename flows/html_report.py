@@ -153,6 +153,21 @@ def sweep_chart(paths: Paths) -> Markup | None:
     return Markup(svg) if svg else None
 
 
+def coverage_view(paths: Paths, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The probe's reject option: at each min confidence the share of test images kept and
+    the accuracy on them (plots/coverage.csv), with the calibration error before and after
+    temperature scaling; None when evaluate wrote none."""
+    from tlflow.tasks.lib.trust import read_coverage
+
+    if not paths.coverage.is_file():
+        return None
+    rows = read_coverage(paths.coverage)
+    if not rows:
+        return None
+    probe = metrics.get("probe", {})
+    return {"rows": rows, "ece": probe.get("ece"), "ece_t": probe.get("ece_t")}
+
+
 def compare_view(paths: Paths) -> dict[str, Any] | None:
     """The backbones of extract.compare as a table (header, rows, the rule, the winner),
     from train's reports/compare.json; None when no comparison ran."""
@@ -282,7 +297,7 @@ def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with:
         "compared_with": compared_with, "headline": headline_rows(before, after.metrics),
         "per_class": [r for r in per_class], "models": models,
         "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
-        "compare": compare_view(paths),
+        "compare": compare_view(paths), "coverage": coverage_view(paths, after.metrics),
         "curve": curve_png(paths.finetune_curve),
         "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,

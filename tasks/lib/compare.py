@@ -100,6 +100,23 @@ def report(results: list[Result], winner: int) -> dict[str, Any]:
             "winner_extractor_id": results[winner].extractor_id, "rows": rows}
 
 
+def short_names(backbones: list[str]) -> list[str]:
+    """Short, distinct names for metric keys: the model names without their source and
+    without the prefix they all share up to a `_` (tf_efficientnet_lite0, ..._lite2 ->
+    lite0, lite2; resnet50 beside tf_efficientnet_lite0 stays as it is; the same model from
+    two sources keeps its source: timm_resnet18, torchvision_resnet18)."""
+    names = [b.partition("/")[2] or b for b in backbones]
+    if len(set(names)) < len(names):  # the same model from two sources
+        return [b.replace("/", "_") for b in backbones]
+    if len(names) < 2:
+        return names
+    columns = zip(*names, strict=False)  # up to the shortest name
+    same = next((i for i, chars in enumerate(columns) if len(set(chars)) > 1),
+                min(map(len, names)))
+    cut = names[0][:same].rfind("_") + 1
+    return [n[cut:] for n in names]
+
+
 COLUMNS = (("backbone", "backbone", "{}"), ("input_size", "px", "{}"),
            ("code_dim", "dim", "{}"), ("layer", "layer", "{}"),
            ("val_accuracy", "val acc", "{:.4f}"), ("val_se", "± se", "{:.4f}"),

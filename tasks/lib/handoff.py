@@ -176,11 +176,15 @@ def write_probe_metrics(path: Path, best: dict[str, Any],
                         compared: dict[str, Any] | None = None) -> None:
     """metrics/probe.json: the chosen probe's val accuracy (`acc`), C and layer (the one
     string); after a comparison of backbones, one number per backbone (its val accuracy,
-    keyed by the model's name under `compare`), not the table (reports/compare.json)."""
+    keyed by its short model name under `compare`: compare.short_names), not the table
+    (reports/compare.json)."""
     obj: dict[str, Any] = {"acc": best["val_accuracy"], "C": best["C"], "layer": best["layer"]}
     if compared and compared.get("compared"):
-        obj["compare"] = {r["backbone"].partition("/")[2]: r["val_accuracy"]
-                          for r in compared["rows"]}
+        from tlflow.tasks.lib.compare import short_names
+
+        rows = compared["rows"]
+        names = short_names([r["backbone"] for r in rows])
+        obj["compare"] = {n: r["val_accuracy"] for n, r in zip(names, rows, strict=True)}
     write_json(path, obj)
 
 

@@ -224,3 +224,15 @@ def write_coverage(path: Path, rows: list[dict]) -> None:
         w.writerow([f"{r['min_confidence']:g}", f"{r['coverage']:.6g}",
                     "" if r["accuracy"] is None else f"{r['accuracy']:.6g}", r["kept"]])
     write_text(path, buf.getvalue())
+
+
+def read_coverage(path: Path) -> list[dict[str, str]]:
+    """plots/coverage.csv as rows (column -> text), for the report; a file without the
+    columns write_coverage writes is an error naming it and the evaluate stage."""
+    from tlflow.tasks.lib.errors import handoff_error
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(COVERAGE_COLUMNS) - set(rows[0]):
+        raise handoff_error(path, "evaluate", f"expected the columns {list(COVERAGE_COLUMNS)}")
+    return rows

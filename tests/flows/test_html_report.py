@@ -220,3 +220,12 @@ def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
         write_report(paths, {})
     assert "<td class=\"l\">*tf_efficientnet_lite1</td>" in section
     assert "<td>0.9524</td>" in section and compare.RULE in section
+
+
+def test_the_page_shows_accuracy_against_coverage(project):
+    """Abstain: evaluate's coverage table (one row per min confidence) and the ECEs."""
+    params, _ = project
+    section = params.base.paths.report.read_text().split('id="coverage"')[1].split("<h2")[0]
+    assert [row.split("</td>")[0] for row in section.split("<tr><td>")[1:]] == [
+        "0.5", "0.8", "0.9", "0.95"]
+    assert "expected calibration error on the test images" in section

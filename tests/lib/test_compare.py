@@ -86,3 +86,13 @@ def test_the_prefect_table_artifact_rows(tmp_path):
     rows = compare_rows(paths)
     assert [r["backbone"] for r in rows] == ["*a", " b"]
     assert rows[1]["val acc"] == "0.9000" and rows[1]["GFLOPs"] == "1.00"
+
+
+def test_short_names_for_the_metrics():
+    lite = [f"timm/tf_efficientnet_lite{n}" for n in (0, 1, 2)]
+    assert compare.short_names(lite) == ["lite0", "lite1", "lite2"]
+    assert compare.short_names(["timm/resnet50", lite[0]]) == ["resnet50",
+                                                                "tf_efficientnet_lite0"]
+    assert compare.short_names(["timm/resnet18", "torchvision/resnet18"]) == [
+        "timm_resnet18", "torchvision_resnet18"]
+    assert compare.short_names([lite[0]]) == ["tf_efficientnet_lite0"]
