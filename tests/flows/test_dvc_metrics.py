@@ -128,8 +128,10 @@ def test_tlflow_plots_draws_dvc_plots_offline(project):
     figures = dict(re.findall(r'<figure class="plot" data-plot="([^"]+)">(.*?)</figure>',
                               html, re.S))
     assert set(figures) == {"plots/per_class.csv", "plots/confusion.csv",
-                            "plots/confusion.png", "plots/sweep.csv"}, list(figures)
-    for name in ("plots/per_class.csv", "plots/confusion.csv", "plots/sweep.csv"):
+                            "plots/confusion.png", "plots/sweep.csv",
+                            "plots/coverage.csv"}, list(figures)
+    for name in ("plots/per_class.csv", "plots/confusion.csv", "plots/sweep.csv",
+                 "plots/coverage.csv"):
         svg = figures[name]
         assert "<svg" in svg and svg.count("<path") + svg.count("<rect") > 3, name
     assert ">blue<" in figures["plots/confusion.csv"]  # the classes label its axes
