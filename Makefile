@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast accuracy lint bench faults clean
+.PHONY: install run test test-fast accuracy package lint bench faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,15 +26,19 @@ run: install  ## run the default pipeline as a Prefect flow and print the result
 # and one worker computes while the other waits on a subprocess or the Prefect server.
 # The kill-and-resume tests (marked faults) run with the fault suite: `make faults`; the
 # accuracy claims (marked accuracy: the probe on hymenoptera, bf16 against fp32 on it and on
-# the digits) with `make accuracy`; CI runs all three.
+# the digits, the zoo, the export, abstain and drift) with `make accuracy`; the wheel in a
+# fresh venv (marked package) with `make package`; CI runs all four.
 test: install  ## the suite (no network, no GPU; about 6 minutes on 2 cores)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not faults and not accuracy"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not faults and not accuracy and not package"
 
 test-fast: install  ## the suite without the slow end-to-end and real-weights tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not faults and not accuracy"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not faults and not accuracy and not package"
 
-accuracy: install  ## the accuracy claims on real images, each precision (about 1 minute)
+accuracy: install  ## the accuracy claims on real images, each precision (a few minutes)
 	$(BIN)/python -m pytest -q -n 2 --dist load -m accuracy
+
+package: install  ## the wheel in a fresh venv, used as a new user would (about 1 minute)
+	$(BIN)/python -m pytest -q -p no:xdist -m package tests/test_wheel.py
 
 lint: install
 	$(BIN)/ruff check .

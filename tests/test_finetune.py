@@ -121,7 +121,8 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
     assert set(metrics["finetune"]) >= {"accuracy", "macro_f1", "per_class"}
     assert metrics["finetune"]["n"] == metrics["probe"]["n"]
     on_disk = json.loads(params.base.paths.eval_metrics.read_text())
-    assert (on_disk["ft_acc"], on_disk["ft_f1"]) == (metrics["finetune"]["accuracy"],
+    assert (on_disk["finetune"]["accuracy"], on_disk["finetune"]["macro_f1"]) == (
+        metrics["finetune"]["accuracy"],
                                                      metrics["finetune"]["macro_f1"])
     header = params.base.paths.per_class.read_text().splitlines()[0].split(",")
     assert header[:2] == ["class", "support"] and "finetune_f1" in header

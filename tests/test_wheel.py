@@ -88,6 +88,7 @@ def _py(fresh: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.package
 def test_the_installed_wheel_is_one_package(fresh: Path, tmp_path: Path):
     from tlflow import __version__
 
@@ -117,6 +118,7 @@ def _append(path: Path, text: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.package
 def test_a_project_of_ones_own_from_the_wheel(fresh: Path, tmp_path: Path,
                                               prefect_server: str):
     """init elsewhere, run, a second run skips every stage; an upgrade that changed the

@@ -16,12 +16,10 @@
 | balance                      |            |                                       |
 
 The DVC metrics (extract_metrics, probe_metrics, eval_metrics, audit_metrics) hold a few
-numbers each (and the probe's layer name) under short names, shared where they mean the same
-thing: `dvc metrics show` prints one column per name and one row per file, so `acc` is the
-chosen probe's val accuracy on the probe.json row and its test accuracy on the eval.json row,
-`n` the images in the manifest (extract) or the test images (eval). It fits 120 columns with
-fine-tuning on, and `dvc metrics diff` compares numbers; the details behind them are reports/
-files and plots.
+numbers each (and the probe's layer name). eval_metrics is nested by model, as users' scripts
+read it (`["probe"]["accuracy"]`); the others use short names (`acc` is the chosen probe's
+val accuracy, `n` the images in the manifest). `dvc metrics diff` compares numbers; the
+details behind them are reports/ files and plots.
 
 (The manifest's owner is tasks/lib/manifest.py; the model files' are head.py and network.py.)
 A missing or malformed file is a TlflowError naming the file and the stage that writes it.
@@ -266,15 +264,15 @@ PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model in the per-cla
 
 
 def write_eval_metrics(path: Path, scores: dict[str, dict[str, Any]]) -> None:
-    """metrics/eval.json: acc, f1 (macro), n (test images) and the expected calibration
-    errors before and after temperature scaling (ece, ece_t) of the probe, ft_acc and ft_f1 of
-    the fine-tuned network, from evaluation.score's results (the ECEs where evaluate adds
-    them); their per-class tables go to write_per_class. The fine-tuned network is scored on
-    the probe's test images, so its n is left out, and its ECEs too (fewer columns in
-    `dvc metrics show`)."""
-    write_json(path, {MODEL_PREFIX[model] + EVAL_NAMES[k]: s[k] for model, s in scores.items()
-                      for k in EVAL_KEYS
-                      if k in s and (model == "probe" or k in ("accuracy", "macro_f1"))})
+    """metrics/eval.json: {"probe": {accuracy, macro_f1, n, ece, ece_t}, "finetune":
+    {accuracy, macro_f1}} from evaluation.score's results (the expected calibration errors
+    before and after temperature scaling where evaluate adds them); their per-class tables go
+    to write_per_class. Nested by model, as every tlflow release wrote it: users' scripts read
+    `["probe"]["accuracy"]`. The fine-tuned network is scored on the probe's test images, so
+    its n is left out, and its ECEs too (fewer columns in `dvc metrics show`)."""
+    write_json(path, {model: {k: s[k] for k in EVAL_KEYS
+                              if k in s and (model == "probe" or k in ("accuracy", "macro_f1"))}
+                      for model, s in scores.items()})
 
 
 def write_per_class(path: Path, scores: dict[str, dict[str, Any]]) -> None:
@@ -317,10 +315,10 @@ def read_eval_metrics(path: Path) -> dict[str, Any]:
 
 def parse_eval_metrics(text: str | bytes, path: Path) -> dict[str, Any]:
     """The eval metrics from their JSON text (e.g. as committed at a git revision), as
-    {model: {accuracy, macro_f1[, n]}}; a file committed before the short names (nested by
-    model, as this returns it) is read as it is."""
+    {model: {accuracy, macro_f1[, n, ece, ece_t]}}: the nested form is read as it is; a
+    file committed while it had short names (acc, f1, n, ft_acc, ft_f1) is read into it."""
     obj = _parse(text, path, "evaluate", ())
-    if "probe" in obj:  # the nested form of earlier runs
+    if "probe" in obj:  # nested by model, as evaluate writes it
         return obj
     if "acc" not in obj:
         raise handoff_error(path, "evaluate", "expected a JSON object with keys ['acc', ...]")

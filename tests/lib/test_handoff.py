@@ -51,7 +51,8 @@ def test_round_trips(tmp_path: Path):
         "probe": {"accuracy": 1.0, "macro_f1": 0.5, "n": 2},
         "finetune": {"accuracy": 0.5, "macro_f1": 0.25}}  # numbers only, n said once
     assert json.loads((tmp_path / "eval.json").read_text()) == {  # short names: DVC's columns
-        "acc": 1.0, "f1": 0.5, "n": 2, "ft_acc": 0.5, "ft_f1": 0.25}
+        "probe": {"accuracy": 1.0, "macro_f1": 0.5, "n": 2},
+        "finetune": {"accuracy": 0.5, "macro_f1": 0.25}}
     nested = {"probe": {"accuracy": 0.9, "macro_f1": 0.8, "n": 3}}  # as runs before them wrote
     assert handoff.parse_eval_metrics(json.dumps(nested), tmp_path / "old.json") == nested
     handoff.write_per_class(tmp_path / "per_class.csv", scores)
