@@ -83,6 +83,8 @@ def _finetuned(served: Served) -> tuple[Any, int, str, dict[str, Any]]:
         "model": {**_model_meta(served), "backbone": net.backbone.name},
         "predict_precision": "fp32",
     }
+    if net.meta.get("calibration"):  # the temperature predict's --min-confidence divides by
+        meta["calibration"] = net.meta["calibration"]
     return SoftmaxGraph(net.model), net.backbone.input_size, "probability", meta
 
 

@@ -250,7 +250,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
             if kept else None
         classes = net.classes
         kind, note = "probability", f"predict: {len(kept)} images, fine-tuned network"
-        meta, head, codes = {}, None, None  # no temperature or novelty reference (yet)
+        meta, head, codes = net.meta, None, None  # its temperature; no novelty reference
     else:
         head = served.model
         _check_k(k, len(head.classes))  # before any forward pass

@@ -136,6 +136,14 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
         top = np.argsort(-row)[:2]
         assert p.labels == tuple(net.classes[i] for i in top)
         np.testing.assert_allclose(p.scores, row[top], atol=1e-6)
+    # temperature scaling on val (held out from training): recorded with the network, and
+    # predict's confidence is softmax(logits / T), never the network's own probability
+    cal = net.meta["calibration"]
+    assert cal["fit_on"] == "val logits" and cal["nll_calibrated"] <= cal["nll"] + 1e-6
+    from tlflow.tasks.lib.calibration import softmax
+
+    conf = softmax(np.log(proba), cal["temperature"]).max(axis=1)
+    np.testing.assert_allclose([p.confidence for p in preds], conf, atol=1e-5)
 
 
 def test_the_same_inputs_give_the_same_bytes_while_other_threads_draw(project):

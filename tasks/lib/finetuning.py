@@ -241,6 +241,20 @@ def logits(net: Network, loader, device: torch.device, precision: str = "fp32") 
     return np.concatenate(out) if out else np.empty((0, len(net.classes)))
 
 
+def val_temperature(net: Network, val: Images, rows: list[Row], cfg: Finetune,
+                    device: torch.device) -> dict:
+    """Temperature scaling of the chosen network on the val split's logits (trust.py): the
+    record its sidecar keeps, which predict's --min-confidence divides the logits by."""
+    from tlflow.tasks.lib.trust import fit_network_temperature
+
+    z = logits(net, _loader(val, cfg, device, False), device, cfg.precision)
+    y_idx = np.array([net.classes.index(r.label) for r in rows])
+    record = fit_network_temperature(z, y_idx)
+    _say(f"finetune: temperature {record['temperature']:.3f} on val (NLL "
+         f"{record['nll']:.4f} -> {record['nll_calibrated']:.4f})")
+    return record
+
+
 def val_scores(net: Network, val: Images, cfg: Finetune,
                device: torch.device) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) on the val split; under torchrun each rank scores its
@@ -511,11 +525,12 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
         else:
             _say("finetune: all layers did not improve val; keeping the first phase")
             _load_best(net, ckpt / first["best_file"])
+    calibrated = val_temperature(net, val_ds, val_rows, cfg, device) if main else None
     meta = {"trainable": "+".join(phases), "n_blocks": cfg.n_blocks,
             "init_head": cfg.init_head, "image_size": image_size,
             "best_epoch": final["curve"][final["best_epoch"] - 1]["epoch"],
             "val_accuracy": final["best_accuracy"], "epochs_run": len(curve),
-            "stopped_early": final["stopped_early"]}
+            "stopped_early": final["stopped_early"], "calibration": calibrated}
     if main:
         net.model.to("cpu", memory_format=torch.contiguous_format)
         save_network(net, paths.finetuned, meta)

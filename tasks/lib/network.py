@@ -8,7 +8,7 @@ EfficientNet: conv_head, bn2 and the classifier); everything before stays frozen
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Network:
 
     backbone: Backbone
     classes: tuple[str, ...]
+    # the sidecar it was loaded from (load_network): its calibration, epochs, ...; {} when built
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
@@ -207,6 +209,7 @@ def load_network(stem: Path) -> Network:
     cfg = meta["data_config"]
     backbone.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     net = new_network(backbone, tuple(meta["classes"]))
+    net.meta = meta
     try:
         state = load_file(str(tensors_path(stem)))
     except (SafetensorError, OSError) as err:
