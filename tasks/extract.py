@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from tlflow.tasks.lib import ownership
-from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.backbones import Backbone, CodeExtractor, create_backbone
 from tlflow.tasks.lib.compare import candidate_specs, cost
 from tlflow.tasks.lib.device import resolve_device
+from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
 from tlflow.tasks.lib.featurestore import (
     FeatureStore,
@@ -69,12 +70,26 @@ class Extracted:
     size_why: str
 
 
+def candidates(params: Params) -> list[tuple[str, str, Backbone]]:
+    """(name, weights, backbone) of extract.backbone and of each extract.compare entry, all
+    built before any code is computed: a candidate that cannot be built (unknown, weights
+    not installed or not downloadable) stops the stage before it writes anything."""
+    out = []
+    for i, (name, weights) in enumerate(candidate_specs(params.extract)):
+        try:
+            out.append((name, weights, create_backbone(name, weights, None, params.base.seed)))
+        except TlflowError as err:
+            if i == 0:
+                raise
+            raise TlflowError(f"extract.compare: {name} (weights {weights}): {err}") from None
+    return out
+
+
 def extract_one(params: Params, rows: list[Row], device: torch.device, name: str,
-                weights: str, comparing: bool) -> Extracted:
+                weights: str, backbone: Backbone, comparing: bool) -> Extracted:
     """Compute the codes one backbone's store lacks (resumable, batch by batch) and record
     the throughput; with `comparing`, also count its GFLOPs and parameters."""
     cfg, paths = params.extract, params.base.paths
-    backbone = create_backbone(name, weights, None, params.base.seed)
     train = sorted((r for r in rows if r.split == "train"), key=lambda r: r.sha256)
     size, why = input_size_for(cfg.image_size, backbone.input_size,
                                [paths.images / r.relpath for r in train[:SIZE_SAMPLE]])
@@ -122,11 +137,11 @@ def run(params: Params) -> Path:
     cfg, paths = params.extract, params.base.paths
     rows = read_manifest(paths.manifest)
     device = resolve_device(cfg.device)
+    built = candidates(params)  # every backbone first: a bad candidate stops it here
     ownership.check_outputs("extract", paths)  # as ingest: marked before anything is written,
     ownership.mark("features", paths.features)  # so a killed run's shard files stay ours
-    specs = candidate_specs(cfg)
-    done = [extract_one(params, rows, device, name, weights, len(specs) > 1)
-            for name, weights in specs]
+    done = [extract_one(params, rows, device, name, weights, backbone, len(built) > 1)
+            for name, weights, backbone in built]
     main = done[0]
     unreadable = {b["sha256"]: b for d in done for b in d.bad}  # the same files for each
     bad = each_file(list(unreadable.values()), rows)

@@ -132,3 +132,17 @@ def test_a_damaged_head_is_repaired_by_rerunning_train(tmp_path: Path, image_fol
     train.run(params)
     assert path.read_bytes() == good
     assert load_head(params.base.paths.head).classes == ("blue", "green", "red")
+
+
+def test_a_compare_candidate_that_cannot_be_built_stops_extract_before_any_code(
+        tmp_path: Path, image_folder: Path):
+    """One line naming extract.compare and the candidate; no store is written, not even
+    extract.backbone's (every candidate is built before any code is computed)."""
+    params = make_params(
+        tmp_path, ingest={"source": "folder", "path": str(image_folder)},
+        extract={"layers": ["pooled"], "image_size": 32, "compare": ["timm/no_such_net"]})
+    ingest.run(params)
+    with pytest.raises(TlflowError, match=r"extract.compare: timm/no_such_net \(weights "
+                                          r"imagenet\): .*timm has no model 'no_such_net'"):
+        extract.run(params)
+    assert not list(params.base.paths.features.glob("*.h5"))

@@ -245,9 +245,9 @@ class Extract(_Section):
         for name in v:
             source, _, model = name.partition("/")
             if not source or not model:
-                raise ValueError(f"compare: {name!r} is not <source>/<model>")
+                raise ValueError(f"{name!r} is not <source>/<model>")
         if len(set(v)) != len(v):
-            raise ValueError(f"compare: backbones must be unique, got {list(v)}")
+            raise ValueError(f"backbones must be unique, got {list(v)}")
         return v
 
     @field_validator("image_size")
