@@ -342,6 +342,13 @@ def warn_if_stale(names: Sequence[str], who: str) -> None:
                   "run; `tlflow run` brings it up to date", file=sys.stderr)
 
 
+def _open(page: Path) -> None:
+    """Open a written page in the web browser (`--open`)."""
+    import webbrowser
+
+    webbrowser.open(page.resolve().as_uri())
+
+
 def cmd_report(open_it: bool) -> int:
     """Write the HTML report from the outputs on disk; its path on stdout, counts on stderr."""
     from tlflow.flows.html_report import write_report
@@ -357,9 +364,7 @@ def cmd_report(open_it: bool) -> int:
           "thumbnails", file=sys.stderr)
     print(written.page)
     if open_it:
-        import webbrowser
-
-        webbrowser.open(written.page.resolve().as_uri())
+        _open(written.page)
     return 0
 
 
@@ -395,9 +400,7 @@ def cmd_plots(open_it: bool) -> int:
           file=sys.stderr)
     print(page)
     if open_it:
-        import webbrowser
-
-        webbrowser.open(page.resolve().as_uri())
+        _open(page)
     return 0
 
 

@@ -171,13 +171,11 @@ def coverage_view(paths: Paths, metrics: dict[str, Any]) -> dict[str, Any] | Non
 def compare_view(paths: Paths) -> dict[str, Any] | None:
     """The backbones of extract.compare as a table (header, rows, the rule, the winner),
     from train's reports/compare.json; None when no comparison ran."""
-    from tlflow.flows.report import compare_rows
+    from tlflow.flows.report import compare_table
     from tlflow.tasks.lib.compare import RULE
 
-    rows = compare_rows(paths)
-    if not rows:
-        return None
-    return {"header": list(rows[0]), "rows": [list(r.values()) for r in rows], "rule": RULE}
+    found = compare_table(paths)
+    return {"header": found[0], "rows": found[1], "rule": RULE} if found else None
 
 
 def map_view(paths: Paths, preds: list[ImagePrediction],

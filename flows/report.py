@@ -179,19 +179,22 @@ def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str
     return "# Strategy\n\n" + table(decision) + "\n" + "\n".join(notes), description
 
 
-def compare_rows(paths: Paths) -> list[dict[str, str]]:
-    """The comparison of backbones as table rows (column title -> cell), the winner marked;
-    [] when none ran (reports/compare.json from train)."""
+def compare_table(paths: Paths) -> tuple[list[str], list[list[str]]] | None:
+    """The comparison of backbones as (header, rows of cells), the winner marked; None when
+    none ran (reports/compare.json from train)."""
     from tlflow.tasks.lib.compare import table
     from tlflow.tasks.lib.handoff import read_compare_report
 
     if not paths.compare_report.is_file():
-        return []
+        return None
     rep = read_compare_report(paths.compare_report)
-    if not rep["compared"]:
-        return []
-    header, rows = table(rep)
-    return [dict(zip(header, row, strict=True)) for row in rows]
+    return table(rep) if rep["compared"] else None
+
+
+def compare_rows(paths: Paths) -> list[dict[str, str]]:
+    """compare_table as Prefect table rows (column title -> cell); [] when none ran."""
+    found = compare_table(paths)
+    return [dict(zip(found[0], row, strict=True)) for row in found[1]] if found else []
 
 
 def artifact_key(project: str, what: str) -> str:

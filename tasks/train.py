@@ -8,6 +8,7 @@ byte, whatever was there before. Which model serves is decided later, by `tlflow
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from tlflow.tasks.lib.probes import (
 from tlflow.tasks.lib.stream import sweep_stream
 from tlflow.tasks.lib.trust import attach, describe
 
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
 # what this stage reads besides base.paths (dvc.yaml: params); not train.promote_margin,
 # which only `tlflow promote` reads
 PARAMS = ("base.seed", "train.classifier", "train.C_grid", "train.max_iter", "train.normalize",
@@ -60,12 +64,23 @@ def choose(params: Params, store: Path, rows: list[Row], table: list[dict],
 
 
 def sweep_store(path: Path, rows: list[Row], cfg: TrainCfg, seed: int) -> tuple[list, Refit]:
-    """The sweep of layers and C on one store's codes, and its refit on train + val."""
+    """The sweep of layers and C on one store's codes, and its refit on train + val, each
+    (layer, C) fitted once: the comparison's row and the saved head share the winner's."""
     if cfg.classifier == "sgd":
         with FeatureStore(path) as store:
             dims = store.layers
-        return sweep_stream(path, rows, dims, cfg, seed)
-    return sweep_in_memory(path, rows, cfg, seed)
+        table, refit = sweep_stream(path, rows, dims, cfg, seed)
+    else:
+        table, refit = sweep_in_memory(path, rows, cfg, seed)
+    fitted: dict[tuple[str, float], Pipeline] = {}
+
+    def once(top: dict) -> Pipeline:
+        key = (top["layer"], top["C"])
+        if key not in fitted:
+            fitted[key] = refit(top)
+        return fitted[key]
+
+    return table, once
 
 
 def measure(c: Candidate, path: Path, rows: list[Row], table: list[dict],
