@@ -190,3 +190,47 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     print(write_html_report(paths, before))  # before the summary, which links it
     publish_summary(params.base.project, paths, before, results)
     return results
+
+
+def clear_schedule(name: str) -> None:
+    """Pause the served deployment (`tlflow-pipeline/<name>`) and delete its runs still
+    Scheduled: nobody serves them now, and they would clutter the UI. Prefect 3's serve does
+    the same on a clean shutdown (pause_on_shutdown; pausing deletes auto-scheduled runs);
+    this also covers runs scheduled by hand. Serving again resumes the same deployment."""
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"tlflow-pipeline/{name}")
+        client.pause_deployment(deployment.id)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+        for run in runs:
+            client.delete_flow_run(run.id)
+
+
+def deploy(name: str, pool: str, cron: str | None, interval: float | None) -> object:
+    """Register a deployment `tlflow-pipeline/<name>` of this project's flow (the current
+    folder as its source) on the work pool `pool`, one run at a time; Prefect's deployment id.
+
+    Raises TlflowError on Prefect's failures (no server, an unknown pool, a bad schedule)."""
+    from pathlib import Path
+
+    source = pipeline.from_source(source=str(Path.cwd()),
+                                  entrypoint="tlflow.flows.pipeline.pipeline")
+    try:
+        return source.deploy(name=name, work_pool_name=pool, cron=cron, interval=interval,
+                             concurrency_limit=1, print_next_steps=False)
+    except Exception as err:  # Prefect's errors: no server, unknown pool...
+        raise TlflowError(f"tlflow deploy: {type(err).__name__}: {err}") from None

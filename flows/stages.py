@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tlflow.tasks.lib.codedeps import STAGES, STAMP, describe_change, read_stamp, refresh_stamp
@@ -147,3 +148,78 @@ def commit(name: str, root: Path = Path()) -> None:
             repo.commit(name, force=True)
     finally:
         dvc_log.setLevel(level)
+
+
+def check_project() -> Params:
+    """The project's params, once it is known to be a DVC project: bad params and a missing
+    .dvc or dvc.yaml stop here (a TlflowError, exit 2), before Prefect starts."""
+    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.params import load_params
+
+    params = load_params()
+    for needed in (".dvc", "dvc.yaml"):
+        if not Path(needed).exists():
+            raise TlflowError(f"{needed}: not found; tlflow needs a DVC project (`tlflow "
+                              "init` makes this folder one)")
+    return params
+
+
+def bring_up_to_date(names: Sequence[str], params: Params, who: str) -> None:
+    """Run those of the stages `who` reads that are stale, in order, and record them in
+    dvc.lock, as `dvc repro` (and `tlflow run`) would: a folder or CSV source is rescanned
+    (DVC cannot see it), and what follows reruns only if what it reads changed. Their output
+    goes to stderr, so stdout keeps only `who`'s answer. Outside a DVC project nothing can be
+    checked: one line on stderr says so."""
+    if not Path(".dvc").is_dir():
+        print(f"{who}: no DVC project here (.dvc), so whether {', '.join(names)} are up to date "
+              "is not known; the answer describes the data they last ran on", file=sys.stderr)
+        return
+    for name in names:
+        reason = why_stale(name) or rescanned(name, params)
+        if reason is None:
+            continue
+        print(f"{who}: bringing {name} up to date first ({reason})", file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):  # the stage's own lines
+            stage_runner(name)(params)
+        commit(name)
+
+
+def warn_if_stale(names: Sequence[str], who: str) -> None:
+    """Say on stderr which of these stages DVC calls stale: what `who` reports then describes
+    their last run, not the data and params as they are now. Silent outside a DVC project."""
+    from tlflow.tasks.lib.errors import TlflowError
+
+    if not Path(".dvc").is_dir():
+        return
+    try:
+        report = status()
+    except TlflowError as err:  # e.g. no git: freshness cannot be told
+        print(f"{who}: whether {', '.join(names)} are up to date is not known ({err})",
+              file=sys.stderr)
+        return
+    for name in names:
+        if report.get(name):
+            print(f"{who}: stage {name} is stale ({report[name]}): this describes its last "
+                  "run; `tlflow run` brings it up to date", file=sys.stderr)
+
+
+def prune_features(params: Params, dry_run: bool) -> list[tuple[Path, int, int]]:
+    """Prune every feature store of rows the manifest no longer references (`tlflow features
+    gc`): (store, rows kept, rows removed or that would be) for each. When extract was up to
+    date before, dvc.lock records the pruned stores, so it stays up to date.
+
+    Raises TlflowError when base.paths.features is not tlflow's folder (gc rewrites every
+    store in it) or the manifest cannot be read."""
+    from tlflow.tasks.lib import ownership
+    from tlflow.tasks.lib.featurestore import gc
+    from tlflow.tasks.lib.manifest import read_manifest
+
+    paths = params.base.paths
+    in_dvc = Path(".dvc").is_dir()
+    was_fresh = in_dvc and why_stale("extract") is None
+    ownership.check("features", paths.features, ownership.recognised("features"))
+    keep = {r.sha256 for r in read_manifest(paths.manifest)}
+    pruned = list(gc(paths.features, keep, params.extract.lock_timeout, dry_run))
+    if was_fresh and not dry_run:
+        commit("extract")
+    return pruned

@@ -84,3 +84,27 @@ def test_everything_is_imported_as_tlflow():
                          and node.level == 0 else [])
                 top = {n.split(".")[0] for n in names}
                 assert not top & {"flows", "tasks"}, f"{path}:{node.lineno} imports {names}"
+
+
+def test_the_commands_are_one_table():
+    """Each module of flows/commands/ (but base) is one command of the table, in --help in the
+    table's order; the CLI dispatches through it (no if-chain on the command's name) and
+    never patches argparse."""
+    import argparse
+
+    from tlflow.flows import cli
+
+    modules = {p.stem for p in (ROOT / "flows" / "commands").glob("*.py")} - {"__init__", "base"}
+    names = [c.name for c in cli.COMMANDS]
+    assert sorted(names) == sorted(modules) and len(set(names)) == len(names)
+    listed = next(a for a in cli.parser()._actions
+                  if isinstance(a, argparse._SubParsersAction)).choices
+    assert list(listed) == names
+    source = (ROOT / "flows" / "cli.py").read_text()
+    assert "args.command ==" not in source
+    for path in (ROOT / "flows").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    assert not (isinstance(target, ast.Attribute)
+                                and target.attr == "add_parser"), f"{path} patches argparse"
