@@ -262,7 +262,7 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
 
 def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
     from tlflow.tasks import evaluate, extract, finetune, ingest, train
-    from tlflow.tasks.lib.handoff import read_train_choice
+    from tlflow.tasks.lib.handoff import TrainChoice
     from tlflow.tasks.lib.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",
@@ -273,7 +273,7 @@ def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
                                     "device": device.type})
     for stage in (ingest, extract, train):
         _quiet(stage.run, params)
-    choice = read_train_choice(params.base.paths.train_choice)
+    choice = TrainChoice.read(params.base.paths.train_choice)
     if device.type == "cuda":  # the rank is another process: leave it this one's cache
         import torch
 

@@ -35,7 +35,7 @@ HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
 from tlflow.flows.html_report import write_report  # noqa: E402
 from tlflow.tasks import audit, evaluate, extract, ingest, train  # noqa: E402
-from tlflow.tasks.lib.handoff import read_eval_metrics  # noqa: E402
+from tlflow.tasks.lib.handoff import EvalMetrics  # noqa: E402
 from tlflow.tasks.lib.manifest import read_manifest  # noqa: E402
 from tlflow.tasks.lib.params import Params, params_under  # noqa: E402
 
@@ -105,7 +105,7 @@ def main() -> None:
     print(f"first run (extract computes every code): {time.perf_counter() - t0:.1f} s")
     times = _run(clean)  # codes in the store: what a rerun costs
     paths = clean.base.paths
-    probe = read_eval_metrics(paths.eval_metrics)["probe"]
+    probe = EvalMetrics.read(paths.eval_metrics).probe
     html = paths.report.read_text()
     gallery = html.split('id="gallery-probe"')[1].split("<h2")[0]
     listed = gallery.count('class="item"')
@@ -158,7 +158,7 @@ def main() -> None:
     names = {Path(r.relpath).name for r in flipped}
     caught = [i["relpath"] for i in issues["images"] if Path(i["relpath"]).name in names]
 
-    n, acc = probe["n"], probe["accuracy"]
+    n, acc = probe.n, probe.accuracy
     added = times["audit"] + times["report"]
     whole = sum(times.values())
     copies = ", ".join(f"{k.split('_', 2)[2][:-4]} {sims[k]:.3f}" for k in made)

@@ -83,15 +83,16 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
     ours = sweep({"codes": Split(xt, yt, xv, yv)}, Train(C_grid=grid), seed=0)
     t_ours = time.perf_counter() - t0
     for r in ours:
-        print(f"  ours  C={r['C']:<6g} val {r['val_accuracy']:.4f}", flush=True)
+        print(f"  ours  C={r.C:<6g} val {r.val_accuracy:.4f}", flush=True)
     return {"naive_s": t_naive, "ours_s": t_ours,
-            "naive_best": max(naive, key=lambda r: r["val_accuracy"]), "ours_best": best(ours)}
+            "naive_best": max(naive, key=lambda r: r["val_accuracy"]),
+            "ours_best": best(ours).model_dump()}
 
 
 def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
     """A project whose store holds `rows` generated codes, ready for `tlflow stage train`."""
     from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import ExtractReport, write_extract_report, write_pointer
+    from tlflow.tasks.lib.handoff import Candidate, ExtractReport, Pointer
     from tlflow.tasks.lib.manifest import Row, write_manifest
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -111,8 +112,12 @@ def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
             manifest += [Row(f"img/{k[-8:]}.png", k, label, "val" if i % 100 < 15 else "train")
                          for i, (k, label) in enumerate(zip(keys, y, strict=True), start)]
     write_manifest(manifest, paths["manifest"])
-    write_pointer(paths["features"], store, {"bench": "generated"})
-    write_extract_report(paths["extract_report"], ExtractReport(store.stem, rows, ()))
+    generated = Candidate(backbone="bench/generated", weights="none", extractor_id=store.stem,
+                          input_size=0, dims={"pooled": codes.dim})
+    Pointer(extractor_id=store.stem, store=store.name, extractor={"bench": "generated"},
+            candidates=(generated,)).write_to(paths["features"])
+    ExtractReport(extractor_id=store.stem, images=rows,
+                  bad_images=()).write(paths["extract_report"])
     return store
 
 
@@ -146,10 +151,10 @@ def bench_memory(codes: Codes, rows: int, epochs: int) -> dict:
         if proc.returncode:
             raise SystemExit(f"tlflow stage train failed with {proc.returncode}")
         peak = int(proc.stdout.rsplit("VmHWM:", 1)[1].split()[0]) * 1024  # kB
-        from tlflow.tasks.lib.handoff import read_probe_report
+        from tlflow.tasks.lib.handoff import ProbeReport
 
         report = yaml.safe_load((work / "params.yaml").read_text())["base"]["paths"]["probe_report"]
-        best = read_probe_report(work / report)["best"]
+        best = ProbeReport.read(work / report).best.model_dump()
         return {"peak_bytes": peak, "seconds": seconds, "best": best,
                 "store_bytes": store.stat().st_size}
     finally:

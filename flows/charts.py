@@ -11,31 +11,33 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from tlflow.flows.dvc_plots import to_svg
 from tlflow.tasks.lib.files import write_text
+from tlflow.tasks.lib.handoff import ProbeChoice, ProbeReport, SweepRow
 
 VEGA_LITE = "https://vega.github.io/schema/vega-lite/v5.json"  # the schema's id, not fetched
 
 
-def sweep_spec(sweep: list[dict], best: dict[str, Any]) -> dict[str, Any]:
+def sweep_spec(sweep: Sequence[SweepRow], best: ProbeChoice) -> dict[str, Any]:
     """Val accuracy against C (log axis), one line per layer, the chosen (layer, C) ringed
     and named in the subtitle. `sweep`: rows with layer, C, val_accuracy (reports/probe.json's
     `sweep`); `best`: its `best`."""
-    rows = sorted(({"layer": r["layer"], "C": r["C"], "val_accuracy": r["val_accuracy"]}
+    rows = sorted(({"layer": r.layer, "C": r.C, "val_accuracy": r.val_accuracy}
                    for r in sweep), key=lambda r: (r["layer"], r["C"]))
-    chosen = [{"layer": best["layer"], "C": best["C"], "val_accuracy": best["val_accuracy"]}]
+    chosen = [{"layer": best.layer, "C": best.C, "val_accuracy": best.val_accuracy}]
     x = {"field": "C", "type": "quantitative", "scale": {"type": "log"}, "title": "C"}
     y = {"field": "val_accuracy", "type": "quantitative", "scale": {"zero": False},
          "title": "val accuracy"}
     return {
         "$schema": VEGA_LITE, "width": 420, "height": 260,
         "title": {"text": "probe sweep: val accuracy per C, one line per layer",
-                  "subtitle": f"ringed: the chosen probe, {best['layer']} at C={best['C']:g} "
-                              f"(val accuracy {best['val_accuracy']:.4f})"},
+                  "subtitle": f"ringed: the chosen probe, {best.layer} at C={best.C:g} "
+                              f"(val accuracy {best.val_accuracy:.4f})"},
         "layer": [
             {"data": {"values": rows}, "mark": {"type": "line", "point": True},
              "encoding": {"x": x, "y": y, "color": {"field": "layer", "type": "nominal"}}},
@@ -66,9 +68,9 @@ def cached_svg(spec: dict[str, Any], folder: Path) -> str:
     return svg
 
 
-def sweep_svg(probe_report: dict[str, Any], folder: Path) -> str | None:
+def sweep_svg(probe_report: ProbeReport, folder: Path) -> str | None:
     """The sweep chart as SVG (cached in `folder`: cached_svg); None when the sweep is
     empty."""
-    if not probe_report.get("sweep"):
+    if not probe_report.sweep:
         return None
-    return cached_svg(sweep_spec(probe_report["sweep"], probe_report["best"]), folder)
+    return cached_svg(sweep_spec(probe_report.sweep, probe_report.best), folder)

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import parse_eval_metrics
+from tlflow.tasks.lib.handoff import EvalMetrics, Scores
 from tlflow.tasks.lib.head import parse_meta
 from tlflow.tasks.lib.params import Params, Paths
 from tlflow.tasks.lib.registry import read_at
@@ -44,7 +44,7 @@ class Entry:
     model: str | None
     head: dict[str, Any]
     params: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: dict[str, Scores]  # by model: probe, finetune
     promotions: tuple[str, ...] = ()  # GTO: "probe v0.0.2 (prod)" for versions at this commit
 
 
@@ -121,7 +121,8 @@ def entry(rev: str, when: str, params: Params,
     head_json = _dvc_read(f"{paths.head}.json", rev)
     head = parse_meta(head_json, f"{rev}:{paths.head}.json") if head_json else {}
     metrics_text = _show(rev, str(paths.eval_metrics))
-    metrics = parse_eval_metrics(metrics_text, paths.eval_metrics) if metrics_text else {}
+    metrics = EvalMetrics.parse(metrics_text, paths.eval_metrics).models() if metrics_text \
+        else {}
     return Entry(rev, when, manifest_md5, images, model_md5, head, _params(lock), metrics,
                  (promotions or {}).get(rev, ()))
 
@@ -175,8 +176,9 @@ def records(history: list[Entry]) -> list[dict[str, Any]]:
             "images_removed": len(before.images - e.images) if known else None,
             "extractor_id": e.head.get("extractor_id"),
             "model": e.model[:DATA_VERSION_LEN] if e.model else None,
-            "probe_accuracy": e.metrics.get("probe", {}).get("accuracy"),
-            "finetune_accuracy": (e.metrics.get("finetune") or {}).get("accuracy"),
+            "probe_accuracy": e.metrics["probe"].accuracy if "probe" in e.metrics else None,
+            "finetune_accuracy": e.metrics["finetune"].accuracy if "finetune" in e.metrics
+            else None,
             "promotions": list(e.promotions), "params_changed": changed,
         })
         before = e

@@ -28,13 +28,17 @@ from tlflow.flows.report import MODELS, Snapshot
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import atomic_path, write_text
 from tlflow.tasks.lib.handoff import (
+    AuditImage,
+    Balance,
+    Duplicates,
+    EvalMetrics,
     ImagePrediction,
-    parse_eval_metrics,
-    read_audit,
-    read_per_class,
-    read_predictions,
-    read_probe_report,
-    read_strategy,
+    LabelIssues,
+    PerClass,
+    Predictions,
+    ProbeReport,
+    Scores,
+    Strategy,
 )
 from tlflow.tasks.lib.params import Paths
 
@@ -70,30 +74,29 @@ def _template():
     return env.get_template("report.html.j2")
 
 
-def committed_metrics(paths: Paths) -> dict[str, Any]:
+def committed_metrics(paths: Paths) -> dict[str, Scores]:
     """metrics/eval.json as committed at git HEAD (the last versioned run); {} without one."""
     proc = subprocess.run(["git", "show", f"HEAD:{paths.eval_metrics.as_posix()}"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         return {}
     try:
-        return parse_eval_metrics(proc.stdout, paths.eval_metrics)
+        return EvalMetrics.parse(proc.stdout, paths.eval_metrics).models()
     except TlflowError:
         return {}
 
 
-def headline_rows(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+def headline_rows(before: dict[str, Scores], after: dict[str, Scores]) -> list[dict[str, Any]]:
     """Per model: test accuracy and macro F1 now, and their change since `before`."""
     rows = []
     for model in MODELS:
-        now = after.get(model)
-        if not now:
+        now, was = after.get(model), before.get(model)
+        if now is None:
             continue
-        was = before.get(model) or {}
-        rows.append({"model": model, "n": after["probe"].get("n"),
-                     **{k: now[k] for k in ("accuracy", "macro_f1")},
-                     **{f"{k}_delta": (now[k] - was[k]) if k in was else None
-                        for k in ("accuracy", "macro_f1")}})
+        rows.append({"model": model, "n": after["probe"].n,
+                     "accuracy": now.accuracy, "macro_f1": now.macro_f1,
+                     "accuracy_delta": None if was is None else now.accuracy - was.accuracy,
+                     "macro_f1_delta": None if was is None else now.macro_f1 - was.macro_f1})
     return rows
 
 
@@ -149,11 +152,11 @@ def sweep_chart(paths: Paths) -> Markup | None:
         return None
     from tlflow.flows.charts import sweep_svg
 
-    svg = sweep_svg(read_probe_report(paths.probe_report), paths.report.parent / SWEEP)
+    svg = sweep_svg(ProbeReport.read(paths.probe_report), paths.report.parent / SWEEP)
     return Markup(svg) if svg else None
 
 
-def coverage_view(paths: Paths, metrics: dict[str, Any]) -> dict[str, Any] | None:
+def coverage_view(paths: Paths, metrics: dict[str, Scores]) -> dict[str, Any] | None:
     """The probe's reject option: at each min confidence the share of test images kept and
     the accuracy on them (plots/coverage.csv), with the calibration error before and after
     temperature scaling; None when evaluate wrote none."""
@@ -164,8 +167,8 @@ def coverage_view(paths: Paths, metrics: dict[str, Any]) -> dict[str, Any] | Non
     rows = read_coverage(paths.coverage)
     if not rows:
         return None
-    probe = metrics.get("probe", {})
-    return {"rows": rows, "ece": probe.get("ece"), "ece_t": probe.get("ece_t")}
+    probe = metrics.get("probe")
+    return {"rows": rows, "ece": probe and probe.ece, "ece_t": probe and probe.ece_t}
 
 
 def compare_view(paths: Paths) -> dict[str, Any] | None:
@@ -188,7 +191,7 @@ def map_view(paths: Paths, preds: list[ImagePrediction],
     from tlflow.flows.embedding_map import MAP, embedding_map
     from tlflow.tasks.lib.handoff import current_store
 
-    layer = read_probe_report(paths.probe_report)["best"]["layer"]
+    layer = ProbeReport.read(paths.probe_report).best.layer
     return embedding_map(mine, current_store(paths.features), layer,
                          paths.report.parent / MAP, thumb)
 
@@ -199,14 +202,14 @@ def advice_view(paths: Paths) -> dict[str, Any] | None:
         return None
     from tlflow.tasks.lib.advice import PLANS, table
 
-    decision = read_strategy(paths.strategy)
+    decision = Strategy.read(paths.strategy)
     cells = [{"size": size, "plans": [{"plan": PLANS[size, sim], "here": (
-        decision["size"], decision["similarity"]) == (size, sim)}
+        decision.size, decision.similarity) == (size, sim)}
         for sim in ("similar", "dissimilar")]} for size in ("small", "large")]
     reasons = [line[2:].replace("**", "") for line in table(decision).splitlines()
                if line.startswith("- ")]
-    return {"plan": decision["plan"], "carried_out": bool(decision.get("carried_out")),
-            "cells": cells, "reasons": reasons}
+    return {"plan": decision.plan, "carried_out": decision.carried_out, "cells": cells,
+            "reasons": reasons}
 
 
 class Thumbnails:
@@ -261,25 +264,27 @@ def _audit(paths: Paths, thumb: Thumbnails) -> dict[str, Any] | None:
     """The audit's three summaries with thumbnails; None before the audit stage has run."""
     if not all(p.is_file() for p in (paths.duplicates, paths.label_issues, paths.balance)):
         return None
-    dups = read_audit(paths.duplicates, "duplicates")
-    issues = read_audit(paths.label_issues, "label_issues")
-    for pair in dups["near_duplicates"]["pairs"]:
-        for key in ("image", "train_image"):
-            pair[key]["thumb"] = thumb(pair[key]["relpath"], pair[key]["sha256"])
-    for image in issues["images"]:
-        image["thumb"] = thumb(image["relpath"], image["sha256"])
-    for group in dups["label_conflicts"]["groups"]:
-        for image in group["images"]:
-            image["thumb"] = thumb(image["relpath"], image["sha256"])
-    return {"duplicates": dups, "issues": issues,
-            "balance": read_audit(paths.balance, "balance")}
+    dups = Duplicates.read(paths.duplicates)
+    issues = LabelIssues.read(paths.label_issues)
+
+    def shown(image: AuditImage) -> dict[str, Any]:
+        return {**image.model_dump(), "thumb": thumb(image.relpath, image.sha256)}
+
+    pairs = [{**p.model_dump(), "image": shown(p.image), "train_image": shown(p.train_image)}
+             for p in dups.near_duplicates.pairs]
+    conflicts = [{**g.model_dump(), "images": [shown(i) for i in g.images]}
+                 for g in dups.label_conflicts.groups]
+    return {"duplicates": dups, "pairs": pairs, "conflicts": conflicts, "issues": issues,
+            "issue_images": [shown(i) for i in issues.images],
+            "balance": Balance.read(paths.balance)}
 
 
-def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with: str,
+def render(paths: Paths, before: dict[str, Scores], after: Snapshot, compared_with: str,
            thumb: Thumbnails) -> tuple[str, dict[str, Any]]:
     """The page's HTML and the data it shows."""
-    preds = read_predictions(paths.predictions) if paths.predictions.is_file() else []
-    per_class = read_per_class(paths.per_class) if paths.per_class.is_file() else []
+    preds = list(Predictions.read(paths.predictions).rows) if paths.predictions.is_file() \
+        else []
+    per_class = PerClass.read(paths.per_class).rows if paths.per_class.is_file() else ()
     models = []
     for model in MODELS:
         mine = [p for p in preds if p.model == model]
@@ -304,7 +309,7 @@ def render(paths: Paths, before: dict[str, Any], after: Snapshot, compared_with:
     return _template().render(**data), data
 
 
-def write_report(paths: Paths, before: dict[str, Any] | None = None,
+def write_report(paths: Paths, before: dict[str, Scores] | None = None,
                  compared_with: str = "the previous run") -> Written:
     """Write the page and its thumbnails (atomically, the page last); `before` holds the
     metrics to compare with (default: those committed at git HEAD)."""
@@ -319,11 +324,11 @@ def write_report(paths: Paths, before: dict[str, Any] | None = None,
     html, data = render(paths, before, Snapshot.take(paths), compared_with, thumb)
     write_text(paths.report, html)
     thumb.prune()
-    audit = data["audit"] or {}
+    audit = data["audit"]
     return Written(paths.report, len(thumb.used),
                    {m["name"]: m["wrong"] for m in data["models"]},
-                   audit.get("duplicates", {}).get("near_duplicates", {}).get("count", 0),
-                   audit.get("issues", {}).get("count", 0))
+                   audit["duplicates"].near_duplicates.count if audit else 0,
+                   audit["issues"].count if audit else 0)
 
 
 def write_html_report(paths: Paths, before: Snapshot) -> str:

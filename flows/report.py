@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from tlflow.flows.history import current_data_version
-from tlflow.tasks.lib.handoff import read_eval_metrics, read_extract_report, read_per_class
+from tlflow.tasks.lib.handoff import (
+    ClassScores,
+    EvalMetrics,
+    ExtractReport,
+    PerClass,
+    Scores,
+    Strategy,
+)
 from tlflow.tasks.lib.manifest import read_manifest
 from tlflow.tasks.lib.params import Paths
 
@@ -36,14 +43,15 @@ class Snapshot:
 
     data_version: str | None
     images: frozenset[str] = field(default_factory=frozenset)
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, Scores] = field(default_factory=dict)  # by model (EvalMetrics.models)
 
     @classmethod
     def take(cls, paths: Paths) -> Snapshot:
         if not paths.manifest.is_file():
             return cls(None)
         images = frozenset(r.sha256 for r in read_manifest(paths.manifest))
-        metrics = read_eval_metrics(paths.eval_metrics) if paths.eval_metrics.is_file() else {}
+        metrics = EvalMetrics.read(paths.eval_metrics).models() \
+            if paths.eval_metrics.is_file() else {}
         return cls(current_data_version(paths), images, metrics)
 
 
@@ -67,7 +75,7 @@ def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapsh
     lines += [f"- data version: {version}, {len(after.images)} images "
               f"({added} added, {removed} removed since the previous run)"]
     if paths.extract_report.is_file():  # which input size extract.image_size resolved to
-        report = read_extract_report(paths.extract_report)
+        report = ExtractReport.read(paths.extract_report)
         if report.image_size:
             lines.append(f"- input size: {report.image_size} px ({report.image_size_why})")
     lines += ["",
@@ -80,9 +88,9 @@ def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapsh
         now = after.metrics.get(model)
         if not now:
             continue
-        was = before.metrics.get(model) or {}
-        lines.append(f"- {model}: test accuracy {_delta(now['accuracy'], was.get('accuracy'))}"
-                     f", macro F1 {_delta(now['macro_f1'], was.get('macro_f1'))}"
+        was = before.metrics.get(model)
+        lines.append(f"- {model}: test accuracy {_delta(now.accuracy, was and was.accuracy)}"
+                     f", macro F1 {_delta(now.macro_f1, was and was.macro_f1)}"
                      + ("" if was else " (no previous run)"))
     return "\n".join(lines)
 
@@ -90,22 +98,22 @@ def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapsh
 def audit_lines(paths: Paths) -> list[str]:
     """The counts behind the report: test images each model gets wrong, near-duplicates
     across splits, files under two labels, likely label errors (each when written)."""
-    from tlflow.tasks.lib.handoff import read_audit, read_predictions
+    from tlflow.tasks.lib.handoff import Duplicates, LabelIssues, Predictions
 
     lines = []
     if paths.predictions.is_file():
-        preds = read_predictions(paths.predictions)
+        preds = Predictions.read(paths.predictions).rows
         for model in MODELS:
             mine = [p for p in preds if p.model == model]
             if mine:
                 lines.append(f"- {model}: {sum(not p.correct for p in mine)} of {len(mine)} "
                              "test images wrong")
     if paths.duplicates.is_file() and paths.label_issues.is_file():
-        dups = read_audit(paths.duplicates, "duplicates")
-        issues = read_audit(paths.label_issues, "label_issues")
-        lines.append(f"- audit: {dups['near_duplicates']['count']} near-duplicate pair(s) "
-                     f"across splits, {dups['label_conflicts']['count']} file(s) under two "
-                     f"labels, {issues['count']} likely label error(s)")
+        dups = Duplicates.read(paths.duplicates)
+        issues = LabelIssues.read(paths.label_issues)
+        lines.append(f"- audit: {dups.near_duplicates.count} near-duplicate pair(s) "
+                     f"across splits, {dups.label_conflicts.count} file(s) under two "
+                     f"labels, {issues.count} likely label error(s)")
     if paths.report.is_file():
         lines.append(f"- report: `{paths.report}` (offline HTML: the gallery of errors, the "
                      "pairs, the suspected labels)")
@@ -114,11 +122,11 @@ def audit_lines(paths: Paths) -> list[str]:
 
 def misclassified_rows(paths: Paths) -> list[dict[str, Any]]:
     """The test images a model gets wrong, hardest (highest loss) first: the table artifact."""
-    from tlflow.tasks.lib.handoff import read_predictions
+    from tlflow.tasks.lib.handoff import Predictions
 
     if not paths.predictions.is_file():
         return []
-    wrong = sorted((p for p in read_predictions(paths.predictions) if not p.correct),
+    wrong = sorted((p for p in Predictions.read(paths.predictions).rows if not p.correct),
                    key=lambda p: (p.model, -p.loss, p.relpath))
     return [{"model": p.model, "relpath": p.relpath, "label": p.label,
              "predicted": p.top[0] if p.top else "",
@@ -130,17 +138,20 @@ def headline(before: Snapshot, after: Snapshot) -> str:
     """The test accuracies and their change, e.g. "probe 0.9481 (+0.0070), finetune 0.9540"."""
     parts = []
     for model in MODELS:
-        now = (after.metrics.get(model) or {}).get("accuracy")
+        now, was = after.metrics.get(model), before.metrics.get(model)
         if now is None:
             continue
-        was = (before.metrics.get(model) or {}).get("accuracy")
-        parts.append(f"{model} {now:.4f}" + ("" if was is None else f" ({now - was:+.4f})"))
+        parts.append(f"{model} {now.accuracy:.4f}"
+                     + ("" if was is None else f" ({now.accuracy - was.accuracy:+.4f})"))
     return ", ".join(parts) or "no test metrics"
 
 
-def per_class_rows(rows: list[dict]) -> list[dict]:
-    """The per-class table (model, class, precision, recall, F1, support), rounded."""
-    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+def per_class_rows(rows: tuple[ClassScores, ...]) -> list[dict[str, Any]]:
+    """The per-class table as Prefect table rows (model, class, precision, recall, f1,
+    support), rounded."""
+    return [{"model": r.model, "class": r.label, "precision": round(r.precision, 4),
+             "recall": round(r.recall, 4), "f1": round(r.f1, 4), "support": r.support}
+            for r in rows]
 
 
 def confusion_markdown(png: Path, title: str) -> str:
@@ -155,13 +166,13 @@ def confusion_markdown(png: Path, title: str) -> str:
            f"(data:image/png;base64,{data})"
 
 
-def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str]:
+def advice_markdown(decision: Strategy, finetuned: bool) -> tuple[str, str]:
     """The advice as markdown, with whether train and finetune carried out the plan and
     whether fine-tuning ran against it; and the one-line description."""
     from tlflow.tasks.lib.advice import table
 
-    plan = decision["plan"]
-    if decision.get("carried_out"):
+    plan = decision.plan
+    if decision.carried_out:
         done = "carried out (advise.strategy selects the plan)"
     else:
         done = ("not carried out: advise.strategy is manual, so train and finetune followed "
@@ -172,8 +183,8 @@ def advice_markdown(decision: dict[str, Any], finetuned: bool) -> tuple[str, str
                      "fine-tune)")
     elif not finetuned and plan in FINETUNE_PLANS:
         notes.append(f"- the plan fine-tunes ({plan}), but fine-tuning did not run")
-    description = (f"plan {plan} ({decision['size']}, {decision['similarity']}): "
-                   f"{'carried out' if decision.get('carried_out') else 'not carried out'}"
+    description = (f"plan {plan} ({decision.size}, {decision.similarity}): "
+                   f"{'carried out' if decision.carried_out else 'not carried out'}"
                    + ("; fine-tuned against the advice" if finetuned and plan not in
                       FINETUNE_PLANS else ""))
     return "# Strategy\n\n" + table(decision) + "\n" + "\n".join(notes), description
@@ -183,12 +194,12 @@ def compare_table(paths: Paths) -> tuple[list[str], list[list[str]]] | None:
     """The comparison of backbones as (header, rows of cells), the winner marked; None when
     none ran (reports/compare.json from train)."""
     from tlflow.tasks.lib.compare import table
-    from tlflow.tasks.lib.handoff import read_compare_report
+    from tlflow.tasks.lib.handoff import CompareReport
 
     if not paths.compare_report.is_file():
         return None
-    rep = read_compare_report(paths.compare_report)
-    return table(rep) if rep["compared"] else None
+    rep = CompareReport.read(paths.compare_report)
+    return table(rep) if rep.compared else None
 
 
 def compare_rows(paths: Paths) -> list[dict[str, str]]:
@@ -217,12 +228,13 @@ def publish_summary(project: str, paths: Paths, before: Snapshot, results: list,
                              description=f"{status}{head}; data {_data(after)}")
     if failed:
         return
-    rows = per_class_rows(read_per_class(paths.per_class)) if paths.per_class.is_file() else []
+    rows = per_class_rows(PerClass.read(paths.per_class).rows) if paths.per_class.is_file() \
+        else []
     if rows:
         create_table_artifact(table=rows, key=artifact_key(project, "per-class"),
                               description=f"Per-class test metrics: {head}")
     if paths.confusion_png.is_file() and "probe" in after.metrics:
-        title = f"probe: test accuracy {after.metrics['probe']['accuracy']:.4f}"
+        title = f"probe: test accuracy {after.metrics['probe'].accuracy:.4f}"
         create_markdown_artifact(markdown=confusion_markdown(paths.confusion_png, title),
                                  key=artifact_key(project, "confusion"),
                                  description=f"Confusion matrix (test split): {head}")
@@ -237,9 +249,7 @@ def publish_summary(project: str, paths: Paths, before: Snapshot, results: list,
                                           "compare); * serves: the best on val, ties within "
                                           "one standard error to the cheaper")
     if paths.strategy.is_file():
-        from tlflow.tasks.lib.handoff import read_strategy
-
-        markdown, description = advice_markdown(read_strategy(paths.strategy),
+        markdown, description = advice_markdown(Strategy.read(paths.strategy),
                                                 "finetune" in after.metrics)
         create_markdown_artifact(markdown=markdown, key=artifact_key(project, "strategy"),
                                  description=description)

@@ -4,21 +4,19 @@ store, plus the backbone's own ImageNet classifier for a reported (unused) confi
 
 from __future__ import annotations
 
-from typing import Any
-
 from tlflow.tasks.lib import advice
-from tlflow.tasks.lib.handoff import chosen_store, read_extract_report, read_probe_report
+from tlflow.tasks.lib.handoff import ExtractReport, ProbeChoice, ProbeReport, Strategy, chosen_store
 from tlflow.tasks.lib.manifest import read_manifest, without
 from tlflow.tasks.lib.params import Params
 
 PARAMS = ("base.seed", "extract.backbone", "extract.weights", "advise")
 
 
-def _classifier(params: Params, best: dict[str, Any]) -> advice.Classifier | None:
+def _classifier(params: Params, best: ProbeChoice) -> advice.Classifier | None:
     """The ImageNet classifier of the backbone the probe was trained on (extract.compare's
     winner; extract.backbone for a probe from before it); None when its weights are random."""
-    name = best.get("backbone", params.extract.backbone)
-    weights = best.get("weights", params.extract.weights)
+    name = best.backbone or params.extract.backbone
+    weights = best.weights or params.extract.weights
     if weights == "none":
         return None
     from tlflow.tasks.lib.backbones import create_backbone
@@ -27,12 +25,11 @@ def _classifier(params: Params, best: dict[str, Any]) -> advice.Classifier | Non
     return clf.weight.detach().numpy(), clf.bias.detach().numpy()
 
 
-def run(params: Params) -> dict[str, Any]:
-    """The decision as JSON (size, similarity, plan, evidence)."""
+def run(params: Params) -> Strategy:
+    """The decision (size, similarity, plan, the evidence), measured now."""
     paths = params.base.paths
-    rows = without(read_manifest(paths.manifest), read_extract_report(paths.extract_report).bad)
-    probe = read_probe_report(paths.probe_report)
-    store = chosen_store(paths.features, probe["best"]["extractor_id"], paths.probe_report)
-    decision = advice.measure(store, rows, probe["layers"], params.advise,
-                              params.base.seed, _classifier(params, probe["best"]))
-    return decision.as_json()
+    rows = without(read_manifest(paths.manifest), ExtractReport.read(paths.extract_report).bad)
+    probe = ProbeReport.read(paths.probe_report)
+    store = chosen_store(paths.features, probe.best.extractor_id, paths.probe_report)
+    return advice.measure(store, rows, probe.layers, params.advise, params.base.seed,
+                          _classifier(params, probe.best))

@@ -10,10 +10,12 @@ from __future__ import annotations
 from tlflow.tasks.lib import audit
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.handoff import (
+    Balance,
+    Duplicates,
+    ExtractReport,
+    LabelIssues,
+    ProbeReport,
     chosen_store,
-    read_extract_report,
-    read_probe_report,
-    write_audit,
     write_audit_metrics,
 )
 from tlflow.tasks.lib.manifest import read_manifest, without
@@ -31,26 +33,25 @@ def run(params: Params) -> dict[str, int]:
     """Run the checks; write the three summaries and the counts; return the counts."""
     paths, cfg, seed = params.base.paths, params.audit, params.base.seed
     all_rows = read_manifest(paths.manifest)
-    rows = without(all_rows, read_extract_report(paths.extract_report).bad)
-    best = read_probe_report(paths.probe_report)["best"]
+    rows = without(all_rows, ExtractReport.read(paths.extract_report).bad)
+    best = ProbeReport.read(paths.probe_report).best
     fit_rows = [r for r in rows if r.split in ("train", "val")]
-    path = chosen_store(paths.features, best["extractor_id"], paths.probe_report)
+    path = chosen_store(paths.features, best.extractor_id, paths.probe_report)
     with FeatureStore(path) as store:
-        dup_layer = DUPLICATE_LAYER if DUPLICATE_LAYER in store.layers else best["layer"]
+        dup_layer = DUPLICATE_LAYER if DUPLICATE_LAYER in store.layers else best.layer
         keys = sorted({r.sha256 for r in rows})
         codes = dict(zip(keys, store.read(dup_layer, keys), strict=True))
-        x_fit = store.read(best["layer"], [r.sha256 for r in fit_rows])
+        x_fit = store.read(best.layer, [r.sha256 for r in fit_rows])
     dups = audit.near_duplicates(codes, rows, cfg.duplicate_threshold, cfg.max_listed)
     conflicts = audit.label_conflicts(all_rows, cfg.max_listed)
     same = audit.identical_files(all_rows, cfg.max_listed)
-    probe = audit.ProbeSetting(best["layer"], tuple(params.train.C_grid), params.train.normalize,
+    probe = audit.ProbeSetting(best.layer, tuple(params.train.C_grid), params.train.normalize,
                                params.train.max_iter, params.train.class_weight)
     issues = audit.label_issues(fit_rows, x_fit, probe, cfg.folds, seed, cfg.max_listed)
-    write_audit(paths.duplicates, {"threshold": dups["threshold"], "layer": dup_layer,
-                                   "near_duplicates": dups, "label_conflicts": conflicts,
-                                   "identical_files": same})
-    write_audit(paths.label_issues, issues)
-    write_audit(paths.balance, audit.balance(rows))
+    Duplicates(threshold=dups["threshold"], layer=dup_layer, near_duplicates=dups,
+               label_conflicts=conflicts, identical_files=same).write(paths.duplicates)
+    LabelIssues.model_validate(issues).write(paths.label_issues)
+    Balance.model_validate(audit.balance(rows)).write(paths.balance)
     counts = {"near_duplicates": dups["count"], "label_conflicts": conflicts["count"],
               "label_issues": issues["count"], "identical_files": same["files"]}
     write_audit_metrics(paths.audit_metrics, counts)

@@ -19,11 +19,11 @@ from tlflow.tasks.lib.evaluation import (
 )
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.handoff import (
+    EvalMetrics,
+    ExtractReport,
+    PerClass,
+    Predictions,
     chosen_store,
-    read_extract_report,
-    write_eval_metrics,
-    write_per_class,
-    write_predictions,
 )
 from tlflow.tasks.lib.head import load_head
 from tlflow.tasks.lib.manifest import Row, read_manifest
@@ -56,7 +56,7 @@ def run(params: Params) -> dict:
     per-class table, the per-image predictions and the confusion matrices. Returns the
     scores with their per-class tables."""
     paths = params.base.paths
-    bad = read_extract_report(paths.extract_report).bad
+    bad = ExtractReport.read(paths.extract_report).bad
     rows = read_manifest(paths.manifest)
     test = [r for r in rows if r.split == "test" and r.sha256 not in bad]
     if not test:
@@ -91,9 +91,9 @@ def run(params: Params) -> dict:
         panels.append((y_true, ft_pred, f"fine-tuned: test accuracy {f['accuracy']:.3f}"))
         print(f"evaluate: fine-tuned network: test accuracy {f['accuracy']:.4f}, macro F1 "
               f"{f['macro_f1']:.4f}", flush=True)
-    write_eval_metrics(paths.eval_metrics, metrics)
-    write_per_class(paths.per_class, metrics)
-    write_predictions(paths.predictions, preds, max(len(pr.top) for pr in preds))
+    EvalMetrics.from_scores(metrics).write(paths.eval_metrics)
+    PerClass.from_scores(metrics).write(paths.per_class)
+    Predictions(rows=tuple(preds), k=max(len(pr.top) for pr in preds)).write(paths.predictions)
     write_confusion(paths.confusion, y_true, y_pred, relpaths)
     # header only when there is no fine-tuned network: DVC needs the output to exist
     write_confusion(paths.confusion_finetune, y_true[: len(ft_pred)], ft_pred,

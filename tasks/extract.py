@@ -30,13 +30,7 @@ from tlflow.tasks.lib.featurestore import (
     store_path,
     writer_lock,
 )
-from tlflow.tasks.lib.handoff import (
-    Candidate,
-    ExtractReport,
-    write_extract_metrics,
-    write_extract_report,
-    write_pointer,
-)
+from tlflow.tasks.lib.handoff import Candidate, ExtractReport, Pointer, write_extract_metrics
 from tlflow.tasks.lib.images import SIZE_SAMPLE, input_size_for
 from tlflow.tasks.lib.manifest import Row, read_manifest
 from tlflow.tasks.lib.params import Params
@@ -126,7 +120,8 @@ def extract_one(params: Params, rows: list[Row], device: torch.device, name: str
         clean_folder(path)
     print(f"extract: {len(todo) - unread} computed, {n_images - len(todo)} cached, "
           f"{len(bad)} image(s) skipped -> {path}", flush=True)
-    candidate = Candidate(name, weights, ext_id, size, dims, gflops, n_params)
+    candidate = Candidate(backbone=name, weights=weights, extractor_id=ext_id, input_size=size,
+                          dims=dims, gflops=gflops, parameters=n_params)
     return Extracted(path, extractor, candidate, bad, why)
 
 
@@ -145,9 +140,11 @@ def run(params: Params) -> Path:
     main = done[0]
     unreadable = {b["sha256"]: b for d in done for b in d.bad}  # the same files for each
     bad = each_file(list(unreadable.values()), rows)
-    report = ExtractReport(main.candidate.extractor_id, len(rows), tuple(bad),
-                           main.candidate.input_size, main.size_why)  # files, not hashes
-    write_extract_report(paths.extract_report, report)
+    report = ExtractReport(extractor_id=main.candidate.extractor_id, images=len(rows),
+                           bad_images=tuple(bad), image_size=main.candidate.input_size,
+                           image_size_why=main.size_why)  # files, not hashes
+    report.write(paths.extract_report)
     write_extract_metrics(paths.extract_metrics, report)
-    write_pointer(paths.features, main.path, main.extractor, tuple(d.candidate for d in done))
+    Pointer(extractor_id=main.path.stem, store=main.path.name, extractor=main.extractor,
+            candidates=tuple(d.candidate for d in done)).write_to(paths.features)
     return main.path

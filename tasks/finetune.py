@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tlflow.tasks.lib import torchrun
-from tlflow.tasks.lib.handoff import TrainChoice, read_train_choice
+from tlflow.tasks.lib.handoff import TrainChoice
 from tlflow.tasks.lib.params import Finetune, Params, parse_params, scoped
 
 # what this stage reads besides base.paths (dvc.yaml: params)
@@ -48,7 +48,7 @@ def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, st
 def run(params: Params) -> dict | None:
     """Fine-tune when enabled or planned (resuming a matching checkpoint); else say so."""
     paths = params.base.paths
-    choice = read_train_choice(paths.train_choice)
+    choice = TrainChoice.read(paths.train_choice)
     cfg, then_all, why = plan(params, choice)
     if cfg is not None and torchrun.world_size(cfg) > 1:  # the ranks import torch, not this
         return launch(params, cfg, choice, then_all)

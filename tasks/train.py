@@ -16,15 +16,16 @@ from tlflow.tasks.lib import advice, compare
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.handoff import (
     Candidate,
+    CompareReport,
+    ExtractReport,
+    ProbeChoice,
+    ProbeReport,
+    Strategy,
+    SweepRow,
     TrainChoice,
     read_candidates,
-    read_extract_report,
-    write_compare_report,
     write_probe_metrics,
-    write_probe_report,
-    write_strategy,
     write_sweep,
-    write_train_choice,
 )
 from tlflow.tasks.lib.head import LinearHead, save_head
 from tlflow.tasks.lib.manifest import Row, read_manifest, without
@@ -51,16 +52,14 @@ PARAMS = ("base.seed", "train.classifier", "train.C_grid", "train.max_iter", "tr
           "advise")
 
 
-def choose(params: Params, store: Path, rows: list[Row], table: list[dict],
-           layers: list[dict]) -> tuple[dict, dict]:
+def choose(params: Params, store: Path, rows: list[Row], table: list[SweepRow],
+           layers: list[SweepRow]) -> tuple[Strategy, SweepRow]:
     """The advice (always measured and written) and the sweep row the probe is refit from:
     the best overall, or under advise.strategy the plan's layer (pooled or an earlier one).
     `layers` is layer_table(table)."""
     decision = advice.measure(store, rows, layers, params.advise, params.base.seed)
-    carried_out = params.advise.strategy != "manual"
-    layer = advice.layer_for(decision, layers) if carried_out else None
-    top = best([r for r in table if layer is None or r["layer"] == layer])
-    return {**decision.as_json(), "carried_out": carried_out}, top
+    layer = advice.layer_for(decision, layers) if decision.carried_out else None
+    return decision, best([r for r in table if layer is None or r.layer == layer])
 
 
 def sweep_store(path: Path, rows: list[Row], cfg: TrainCfg, seed: int) -> tuple[list, Refit]:
@@ -74,8 +73,8 @@ def sweep_store(path: Path, rows: list[Row], cfg: TrainCfg, seed: int) -> tuple[
         table, refit = sweep_in_memory(path, rows, cfg, seed)
     fitted: dict[tuple[str, float], Pipeline] = {}
 
-    def once(top: dict) -> Pipeline:
-        key = (top["layer"], top["C"])
+    def once(top: SweepRow) -> Pipeline:
+        key = (top.layer, top.C)
         if key not in fitted:
             fitted[key] = refit(top)
         return fitted[key]
@@ -83,21 +82,21 @@ def sweep_store(path: Path, rows: list[Row], cfg: TrainCfg, seed: int) -> tuple[
     return table, once
 
 
-def measure(c: Candidate, path: Path, rows: list[Row], table: list[dict],
+def measure(c: Candidate, path: Path, rows: list[Row], table: list[SweepRow],
             refit: Refit) -> compare.Result:
     """One candidate's row of the comparison: its best (layer, C) on val, refit on train +
     val and scored on test (reported, never used to choose), and its costs."""
     top = best(table)
-    head = to_head(refit(top), {"layer": top["layer"], "extractor_id": c.extractor_id})
+    head = to_head(refit(top), {"layer": top.layer, "extractor_id": c.extractor_id})
     test = [r for r in rows if r.split == "test"]
     with FeatureStore(path) as store:
         speed, size = store.images_per_second, store.size_bytes() / 1e6
-        x = store.read(top["layer"], [r.sha256 for r in test]) if test else None
+        x = store.read(top.layer, [r.sha256 for r in test]) if test else None
     accuracy = float(np.mean(head.predict(x) == np.array([r.label for r in test]))) \
         if test else None
     return compare.Result(
-        c.backbone, c.extractor_id, c.input_size, c.dims[top["layer"]], top["layer"],
-        top["C"], top["val_accuracy"], sum(r.split == "val" for r in rows), accuracy,
+        c.backbone, c.extractor_id, c.input_size, c.dims[top.layer], top.layer,
+        top.C, top.val_accuracy, sum(r.split == "val" for r in rows), accuracy,
         speed, c.gflops, c.parameters, size)
 
 
@@ -107,40 +106,42 @@ def run(params: Params) -> LinearHead:
     same sweep on each candidate backbone's codes first, and the winner's probe is saved
     (tasks/lib/compare.py: the rule)."""
     cfg, paths, seed = params.train, params.base.paths, params.base.seed
-    rows = without(read_manifest(paths.manifest), read_extract_report(paths.extract_report).bad)
+    rows = without(read_manifest(paths.manifest), ExtractReport.read(paths.extract_report).bad)
     candidates = read_candidates(paths.features)
     stores = [c.store(paths.features) for c in candidates]
     sweeps = [sweep_store(p, rows, cfg, seed) for p in stores]
-    winner, compared = 0, {"compared": False}
+    winner, compared, per_backbone = 0, CompareReport(compared=False), None
     if len(candidates) > 1:
         results = [measure(c, p, rows, *sw) for c, p, sw in zip(candidates, stores, sweeps,
                                                                    strict=True)]
         winner = compare.pick(results)
         compared = compare.report(results, winner)
+        per_backbone = compare.val_accuracies(compared)
         print(compare.format_table(compared), flush=True)
     chosen, path = candidates[winner], stores[winner]
     table, refit = sweeps[winner]
     layers = layer_table(table)
     decision, top = choose(params, path, rows, table, layers)
-    meta = {"classifier": cfg.classifier, "layer": top["layer"], "extractor_id": path.stem,
-            "C": top["C"], "val_accuracy": top["val_accuracy"], "val_set": val_set_id(rows),
-            "backbone": chosen.backbone, "weights": chosen.weights,
-            "input_size": chosen.input_size}
-    head = attach(to_head(refit(top), meta), path, rows, cfg, seed)  # calibration, novelty
-    save_head(head, paths.head)
-    write_probe_report(paths.probe_report, meta, layers, table)
+    choice = ProbeChoice(classifier=cfg.classifier, layer=top.layer, extractor_id=path.stem,
+                         C=top.C, val_accuracy=top.val_accuracy, val_set=val_set_id(rows),
+                         backbone=chosen.backbone, weights=chosen.weights,
+                         input_size=chosen.input_size)
+    head = attach(to_head(refit(top), choice.model_dump()), path, rows, cfg, seed)
+    save_head(head, paths.head)  # ^ calibration, novelty
+    ProbeReport(best=choice, layers=tuple(layers), sweep=tuple(table)).write(paths.probe_report)
     write_sweep(paths.sweep, table)
-    write_probe_metrics(paths.probe_metrics, meta, compared)
-    write_compare_report(paths.compare_report, compared)
-    write_strategy(paths.strategy, decision)
-    pooled_C = next((r["C"] for r in layers if r["layer"] == advice.POOLED), None)
-    write_train_choice(paths.train_choice, TrainChoice(
-        pooled_C, decision["plan"] if decision["carried_out"] else None, chosen.backbone,
-        chosen.weights, chosen.extractor_id, chosen.input_size))
-    print(f"train: layer {top['layer']} (C={top['C']:g}), val accuracy "
-          f"{top['val_accuracy']:.4f} -> {paths.head}", flush=True)
-    print(f"train: advice: {decision['size']} and {decision['similarity']} -> "
-          f"{decision['plan']}{'' if decision['carried_out'] else ' (advise.strategy: manual)'}",
+    write_probe_metrics(paths.probe_metrics, choice, per_backbone)
+    compared.write(paths.compare_report)
+    decision.write(paths.strategy)
+    pooled_C = next((r.C for r in layers if r.layer == advice.POOLED), None)
+    TrainChoice(pooled_C=pooled_C, plan=decision.plan if decision.carried_out else None,
+                backbone=chosen.backbone, weights=chosen.weights,
+                extractor_id=chosen.extractor_id,
+                input_size=chosen.input_size).write(paths.train_choice)
+    print(f"train: layer {top.layer} (C={top.C:g}), val accuracy "
+          f"{top.val_accuracy:.4f} -> {paths.head}", flush=True)
+    print(f"train: advice: {decision.size} and {decision.similarity} -> "
+          f"{decision.plan}{'' if decision.carried_out else ' (advise.strategy: manual)'}",
           flush=True)
     print(f"train: {describe(head.meta)}", flush=True)
     return head

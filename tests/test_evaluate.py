@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
 from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import read_eval_metrics, read_per_class, read_predictions
+from tlflow.tasks.lib.handoff import EvalMetrics, PerClass, Predictions
 from tlflow.tasks.lib.manifest import read_manifest
 
 
@@ -31,19 +31,19 @@ def test_evaluate_writes_metrics_and_confusion(trained):
     assert [r["min_confidence"] for r in coverage] == ["0.5", "0.8", "0.9", "0.95"]
     assert [int(r["kept"]) for r in coverage] == sorted((int(r["kept"]) for r in coverage),
                                                         reverse=True)
-    probe = read_eval_metrics(trained.base.paths.eval_metrics)["probe"]
-    per_class = read_per_class(trained.base.paths.per_class)
-    assert {r["class"] for r in per_class} == set(metrics["probe"]["per_class"]) \
+    probe = EvalMetrics.read(trained.base.paths.eval_metrics).probe
+    per_class = PerClass.read(trained.base.paths.per_class).rows
+    assert {r.label for r in per_class} == set(metrics["probe"]["per_class"]) \
         == {"blue", "green", "red"}
     n_test = sum(r.split == "test" for r in read_manifest(trained.base.paths.manifest))
-    assert probe["n"] == n_test
+    assert probe.n == n_test
     with open(trained.base.paths.confusion) as f:
         assert sum(1 for _ in f) == n_test + 1
     assert trained.base.paths.confusion_finetune.read_text() == "actual,predicted,relpath\n"
-    preds = read_predictions(trained.base.paths.predictions)
+    preds = Predictions.read(trained.base.paths.predictions).rows
     test = {r.relpath for r in read_manifest(trained.base.paths.manifest) if r.split == "test"}
     assert {p.relpath for p in preds} == test and {p.model for p in preds} == {"probe"}
-    assert sum(not p.correct for p in preds) == round((1 - probe["accuracy"]) * n_test)
+    assert sum(not p.correct for p in preds) == round((1 - probe.accuracy) * n_test)
     assert all(p.kind == "probability" and len(p.top) == 3 and p.loss >= 0 for p in preds)
     from PIL import Image
 

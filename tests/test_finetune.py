@@ -21,7 +21,7 @@ from tlflow.tasks import evaluate, extract, finetune, ingest, predict, train
 from tlflow.tasks.lib import finetuning as tuning
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.handoff import current_store, read_train_choice
+from tlflow.tasks.lib.handoff import TrainChoice, current_store
 from tlflow.tasks.lib.head import load_head
 from tlflow.tasks.lib.manifest import read_manifest
 from tlflow.tasks.lib.network import (
@@ -86,7 +86,7 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
     labels = {s: [r.label for r in rows if r.split == s] for s in ("train", "val")}
     layers = json.loads(paths.probe_report.read_text())["layers"]
     C = next(r["C"] for r in layers if r["layer"] == "pooled")  # the sweep's choice on val
-    choice = read_train_choice(paths.train_choice)
+    choice = TrainChoice.read(paths.train_choice)
     assert choice.pooled_C == C
     start = tuning.probe_for_init(project, [r for r in rows if r.split == "train"], choice)
     train_only = make_probe(C, project.train, 0).fit(codes["train"], labels["train"])

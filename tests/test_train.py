@@ -40,7 +40,7 @@ def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
     the cheaper Lite0 wins although it is not extract.backbone; train's head, train_choice,
     evaluate and predict all take Lite0's codes; a rerun computes no code."""
     from tlflow.tasks import evaluate, predict
-    from tlflow.tasks.lib.handoff import read_candidates, read_compare_report, read_train_choice
+    from tlflow.tasks.lib.handoff import CompareReport, TrainChoice, read_candidates
 
     lite0, lite1 = "timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1"
     params = make_params(
@@ -54,13 +54,13 @@ def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
     assert [(c.backbone, c.weights) for c in cands] == [(lite1, "packaged"), (lite0, "packaged")]
     assert cands[0].gflops > cands[1].gflops > 0 and cands[0].parameters > cands[1].parameters
     head = train.run(params)
-    rep = read_compare_report(paths.compare_report)
-    assert [r["backbone"] for r in rep["rows"]] == [lite1, lite0]
-    assert all(r["val_accuracy"] == 1.0 and r["images_per_s"] > 0 and r["store_mb"] > 0
-               for r in rep["rows"])
-    assert rep["winner"] == lite0 == head.meta["backbone"]
-    assert head.meta["extractor_id"] == rep["winner_extractor_id"] == cands[1].extractor_id
-    assert read_train_choice(paths.train_choice).backbone == lite0
+    rep = CompareReport.read(paths.compare_report)
+    assert [r.backbone for r in rep.rows] == [lite1, lite0]
+    assert all(r.val_accuracy == 1.0 and r.images_per_s > 0 and r.store_mb > 0
+               for r in rep.rows)
+    assert rep.winner == lite0 == head.meta["backbone"]
+    assert head.meta["extractor_id"] == rep.winner_extractor_id == cands[1].extractor_id
+    assert TrainChoice.read(paths.train_choice).backbone == lite0
     metrics = json.loads(paths.probe_metrics.read_text())
     assert metrics["compare"] == {"lite1": 1.0, "lite0": 1.0}
     assert "* serves: timm/tf_efficientnet_lite0" in capsys.readouterr().out

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     bring_up_to_date(("ingest", "extract", "train"), params, "advise")
     decision = advise.run(scoped(params, advise.PARAMS))
     if args.json:
-        print(json.dumps(decision, indent=2, sort_keys=True))
+        print(json.dumps(decision.as_json(), indent=2, sort_keys=True))
     else:
         from rich.console import Console
         from rich.markdown import Markdown

@@ -18,15 +18,15 @@ def run(args: argparse.Namespace) -> int:
     file's JSON; a line saying how to ask for one when none ran."""
     from tlflow.flows.stages import warn_if_stale
     from tlflow.tasks.lib.compare import format_table
-    from tlflow.tasks.lib.handoff import read_compare_report
+    from tlflow.tasks.lib.handoff import CompareReport
     from tlflow.tasks.lib.params import load_params
 
     paths = load_params().base.paths
     warn_if_stale(("ingest", "extract", "train"), "compare")
-    rep = read_compare_report(paths.compare_report)
+    rep = CompareReport.read(paths.compare_report)
     if args.json:
-        print(json.dumps(rep, indent=2, sort_keys=True))
-    elif not rep["compared"]:
+        print(json.dumps(rep.as_json(), indent=2, sort_keys=True))
+    elif not rep.compared:
         print("compare: no comparison ran; list backbones in params.yaml extract.compare, "
               "e.g. [timm/tf_efficientnet_lite1, timm/tf_efficientnet_lite2], and run "
               "`tlflow run`", file=sys.stderr)

@@ -59,33 +59,33 @@ def summary(results: list, params: Params) -> None:
         table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
     console = Console(soft_wrap=True)  # a line is never broken inside, piped or not
     console.print(table)
-    from tlflow.tasks.lib.handoff import read_eval_metrics, read_probe_report
+    from tlflow.tasks.lib.handoff import EvalMetrics, ProbeReport
 
     paths = params.base.paths
     if not (paths.eval_metrics.is_file() and paths.probe_report.is_file()):
         return
-    probe = read_probe_report(paths.probe_report)
+    probe = ProbeReport.read(paths.probe_report)
     sweep = Table(title="layer sweep (val)")
     for col in ("layer", "dim", "best C", "val accuracy"):
         sweep.add_column(col)
-    for r in probe["layers"]:
-        sweep.add_row(r["layer"], str(r["dim"]), f"{r['C']:g}", f"{r['val_accuracy']:.4f}")
+    for r in probe.layers:
+        sweep.add_row(r.layer, str(r.dim), f"{r.C:g}", f"{r.val_accuracy:.4f}")
     console.print(sweep)
-    metrics = read_eval_metrics(paths.eval_metrics)
-    best, test = probe["best"], metrics["probe"]
+    metrics = EvalMetrics.read(paths.eval_metrics)
+    best, test, ft = probe.best, metrics.probe, metrics.finetune
     console.print(
-        f"probe: {best['classifier']} on layer {best['layer']}, C={best['C']:g}, "
-        f"val accuracy {best['val_accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
-        f"macro F1 {test['macro_f1']:.4f}"
+        f"probe: {best.classifier} on layer {best.layer}, C={best.C:g}, val accuracy "
+        f"{best.val_accuracy:.4f}, test accuracy {test.accuracy:.4f}, macro F1 "
+        f"{test.macro_f1:.4f}"
     )
-    if "finetune" in metrics:
+    if ft is not None:
         from tlflow.tasks.lib.network import read_meta
 
-        meta, ft = read_meta(paths.finetuned), metrics["finetune"]
+        meta = read_meta(paths.finetuned)
         console.print(
             f"fine-tuned: {meta.get('trainable')}, best epoch {meta.get('best_epoch')}, val "
             f"accuracy {meta.get('val_accuracy', float('nan')):.4f}, test accuracy "
-            f"{ft['accuracy']:.4f}, macro F1 {ft['macro_f1']:.4f}"
+            f"{ft.accuracy:.4f}, macro F1 {ft.macro_f1:.4f}"
         )
 
 

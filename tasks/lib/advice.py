@@ -26,7 +26,7 @@ get 0.82, more than hymenoptera's 0.71; gratings get 0.06 at 224 px but 0.69 at 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.handoff import Strategy, SweepRow
 from tlflow.tasks.lib.manifest import Row
 from tlflow.tasks.lib.params import Advise
 
@@ -45,19 +46,6 @@ PLANS = {
     ("large", "similar"): "finetune_top",
     ("large", "dissimilar"): "finetune_all",
 }
-
-
-@dataclass(frozen=True)
-class Decision:
-    size: str
-    similarity: str
-    plan: str
-    evidence: dict[str, Any]
-    forced: bool = False
-
-    def as_json(self) -> dict[str, Any]:
-        return {"size": self.size, "similarity": self.similarity, "plan": self.plan,
-                "forced": self.forced, "evidence": self.evidence}
 
 
 def size_of(rows: list[Row], cfg: Advise) -> tuple[str, dict[str, Any]]:
@@ -72,16 +60,16 @@ def size_of(rows: list[Row], cfg: Advise) -> tuple[str, dict[str, Any]]:
     }
 
 
-def layer_gap(layers: list[dict]) -> dict[str, Any] | None:
+def layer_gap(layers: Sequence[SweepRow]) -> dict[str, Any] | None:
     """Best val accuracy on an earlier layer minus the one on pooled codes (None without both)."""
-    pooled = [r for r in layers if r["layer"] == POOLED]
-    earlier = [r for r in layers if r["layer"] != POOLED]
+    pooled = [r for r in layers if r.layer == POOLED]
+    earlier = [r for r in layers if r.layer != POOLED]
     if not pooled or not earlier:
         return None
-    best = max(earlier, key=lambda r: r["val_accuracy"])
-    return {"pooled_val_accuracy": pooled[0]["val_accuracy"], "earlier_layer": best["layer"],
-            "earlier_val_accuracy": best["val_accuracy"],
-            "gap": best["val_accuracy"] - pooled[0]["val_accuracy"]}
+    best = max(earlier, key=lambda r: r.val_accuracy)
+    return {"pooled_val_accuracy": pooled[0].val_accuracy, "earlier_layer": best.layer,
+            "earlier_val_accuracy": best.val_accuracy,
+            "gap": best.val_accuracy - pooled[0].val_accuracy}
 
 
 def imagenet_confidence(pooled: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
@@ -115,14 +103,17 @@ def similarity_of(gap: dict | None, spread: dict | None,
     return ("dissimilar" if reasons else "similar"), evidence
 
 
-def decide(rows: list[Row], layers: list[dict], spread: dict | None, cfg: Advise) -> Decision:
-    """The placement, the plan, and the numbers behind them; a forced plan is kept as given."""
+def decide(rows: list[Row], layers: Sequence[SweepRow], spread: dict | None,
+           cfg: Advise) -> Strategy:
+    """The placement, the plan, and the numbers behind them; a forced plan is kept as given.
+    Fine-tuning carries the plan out unless advise.strategy is manual."""
     size, size_ev = size_of(rows, cfg)
     similarity, sim_ev = similarity_of(layer_gap(layers), spread, cfg)
-    evidence = {"size": size_ev, "similarity": sim_ev}
-    if cfg.strategy in ("auto", "manual"):
-        return Decision(size, similarity, PLANS[size, similarity], evidence)
-    return Decision(size, similarity, cfg.strategy, evidence, forced=True)
+    forced = cfg.strategy not in ("auto", "manual")
+    return Strategy(size=size, similarity=similarity,
+                    plan=cfg.strategy if forced else PLANS[size, similarity], forced=forced,
+                    evidence={"size": size_ev, "similarity": sim_ev},
+                    carried_out=cfg.strategy != "manual")
 
 
 # ---------------------------------------------------------------- reading the project
@@ -134,8 +125,8 @@ SPREAD_SAMPLE = 4096  # images the spread is measured on, at most (a seeded samp
 Classifier = tuple[np.ndarray, np.ndarray]  # the backbone's ImageNet weight (K, D), bias (K,)
 
 
-def measure(store_path: Path, rows: list[Row], layers: list[dict], cfg: Advise, seed: int,
-            classifier: Classifier | None = None) -> Decision:
+def measure(store_path: Path, rows: list[Row], layers: Sequence[SweepRow], cfg: Advise, seed: int,
+            classifier: Classifier | None = None) -> Strategy:
     """Decide from the manifest rows, the sweep's per-layer table and the store's pooled codes
     (a seeded sample of at most SPREAD_SAMPLE); with the backbone's ImageNet `classifier`,
     also report its mean top-1 probability."""
@@ -154,16 +145,16 @@ def measure(store_path: Path, rows: list[Row], layers: list[dict], cfg: Advise, 
     return decide(rows, layers, spread, cfg)
 
 
-def layer_for(decision: Decision, layers: list[dict]) -> str | None:
+def layer_for(decision: Strategy, layers: Sequence[SweepRow]) -> str | None:
     """The probe's layer under the plan: pooled, the best earlier one, or the sweep's best.
     A measured plan (auto) whose layer was not extracted takes the sweep's best and says so;
     a forced one stops with an error."""
     if decision.plan == "probe":
-        layer = POOLED if any(r["layer"] == POOLED for r in layers) else None
+        layer = POOLED if any(r.layer == POOLED for r in layers) else None
         needs = "pooled codes; add pooled to extract.layers"
     elif decision.plan == "early_probe":
-        earlier = [r for r in layers if r["layer"] != POOLED]
-        layer = max(earlier, key=lambda r: r["val_accuracy"])["layer"] if earlier else None
+        earlier = [r for r in layers if r.layer != POOLED]
+        layer = max(earlier, key=lambda r: r.val_accuracy).layer if earlier else None
         needs = "an earlier layer in extract.layers (e.g. blocks.4)"
     else:
         return None  # fine-tuning plans: the probe is the head's start; the sweep's best serves
@@ -175,20 +166,20 @@ def layer_for(decision: Decision, layers: list[dict]) -> str | None:
     return layer
 
 
-def table(decision: dict[str, Any]) -> str:
+def table(decision: Strategy) -> str:
     """The 2x2 table as markdown, the data set's cell marked, then the numbers behind it."""
     def cell(size: str, sim: str) -> str:
         plan = PLANS[size, sim]
-        here = decision["size"] == size and decision["similarity"] == sim
+        here = decision.size == size and decision.similarity == sim
         return f"**{plan} ← this data set**" if here else plan
 
-    ev = decision["evidence"]
+    ev = decision.evidence
     s, m = ev["size"], ev["similarity"]
     lines = [
         "| | similar to ImageNet | not similar |", "|---|---|---|",
         f"| **small** | {cell('small', 'similar')} | {cell('small', 'dissimilar')} |",
         f"| **large** | {cell('large', 'similar')} | {cell('large', 'dissimilar')} |", "",
-        f"- size: **{decision['size']}**: median {s['train_images_per_class_median']:g} train "
+        f"- size: **{decision.size}**: median {s['train_images_per_class_median']:g} train "
         f"images per class ({s['train_images']} in {s['classes']} classes; large from "
         f"{s['large_per_class']})",
     ]
@@ -206,7 +197,7 @@ def table(decision: dict[str, Any]) -> str:
         if spread["imagenet_confidence"] is not None:
             lines.append(f"- ImageNet head's mean top-1 probability: "
                          f"{spread['imagenet_confidence']:.3f} (reported, not used)")
-    lines.append(f"- similarity: **{decision['similarity']}**: {'; '.join(m['reasons'])}")
-    forced = " (forced by advise.strategy)" if decision.get("forced") else ""
-    lines.append(f"- plan: **{decision['plan']}**{forced}")
+    lines.append(f"- similarity: **{decision.similarity}**: {'; '.join(m['reasons'])}")
+    forced = " (forced by advise.strategy)" if decision.forced else ""
+    lines.append(f"- plan: **{decision.plan}**{forced}")
     return "\n".join(lines)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tlflow.tasks.lib.backbones import PACKAGED
+from tlflow.tasks.lib.handoff import CompareReport, CompareRow
 
 if TYPE_CHECKING:
     from tlflow.tasks.lib.backbones import Backbone
@@ -93,11 +94,18 @@ def pick(results: list[Result]) -> int:
     return min(tied, key=cheap)
 
 
-def report(results: list[Result], winner: int) -> dict[str, Any]:
+def report(results: list[Result], winner: int) -> CompareReport:
     """reports/compare.json: the rows, the rule, the winner."""
-    rows = [{**r.__dict__, "val_se": r.val_se} for r in results]
-    return {"compared": True, "rule": RULE, "winner": results[winner].backbone,
-            "winner_extractor_id": results[winner].extractor_id, "rows": rows}
+    rows = tuple(CompareRow(**r.__dict__, val_se=r.val_se) for r in results)
+    return CompareReport(compared=True, rule=RULE, winner=results[winner].backbone,
+                         winner_extractor_id=results[winner].extractor_id, rows=rows)
+
+
+def val_accuracies(rep: CompareReport) -> dict[str, float]:
+    """One number per backbone for metrics/probe.json: its val accuracy, keyed by its short
+    name (short_names)."""
+    names = short_names([r.backbone for r in rep.rows])
+    return {n: r.val_accuracy for n, r in zip(names, rep.rows, strict=True)}
 
 
 def short_names(backbones: list[str]) -> list[str]:
@@ -125,28 +133,28 @@ COLUMNS = (("backbone", "backbone", "{}"), ("input_size", "px", "{}"),
            ("store_mb", "store MB", "{:.1f}"))
 
 
-def table(rep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def table(rep: CompareReport) -> tuple[list[str], list[list[str]]]:
     """The comparison as (header, rows of cells), the winner's row marked with `*`."""
     header = [title for _, title, _ in COLUMNS]
     out = []
-    for row in rep["rows"]:
+    for row in rep.rows:
         cells = []
         for key, _, fmt in COLUMNS:
-            value = row.get(key)
+            value = getattr(row, key)
             if key == "parameters" and value is not None:
                 value = value / 1e6
             if key == "backbone":
-                mark = "*" if row["extractor_id"] == rep["winner_extractor_id"] else " "
+                mark = "*" if row.extractor_id == rep.winner_extractor_id else " "
                 value = f"{mark}{value.partition('/')[2] or value}"
             cells.append("-" if value is None else fmt.format(value))
         out.append(cells)
     return header, out
 
 
-def format_table(rep: dict[str, Any]) -> str:
+def format_table(rep: CompareReport) -> str:
     """The table as aligned text, the rule and the winner below it."""
     header, rows = table(rep)
     widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                        enumerate(zip(line, widths, strict=True))) for line in [header, *rows]]
-    return "\n".join([*lines, f"* serves: {rep['winner']} (rule: {rep['rule']})"])
+    return "\n".join([*lines, f"* serves: {rep.winner} (rule: {rep.rule})"])

@@ -60,9 +60,10 @@ def image_predictions(model: str, rows: list[Row], scores: np.ndarray,
     true_index = np.array([index.get(r.label, -1) for r in rows], dtype=np.int64)
     loss = losses(scores, true_index, kind)
     names = np.asarray(classes)
-    return [ImagePrediction(model, r.relpath, r.sha256, r.label, tuple(names[o]),
-                            tuple(float(v) for v in scores[i, o]), kind, float(loss[i]),
-                            bool(names[o[0]] == r.label))
+    return [ImagePrediction(model=model, relpath=r.relpath, sha256=r.sha256, label=r.label,
+                            top=tuple(str(n) for n in names[o]),
+                            scores=tuple(float(v) for v in scores[i, o]), kind=kind,
+                            loss=float(loss[i]), correct=bool(names[o[0]] == r.label))
             for i, (r, o) in enumerate(zip(rows, order, strict=True))]
 
 

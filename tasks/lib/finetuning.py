@@ -45,7 +45,7 @@ from tlflow.tasks.lib.device import autocast, resolve_device, resolve_workers, s
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
 from tlflow.tasks.lib.files import atomic_path, sha256_file
-from tlflow.tasks.lib.handoff import TrainChoice, chosen_store, read_extract_report
+from tlflow.tasks.lib.handoff import ExtractReport, TrainChoice, chosen_store
 from tlflow.tasks.lib.head import LinearHead
 from tlflow.tasks.lib.images import read_image
 from tlflow.tasks.lib.manifest import Row, of_split, read_manifest, without
@@ -491,7 +491,7 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
     sidecar and the learning curve (rank 0, under torchrun)."""
     paths, seed = params.base.paths, params.base.seed
     main = distributed.current().main
-    bad = read_extract_report(paths.extract_report).bad
+    bad = ExtractReport.read(paths.extract_report).bad
     rows = without(read_manifest(paths.manifest), bad)
     train_rows, val_rows = of_split(rows, "train"), of_split(rows, "val")
     if not val_rows:

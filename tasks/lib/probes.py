@@ -24,6 +24,7 @@ from sklearn.svm import LinearSVC
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.handoff import SweepRow
 from tlflow.tasks.lib.head import LinearHead
 from tlflow.tasks.lib.manifest import Row
 from tlflow.tasks.lib.params import Train
@@ -81,25 +82,25 @@ def _layer_accuracies(s: Split, cfg: Train, seed: int) -> dict[float, float]:
     return out
 
 
-def sweep(splits: dict[str, Split], cfg: Train, seed: int) -> list[dict]:
+def sweep(splits: dict[str, Split], cfg: Train, seed: int) -> list[SweepRow]:
     """Val (or CV) accuracy of every (layer, C); one row per pair, C in grid order."""
     table = []
     for layer, s in splits.items():
         acc = _layer_accuracies(s, cfg, seed)
-        table += [{"layer": layer, "dim": int(s.x_train.shape[1]), "C": C,
-                   "val_accuracy": acc[C]} for C in cfg.C_grid]
+        table += [SweepRow(layer=layer, dim=int(s.x_train.shape[1]), C=C,
+                           val_accuracy=acc[C]) for C in cfg.C_grid]
     return table
 
 
-def layer_table(table: list[dict]) -> list[dict]:
+def layer_table(table: list[SweepRow]) -> list[SweepRow]:
     """The sweep reduced to one row per layer: dim, best C, its val accuracy."""
-    layers = dict.fromkeys(r["layer"] for r in table)
-    return [best([r for r in table if r["layer"] == layer]) for layer in layers]
+    layers = dict.fromkeys(r.layer for r in table)
+    return [best([r for r in table if r.layer == layer]) for layer in layers]
 
 
-def best(table: list[dict]) -> dict:
+def best(table: list[SweepRow]) -> SweepRow:
     """Highest val accuracy; ties go to the first row (layers in store order, C in grid order)."""
-    return max(table, key=lambda r: r["val_accuracy"])
+    return max(table, key=lambda r: r.val_accuracy)
 
 
 def to_head(probe: Pipeline, meta: dict) -> LinearHead:
@@ -147,18 +148,18 @@ def load_splits(store: FeatureStore, rows: list[Row],
     return splits, np.concatenate([y_tr, y_va])
 
 
-Refit = Callable[[dict], Pipeline]  # the chosen sweep row -> a probe fitted on train + val
+Refit = Callable[[SweepRow], Pipeline]  # the chosen sweep row -> a probe fitted on train + val
 
 
 def sweep_in_memory(path: Path, rows: list[Row], cfg: Train,
-                     seed: int) -> tuple[list[dict], Refit]:
+                     seed: int) -> tuple[list[SweepRow], Refit]:
     """The sweep for logistic and linear_svm: codes of train and val loaded per layer."""
     with FeatureStore(path) as store:
         splits, y_all = load_splits(store, rows, cfg.cv)
 
-    def refit(top: dict) -> Pipeline:
-        s = splits[top["layer"]]
-        return make_probe(top["C"], cfg, seed).fit(np.vstack([s.x_train, s.x_val]), y_all)
+    def refit(top: SweepRow) -> Pipeline:
+        s = splits[top.layer]
+        return make_probe(top.C, cfg, seed).fit(np.vstack([s.x_train, s.x_val]), y_all)
 
     return sweep(splits, cfg, seed), refit
 

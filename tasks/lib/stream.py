@@ -21,6 +21,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.handoff import SweepRow
 from tlflow.tasks.lib.manifest import Row
 from tlflow.tasks.lib.params import Train
 from tlflow.tasks.lib.probes import Refit, make_norm
@@ -116,7 +117,7 @@ def probe(stream: Stream, C: float, cfg: Train, seed: int,
 
 
 def sweep_stream(path: Path, rows: list[Row], layers: dict[str, int], cfg: Train,
-                  seed: int) -> tuple[list[dict], Refit]:
+                  seed: int) -> tuple[list[SweepRow], Refit]:
     """The sweep for `sgd`: every (layer, C) trained on codes streamed from the store."""
     train_set = {r.sha256: r.label for r in rows if r.split == "train"}
     val_set = {r.sha256: r.label for r in rows if r.split == "val"}
@@ -130,11 +131,11 @@ def sweep_stream(path: Path, rows: list[Row], layers: dict[str, int], cfg: Train
         norm = fit_norm(tr, cfg.normalize)  # one pass, shared by every C
         for C in cfg.C_grid:
             acc = accuracy(probe(tr, C, cfg, seed, norm), va)
-            table.append({"layer": layer, "dim": dim, "C": C, "val_accuracy": acc})
+            table.append(SweepRow(layer=layer, dim=dim, C=C, val_accuracy=acc))
             print(f"train: {layer} C={C:g} val accuracy {acc:.4f}", flush=True)
 
-    def refit(top: dict) -> Pipeline:
-        both = Stream(path, top["layer"], {**train_set, **val_set}, cfg.buffer_rows)
-        return probe(both, top["C"], cfg, seed)
+    def refit(top: SweepRow) -> Pipeline:
+        both = Stream(path, top.layer, {**train_set, **val_set}, cfg.buffer_rows)
+        return probe(both, top.C, cfg, seed)
 
     return table, refit

@@ -14,9 +14,10 @@ import yaml
 from tests.conftest import cli_env, colour_project, run_cli
 from tlflow.tasks import evaluate, extract, finetune, ingest, train
 from tlflow.tasks.lib.handoff import (
+    EvalMetrics,
     ExtractReport,
+    ProbeChoice,
     write_audit_metrics,
-    write_eval_metrics,
     write_extract_metrics,
     write_probe_metrics,
 )
@@ -70,11 +71,13 @@ def test_metrics_still_fit_with_a_fine_tuned_network(project):
     before = [p.read_bytes() if p.is_file() else None for p in files]
     long = 0.9655172413793104
     try:
-        write_extract_metrics(paths.extract_metrics, ExtractReport("x", 12345, ()))
-        write_probe_metrics(paths.probe_metrics, {"val_accuracy": long, "C": 0.001,
-                                                  "layer": "blocks.4"})
+        write_extract_metrics(paths.extract_metrics,
+                              ExtractReport(extractor_id="x", images=12345, bad_images=()))
+        write_probe_metrics(paths.probe_metrics, ProbeChoice(
+            classifier="logistic", val_accuracy=long, C=0.001, layer="blocks.4",
+            extractor_id="x"))
         model = {"accuracy": long, "macro_f1": long, "n": 1234, "ece": long, "ece_t": long}
-        write_eval_metrics(paths.eval_metrics, {"probe": model, "finetune": model})
+        EvalMetrics.from_scores({"probe": model, "finetune": model}).write(paths.eval_metrics)
         write_audit_metrics(paths.audit_metrics, {"near_duplicates": 123, "label_issues": 456})
         lines = _metrics_show(root, env)
     finally:

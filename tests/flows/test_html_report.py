@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import COLOURS, make_params
 from tlflow.flows.html_report import write_report
 from tlflow.tasks import audit, evaluate, extract, ingest, train
-from tlflow.tasks.lib.handoff import read_predictions
+from tlflow.tasks.lib.handoff import Predictions
 
 
 def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
@@ -77,7 +77,7 @@ def test_the_audit_finds_the_near_copy_and_the_flipped_label(project):
 def test_the_gallery_lists_exactly_the_misclassified_images(project):
     params, written = project
     paths = params.base.paths
-    wrong = {p.relpath for p in read_predictions(paths.predictions) if not p.correct}
+    wrong = {p.relpath for p in Predictions.read(paths.predictions).rows if not p.correct}
     assert "test/blue/wrong.png" in wrong
     html = paths.report.read_text()
     gallery = html.split('id="gallery-probe"')[1].split("<h2")[0]
@@ -119,7 +119,7 @@ def test_the_page_shows_the_probe_sweep_as_inline_svg(project):
 def test_the_map_has_one_point_per_test_image_the_wrong_ones_ringed(project):
     params, _ = project
     paths = params.base.paths
-    preds = [p for p in read_predictions(paths.predictions) if p.model == "probe"]
+    preds = [p for p in Predictions.read(paths.predictions).rows if p.model == "probe"]
     section = paths.report.read_text().split('id="map"')[1].split("<h2")[0]
     points = re.findall(r'<g data-relpath="([^"]*)"><title>([^<]*)</title><circle ([^>]*)/>'
                         r'(<image class="tip" href="([^"]+)")?', section)
@@ -139,8 +139,9 @@ def test_the_map_keeps_every_wrong_image_when_it_subsamples():
     from tlflow.flows.embedding_map import subsample
     from tlflow.tasks.lib.handoff import ImagePrediction
 
-    preds = [ImagePrediction("probe", f"{i}.png", f"{i:064x}", "a", ("a" if i % 7 else "b",),
-                             (1.0,), "probability", 0.0, bool(i % 7)) for i in range(100)]
+    preds = [ImagePrediction(model="probe", relpath=f"{i}.png", sha256=f"{i:064x}", label="a",
+                             top=("a" if i % 7 else "b",), scores=(1.0,), kind="probability",
+                             loss=0.0, correct=bool(i % 7)) for i in range(100)]
     shown = subsample(preds, 30, seed=0)
     assert len(shown) == 30 and shown == sorted(shown, key=lambda p: int(p.relpath[:-4]))
     assert {p.relpath for p in preds if not p.correct} <= {p.relpath for p in shown}
@@ -201,8 +202,6 @@ def test_a_weak_probe_s_label_errors_come_with_a_warning(project):
 
 def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
     from tlflow.tasks.lib import compare
-    from tlflow.tasks.lib.handoff import write_compare_report
-
     params, _ = project
     paths = params.base.paths
     assert 'id="compare"' not in paths.report.read_text()  # extract.compare: []
@@ -212,7 +211,7 @@ def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
                                              ("tf_efficientnet_lite1", 0.9762, 1.20)])]
     before = paths.compare_report.read_bytes()
     try:
-        write_compare_report(paths.compare_report, compare.report(rows, compare.pick(rows)))
+        compare.report(rows, compare.pick(rows)).write(paths.compare_report)
         write_report(paths, {})
         section = paths.report.read_text().split('id="compare"')[1].split("<h2")[0]
     finally:

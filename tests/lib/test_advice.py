@@ -4,15 +4,17 @@ import numpy as np
 import pytest
 
 from tlflow.tasks.lib import advice
+from tlflow.tasks.lib.handoff import SweepRow
 from tlflow.tasks.lib.manifest import Row
 from tlflow.tasks.lib.params import Advise
 
-LAYERS = {
-    "pooled_wins": [{"layer": "pooled", "val_accuracy": 0.95}, {"layer": "blocks.4",
-                                                                "val_accuracy": 0.90}],
-    "earlier_wins": [{"layer": "pooled", "val_accuracy": 0.90}, {"layer": "blocks.4",
-                                                                 "val_accuracy": 0.97}],
-}
+
+def _layers(pooled: float, earlier: float) -> list[SweepRow]:
+    return [SweepRow(layer="pooled", dim=8, C=1.0, val_accuracy=pooled),
+            SweepRow(layer="blocks.4", dim=4, C=1.0, val_accuracy=earlier)]
+
+
+LAYERS = {"pooled_wins": _layers(0.95, 0.90), "earlier_wins": _layers(0.90, 0.97)}
 
 
 def _rows(per_class: int) -> list[Row]:
@@ -43,7 +45,7 @@ def test_a_forced_plan_is_kept_with_its_evidence():
     d = advice.decide(_rows(50), LAYERS["pooled_wins"], _spread(0.3),
                       Advise(strategy="finetune_all"))
     assert (d.plan, d.forced, d.size, d.similarity) == ("finetune_all", True, "small", "similar")
-    assert "forced" in advice.table(d.as_json())
+    assert "forced" in advice.table(d)
 
 
 def test_imagenet_confidence_is_the_mean_top1_probability():

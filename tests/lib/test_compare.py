@@ -54,7 +54,7 @@ def test_the_table_marks_the_winner_and_states_the_rule():
     results = [_result("timm/tf_efficientnet_lite0", 0.95, gflops=0.8),
                _result("timm/tf_efficientnet_lite2", 0.96, gflops=1.8)]
     rep = compare.report(results, compare.pick(results))
-    assert rep["winner"] == "timm/tf_efficientnet_lite0"  # within one se, cheaper
+    assert rep.winner == "timm/tf_efficientnet_lite0"  # within one se, cheaper
     text = compare.format_table(rep)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["backbone", "px", "dim"]
@@ -75,14 +75,14 @@ def test_cost_counts_flops_and_parameters():
 def test_the_prefect_table_artifact_rows(tmp_path):
     from tests.conftest import make_params
     from tlflow.flows.report import compare_rows
-    from tlflow.tasks.lib.handoff import write_compare_report
+    from tlflow.tasks.lib.handoff import CompareReport
 
     paths = make_params(tmp_path).base.paths
     assert compare_rows(paths) == []  # no report yet
-    write_compare_report(paths.compare_report, {"compared": False})
+    CompareReport(compared=False).write(paths.compare_report)
     assert compare_rows(paths) == []
     results = [_result("timm/a", 0.95), _result("timm/b", 0.90)]
-    write_compare_report(paths.compare_report, compare.report(results, 0))
+    compare.report(results, 0).write(paths.compare_report)
     rows = compare_rows(paths)
     assert [r["backbone"] for r in rows] == ["*a", " b"]
     assert rows[1]["val acc"] == "0.9000" and rows[1]["GFLOPs"] == "1.00"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tlflow.tasks.lib.evaluation import image_predictions, losses, score, write_confusion
-from tlflow.tasks.lib.handoff import read_predictions, write_predictions
+from tlflow.tasks.lib.handoff import Predictions
 from tlflow.tasks.lib.manifest import Row
 
 
@@ -46,8 +46,8 @@ def test_image_predictions_round_trip(tmp_path: Path):
     assert [p.correct for p in preds] == [True, False]
     assert preds[1].top == ("a", "c") and preds[1].scores == (0.5, 0.3)
     assert preds[1].loss == pytest.approx(-np.log(0.2))
-    write_predictions(tmp_path / "p.csv", preds, 2)
-    back = read_predictions(tmp_path / "p.csv")
+    Predictions(rows=tuple(preds), k=2).write(tmp_path / "p.csv")
+    back = Predictions.read(tmp_path / "p.csv").rows
     assert [(b.relpath, b.top, b.correct, b.kind) for b in back] == \
         [(p.relpath, p.top, p.correct, p.kind) for p in preds]
     assert back[1].loss == pytest.approx(preds[1].loss, rel=1e-5)

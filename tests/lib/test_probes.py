@@ -30,7 +30,7 @@ def test_layer_sweep_picks_the_informative_layer():
     table = sweep({"noise": _split(False), "signal": _split(True)}, CFG, seed=0)
     assert len(table) == 6
     top = best(table)
-    assert top["layer"] == "signal" and top["val_accuracy"] > 0.9
+    assert top.layer == "signal" and top.val_accuracy > 0.9
 
 
 def _imbalanced(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,9 +46,9 @@ def _imbalanced(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_C_selection_picks_the_right_end_of_the_grid():
     split = Split(*_imbalanced(200, 0), *_imbalanced(200, 1))
     table = sweep({"x": split}, Train(C_grid=(1e-4, 1e-2, 10.0)), 0)
-    assert [r["C"] for r in table] == [1e-4, 1e-2, 10.0]
-    assert table[0]["val_accuracy"] < 0.85  # the majority class, about 0.8
-    assert best(table)["C"] == 10.0 and best(table)["val_accuracy"] > 0.97
+    assert [r.C for r in table] == [1e-4, 1e-2, 10.0]
+    assert table[0].val_accuracy < 0.85  # the majority class, about 0.8
+    assert best(table).C == 10.0 and best(table).val_accuracy > 0.97
 
 
 @pytest.mark.parametrize("classifier", ["logistic", "linear_svm"])
@@ -75,4 +75,4 @@ def test_cv_chooses_C_when_there_is_no_val_split():
     empty = np.empty((0, x.shape[1]))
     table = sweep({"a": Split(x, y, empty, np.array([], dtype=str))},
                   Train(C_grid=(1e-4, 10.0), cv=3), seed=0)
-    assert best(table)["C"] == 10.0 and best(table)["val_accuracy"] > 0.97
+    assert best(table).C == 10.0 and best(table).val_accuracy > 0.97
