@@ -6,9 +6,10 @@ Built on scmrepo (DVC's own git layer, which GTO uses too): `scmrepo.git.Git` pi
 dulwich, pygit2 or GitPython backend per call (status, tags, init, add and commit go that
 way). The history walk and the reads at a revision go to the libgit2 repository scmrepo's
 pygit2 backend opened (`Git.pygit2.repo`): scmrepo has no call for the commits that changed
-one path, and its file system at a revision costs ~1 ms a read; on 60 commits libgit2 walks
-and reads in ~5 ms where dulwich took ~130 ms (bench/git_history.py prints the comparison
-with one `git` process per read, as the project ran it before).
+one path, and its file system at a revision costs ~1 ms a read. Measured on 60 commits (30 of
+dvc.lock), the walk took 68 ms through dulwich and 1.7 ms through libgit2, the 60 reads
+64 ms through scmrepo's file system and 1.6 ms through libgit2 (bench/git_history.py
+compares the whole with one `git` process per read, as the project ran it before).
 
 Paths are relative to the `root` a repository is opened at (a folder inside it, usually the
 project's); revisions are what git accepts (`HEAD`, a tag, a hexsha). Every failure is one
