@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.gitrepo import GitRepo, toplevel
 from tlflow.tasks.lib.handoff import EvalMetrics, Scores
 from tlflow.tasks.lib.head import parse_meta
 from tlflow.tasks.lib.params import Params, Paths
@@ -62,21 +62,6 @@ def current_data_version(paths: Paths, root: Path = Path()) -> str | None:
     return data_version(_out_md5(lock, "ingest", paths.manifest.as_posix()))
 
 
-def _git(*args: str, check: bool = True) -> str | None:
-    """git's output; on failure an error, or None with check=False."""
-    proc = subprocess.run(["git", *args], capture_output=True, text=True)
-    if proc.returncode == 0:
-        return proc.stdout
-    if check:
-        raise TlflowError(f"git {' '.join(args)}: {proc.stderr.strip() or 'failed'}")
-    return None
-
-
-def _show(rev: str, path: str) -> str | None:
-    """A file as committed in rev; None when it was not there."""
-    return _git("show", f"{rev}:{path}", check=False)
-
-
 def _out_md5(lock: dict, stage: str, path: str) -> str | None:
     for out in lock.get("stages", {}).get(stage, {}).get("outs", []):
         if out.get("path") == path:
@@ -108,11 +93,11 @@ def _params(lock: dict) -> dict[str, Any]:
     return out
 
 
-def entry(rev: str, when: str, params: Params,
+def entry(repo: GitRepo, rev: str, when: str, params: Params,
           promotions: dict[str, tuple[str, ...]] | None = None) -> Entry:
     """What dvc.lock (and the files it names) say about the run committed at `rev`."""
     paths = params.base.paths
-    lock = yaml.safe_load(_show(rev, "dvc.lock") or "{}") or {}
+    lock = yaml.safe_load(repo.show(rev, LOCK) or "{}") or {}
     manifest_md5 = _out_md5(lock, "ingest", paths.manifest.as_posix())
     images = None
     if manifest_md5 and (text := _dvc_read(str(paths.manifest), rev)) is not None:
@@ -120,7 +105,7 @@ def entry(rev: str, when: str, params: Params,
     model_md5 = _out_md5(lock, "train", f"{paths.head}.safetensors")
     head_json = _dvc_read(f"{paths.head}.json", rev)
     head = parse_meta(head_json, f"{rev}:{paths.head}.json") if head_json else {}
-    metrics_text = _show(rev, str(paths.eval_metrics))
+    metrics_text = repo.show(rev, paths.eval_metrics.as_posix())
     metrics = EvalMetrics.parse(metrics_text, paths.eval_metrics).models() if metrics_text \
         else {}
     return Entry(rev, when, manifest_md5, images, model_md5, head, _params(lock), metrics,
@@ -130,8 +115,9 @@ def entry(rev: str, when: str, params: Params,
 def promotions(root: Path = Path()) -> dict[str, tuple[str, ...]]:
     """GTO's registry by commit: "probe v0.0.2 (prod)" for each version registered there, with
     the stages it is assigned to now. Empty without tags (GTO is not even imported)."""
-    if not _git("-C", str(root), "tag", "--list", check=False):
-        return {}
+    with GitRepo(root) as repo:
+        if not repo.tags():
+            return {}
     import gto.api
     from gto.exceptions import GTOException
     from scmrepo.exceptions import SCMError
@@ -155,9 +141,9 @@ def promotions(root: Path = Path()) -> dict[str, tuple[str, ...]]:
 
 def entries(params: Params) -> list[Entry]:
     """Every commit that changed dvc.lock, oldest first."""
-    log = _git("log", "--reverse", "--format=%H %cI", "--", LOCK).split("\n")
     registry = promotions()
-    return [entry(*line.split(" ", 1), params, registry) for line in log if line.strip()]
+    with GitRepo() as repo:
+        return [entry(repo, c.rev, c.when, params, registry) for c in repo.log(LOCK)]
 
 
 def records(history: list[Entry]) -> list[dict[str, Any]]:
@@ -234,7 +220,7 @@ def lines(history: list[Entry], width: int = WIDTH) -> list[str]:
 
 def run(params: Params, as_json: bool = False) -> list[str]:
     """The lines `tlflow history` prints (a header first), or one JSON document."""
-    if not Path(".git").exists():
+    if toplevel() is None:
         raise TlflowError("tlflow history reads git's history of dvc.lock; this is no git "
                           "repository (git init, then commit dvc.lock after runs)")
     history = entries(params)

@@ -13,7 +13,6 @@ DVC's md5 of the manifest, the name `tlflow history` prints), so runs can be fil
 
 from __future__ import annotations
 
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import UTC
@@ -24,7 +23,7 @@ from prefect.states import Completed, Failed, State
 
 from tlflow.flows.history import current_data_version
 from tlflow.flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
-from tlflow.tasks.lib import interrupts
+from tlflow.tasks.lib import gitrepo, interrupts
 from tlflow.tasks.lib.errors import TlflowError, environment_error
 from tlflow.tasks.lib.params import load_params
 
@@ -113,18 +112,6 @@ def mark_cancelled(message: str) -> None:
         client.set_flow_run_state(RUNNING[0], Cancelled(message=message), force=True)
 
 
-def git_revision() -> str | None:
-    """HEAD's short hash, with "-dirty" when tracked files differ from it; None outside git."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], capture_output=True, text=True)
-
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
-        return None
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def tag_run(*tags: str) -> None:
     """Add tags to the running flow run (its own tags and those it was created with stay):
     the data version is known only once ingest has run, so tags are set from inside."""
@@ -172,7 +159,7 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
                                    retry_delay_seconds=cfg.retry_delay_seconds,
                                    retry_condition_fn=_not_bad_input)
     before = Snapshot.take(paths)
-    rev = git_revision()
+    rev = gitrepo.revision()  # HEAD's short hash (+ -dirty); None outside git
     tags = [f"project:{params.base.project}", *([f"git:{rev}"] if rev else [])]
     results = []
     for name in STAGES:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import write_text
+from tlflow.tasks.lib.gitrepo import GitRepo, toplevel
 from tlflow.tasks.lib.params import project_slug
 
 TEMPLATES = Path(__file__).parent / "templates" / "project"
@@ -94,20 +94,6 @@ def render_dvc_yaml() -> str:
     """dvc.yaml, the same for every project (paths come from params.yaml). Its template is
     named dvc.yaml.j2 so that DVC does not take it for a pipeline of this repository."""
     return _render("dvc.yaml.j2")
-
-
-def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-
-
-def _git_toplevel(root: Path) -> Path | None:
-    """The git repository `root` lies in (None outside one, or without git)."""
-    try:
-        done = _git(root, "rev-parse", "--show-toplevel")
-    except FileNotFoundError:
-        raise TlflowError("git: not found; tlflow versions runs with git (install git)") \
-            from None
-    return Path(done.stdout.strip()).resolve() if done.returncode == 0 else None
 
 
 def _merge_lines(path: Path, template: str) -> bool:
@@ -196,12 +182,11 @@ def init_project(dest: Path, source: Source, force: bool = False,
     project = project_slug(dest.name)
     params_text = render_params(project, source)
     params = Params.model_validate(yaml.safe_load(params_text))  # validated before written
-    top = _git_toplevel(next(p for p in (dest, *dest.parents) if p.is_dir()))
+    top = toplevel(next(p for p in (dest, *dest.parents) if p.is_dir()))
     dest.mkdir(parents=True, exist_ok=True)
     done = []
     if top is None:
-        if _git(dest, "init", "-q").returncode != 0:
-            raise TlflowError(f"git init {dest}: failed")
+        GitRepo.init(dest)
         done.append("git init")
     write_text(dest / "params.yaml", params_text)
     write_text(dest / "dvc.yaml", render_dvc_yaml())
@@ -229,9 +214,8 @@ def _commit(root: Path) -> None:
     from tlflow.tasks.lib.codedeps import STAMP
 
     files = [*OWN, ".gitignore", ".dvcignore", "README.md", STAMP, ".dvc"]
-    added = _git(root, "add", "--", *[f for f in files if (root / f).exists()])
-    done = added if added.returncode else _git(root, "commit", "-qm", "tlflow init")
-    if done.returncode != 0:
-        first = (done.stderr or done.stdout).strip().splitlines()
-        raise TlflowError(f"git commit: {first[0] if first else 'failed'} (the project is "
-                          "written; commit it yourself)")
+    try:
+        with GitRepo(root) as repo:
+            repo.add_commit([f for f in files if (root / f).exists()], "tlflow init")
+    except TlflowError as err:
+        raise TlflowError(f"{err} (the project is written; commit it yourself)") from None

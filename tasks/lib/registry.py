@@ -10,7 +10,6 @@ through dvc.api (DVC's cache or remote), safetensors and JSON only.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.gitrepo import GitRepo
 from tlflow.tasks.lib.params import Paths
 
 # artifact name -> the base.paths key of its stem (<stem>.safetensors + <stem>.json)
@@ -105,28 +105,28 @@ class Outcome:
     why: str
 
 
-def _git(root: Path, *args: str) -> str:
-    proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise TlflowError(f"git {' '.join(args)} in {root.resolve()}: "
-                          f"{proc.stderr.strip() or 'failed'}")
-    return proc.stdout.strip()
-
-
 def head_rev(root: Path) -> str:
     """HEAD's commit; an error when root is not a git repo with a commit."""
-    if subprocess.run(["git", "-C", str(root), "rev-parse", "--git-dir"],
-                      capture_output=True).returncode != 0:
+    try:
+        repo = GitRepo(root)
+    except TlflowError:
         raise TlflowError(f"{root.resolve()}: not a git repo; the registry is git tags "
-                          "(`git init`, commit the run, then promote)")
-    return _git(root, "rev-parse", "--verify", "HEAD^{commit}")
+                          "(`git init`, commit the run, then promote)") from None
+    with repo:
+        rev = repo.head()
+    if rev is None:
+        raise TlflowError(f"{root.resolve()}: no commit yet; commit the run (`git add "
+                          "dvc.lock ... && git commit`), then promote")
+    return rev
 
 
 def check_committed(root: Path, paths: Paths, name: str) -> None:
     """dvc.lock as committed at HEAD, the model's files as dvc.lock records them (in the cache)."""
     from dvc.repo import Repo
 
-    if _git(root, "status", "--porcelain", "--", "dvc.lock"):
+    with GitRepo(root) as repo:
+        lock_changed = repo.changed("dvc.lock")
+    if lock_changed:
         raise TlflowError("dvc.lock: differs from HEAD (or is not committed); commit the run "
                           "(`git add dvc.lock ... && git commit`), then promote")
     files = model_files(paths, name)
@@ -212,8 +212,9 @@ def check_declared(root: Path, paths: Paths, name: str, rev: str) -> None:
     import gto.api
 
     want = model_files(paths, name)[0]
-    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{rev}:{INDEX}"],
-                      capture_output=True).returncode != 0:
+    with GitRepo(root) as repo:
+        committed = repo.exists_at(rev, INDEX)
+    if not committed:
         raise TlflowError(f"{INDEX}: not committed at HEAD; run `python -m "
                           f"tlflow.tasks.lib.registry --write` (it declares {name} at {want}) "
                           f"and commit {INDEX}")
@@ -227,10 +228,10 @@ def check_declared(root: Path, paths: Paths, name: str, rev: str) -> None:
 
 def _after_last_tag(root: Path) -> None:
     """GTO orders events by their tags' time, to the second: never share the last one's."""
-    last = _git(root, "for-each-ref", "--sort=-creatordate", "--count=1",
-                "--format=%(creatordate:unix)", "refs/tags")
-    if last:
-        time.sleep(max(0.0, int(last) + 1 - time.time()))
+    with GitRepo(root) as repo:
+        last = repo.last_tag_time()
+    if last is not None:
+        time.sleep(max(0.0, last + 1 - time.time()))
 
 
 def _register_and_assign(root: Path, name: str, rev: str, stage: str) -> str:
