@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "advice, the misclassified test images, near-duplicates "
                                     "across splits and likely label errors. Prints its path.")
     rp.add_argument("--open", action="store_true", help="also open it in the web browser")
+    rp.add_argument("--against", metavar="REV", help="show what changed since the run "
+                    "committed at this git revision (default HEAD)")
     cp = sub.add_parser("compare", help="the backbones of extract.compare, measured: one "
                                         "row each, the winner marked (the last run's)")
     cp.add_argument("--json", action="store_true", help="reports/compare.json as it is")
@@ -349,15 +351,15 @@ def _open(page: Path) -> None:
     webbrowser.open(page.resolve().as_uri())
 
 
-def cmd_report(open_it: bool) -> int:
+def cmd_report(open_it: bool, against: str | None = None) -> int:
     """Write the HTML report from the outputs on disk; its path on stdout, counts on stderr."""
     from tlflow.flows.html_report import write_report
     from tlflow.flows.stages import STAGES
     from tlflow.tasks.lib.params import load_params
 
     paths = load_params().base.paths
+    written = write_report(paths, against=against)
     warn_if_stale(STAGES, "report")
-    written = write_report(paths)
     wrong = ", ".join(f"{m} {n} wrong" for m, n in written.misclassified.items())
     print(f"report: {wrong or 'no predictions'}; {written.near_duplicates} near-duplicate "
           f"pair(s), {written.label_issues} likely label error(s); {written.thumbnails} "
@@ -580,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args.json)
         if args.command == "report":
-            return cmd_report(args.open)
+            return cmd_report(args.open, args.against)
         if args.command == "plots":
             return cmd_plots(args.open)
         if args.command == "status":
