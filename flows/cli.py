@@ -126,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                                        "from the last run's outputs; no stage runs",
                         description="Write the offline HTML report (base.paths.report, "
                                     "thumbnails beside it) from what the last run wrote: test "
-                                    "metrics against the run committed at git HEAD, per-class "
-                                    "table, confusion matrices, the fine-tuning curve, the "
+                                    "metrics against the run committed at git HEAD (or "
+                                    "--against REV) and what changed since it (per class, per "
+                                    "image, the data), per-class table, confusion matrices, "
+                                    "the fine-tuning curve, the "
                                     "advice, the misclassified test images, near-duplicates "
                                     "across splits and likely label errors. Prints its path.")
     rp.add_argument("--open", action="store_true", help="also open it in the web browser")
