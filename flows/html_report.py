@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import subprocess
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,15 +22,17 @@ from typing import Any
 
 from markupsafe import Markup
 
+from tlflow.flows.committed import NO_RUN, Committed, read_committed
 from tlflow.flows.history import current_data_version
 from tlflow.flows.report import MODELS, Snapshot
+from tlflow.tasks.lib.changes import ImageChange
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.files import atomic_path, write_text
 from tlflow.tasks.lib.handoff import (
     AuditImage,
     Balance,
+    ClassScores,
     Duplicates,
-    EvalMetrics,
     ImagePrediction,
     LabelIssues,
     PerClass,
@@ -72,18 +73,6 @@ def _template():
                       autoescape=select_autoescape(("html", "j2")), undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     return env.get_template("report.html.j2")
-
-
-def committed_metrics(paths: Paths) -> dict[str, Scores]:
-    """metrics/eval.json as committed at git HEAD (the last versioned run); {} without one."""
-    proc = subprocess.run(["git", "show", f"HEAD:{paths.eval_metrics.as_posix()}"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {}
-    try:
-        return EvalMetrics.parse(proc.stdout, paths.eval_metrics).models()
-    except TlflowError:
-        return {}
 
 
 def headline_rows(before: dict[str, Scores], after: dict[str, Scores]) -> list[dict[str, Any]]:
@@ -212,6 +201,41 @@ def advice_view(paths: Paths) -> dict[str, Any] | None:
             "reasons": reasons}
 
 
+def changes_view(paths: Paths, committed: Committed, per_class: tuple[ClassScores, ...],
+                 preds: list[ImagePrediction], thumb: Thumbnails) -> dict[str, Any]:
+    """What changed since the committed run (tasks/lib/changes.py): per class (accuracy then,
+    now, the delta), per test image (newly wrong, newly right; the first MAX_CHANGED of each
+    with thumbnails) and the data (images added and removed, by class); a note for each
+    part the committed run cannot give."""
+    from tlflow.tasks.lib import changes
+    from tlflow.tasks.lib.manifest import read_manifest
+
+    classes = (changes.class_deltas(committed.per_class, per_class)
+               if committed.per_class is not None and per_class else [])
+    images = [{"model": c.model, "common": c.common,
+               "wrong": len(c.newly_wrong), "right": len(c.newly_right),
+               "newly_wrong": [_change(x, thumb) for x in c.newly_wrong[:changes.MAX_CHANGED]],
+               "newly_right": [_change(x, thumb) for x in c.newly_right[:changes.MAX_CHANGED]]}
+              for c in (changes.image_changes(committed.predictions, preds)
+                        if committed.predictions is not None else ())]
+    data = None
+    if committed.manifest is not None and paths.manifest.is_file():
+        now = read_manifest(paths.manifest)
+        data = {"then": len(committed.manifest), "now": len(now),
+                "classes": changes.data_changes(committed.manifest, now)}
+    return {"against": committed.name, "found": bool(committed.metrics),
+            "notes": list(committed.notes), "classes": classes, "images": images,
+            "data": data, "max": changes.MAX_CHANGED}
+
+
+def _change(change: ImageChange, thumb: Thumbnails) -> dict[str, Any]:
+    """One newly wrong or newly right image as the template shows it."""
+    then, now = change.then, change.now
+    return {"relpath": now.relpath, "label": now.label, "thumb": thumb(now.relpath, now.sha256),
+            "then": (then.top[0], then.scores[0]) if then.top else ("?", 0.0),
+            "now": (now.top[0], now.scores[0]) if now.top else ("?", 0.0)}
+
+
 class Thumbnails:
     """JPEG thumbnails of the images the page shows, made once per sha256."""
 
@@ -280,7 +304,7 @@ def _audit(paths: Paths, thumb: Thumbnails) -> dict[str, Any] | None:
 
 
 def render(paths: Paths, before: dict[str, Scores], after: Snapshot, compared_with: str,
-           thumb: Thumbnails) -> tuple[str, dict[str, Any]]:
+           thumb: Thumbnails, committed: Committed | None = None) -> tuple[str, dict[str, Any]]:
     """The page's HTML and the data it shows."""
     preds = list(Predictions.read(paths.predictions).rows) if paths.predictions.is_file() \
         else []
@@ -298,7 +322,9 @@ def render(paths: Paths, before: dict[str, Scores], after: Snapshot, compared_wi
         "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "data_version": after.data_version, "images": len(after.images),
         "compared_with": compared_with, "headline": headline_rows(before, after.metrics),
-        "per_class": [r for r in per_class], "models": models,
+        "per_class": per_class, "models": models,
+        "changes": changes_view(paths, committed, per_class, preds, thumb)
+        if committed else None,
         "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
         "compare": compare_view(paths), "coverage": coverage_view(paths, after.metrics),
         "curve": curve_png(paths.finetune_curve),
@@ -310,18 +336,24 @@ def render(paths: Paths, before: dict[str, Scores], after: Snapshot, compared_wi
 
 
 def write_report(paths: Paths, before: dict[str, Scores] | None = None,
-                 compared_with: str = "the previous run") -> Written:
-    """Write the page and its thumbnails (atomically, the page last); `before` holds the
-    metrics to compare with (default: those committed at git HEAD)."""
+                 compared_with: str = "the previous run", against: str | None = None,
+                 root: Path = Path()) -> Written:
+    """Write the page and its thumbnails (atomically, the page last). What changed is shown
+    against the run committed at `against` (default HEAD) in the project at root (the current
+    directory); `before` holds the metrics the headline compares with (default: that run's).
+    A revision the user named (`against`) that names no commit is a TlflowError."""
     if not paths.eval_metrics.is_file():
         raise TlflowError(f"{paths.eval_metrics}: not found (written by the evaluate stage: "
                           "run `tlflow run` first)")
+    committed = read_committed(root, paths, against or "HEAD", named=against is not None)
     if before is None:
-        before, compared_with = committed_metrics(paths), "the run committed at git HEAD"
+        before = committed.metrics
+        compared_with = (f"the run committed at {committed.name}" if before
+                         else f"nothing ({NO_RUN})")
     folder = paths.report.parent / THUMBS
     folder.mkdir(parents=True, exist_ok=True)
     thumb = Thumbnails(folder, paths.images)
-    html, data = render(paths, before, Snapshot.take(paths), compared_with, thumb)
+    html, data = render(paths, before, Snapshot.take(paths), compared_with, thumb, committed)
     write_text(paths.report, html)
     thumb.prune()
     audit = data["audit"]

@@ -111,11 +111,8 @@ def test_the_commands_are_one_table():
 
 
 # The one door to git (tasks/lib/gitrepo.py): no other module runs a git process or opens a
-# repository through a git library itself. flows/html_report.py still runs `git show` for the
-# committed metrics: helper "changes" replaces that read (dvc.api); the lead drops the
-# exclusion once that is merged.
+# repository through a git library itself.
 GIT_DOOR = "tlflow.tasks.lib.gitrepo"
-GIT_EXEMPT = {"tlflow.flows.html_report"}
 GIT_LIBRARIES = ("pygit2", "dulwich", "git", "scmrepo.git")  # git = GitPython
 
 
@@ -157,7 +154,7 @@ def test_git_is_read_and_written_through_one_module():
                for p in (ROOT / folder).rglob("*.py")}
     assert GIT_DOOR in modules
     for module, path in sorted(modules.items()):
-        if module in {GIT_DOOR, *GIT_EXEMPT}:
+        if module == GIT_DOOR:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert not _runs_git(tree), f"{module} runs git: go through {GIT_DOOR}"

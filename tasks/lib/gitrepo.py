@@ -85,6 +85,18 @@ class GitRepo:
         """HEAD's commit (full hexsha); None before the first commit."""
         return self._scm.get_ref("HEAD") or None
 
+    def resolve(self, rev: str) -> str:
+        """The commit (full hexsha) `rev` names: a hash or its prefix, a branch, a tag,
+        HEAD~2... Raises TlflowError "<rev>: not a commit of the git repository at <root>"
+        when it names none."""
+        from scmrepo.exceptions import RevError, SCMError
+
+        try:
+            return self._scm.resolve_rev(rev)
+        except (RevError, SCMError, ValueError):
+            raise TlflowError(f"{rev}: not a commit of the git repository at "
+                              f"{self.root}") from None
+
     def short(self, rev: str) -> str:
         """A commit's shortest unique abbreviation (7 characters or more), as `git rev-parse
         --short` prints it (libgit2's short_id)."""

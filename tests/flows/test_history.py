@@ -7,12 +7,13 @@ import pytest
 from tests.conftest import make_params
 from tlflow.flows import history
 from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.handoff import Scores
 
 
 def _entry(rev: str, images: set[str], params: dict, acc: float) -> history.Entry:
     return history.Entry(rev, "2026-11-29T10:00:00+00:00", f"{rev}md5", frozenset(images),
                          f"{rev}model", {"extractor_id": "e1"}, params,
-                         {"probe": {"accuracy": acc}})
+                         {"probe": Scores(accuracy=acc, macro_f1=acc)})
 
 
 def test_lines_say_what_changed_between_runs():
