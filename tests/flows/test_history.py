@@ -40,7 +40,8 @@ def test_lines_fit_120_columns_and_wrap_the_params_that_changed():
     many = {f"finetune.key_{i}": [0.1 * i, 0.2 * i] for i in range(12)}
     first, second = (_entry("a1", {"x"}, {}, 0.9), _entry("b2", {"x", "y"}, many, 0.95))
     second = history.Entry(*[*vars(second).values()][:7],
-                           {"probe": {"accuracy": 0.95}, "finetune": {"accuracy": 0.97}},
+                           {"probe": Scores(accuracy=0.95, macro_f1=0.9),
+                            "finetune": Scores(accuracy=0.97, macro_f1=0.9)},
                            ("probe v0.0.2 (prod)",))
     out = history.lines([first, second])
     assert max(map(len, out)) <= history.WIDTH, "\n".join(out)
