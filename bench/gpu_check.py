@@ -13,7 +13,7 @@ Checks, in one run (a few minutes on one GPU; 8 at most is the budget):
      the OOMs, compute every code, and store the codes check 2 stored;
   4. fine-tuning as DDP over nccl with one process under torchrun (tasks/finetune.launch),
      end to end on hymenoptera, then evaluate;
-  5. fine-tuning throughput: one epoch of finetuning.train_epoch (decoding, augmentation,
+  5. fine-tuning throughput: one epoch of ftloop.train_epoch (decoding, augmentation,
      bf16 autocast) in images per second, against train steps alone on batches already on
      the GPU.
 
@@ -305,8 +305,11 @@ def check_training(table: Table, params, device, batch: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from tlflow.tasks.lib import finetuning as tuning
     from tlflow.tasks.lib.device import autocast
+    from tlflow.tasks.lib.ftdata import Images, class_indices, train_augment, train_loader
+    from tlflow.tasks.lib.ftloop import train_epoch
+    from tlflow.tasks.lib.ftoptim import make_optimizer, make_schedule
+    from tlflow.tasks.lib.images import read_image
     from tlflow.tasks.lib.manifest import read_manifest
     from tlflow.tasks.lib.network import build, freeze
     from tlflow.tasks.lib.params import Finetune
@@ -318,13 +321,14 @@ def check_training(table: Table, params, device, batch: int) -> None:
     net.model.to(device, memory_format=torch.channels_last)
     cfg = Finetune(enabled=True, batch_size=batch, device=device.type, epochs=1)
     freeze(net, cfg)
-    ds = tuning.Images(rows, paths.images, classes, net.backbone.transform(),
-                       tuning.train_augment(net, cfg), 0)
-    opt = tuning.make_optimizer(net, cfg)
-    sched = tuning.make_schedule(opt, math.ceil(len(ds) / batch), cfg)
-    loader = tuning.train_loader(ds, cfg, device, 0, 1)
+    ds = Images([paths.images / r.relpath for r in rows],
+                class_indices([r.label for r in rows], classes), read_image,
+                net.backbone.transform(), train_augment(net, cfg), 0)
+    opt = make_optimizer(net, cfg)
+    sched = make_schedule(opt, math.ceil(len(ds) / batch), cfg)
+    loader = train_loader(ds, cfg, device, 0, 1)
     t0 = time.perf_counter()
-    loss = _quiet(tuning.train_epoch, net, loader, opt, sched, cfg, device, "gpu check", 0)
+    loss = _quiet(train_epoch, net, loader, opt, sched, cfg, device, "gpu check", 0)
     _sync(device)
     epoch = len(ds) / (time.perf_counter() - t0)
     x = torch.randn(batch, 3, params.extract.image_size, params.extract.image_size,

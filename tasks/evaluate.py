@@ -42,11 +42,12 @@ def finetuned_scores(params: Params, test: list[Row]) -> tuple[np.ndarray, tuple
     paths = params.base.paths
     if not read_meta(paths.finetuned).get("enabled"):
         return None
-    from tlflow.tasks.lib.finetuning import finetuned_probabilities
+    from tlflow.tasks.lib.ftloop import finetuned_probabilities
+    from tlflow.tasks.lib.images import read_image
     from tlflow.tasks.lib.network import load_network
 
     net = load_network(paths.finetuned)
-    proba = finetuned_probabilities(net, [paths.images / r.relpath for r in test],
+    proba = finetuned_probabilities(net, [paths.images / r.relpath for r in test], read_image,
                                     params.finetune.device, params.finetune.batch_size)
     return proba, tuple(net.classes)
 

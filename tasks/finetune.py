@@ -1,8 +1,12 @@
 """Fine-tune: the optional stage that keeps training the pretrained network on the new images.
 
 Off by default (finetune.enabled: false): the stage then writes a sidecar saying so, and
-evaluate and predict know there is no fine-tuned network. On, it runs the loop in
-tasks/lib/finetuning.py and writes <finetuned>.safetensors, its JSON sidecar and the curve.
+evaluate and predict know there is no fine-tuned network. On, this shell does every read and
+write of the stage: it reads the manifest (less the images extract skipped), train's choice
+and the pooled codes the head starts from, builds the network and the datasets, hands them to
+the loop (tasks/lib/ftloop.py, with ftdata, ftoptim and ftresume: none of them opens a file)
+with the checkpoints folder (CheckpointsFolder), and writes <finetuned>.safetensors, its JSON
+sidecar (with the temperature found on val) and the curve.
 From train it reads only the values it uses (base.paths.train_choice: the C chosen for the
 pooled codes and the plan), so a train change that leaves them alone does not rerun it.
 
@@ -13,22 +17,34 @@ every rank (tasks/lib/distributed.py), with the params this stage declares, and 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tlflow.tasks.lib import torchrun
+from tlflow.tasks.lib import checkpoint, torchrun
+from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.files import atomic_path
 from tlflow.tasks.lib.handoff import TrainChoice
 from tlflow.tasks.lib.params import Finetune, Params, parse_params, scoped
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tlflow.tasks.lib.ftresume import Schedule
+    from tlflow.tasks.lib.head import LinearHead
+    from tlflow.tasks.lib.manifest import Row
 
 # what this stage reads besides base.paths (dvc.yaml: params)
 # (the backbone, its weights and the input size come from train's choice: extract.compare's
 # winner, at the size extract resolved extract.image_size to)
 PARAMS = ("base.seed", "train.max_iter", "train.class_weight", "finetune", "advise.strategy")
+CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
 
 
 def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, str]:
@@ -52,7 +68,6 @@ def run(params: Params) -> dict | None:
     cfg, then_all, why = plan(params, choice)
     if cfg is not None and torchrun.world_size(cfg) > 1:  # the ranks import torch, not this
         return launch(params, cfg, choice, then_all)
-    from tlflow.tasks.lib.finetuning import fine_tune, write_curve
     from tlflow.tasks.lib.network import save_disabled
 
     if cfg is None:
@@ -61,6 +76,137 @@ def run(params: Params) -> dict | None:
         print(f"finetune: off ({why})", flush=True)
         return None
     return fine_tune(params, cfg, choice, then_all)
+
+
+def write_curve(dest: Path, curve: list[dict]) -> None:
+    """plots/finetune.csv: epoch, train loss, val accuracy (for `dvc plots show`)."""
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CURVE_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(curve)
+
+
+@dataclass(frozen=True)
+class CheckpointsFolder:
+    """A phase's checkpoints in a folder (base.paths.finetune_checkpoints, its all/ for the
+    second phase; the files are tasks/lib/checkpoint.py's): the ftresume.Checkpoints the
+    loop is handed, called by rank 0 alone."""
+
+    path: Path
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def state(self) -> dict[str, Any] | None:
+        return checkpoint.load_state(self.path)
+
+    def read(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def start_afresh(self) -> None:
+        """Drop the tensors an older run left (other inputs, or damaged); make the folder."""
+        for old in checkpoint.own_tensors(self.path):
+            old.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def commit(self, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+               sched: Schedule, meta: dict[str, Any]) -> None:
+        from tlflow.tasks.lib.ftresume import pack
+
+        checkpoint.save(self.path, *pack(epoch, model, opt, sched, meta))
+
+    def save_best(self, name: str, model: nn.Module) -> None:
+        checkpoint.save_weights(self.path / name, model)
+
+
+def probe_for_init(params: Params, train_rows: list[Row], choice: TrainChoice) -> LinearHead:
+    """The head's start: a logistic probe on the chosen store's pooled codes of the train
+    split only (ftloop.head_from_probe), at the C the sweep chose for pooled (train.C_grid on
+    val; 1.0 when it was not swept)."""
+    from tlflow.tasks.lib.backbones import POOLED
+    from tlflow.tasks.lib.distributed import say
+    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.ftloop import head_from_probe
+    from tlflow.tasks.lib.handoff import chosen_store
+
+    paths = params.base.paths
+    store = chosen_store(paths.features, choice.extractor_id, paths.train_choice)
+    with FeatureStore(store) as s:
+        if POOLED not in s.layers:
+            raise TlflowError("finetune.init_head: probe needs pooled codes in the store "
+                              "(add pooled to extract.layers) or init_head: random")
+        x = s.read(POOLED, [r.sha256 for r in train_rows])
+    C = 1.0 if choice.pooled_C is None else choice.pooled_C
+    head = head_from_probe(x, [r.label for r in train_rows], C, params.train, params.base.seed,
+                           {"layer": POOLED, "extractor_id": store.stem})
+    say(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
+        f"(C={C:g})")
+    return head
+
+
+def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
+              then_all: bool = False) -> dict:
+    """Fine-tune (cfg, default params.finetune) on this process's share: read the inputs,
+    build the network (train's backbone: extract.compare's winner, its head from a
+    train-split probe at the choice's pooled C) and the datasets, run ftloop.fine_tune
+    (resuming matching checkpoints; with then_all a second phase trains everything), then
+    write the best-on-val network, its sidecar and the curve (rank 0, under torchrun) and
+    clear the checkpoints. Returns the sidecar's values."""
+    import torch
+
+    from tlflow.tasks.lib import distributed
+    from tlflow.tasks.lib.codedeps import code_hash
+    from tlflow.tasks.lib.files import sha256_file
+    from tlflow.tasks.lib.ftdata import Images, class_indices, train_augment
+    from tlflow.tasks.lib.ftloop import fine_tune as loop
+    from tlflow.tasks.lib.ftresume import fingerprint
+    from tlflow.tasks.lib.handoff import ExtractReport
+    from tlflow.tasks.lib.images import read_image
+    from tlflow.tasks.lib.manifest import of_split, read_manifest, without
+    from tlflow.tasks.lib.network import build, init_from_probe, save_network
+
+    paths, seed = params.base.paths, params.base.seed
+    bad = ExtractReport.read(paths.extract_report).bad
+    rows = without(read_manifest(paths.manifest), bad)
+    train_rows, val_rows = of_split(rows, "train"), of_split(rows, "val")
+    if not val_rows:
+        raise TlflowError("finetune: the val split is empty; early stopping and the best "
+                          "epoch need one (set ingest.val_fraction above 0)")
+    classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
+    image_size = cfg.image_size or choice.input_size
+    device = distributed.device_for(cfg.device)
+
+    net = build(choice.backbone, choice.weights, image_size, seed, classes)
+    if cfg.init_head == "probe":
+        init_from_probe(net, probe_for_init(params, train_rows, choice))
+    net.model.to(device, memory_format=torch.channels_last)
+
+    def images(split: list[Row], **augment: Any) -> Images:
+        return Images([paths.images / r.relpath for r in split],
+                      class_indices([r.label for r in split], classes), read_image,
+                      net.backbone.transform(), **augment)
+
+    train_ds = images(train_rows, augment=train_augment(net, cfg), seed=seed)
+    val_ds = images(val_rows)
+    key = fingerprint(params, cfg, sha256_file(paths.manifest), sorted(bad), choice.backbone,
+                      choice.weights, choice.pooled_C, image_size, code_hash("finetune"))
+    ckpt = paths.finetune_checkpoints
+    tuned = loop(net, train_ds, val_ds, cfg, seed, device, key, CheckpointsFolder(ckpt),
+                 CheckpointsFolder(ckpt / "all") if then_all else None)
+    meta = {"trainable": "+".join(tuned.phases), "n_blocks": cfg.n_blocks,
+            "init_head": cfg.init_head, "image_size": image_size,
+            "best_epoch": tuned.best_epoch, "val_accuracy": tuned.val_accuracy,
+            "epochs_run": len(tuned.curve), "stopped_early": tuned.stopped_early,
+            "calibration": tuned.calibration}
+    if distributed.current().main:
+        net.model.to("cpu", memory_format=torch.contiguous_format)
+        save_network(net, paths.finetuned, meta)
+        write_curve(paths.finetune_curve, tuned.curve)
+        checkpoint.clear(ckpt)  # done: a rerun (forced, or new code) starts afresh
+    distributed.say(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
+                    f"{meta['val_accuracy']:.4f} -> {paths.finetuned}")
+    return meta
 
 
 def _declared(params: Params) -> dict[str, Any]:
@@ -82,7 +228,7 @@ def launch(params: Params, cfg: Finetune, choice: TrainChoice,
     """Fine-tune under torchrun (DDP) on world_size(cfg) processes, even one; rank 0's
     sidecar values (None when rank 0 ran on another machine, which holds the outputs)."""
     job = {"params": _declared(params), "finetune": cfg.model_dump(mode="json"),
-           "then_all": then_all, "choice": asdict(choice)}
+           "then_all": then_all, "choice": choice.model_dump()}
     # the rendezvous id: the same on every machine that runs the same job
     run_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     result = torchrun.launch(__spec__.name if __spec__ else "tlflow.tasks.finetune", job, cfg,
@@ -95,7 +241,6 @@ def launch(params: Params, cfg: Finetune, choice: TrainChoice,
 def _worker(job: dict[str, Any]) -> dict:
     """One rank of a torchrun launch: the same loop as one process, on its share."""
     from tlflow.tasks.lib import distributed
-    from tlflow.tasks.lib.finetuning import fine_tune
 
     params = scoped(parse_params(job["params"], "the finetune job"), PARAMS)
     cfg = Finetune.model_validate(job["finetune"])

@@ -240,12 +240,12 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         served = load_served(params, "probe")
     source = served.source
     if served.artifact == "finetuned":
-        from tlflow.tasks.lib.finetuning import finetuned_probabilities
+        from tlflow.tasks.lib.ftloop import finetuned_probabilities
 
         net = served.model
         _check_k(k, len(net.classes))  # before any forward pass
         kept, skipped = readable(files, strict)
-        scores = finetuned_probabilities(net, [files[i] for i in kept],
+        scores = finetuned_probabilities(net, [files[i] for i in kept], read_image,
                                          params.finetune.device, params.finetune.batch_size) \
             if kept else None
         classes = net.classes

@@ -18,11 +18,13 @@ import yaml
 
 from tests.conftest import ROOT, cli_env, colour_images, make_params
 from tlflow.tasks import evaluate, extract, finetune, ingest, predict, train
-from tlflow.tasks.lib import finetuning as tuning
 from tlflow.tasks.lib.errors import TlflowError
 from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.ftdata import Images, class_indices
+from tlflow.tasks.lib.ftloop import finetuned_probabilities, logits
 from tlflow.tasks.lib.handoff import TrainChoice, current_store
 from tlflow.tasks.lib.head import load_head
+from tlflow.tasks.lib.images import read_image
 from tlflow.tasks.lib.manifest import read_manifest
 from tlflow.tasks.lib.network import (
     build,
@@ -66,9 +68,11 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
     rows = [r for r in read_manifest(paths.manifest) if r.split == "val"]
     with FeatureStore(current_store(paths.features)) as store:
         want = head.logits(store.read("pooled", [r.sha256 for r in rows]))
-    ds = tuning.Images(rows, paths.images, head.classes, net.backbone.transform())
-    got = tuning.logits(net, torch.utils.data.DataLoader(ds, batch_size=8),
-                          torch.device("cpu"), project.extract.precision)  # the codes' own
+    ds = Images([paths.images / r.relpath for r in rows],
+                class_indices([r.label for r in rows], head.classes), read_image,
+                net.backbone.transform())
+    got = logits(net, torch.utils.data.DataLoader(ds, batch_size=8),
+                 torch.device("cpu"), project.extract.precision)  # the codes' own
     np.testing.assert_allclose(got, want, atol=0.05, rtol=0.01)  # the store keeps float16
     assert (got.argmax(1) == want.argmax(1)).all()
 
@@ -88,7 +92,7 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
     C = next(r["C"] for r in layers if r["layer"] == "pooled")  # the sweep's choice on val
     choice = TrainChoice.read(paths.train_choice)
     assert choice.pooled_C == C
-    start = tuning.probe_for_init(project, [r for r in rows if r.split == "train"], choice)
+    start = finetune.probe_for_init(project, [r for r in rows if r.split == "train"], choice)
     train_only = make_probe(C, project.train, 0).fit(codes["train"], labels["train"])
     both = make_probe(C, project.train, 0).fit(np.vstack([codes["train"], codes["val"]]),
                                                labels["train"] + labels["val"])
@@ -130,7 +134,7 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
     assert net.classes == ("blue", "green", "red")
     files = sorted((Path(project.ingest.path) / "red").iterdir())
     preds = predict.run(params, Path(project.ingest.path) / "red", k=2, model="finetuned")
-    proba = tuning.finetuned_probabilities(net, files)  # the network's own softmax
+    proba = finetuned_probabilities(net, files, read_image)  # the network's own softmax
     assert [p.path for p in preds] == [str(f) for f in files]
     for p, row in zip(preds, proba, strict=True):
         top = np.argsort(-row)[:2]

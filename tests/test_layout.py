@@ -159,3 +159,45 @@ def test_git_is_read_and_written_through_one_module():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert not _runs_git(tree), f"{module} runs git: go through {GIT_DOOR}"
         assert not _opens_git(tree), f"{module} imports {_opens_git(tree)}: go through {GIT_DOOR}"
+
+
+# The fine-tuning library: data, optimizer and schedule, resume, the loop. The stage shell,
+# tasks/finetune.py, does every read and write; these modules open no file and name no path.
+FINETUNE_LIB = ("ftdata", "ftoptim", "ftresume", "ftloop")
+_FILE_MODULES = {"pathlib", "os", "shutil", "io", "csv", "tempfile", "h5py", "glob"} | {
+    f"tlflow.tasks.lib.{m}" for m in ("files", "handoff", "checkpoint", "featurestore",
+                                      "codedeps", "images", "manifest")}
+_FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "unlink",
+               "mkdir", "rmdir", "iterdir", "glob", "rglob", "touch", "exists", "is_file",
+               "is_dir", "save_file", "load_file", "save_network", "load_network"}
+
+
+def _touches_files(path: Path) -> list[str]:
+    """Where a module imports a file-handling module, calls a file operation, or names
+    params' paths (`.paths`, `paths.`), as `line: what`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        found += [f"{node.lineno}: import {n}" for n in names
+                  if n in _FILE_MODULES or n.split(".")[0] in _FILE_MODULES]
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in _FILE_CALLS:
+                found.append(f"{node.lineno}: {name}()")
+        if isinstance(node, ast.Attribute) and node.attr == "paths":
+            found.append(f"{node.lineno}: .paths")
+        if isinstance(node, ast.Name) and node.id == "paths":
+            found.append(f"{node.lineno}: paths")
+    return found
+
+
+def test_the_finetune_library_opens_no_file_and_the_shell_does():
+    for name in FINETUNE_LIB:
+        assert not _touches_files(LIB / f"{name}.py"), (name, _touches_files(LIB / f"{name}.py"))
+    shell = _touches_files(ROOT / "tasks" / "finetune.py")  # the check does see I/O
+    assert any("open()" in s for s in shell) and any("paths" in s for s in shell), shell
+    lib_users = {m for m, imports in _graph().items() if not m.startswith("tlflow.tasks.lib.")
+                 and imports & {f"tlflow.tasks.lib.{n}" for n in FINETUNE_LIB}}
+    assert "tlflow.tasks.finetune" in lib_users

@@ -1,7 +1,7 @@
 """Fine-tuning on several processes, a rank's side: torch DistributedDataParallel.
 
 The finetune stage starts torchrun (tasks/lib/torchrun.py); each process it starts, a rank,
-runs the one-process loop of tasks/lib/finetuning.py on its share of the
+runs the one-process loop of tasks/lib/ftloop.py on its share of the
 train split (torch's DistributedSampler): gloo on the CPU, nccl on CUDA with one GPU per
 process. DDP averages the gradients, so every rank holds the same weights; after every epoch
 a digest of them is compared across ranks (`check_same_weights`), and a mismatch stops the
@@ -66,6 +66,12 @@ def current() -> Ranks:
         return Ranks()
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
                  True)
+
+
+def say(message: str) -> None:
+    """A line of the stage's output: printed by rank 0 only (all of it on one process)."""
+    if current().main:
+        print(message, flush=True)
 
 
 def device_for(spec: str, key: str = "finetune.device") -> torch.device:

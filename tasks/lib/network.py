@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from tlflow.tasks.lib.backbones import Backbone, create_backbone
-from tlflow.tasks.lib.checkpoint import state_tensors
 from tlflow.tasks.lib.errors import TlflowError, handoff_error
 from tlflow.tasks.lib.files import atomic_path, write_json
 from tlflow.tasks.lib.head import LinearHead, check_pair, meta_path, tensors_path, write_pair
@@ -138,7 +137,7 @@ def param_groups(net: Network, cfg: Finetune) -> list[dict[str, Any]]:
     and its layers are the model's group_matcher groups (every sub-block of EfficientNet,
     the head at the top scale), so for tf_efficientnet_lite0, lr 1e-2, ratio 0.1, decay 0.5
     it gives conv_head 5e-3 (required 1e-3), blocks.4 3.9e-5 (5e-4), conv_stem 7.6e-8
-    (3.1e-5). The optimizer itself is timm's (finetuning.make_optimizer)."""
+    (3.1e-5). The optimizer itself is timm's (ftoptim.make_optimizer)."""
     head = net.head_name + "."
     blocks = net.blocks()
     names = [n for n, _ in net.model.named_parameters()]
@@ -158,6 +157,11 @@ def param_groups(net: Network, cfg: Finetune) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- on disk
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors, ready for safetensors."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
 def save_disabled(stem: Path) -> None:

@@ -1,11 +1,12 @@
 """Resumable training state: tensors in safetensors, the rest in JSON, state.json committed
-last; no pickle."""
+last; no pickle. (ftresume packs and restores, checkpoint writes and reads the files.)"""
 
 from pathlib import Path
 
 import torch
 
 from tlflow.tasks.lib import checkpoint
+from tlflow.tasks.lib.ftresume import pack, restore
 
 
 def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
@@ -20,13 +21,17 @@ def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]
     return model, opt, sched
 
 
+def _save(directory: Path, epoch: int, model, opt, sched, meta: dict) -> None:
+    checkpoint.save(directory, *pack(epoch, model, opt, sched, meta))
+
+
 def test_round_trip_restores_model_optimizer_and_schedule(tmp_path: Path):
     model, opt, sched = _trained(0)
-    checkpoint.save(tmp_path, 2, model, opt, sched, {"best_file": None, "note": "x"})
+    _save(tmp_path, 2, model, opt, sched, {"best_file": None, "note": "x"})
     state = checkpoint.load_state(tmp_path)
     assert state["epoch"] == 2 and state["note"] == "x"
     other, other_opt, other_sched = _trained(1)
-    checkpoint.restore(tmp_path, state, other, other_opt, other_sched)
+    restore(state, (tmp_path / state["tensors"]).read_bytes(), other, other_opt, other_sched)
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert other_sched.state_dict() == sched.state_dict()
@@ -40,8 +45,8 @@ def test_round_trip_restores_model_optimizer_and_schedule(tmp_path: Path):
 def test_state_json_is_the_commit_point(tmp_path: Path):
     model, opt, sched = _trained(0)
     assert checkpoint.load_state(tmp_path) is None
-    checkpoint.save(tmp_path, 1, model, opt, sched, {"best_file": None})
-    checkpoint.save(tmp_path, 2, model, opt, sched, {"best_file": None})
+    _save(tmp_path, 1, model, opt, sched, {"best_file": None})
+    _save(tmp_path, 2, model, opt, sched, {"best_file": None})
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["epoch-0002.safetensors"]
     (tmp_path / "epoch-0002.safetensors").unlink()  # tensors gone: the state is not trusted
     assert checkpoint.load_state(tmp_path) is None
@@ -51,7 +56,7 @@ def test_state_json_is_the_commit_point(tmp_path: Path):
 
 def test_the_files_hold_no_pickle(tmp_path: Path):
     model, opt, sched = _trained(0)
-    checkpoint.save(tmp_path, 1, model, opt, sched, {"best_file": None})
+    _save(tmp_path, 1, model, opt, sched, {"best_file": None})
     for f in tmp_path.iterdir():
         assert b"\x80\x04" not in f.read_bytes()[:2]  # no pickle protocol header
 
@@ -61,7 +66,7 @@ def test_clearing_removes_only_what_tlflow_wrote(tmp_path: Path):
     model, opt, sched = _trained(0)
     (tmp_path / "all").mkdir()
     for d in (tmp_path, tmp_path / "all"):
-        checkpoint.save(d, 1, model, opt, sched, {"best_file": None})
+        _save(d, 1, model, opt, sched, {"best_file": None})
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine.safetensors").write_bytes(b"x")
     checkpoint.clear(tmp_path)

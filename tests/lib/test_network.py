@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from tlflow.tasks.lib import finetuning as tuning
+from tlflow.tasks.lib.ftoptim import make_optimizer
 from tlflow.tasks.lib.network import (
     build,
     freeze,
@@ -26,7 +26,7 @@ def _net(trainable: str, n_blocks: int = 1, bn: str = "frozen"):
 def _step(net, cfg) -> dict[str, torch.Tensor]:
     """One optimizer step on a random batch; the state before it."""
     before = {k: v.clone() for k, v in net.model.state_dict().items()}
-    opt = tuning.make_optimizer(net, cfg)
+    opt = make_optimizer(net, cfg)
     train_mode(net, cfg.bn)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     torch.nn.functional.cross_entropy(net.model(x), y).backward()

@@ -67,11 +67,12 @@ def test_the_probe_graph_scores_as_the_head_does(images: list[Path], train: dict
 
 
 def test_the_finetuned_graph_in_onnx_runtime_is_predicts(images: list[Path], tmp_path: Path):
-    from tlflow.tasks.lib.finetuning import finetuned_probabilities
+    from tlflow.tasks.lib.ftloop import finetuned_probabilities
+    from tlflow.tasks.lib.images import read_image
     from tlflow.tasks.lib.network import new_network
 
     net = new_network(_backbone(), ("blue", "green", "red"))
-    want = finetuned_probabilities(net, images, "cpu", batch_size=5)
+    want = finetuned_probabilities(net, images, read_image, "cpu", batch_size=5)
     prep = preprocess(net.backbone, "full")
     done = export(SoftmaxGraph(net.model), 32, "probabilities", tmp_path / "finetuned.onnx",
                   {"classes": list(net.classes), "preprocess": prep})
