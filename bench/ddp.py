@@ -11,7 +11,7 @@ their mean), each followed by evaluate. Printed: mean epoch seconds, the stage's
     python bench/ddp.py [--nproc 2] [--epochs 10] [--seed 0]
 
 Threads: one process uses torch's default (all cores); each of N ranks gets cores / N
-(tasks/lib/torchrun.py sets OMP_NUM_THREADS), so both use the whole machine.
+(tasks/lib/scale/torchrun.py sets OMP_NUM_THREADS), so both use the whole machine.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _digits_scenario() -> dict[str, dict]:
 def _finetune(params, label: str) -> dict:
     """The finetune stage then evaluate; the stage's lines are echoed and parsed."""
     from tlflow.tasks import evaluate, finetune
-    from tlflow.tasks.lib.network import read_meta
+    from tlflow.tasks.lib.finetune.network import read_meta
 
     out = io.StringIO()
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def main() -> None:
     import torch
 
     from tlflow.tasks import extract, ingest, train
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.params import params_under
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} "
           f"threads in one process; {args.nproc} processes of {args.batch // args.nproc} "

@@ -54,11 +54,11 @@ def main() -> None:
     import torch
 
     from tlflow.tasks import export, predict
-    from tlflow.tasks.lib.device import autocast
-    from tlflow.tasks.lib.imagefiles import image_files
-    from tlflow.tasks.lib.onnxexport import ort_session, read_batch, run_onnx
-    from tlflow.tasks.lib.params import load_params
-    from tlflow.tasks.lib.serving import load_served
+    from tlflow.tasks.lib.core.device import autocast
+    from tlflow.tasks.lib.core.params import load_params
+    from tlflow.tasks.lib.data.imagefiles import image_files
+    from tlflow.tasks.lib.models.onnxexport import ort_session, read_batch, run_onnx
+    from tlflow.tasks.lib.models.serving import load_served
 
     params = load_params()
     done = export.run(params, args.model)

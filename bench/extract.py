@@ -71,7 +71,7 @@ def tutorial(folder: Path) -> dict[str, float]:
     import torch
     from torchvision import datasets
 
-    from tlflow.tasks.lib.backbones import create_backbone
+    from tlflow.tasks.lib.features.backbones import create_backbone
 
     t0 = time.perf_counter()
     backbone = create_backbone(MODEL, "packaged", None, 0)
@@ -91,7 +91,7 @@ def stage(folder: Path, work: Path, precision: str, decode: str, workers: int | 
           batch_size: int | None = None) -> dict[str, float]:
     """The extract stage (ingest first, untimed), layers pooled only, at 224 px."""
     from tlflow.tasks import extract, ingest
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",
                           ingest={"source": "folder", "path": str(folder)},
@@ -109,8 +109,8 @@ def forward_limit(precision: str) -> dict[str, float]:
     """Images per second of forward passes alone, batch 64 at 224 px, channels_last."""
     import torch
 
-    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
-    from tlflow.tasks.lib.device import autocast
+    from tlflow.tasks.lib.core.device import autocast
+    from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
 
     model = CodeExtractor(create_backbone(MODEL, "packaged", None, 0), ("pooled",))
     model = model.to(memory_format=torch.channels_last)
@@ -193,7 +193,7 @@ def main() -> None:
         sys.exit(f"bench: needs the photos at {HYMENOPTERA}")
     import torch
 
-    from tlflow.tasks.lib.device import cpu_has_bf16, effective_precision
+    from tlflow.tasks.lib.core.device import cpu_has_bf16, effective_precision
 
     auto = effective_precision(torch.device("cpu"), "auto")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 in hardware: "

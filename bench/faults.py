@@ -96,7 +96,7 @@ class Suite:
         """A stage run to completion in this process (torch imported once), then recorded in
         dvc.lock as `tlflow run` records it."""
         from tlflow.flows.stages import commit, stage_runner
-        from tlflow.tasks.lib.params import load_params
+        from tlflow.tasks.lib.core.params import load_params
 
         with _cwd(self.project), contextlib.redirect_stdout(sys.stderr):
             t0 = time.perf_counter()
@@ -118,8 +118,8 @@ class Suite:
 
     def stage_refusal(self, name: str) -> str:
         from tlflow.flows.stages import stage_runner
-        from tlflow.tasks.lib.errors import TlflowError
-        from tlflow.tasks.lib.params import load_params
+        from tlflow.tasks.lib.core.errors import TlflowError
+        from tlflow.tasks.lib.core.params import load_params
 
         with _cwd(self.project), contextlib.redirect_stdout(sys.stderr):
             try:
@@ -133,7 +133,7 @@ class Suite:
     def outputs(self) -> dict[str, str]:
         """sha256 of every output file (base.paths), relative to the project; a feature store
         by its committed content (it is appended in place)."""
-        from tlflow.tasks.lib.params import load_params
+        from tlflow.tasks.lib.core.params import load_params
 
         if not hasattr(self, "_paths"):  # read once: some cases make params.yaml invalid
             with _cwd(self.project):
@@ -186,7 +186,7 @@ def _sha(path: Path) -> str:
 
 
 def _codes(path: Path) -> dict[str, tuple]:
-    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     with FeatureStore(path) as fs:
         keys = fs.keys()
@@ -388,7 +388,7 @@ def run_pair_case(s: Suite, snapshot_a: Path) -> None:
     with s.case("kill between a model pair's files") as case:
         for f in ("head.safetensors", "head.json"):
             shutil.copy2(snapshot_a / "models" / f, s.project / "models" / f)
-        code = ("import os, signal, tlflow.tasks.lib.files as f\n"
+        code = ("import os, signal, tlflow.tasks.lib.core.files as f\n"
                 "real = os.replace\n"
                 "def replace(src, dst):\n"
                 "    real(src, dst)\n"

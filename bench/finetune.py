@@ -64,8 +64,8 @@ def parse_set(items: list[str]) -> dict[str, dict]:
 
 def run_scenario(name: str, epochs: int | None, seed: int, extra: dict[str, dict]) -> dict:
     from tlflow.tasks import evaluate, extract, finetune, ingest, train
-    from tlflow.tasks.lib.network import read_meta
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.params import params_under
+    from tlflow.tasks.lib.finetune.network import read_meta
 
     sections = {s: {**SCENARIOS[name].get(s, {}), **extra.get(s, {})}
                 for s in {*SCENARIOS[name], *extra}}

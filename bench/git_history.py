@@ -1,6 +1,6 @@
 """What `tlflow history` spends in git: the commits that changed dvc.lock, then dvc.lock and
 the metrics file at each, and the tag list, read the way the project did before
-tasks/lib/gitrepo.py (one `git` process per read, as flows/history.py ran them) and through
+tasks/lib/core/gitrepo.py (one `git` process per read, as flows/history.py ran them) and through
 gitrepo (scmrepo: dulwich and libgit2 in-process), on a fresh repository of N commits of
 dvc.lock (plus as many of other files between them).
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlflow.tasks.lib import gitrepo
+from tlflow.tasks.lib.core import gitrepo
 
 LOCK, METRICS = "dvc.lock", "metrics/eval.json"
 

@@ -13,7 +13,7 @@ Checks, in one run (a few minutes on one GPU; 8 at most is the budget):
      the OOMs, compute every code, and store the codes check 2 stored;
   4. fine-tuning as DDP over nccl with one process under torchrun (tasks/finetune.launch),
      end to end on hymenoptera, then evaluate;
-  5. fine-tuning throughput: one epoch of ftloop.train_epoch (decoding, augmentation,
+  5. fine-tuning throughput: one epoch of finetune.loop.train_epoch (decoding, augmentation,
      bf16 autocast) in images per second, against train steps alone on batches already on
      the GPU.
 
@@ -130,9 +130,9 @@ def check_codes(table: Table, files: list[Path], size: int, device) -> None:
     import numpy as np
     import torch
 
-    from tlflow.tasks.lib.backbones import create_backbone
-    from tlflow.tasks.lib.extraction import compute_codes
-    from tlflow.tasks.lib.params import Extract
+    from tlflow.tasks.lib.core.params import Extract
+    from tlflow.tasks.lib.features.backbones import create_backbone
+    from tlflow.tasks.lib.features.extraction import compute_codes
 
     backbone = create_backbone(BACKBONE, "packaged", size)
     cpu = np.stack(compute_codes(files, backbone, "pooled", Extract(batch_size=32),
@@ -151,7 +151,7 @@ def check_codes(table: Table, files: list[Path], size: int, device) -> None:
 
 
 def _project(work: Path, images: Path, size: int, device, **extract) -> object:
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.params import params_under
 
     return params_under(work, ROOT / "params.yaml",
                         ingest={"source": "folder", "path": str(images)},
@@ -163,9 +163,9 @@ def _forward_rate(params, files: list[Path], device, batch: int) -> float:
     """Forward passes alone, bf16 autocast as the stage, batches already on the device."""
     import torch
 
-    from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
-    from tlflow.tasks.lib.device import autocast
-    from tlflow.tasks.lib.images import read_image
+    from tlflow.tasks.lib.core.device import autocast
+    from tlflow.tasks.lib.data.decode import read_image
+    from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
 
     cfg = params.extract
     backbone = create_backbone(BACKBONE, "packaged", cfg.image_size)
@@ -186,8 +186,8 @@ def _forward_rate(params, files: list[Path], device, batch: int) -> float:
 
 def _decode_rate(params, files: list[Path], device) -> float:
     """The stage's own loader (its workers, pinned memory) without the network."""
-    from tlflow.tasks.lib.backbones import create_backbone
-    from tlflow.tasks.lib.extraction import make_loader
+    from tlflow.tasks.lib.features.backbones import create_backbone
+    from tlflow.tasks.lib.features.extraction import make_loader
 
     backbone = create_backbone(BACKBONE, "packaged", params.extract.image_size)
     t0 = time.perf_counter()
@@ -230,8 +230,8 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
     import torch
 
     from tlflow.tasks import extract, ingest
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import current_store
+    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     cap_gib, batch = 1.5, 1024
     params = _project(work, images, size, device, batch_size=batch)
@@ -262,8 +262,8 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
 
 def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
     from tlflow.tasks import evaluate, extract, finetune, ingest, train
-    from tlflow.tasks.lib.handoff import TrainChoice
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.handoff import TrainChoice
+    from tlflow.tasks.lib.core.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",
                           ingest={"source": "folder", "path": str(HYMENOPTERA)},
@@ -305,14 +305,14 @@ def check_training(table: Table, params, device, batch: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from tlflow.tasks.lib.device import autocast
-    from tlflow.tasks.lib.ftdata import Images, class_indices, train_augment, train_loader
-    from tlflow.tasks.lib.ftloop import train_epoch
-    from tlflow.tasks.lib.ftoptim import make_optimizer, make_schedule
-    from tlflow.tasks.lib.images import read_image
-    from tlflow.tasks.lib.manifest import read_manifest
-    from tlflow.tasks.lib.network import build, freeze
-    from tlflow.tasks.lib.params import Finetune
+    from tlflow.tasks.lib.core.device import autocast
+    from tlflow.tasks.lib.core.params import Finetune
+    from tlflow.tasks.lib.data.decode import read_image
+    from tlflow.tasks.lib.data.manifest import read_manifest
+    from tlflow.tasks.lib.finetune.data import Images, class_indices, train_augment, train_loader
+    from tlflow.tasks.lib.finetune.loop import train_epoch
+    from tlflow.tasks.lib.finetune.network import build, freeze
+    from tlflow.tasks.lib.finetune.optim import make_optimizer, make_schedule
 
     paths = params.base.paths
     rows = read_manifest(paths.manifest)

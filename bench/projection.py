@@ -22,10 +22,10 @@ import numpy as np
 
 
 def _codes(project: Path, layer: str) -> tuple[np.ndarray, np.ndarray]:
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import current_store
-    from tlflow.tasks.lib.manifest import read_manifest
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.params import params_under
+    from tlflow.tasks.lib.data.manifest import read_manifest
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     paths = params_under(project, project / "params.yaml").base.paths
     rows = read_manifest(paths.manifest)

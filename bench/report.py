@@ -35,9 +35,9 @@ HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
 from tlflow.flows.html_report import write_report  # noqa: E402
 from tlflow.tasks import audit, evaluate, extract, ingest, train  # noqa: E402
-from tlflow.tasks.lib.handoff import EvalMetrics  # noqa: E402
-from tlflow.tasks.lib.manifest import read_manifest  # noqa: E402
-from tlflow.tasks.lib.params import Params, params_under  # noqa: E402
+from tlflow.tasks.lib.core.handoff import EvalMetrics  # noqa: E402
+from tlflow.tasks.lib.core.params import Params, params_under  # noqa: E402
+from tlflow.tasks.lib.data.manifest import read_manifest  # noqa: E402
 
 
 def _project(root: Path, source: Path, store_from: Path | None) -> Params:
@@ -128,8 +128,8 @@ def main() -> None:
              == p["train_image"]["relpath"]}
     import numpy as np
 
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import current_store
+    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     prow = read_manifest(pp.manifest)
     with FeatureStore(current_store(pp.features)) as st:

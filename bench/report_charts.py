@@ -21,7 +21,7 @@ from pathlib import Path
 BUILD = """
 import sys
 from tlflow.flows import html_report
-from tlflow.tasks.lib.params import load_params
+from tlflow.tasks.lib.core.params import load_params
 if sys.argv[1] == "plain":
     html_report.sweep_chart = lambda paths: None
     html_report.map_view = lambda paths, preds, thumb: None
@@ -33,7 +33,7 @@ print(paths.report.stat().st_size)
 
 def _build(project: Path, variant: str, fresh: bool) -> tuple[float, int]:
     if fresh:
-        from tlflow.tasks.lib.params import params_under
+        from tlflow.tasks.lib.core.params import params_under
 
         folder = params_under(project, project / "params.yaml").base.paths.report.parent
         shutil.rmtree(folder, ignore_errors=True)

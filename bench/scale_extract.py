@@ -67,7 +67,7 @@ class Meter:
     the submitted jobs' pickled sizes (what the scheduler sends a worker)."""
 
     def __init__(self) -> None:
-        from tlflow.tasks.lib import sharding
+        from tlflow.tasks.lib.scale import sharding
 
         self.sharding, self.file_bytes, self.rows, self.seconds = sharding, 0, 0, 0.0
         self.spec_bytes, self.answer_bytes = 0, 0
@@ -93,9 +93,9 @@ def run_stage(work: Path, folder: Path, size: int, **extract: object) -> tuple[f
     """Seconds of one extract run computing every image, and the codes by layer."""
     from tlflow.tasks import extract as stage
     from tlflow.tasks import ingest
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.manifest import read_manifest
-    from tlflow.tasks.lib.params import params_under
+    from tlflow.tasks.lib.core.params import params_under
+    from tlflow.tasks.lib.data.manifest import read_manifest
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     params = params_under(work, ROOT / "params.yaml",
                           ingest={"source": "folder", "path": str(folder)},
@@ -112,8 +112,8 @@ def run_stage(work: Path, folder: Path, size: int, **extract: object) -> tuple[f
 
 def merge_rate(tmp: Path, shards: int, rows: int = 4096, dims: dict | None = None) -> float:
     """Codes per second the stage commits from shard files (read, append, flush, delete)."""
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.sharding import commit_shard, write_shard
+    from tlflow.tasks.lib.features.store import FeatureStore
+    from tlflow.tasks.lib.scale.sharding import commit_shard, write_shard
 
     dims = dims or {"pooled": 1280}
     rng = np.random.default_rng(0)
@@ -142,7 +142,7 @@ def main() -> None:
 
     from extract import make_images
 
-    from tlflow.tasks.lib.sharding import ShardDone, ShardJob
+    from tlflow.tasks.lib.scale.sharding import ShardDone, ShardJob
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -167,7 +167,7 @@ def main() -> None:
         t_local2, _ = run_stage(tmp / "local2", folder, args.image_size, **common)
         merge_1280 = merge_rate(tmp / "m1", 12)
         merge_both = merge_rate(tmp / "m2", 12, dims={"pooled": 1280, "blocks.4": 112})
-        from tlflow.tasks.lib.params import Extract
+        from tlflow.tasks.lib.core.params import Extract
 
         job = ShardJob("0" * 16, Extract(**dask), 0, args.image_size, {"torch": "x"},
                        tuple(str(f.resolve()) for f in files[: args.shard_size]),

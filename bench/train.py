@@ -58,8 +58,8 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tlflow.tasks.lib.params import Train
-    from tlflow.tasks.lib.probes import Split, best, sweep
+    from tlflow.tasks.lib.core.params import Train
+    from tlflow.tasks.lib.probe.sweep import Split, best, sweep
 
     rng = np.random.default_rng(1)
     n_val = rows // 5
@@ -91,9 +91,9 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
 
 def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
     """A project whose store holds `rows` generated codes, ready for `tlflow stage train`."""
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.handoff import Candidate, ExtractReport, Pointer
-    from tlflow.tasks.lib.manifest import Row, write_manifest
+    from tlflow.tasks.lib.core.handoff import Candidate, ExtractReport, Pointer
+    from tlflow.tasks.lib.data.manifest import Row, write_manifest
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update(classifier="sgd", epochs=epochs)
@@ -151,7 +151,7 @@ def bench_memory(codes: Codes, rows: int, epochs: int) -> dict:
         if proc.returncode:
             raise SystemExit(f"tlflow stage train failed with {proc.returncode}")
         peak = int(proc.stdout.rsplit("VmHWM:", 1)[1].split()[0]) * 1024  # kB
-        from tlflow.tasks.lib.handoff import ProbeReport
+        from tlflow.tasks.lib.core.handoff import ProbeReport
 
         report = yaml.safe_load((work / "params.yaml").read_text())["base"]["paths"]["probe_report"]
         best = ProbeReport.read(work / report).best.model_dump()

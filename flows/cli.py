@@ -33,8 +33,8 @@ from tlflow.flows.commands import (
     status,
 )
 from tlflow.flows.commands.base import Command
-from tlflow.tasks.lib import interrupts
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.core import interrupts
+from tlflow.tasks.lib.core.errors import TlflowError
 
 # Prefect warns at import when it cannot create PREFECT_HOME; a run that needs it says so in
 # one line naming the variable and the fix (flows/tempserver.check_home)
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # the machine's limits (a full disk...): one line, else a bug
-        from tlflow.tasks.lib.errors import environment_error
+        from tlflow.tasks.lib.core.errors import environment_error
 
         if interrupts.received() is not None:  # e.g. a DataLoader worker killed by it
             return _interrupted(err)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import (
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import (
     ClassScores,
     EvalMetrics,
     ImagePrediction,
@@ -26,8 +26,8 @@ from tlflow.tasks.lib.handoff import (
     Predictions,
     Scores,
 )
-from tlflow.tasks.lib.manifest import Row, read_manifest
-from tlflow.tasks.lib.params import Paths
+from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.data.manifest import Row, read_manifest
 
 T = TypeVar("T")
 NO_RUN = "no committed run to compare with"
@@ -61,7 +61,7 @@ def _label(rev: str, sha: str | None) -> str:
 def resolve(root: Path, rev: str) -> str | None:
     """The commit `rev` names in the git repository at root; None when root is no git
     repository or has no commit yet."""
-    from tlflow.tasks.lib.gitrepo import GitRepo
+    from tlflow.tasks.lib.core.gitrepo import GitRepo
 
     try:
         repo = GitRepo(root)

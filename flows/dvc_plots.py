@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import write_text
-from tlflow.tasks.lib.params import Paths
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import write_text
+from tlflow.tasks.lib.core.params import Paths
 
 # the image types DVC plots as pictures, by suffix (DVC's own data URIs say only "image")
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",

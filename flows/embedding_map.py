@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from tlflow.tasks.lib.files import write_text
-from tlflow.tasks.lib.handoff import ImagePrediction
+from tlflow.tasks.lib.core.files import write_text
+from tlflow.tasks.lib.core.handoff import ImagePrediction
 
 SEED = 0  # the sample's and t-SNE's
 MAX_POINTS = 1000  # t-SNE on 1,000 codes: a few seconds on 2 cores, once per new result
@@ -77,7 +77,7 @@ def projection(store: Path, layer: str, keys: list[str], seed: int, folder: Path
     """tsne() of the store's codes of `keys` on `layer`, read from `folder` when the same
     store, layer, keys, seed and scikit-learn computed it before (the folder keeps only the
     last one)."""
-    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     ident = json.dumps([store.name, layer, keys, seed, version("scikit-learn"), TSNE_ITER])
     path = folder / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"

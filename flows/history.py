@@ -22,12 +22,12 @@ from typing import Any
 
 import yaml
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.gitrepo import GitRepo, toplevel
-from tlflow.tasks.lib.handoff import EvalMetrics, Scores
-from tlflow.tasks.lib.head import parse_meta
-from tlflow.tasks.lib.params import Params, Paths
-from tlflow.tasks.lib.registry import read_at
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.gitrepo import GitRepo, toplevel
+from tlflow.tasks.lib.core.handoff import EvalMetrics, Scores
+from tlflow.tasks.lib.core.params import Params, Paths
+from tlflow.tasks.lib.models.registry import read_at
+from tlflow.tasks.lib.probe.head import parse_meta
 
 DATA_VERSION_LEN = 8
 LOCK = "dvc.lock"
@@ -122,7 +122,7 @@ def promotions(root: Path = Path()) -> dict[str, tuple[str, ...]]:
     from gto.exceptions import GTOException
     from scmrepo.exceptions import SCMError
 
-    from tlflow.tasks.lib.registry import ARTIFACTS
+    from tlflow.tasks.lib.models.registry import ARTIFACTS
 
     found: dict[str, list[str]] = {}
     for name in ARTIFACTS:

@@ -22,13 +22,13 @@ from typing import Any
 
 from markupsafe import Markup
 
+from tlflow.flows.artifacts import MODELS, Snapshot
 from tlflow.flows.committed import NO_RUN, Committed, read_committed
 from tlflow.flows.history import current_data_version
-from tlflow.flows.report import MODELS, Snapshot
-from tlflow.tasks.lib.changes import ImageChange
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import atomic_path, write_text
-from tlflow.tasks.lib.handoff import (
+from tlflow.tasks.lib.assess.changes import ImageChange
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import atomic_path, write_text
+from tlflow.tasks.lib.core.handoff import (
     AuditImage,
     Balance,
     ClassScores,
@@ -41,7 +41,7 @@ from tlflow.tasks.lib.handoff import (
     Scores,
     Strategy,
 )
-from tlflow.tasks.lib.params import Paths
+from tlflow.tasks.lib.core.params import Paths
 
 # out-of-fold accuracy of the audit's probes below which the page warns that the likely label
 # errors it lists are as much the probes' own mistakes (hymenoptera at 64 px, a probe of test
@@ -149,7 +149,7 @@ def coverage_view(paths: Paths, metrics: dict[str, Scores]) -> dict[str, Any] | 
     """The probe's reject option: at each min confidence the share of test images kept and
     the accuracy on them (plots/coverage.csv), with the calibration error before and after
     temperature scaling; None when evaluate wrote none."""
-    from tlflow.tasks.lib.trust import read_coverage
+    from tlflow.tasks.lib.probe.trust import read_coverage
 
     if not paths.coverage.is_file():
         return None
@@ -163,8 +163,8 @@ def coverage_view(paths: Paths, metrics: dict[str, Scores]) -> dict[str, Any] | 
 def compare_view(paths: Paths) -> dict[str, Any] | None:
     """The backbones of extract.compare as a table (header, rows, the rule, the winner),
     from train's reports/compare.json; None when no comparison ran."""
-    from tlflow.flows.report import compare_table
-    from tlflow.tasks.lib.compare import RULE
+    from tlflow.flows.artifacts import compare_table
+    from tlflow.tasks.lib.assess.compare import RULE
 
     found = compare_table(paths)
     return {"header": found[0], "rows": found[1], "rule": RULE} if found else None
@@ -178,7 +178,7 @@ def map_view(paths: Paths, preds: list[ImagePrediction],
     if not mine or not paths.probe_report.is_file():
         return None
     from tlflow.flows.embedding_map import MAP, embedding_map
-    from tlflow.tasks.lib.handoff import current_store
+    from tlflow.tasks.lib.core.handoff import current_store
 
     layer = ProbeReport.read(paths.probe_report).best.layer
     return embedding_map(mine, current_store(paths.features), layer,
@@ -189,7 +189,7 @@ def advice_view(paths: Paths) -> dict[str, Any] | None:
     """The 2x2 table's cells (the data set's marked) and the reasons, from the advice."""
     if not paths.strategy.is_file():
         return None
-    from tlflow.tasks.lib.advice import PLANS, table
+    from tlflow.tasks.lib.probe.strategy import PLANS, table
 
     decision = Strategy.read(paths.strategy)
     cells = [{"size": size, "plans": [{"plan": PLANS[size, sim], "here": (
@@ -203,12 +203,12 @@ def advice_view(paths: Paths) -> dict[str, Any] | None:
 
 def changes_view(paths: Paths, committed: Committed, per_class: tuple[ClassScores, ...],
                  preds: list[ImagePrediction], thumb: Thumbnails) -> dict[str, Any]:
-    """What changed since the committed run (tasks/lib/changes.py): per class (accuracy then,
+    """What changed since the committed run (tasks/lib/assess/changes.py): per class (accuracy then,
     now, the delta), per test image (newly wrong, newly right; the first MAX_CHANGED of each
     with thumbnails) and the data (images added and removed, by class); a note for each
     part the committed run cannot give."""
-    from tlflow.tasks.lib import changes
-    from tlflow.tasks.lib.manifest import read_manifest
+    from tlflow.tasks.lib.assess import changes
+    from tlflow.tasks.lib.data.manifest import read_manifest
 
     classes = (changes.class_deltas(committed.per_class, per_class)
                if committed.per_class is not None and per_class else [])
@@ -261,7 +261,7 @@ class Thumbnails:
     def _make(src: Path, dest: Path) -> None:
         from PIL import Image
 
-        from tlflow.tasks.lib.images import read_image
+        from tlflow.tasks.lib.data.decode import read_image
 
         img = read_image(src, lambda im: im.convert("RGB"))
         img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC)

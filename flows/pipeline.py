@@ -23,9 +23,9 @@ from prefect.states import Completed, Failed, State
 
 from tlflow.flows.history import current_data_version
 from tlflow.flows.stages import STAGES, commit, rescanned, stage_runner, why_stale
-from tlflow.tasks.lib import gitrepo, interrupts
-from tlflow.tasks.lib.errors import TlflowError, environment_error
-from tlflow.tasks.lib.params import load_params
+from tlflow.tasks.lib.core import gitrepo, interrupts
+from tlflow.tasks.lib.core.errors import TlflowError, environment_error
+from tlflow.tasks.lib.core.params import load_params
 
 BAD_INPUT = "BadInput"
 SKIPPED = "Skipped"
@@ -148,8 +148,8 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     """
     from prefect.context import FlowRunContext
 
+    from tlflow.flows.artifacts import Snapshot, publish_summary
     from tlflow.flows.html_report import write_html_report
-    from tlflow.flows.report import Snapshot, publish_summary
 
     ctx = FlowRunContext.get()
     RUNNING[:] = [ctx.flow_run.id] if ctx and ctx.flow_run else []

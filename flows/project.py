@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import write_text
-from tlflow.tasks.lib.gitrepo import GitRepo, toplevel
-from tlflow.tasks.lib.params import project_slug
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import write_text
+from tlflow.tasks.lib.core.gitrepo import GitRepo, toplevel
+from tlflow.tasks.lib.core.params import project_slug
 
 TEMPLATES = Path(__file__).parent / "templates" / "project"
 # files a project is made of: refused when present, unless --force
@@ -166,9 +166,9 @@ def init_project(dest: Path, source: Source, force: bool = False,
     """Make `dest` a tlflow project (see the module's docstring). Returns what was done, one
     line each. Raises TlflowError, before writing anything, when dest holds params.yaml,
     dvc.yaml or artifacts.yaml (unless `force`) or is not a folder."""
-    from tlflow.tasks.lib.codedeps import STAMP, refresh_stamp
-    from tlflow.tasks.lib.params import Params
-    from tlflow.tasks.lib.registry import write_index
+    from tlflow.tasks.lib.core.codedeps import STAMP, refresh_stamp
+    from tlflow.tasks.lib.core.params import Params
+    from tlflow.tasks.lib.models.registry import write_index
 
     dest = dest.expanduser().resolve()
     if dest.exists() and not dest.is_dir():
@@ -211,7 +211,7 @@ def init_project(dest: Path, source: Source, force: bool = False,
 
 def _commit(root: Path) -> None:
     """Commit the project's files (only when asked: --commit)."""
-    from tlflow.tasks.lib.codedeps import STAMP
+    from tlflow.tasks.lib.core.codedeps import STAMP
 
     files = [*OWN, ".gitignore", ".dvcignore", "README.md", STAMP, ".dvc"]
     try:

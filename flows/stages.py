@@ -8,27 +8,23 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from tlflow.tasks.lib.codedeps import STAGES, STAMP, describe_change, read_stamp, refresh_stamp
-from tlflow.tasks.lib.params import Params, scoped
+from tlflow.tasks.lib.core.codedeps import STAGES, STAMP, describe_change, read_stamp, refresh_stamp
+from tlflow.tasks.lib.core.params import Params, scoped
 
 
 def stage_runner(name: str) -> Callable[[Params], object]:
     """The `run` shell of tasks/<name>.py (imported lazily: torch is slow to import), given
     only the params the stage declares (its PARAMS, which dvc.yaml lists)."""
     if name not in STAGES:
-        from tlflow.tasks.lib.errors import TlflowError
+        from tlflow.tasks.lib.core.errors import TlflowError
 
         raise TlflowError(f"unknown stage {name!r}; stages: {list(STAGES)}")
     module = importlib.import_module(f"tlflow.tasks.{name}")
 
     def run(params: Params) -> object:
-        # a folder of someone else's files is refused before the stage writes anything
-        from tlflow.tasks.lib import ownership
-
-        ownership.check_outputs(name, params.base.paths)
-        result = module.run(scoped(params, module.PARAMS))
-        ownership.mark_outputs(name, params.base.paths)
-        return result
+        # each stage refuses a folder of someone else's files before it writes anything
+        # (tlflow.tasks.lib.data.ownership), so a direct call of its run is as safe
+        return module.run(scoped(params, module.PARAMS))
 
     return run
 
@@ -46,7 +42,7 @@ def _dvc(root: Path) -> Iterator[object]:
         with Repo(str(root)) as repo:
             yield repo
     except DvcException as err:
-        from tlflow.tasks.lib.errors import TlflowError
+        from tlflow.tasks.lib.core.errors import TlflowError
 
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
@@ -138,7 +134,7 @@ def commit(name: str, root: Path = Path()) -> None:
 
     import dvc  # first: importing it sets up its logger, which would undo the level below
 
-    from tlflow.tasks.lib import interrupts
+    from tlflow.tasks.lib.core import interrupts
 
     dvc_log = logging.getLogger(dvc.__name__)
     level = dvc_log.level
@@ -153,8 +149,8 @@ def commit(name: str, root: Path = Path()) -> None:
 def check_project() -> Params:
     """The project's params, once it is known to be a DVC project: bad params and a missing
     .dvc or dvc.yaml stop here (a TlflowError, exit 2), before Prefect starts."""
-    from tlflow.tasks.lib.errors import TlflowError
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.errors import TlflowError
+    from tlflow.tasks.lib.core.params import load_params
 
     params = load_params()
     for needed in (".dvc", "dvc.yaml"):
@@ -187,7 +183,7 @@ def bring_up_to_date(names: Sequence[str], params: Params, who: str) -> None:
 def warn_if_stale(names: Sequence[str], who: str) -> None:
     """Say on stderr which of these stages DVC calls stale: what `who` reports then describes
     their last run, not the data and params as they are now. Silent outside a DVC project."""
-    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.core.errors import TlflowError
 
     if not Path(".dvc").is_dir():
         return
@@ -210,9 +206,9 @@ def prune_features(params: Params, dry_run: bool) -> list[tuple[Path, int, int]]
 
     Raises TlflowError when base.paths.features is not tlflow's folder (gc rewrites every
     store in it) or the manifest cannot be read."""
-    from tlflow.tasks.lib import ownership
-    from tlflow.tasks.lib.featurestore import gc
-    from tlflow.tasks.lib.manifest import read_manifest
+    from tlflow.tasks.lib.data import ownership
+    from tlflow.tasks.lib.data.manifest import read_manifest
+    from tlflow.tasks.lib.features.store import gc
 
     paths = params.base.paths
     in_dvc = Path(".dvc").is_dir()

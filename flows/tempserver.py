@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tlflow.tasks.lib.lifetime import die_with_parent
+from tlflow.tasks.lib.core.lifetime import die_with_parent
 
 
 def spawn_bound(args: list[str], **popen: object) -> subprocess.Popen:
@@ -69,7 +69,7 @@ def _environment() -> dict[str, str]:
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
     import httpx
 
-    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.core.errors import TlflowError
 
     deadline = time.monotonic() + timeout
     with httpx.Client() as client:
@@ -94,7 +94,7 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
     503, which is transient) is left to Prefect's own retries."""
     import httpx
 
-    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.core.errors import TlflowError
 
     try:
         with httpx.Client() as client:
@@ -116,7 +116,7 @@ def check_home() -> None:
     tracebacks that never name HOME."""
     from prefect.settings import PREFECT_HOME
 
-    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.core.errors import TlflowError
 
     home = Path(PREFECT_HOME.value()).expanduser()
     try:
@@ -136,7 +136,7 @@ def _drain() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    from tlflow.tasks.lib import interrupts
+    from tlflow.tasks.lib.core import interrupts
 
     timeout = 1 if interrupts.received() is not None else 5  # interrupted: be quick
     for worker in (APILogWorker, EventsWorker):

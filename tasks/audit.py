@@ -3,13 +3,12 @@ train images in val and test, one file under two labels, the same bytes under se
 (reports/duplicates.json), likely
 label errors on train + val (reports/label_issues.json), images per class and split
 (reports/balance.json), and their counts (metrics/audit.json). They inform: the data and the
-models stay as they are (tasks/lib/audit.py)."""
+models stay as they are (tasks/lib/assess/audit.py)."""
 
 from __future__ import annotations
 
-from tlflow.tasks.lib import audit
-from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.handoff import (
+from tlflow.tasks.lib.assess import audit
+from tlflow.tasks.lib.core.handoff import (
     Balance,
     Duplicates,
     ExtractReport,
@@ -18,8 +17,9 @@ from tlflow.tasks.lib.handoff import (
     chosen_store,
     write_audit_metrics,
 )
-from tlflow.tasks.lib.manifest import read_manifest, without
-from tlflow.tasks.lib.params import Params
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.data.manifest import read_manifest, without
+from tlflow.tasks.lib.features.store import FeatureStore
 
 # what this stage reads besides base.paths (dvc.yaml: params): the probe protocol the
 # out-of-fold probabilities follow, and its own thresholds

@@ -2,34 +2,34 @@
 touched once. Metrics JSON (a few numbers per model, the probe's expected calibration error
 before and after temperature scaling among them), the per-class table, the per-image
 predictions (top-3 labels with their scores, the loss, right or wrong), confusion CSVs (one
-per model) and one PNG (tasks/lib/evaluation.py), the probe's accuracy against coverage for
-the reject option (tasks/lib/trust.py); the unreadable images it leaves out are listed on
+per model) and one PNG (tasks/lib/assess/evaluation.py), the probe's accuracy against coverage for
+the reject option (tasks/lib/probe/trust.py); the unreadable images it leaves out are listed on
 stdout and in the extract report."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.evaluation import (
+from tlflow.tasks.lib.assess.evaluation import (
     image_predictions,
     plot_confusion,
     score,
     write_confusion,
 )
-from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.handoff import (
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import (
     EvalMetrics,
     ExtractReport,
     PerClass,
     Predictions,
     chosen_store,
 )
-from tlflow.tasks.lib.head import load_head
-from tlflow.tasks.lib.manifest import Row, read_manifest
-from tlflow.tasks.lib.network import read_meta
-from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.trust import calibration_scores, head_logits, write_coverage
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.data.manifest import Row, read_manifest
+from tlflow.tasks.lib.features.store import FeatureStore
+from tlflow.tasks.lib.finetune.network import read_meta
+from tlflow.tasks.lib.probe.head import load_head
+from tlflow.tasks.lib.probe.trust import calibration_scores, head_logits, write_coverage
 
 # what this stage reads besides base.paths (dvc.yaml: params): where and how many images
 # at a time the fine-tuned network scores
@@ -42,9 +42,9 @@ def finetuned_scores(params: Params, test: list[Row]) -> tuple[np.ndarray, tuple
     paths = params.base.paths
     if not read_meta(paths.finetuned).get("enabled"):
         return None
-    from tlflow.tasks.lib.ftloop import finetuned_probabilities
-    from tlflow.tasks.lib.images import read_image
-    from tlflow.tasks.lib.network import load_network
+    from tlflow.tasks.lib.data.decode import read_image
+    from tlflow.tasks.lib.finetune.loop import finetuned_probabilities
+    from tlflow.tasks.lib.finetune.network import load_network
 
     net = load_network(paths.finetuned)
     proba = finetuned_probabilities(net, [paths.images / r.relpath for r in test], read_image,

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import check_file_path
-from tlflow.tasks.lib.onnxexport import Exported, require_onnx
-from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.registry import PROD
-from tlflow.tasks.lib.serving import Served, load_served
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import check_file_path
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.models.onnxexport import Exported, require_onnx
+from tlflow.tasks.lib.models.registry import PROD
+from tlflow.tasks.lib.models.serving import Served, load_served
 
 # what export reads besides base.paths: the extractor the probe's codes come from
 PARAMS = ("base.seed", "extract")
@@ -38,9 +38,9 @@ def _model_meta(served: Served) -> dict[str, Any]:
 def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]]:
     import torch
 
-    from tlflow.tasks.lib.device import effective_precision
-    from tlflow.tasks.lib.onnxexport import ProbeGraph, preprocess
-    from tlflow.tasks.lib.serving import served_backbone
+    from tlflow.tasks.lib.core.device import effective_precision
+    from tlflow.tasks.lib.models.onnxexport import ProbeGraph, preprocess
+    from tlflow.tasks.lib.models.serving import served_backbone
 
     head = served.model
     backbone, cfg = served_backbone(head, params, torch.device("cpu"))
@@ -74,7 +74,7 @@ def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any
 
 
 def _finetuned(served: Served) -> tuple[Any, int, str, dict[str, Any]]:
-    from tlflow.tasks.lib.onnxexport import SoftmaxGraph, preprocess
+    from tlflow.tasks.lib.models.onnxexport import SoftmaxGraph, preprocess
 
     net = served.model
     meta = {
@@ -108,7 +108,7 @@ def run(params: Params, model: str = "promoted", fmt: str = "onnx",
     the graph's path on stdout, a summary line on stderr. Raises TlflowError (one line)
     before any work for an unknown format, a missing optional package, an --out that is a
     file, or a model that does not exist."""
-    from tlflow.tasks.lib.onnxexport import export
+    from tlflow.tasks.lib.models.onnxexport import export
 
     check_ready(fmt)
     out = params.base.paths.export if out is None else out

@@ -3,7 +3,7 @@
 Only the image hashes the store lacks are computed, every requested layer in one forward pass,
 and rows are committed batch by batch: a killed run resumes from its last committed batch.
 With `extract.executor: dask` the images are cut into shards computed on a Dask cluster and
-committed here, shard by shard, as they arrive (tasks/lib/sharding.py); a killed run also
+committed here, shard by shard, as they arrive (tasks/lib/scale/sharding.py); a killed run also
 keeps the shard files its workers finished.
 `<features>/current.json` names the store the current params select, for the stages downstream;
 the extract report lists how many codes were computed and which images could not be read.
@@ -17,24 +17,34 @@ from pathlib import Path
 
 import torch
 
-from tlflow.tasks.lib import ownership
-from tlflow.tasks.lib.backbones import Backbone, CodeExtractor, create_backbone
-from tlflow.tasks.lib.compare import candidate_specs, cost
-from tlflow.tasks.lib.device import resolve_device
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.extraction import describe_extractor, fill, make_loader, missing_images
-from tlflow.tasks.lib.featurestore import (
+from tlflow.tasks.lib.assess.compare import candidate_specs, cost
+from tlflow.tasks.lib.core.device import resolve_device
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import Candidate, ExtractReport, Pointer, write_extract_metrics
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.data import ownership
+from tlflow.tasks.lib.data.decode import SIZE_SAMPLE, input_size_for
+from tlflow.tasks.lib.data.manifest import Row, read_manifest
+from tlflow.tasks.lib.features.backbones import Backbone, CodeExtractor, create_backbone
+from tlflow.tasks.lib.features.extraction import (
+    describe_extractor,
+    fill,
+    make_loader,
+    missing_images,
+)
+from tlflow.tasks.lib.features.store import (
     FeatureStore,
     extractor_id,
     library_versions,
     store_path,
     writer_lock,
 )
-from tlflow.tasks.lib.handoff import Candidate, ExtractReport, Pointer, write_extract_metrics
-from tlflow.tasks.lib.images import SIZE_SAMPLE, input_size_for
-from tlflow.tasks.lib.manifest import Row, read_manifest
-from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.sharding import ShardJob, clean_folder, commit_leftovers, extract_on_dask
+from tlflow.tasks.lib.scale.sharding import (
+    ShardJob,
+    clean_folder,
+    commit_leftovers,
+    extract_on_dask,
+)
 
 PARAMS = ("base.seed", "extract")  # what this stage reads besides base.paths (dvc.yaml: params)
 
@@ -130,11 +140,12 @@ def run(params: Params) -> Path:
     point `current.json` at extract.backbone's store, listing every candidate; write the
     report."""
     cfg, paths = params.extract, params.base.paths
+    ownership.check_outputs("extract", paths)  # someone else's folder: refused first
     rows = read_manifest(paths.manifest)
     device = resolve_device(cfg.device)
     built = candidates(params)  # every backbone first: a bad candidate stops it here
-    ownership.check_outputs("extract", paths)  # as ingest: marked before anything is written,
-    ownership.mark("features", paths.features)  # so a killed run's shard files stay ours
+    ownership.mark("features", paths.features)  # before anything is written, as ingest: a
+    # killed run's shard files stay ours
     done = [extract_one(params, rows, device, name, weights, backbone, len(built) > 1)
             for name, weights, backbone in built]
     main = done[0]

@@ -4,7 +4,7 @@ Off by default (finetune.enabled: false): the stage then writes a sidecar saying
 evaluate and predict know there is no fine-tuned network. On, this shell does every read and
 write of the stage: it reads the manifest (less the images extract skipped), train's choice
 and the pooled codes the head starts from, builds the network and the datasets, hands them to
-the loop (tasks/lib/ftloop.py, with ftdata, ftoptim and ftresume: none of them opens a file)
+the loop (tasks/lib/finetune/loop.py, with data, optim and resume: none of them opens a file)
 with the checkpoints folder (CheckpointsFolder), and writes <finetuned>.safetensors, its JSON
 sidecar (with the temperature found on val) and the curve.
 From train it reads only the values it uses (base.paths.train_choice: the C chosen for the
@@ -12,7 +12,7 @@ pooled codes and the plan), so a train change that leaves them alone does not re
 
 Above one process (finetune.nproc_per_node x nnodes), the stage launches itself under
 torchrun: `python -m torch.distributed.run ... -m tlflow.tasks.finetune JOB_DIR` runs `_worker` on
-every rank (tasks/lib/distributed.py), with the params this stage declares, and waits.
+every rank (tasks/lib/ddp.py), with the params this stage declares, and waits.
 """
 
 from __future__ import annotations
@@ -26,19 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlflow.tasks.lib import checkpoint, torchrun
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import atomic_path
-from tlflow.tasks.lib.handoff import TrainChoice
-from tlflow.tasks.lib.params import Finetune, Params, parse_params, scoped
+from tlflow.tasks.lib.core import checkpoint
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import atomic_path
+from tlflow.tasks.lib.core.handoff import TrainChoice
+from tlflow.tasks.lib.core.params import Finetune, Params, parse_params, scoped
+from tlflow.tasks.lib.data import ownership
+from tlflow.tasks.lib.scale import torchrun
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from tlflow.tasks.lib.ftresume import Schedule
-    from tlflow.tasks.lib.head import LinearHead
-    from tlflow.tasks.lib.manifest import Row
+    from tlflow.tasks.lib.data.manifest import Row
+    from tlflow.tasks.lib.finetune.resume import Schedule
+    from tlflow.tasks.lib.probe.head import LinearHead
 
 # what this stage reads besides base.paths (dvc.yaml: params)
 # (the backbone, its weights and the input size come from train's choice: extract.compare's
@@ -62,13 +64,22 @@ def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, st
 
 
 def run(params: Params) -> dict | None:
-    """Fine-tune when enabled or planned (resuming a matching checkpoint); else say so."""
+    """Fine-tune when enabled or planned (resuming a matching checkpoint); else say so. The
+    checkpoints folder must be new, empty or tlflow's own (`ownership`), and is marked after."""
+    paths = params.base.paths
+    ownership.check_outputs("finetune", paths)
+    result = _run(params)
+    ownership.mark_outputs("finetune", paths)
+    return result
+
+
+def _run(params: Params) -> dict | None:
     paths = params.base.paths
     choice = TrainChoice.read(paths.train_choice)
     cfg, then_all, why = plan(params, choice)
     if cfg is not None and torchrun.world_size(cfg) > 1:  # the ranks import torch, not this
         return launch(params, cfg, choice, then_all)
-    from tlflow.tasks.lib.network import save_disabled
+    from tlflow.tasks.lib.finetune.network import save_disabled
 
     if cfg is None:
         save_disabled(paths.finetuned)
@@ -89,7 +100,7 @@ def write_curve(dest: Path, curve: list[dict]) -> None:
 @dataclass(frozen=True)
 class CheckpointsFolder:
     """A phase's checkpoints in a folder (base.paths.finetune_checkpoints, its all/ for the
-    second phase; the files are tasks/lib/checkpoint.py's): the ftresume.Checkpoints the
+    second phase; the files are tasks/lib/core/checkpoint.py's): the ftresume.Checkpoints the
     loop is handed, called by rank 0 alone."""
 
     path: Path
@@ -112,23 +123,25 @@ class CheckpointsFolder:
 
     def commit(self, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
                sched: Schedule, meta: dict[str, Any]) -> None:
-        from tlflow.tasks.lib.ftresume import pack
+        from tlflow.tasks.lib.finetune.resume import pack
 
         checkpoint.save(self.path, *pack(epoch, model, opt, sched, meta))
 
     def save_best(self, name: str, model: nn.Module) -> None:
-        checkpoint.save_weights(self.path / name, model)
+        from tlflow.tasks.lib.finetune.network import state_tensors
+
+        checkpoint.save_weights(self.path / name, state_tensors(model))
 
 
 def probe_for_init(params: Params, train_rows: list[Row], choice: TrainChoice) -> LinearHead:
     """The head's start: a logistic probe on the chosen store's pooled codes of the train
-    split only (ftloop.head_from_probe), at the C the sweep chose for pooled (train.C_grid on
+    split only (finetune.loop.head_from_probe), at the C the sweep chose for pooled (train.C_grid on
     val; 1.0 when it was not swept)."""
-    from tlflow.tasks.lib.backbones import POOLED
-    from tlflow.tasks.lib.distributed import say
-    from tlflow.tasks.lib.featurestore import FeatureStore
-    from tlflow.tasks.lib.ftloop import head_from_probe
-    from tlflow.tasks.lib.handoff import chosen_store
+    from tlflow.tasks.lib.core.handoff import chosen_store
+    from tlflow.tasks.lib.features.backbones import POOLED
+    from tlflow.tasks.lib.features.store import FeatureStore
+    from tlflow.tasks.lib.finetune.loop import head_from_probe
+    from tlflow.tasks.lib.scale.ddp import say
 
     paths = params.base.paths
     store = chosen_store(paths.features, choice.extractor_id, paths.train_choice)
@@ -149,22 +162,22 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
               then_all: bool = False) -> dict:
     """Fine-tune (cfg, default params.finetune) on this process's share: read the inputs,
     build the network (train's backbone: extract.compare's winner, its head from a
-    train-split probe at the choice's pooled C) and the datasets, run ftloop.fine_tune
+    train-split probe at the choice's pooled C) and the datasets, run finetune.loop.fine_tune
     (resuming matching checkpoints; with then_all a second phase trains everything), then
     write the best-on-val network, its sidecar and the curve (rank 0, under torchrun) and
     clear the checkpoints. Returns the sidecar's values."""
     import torch
 
-    from tlflow.tasks.lib import distributed
-    from tlflow.tasks.lib.codedeps import code_hash
-    from tlflow.tasks.lib.files import sha256_file
-    from tlflow.tasks.lib.ftdata import Images, class_indices, train_augment
-    from tlflow.tasks.lib.ftloop import fine_tune as loop
-    from tlflow.tasks.lib.ftresume import fingerprint
-    from tlflow.tasks.lib.handoff import ExtractReport
-    from tlflow.tasks.lib.images import read_image
-    from tlflow.tasks.lib.manifest import of_split, read_manifest, without
-    from tlflow.tasks.lib.network import build, init_from_probe, save_network
+    from tlflow.tasks.lib.core.codedeps import code_hash
+    from tlflow.tasks.lib.core.files import sha256_file
+    from tlflow.tasks.lib.core.handoff import ExtractReport
+    from tlflow.tasks.lib.data.decode import read_image
+    from tlflow.tasks.lib.data.manifest import of_split, read_manifest, without
+    from tlflow.tasks.lib.finetune.data import Images, class_indices, train_augment
+    from tlflow.tasks.lib.finetune.loop import fine_tune as loop
+    from tlflow.tasks.lib.finetune.network import build, init_from_probe, save_network
+    from tlflow.tasks.lib.finetune.resume import fingerprint
+    from tlflow.tasks.lib.scale import ddp
 
     paths, seed = params.base.paths, params.base.seed
     bad = ExtractReport.read(paths.extract_report).bad
@@ -175,7 +188,7 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
                           "epoch need one (set ingest.val_fraction above 0)")
     classes = tuple(sorted({r.label for r in train_rows + val_rows}))  # as the probe's
     image_size = cfg.image_size or choice.input_size
-    device = distributed.device_for(cfg.device)
+    device = ddp.device_for(cfg.device)
 
     net = build(choice.backbone, choice.weights, image_size, seed, classes)
     if cfg.init_head == "probe":
@@ -199,12 +212,12 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
             "best_epoch": tuned.best_epoch, "val_accuracy": tuned.val_accuracy,
             "epochs_run": len(tuned.curve), "stopped_early": tuned.stopped_early,
             "calibration": tuned.calibration}
-    if distributed.current().main:
+    if ddp.current().main:
         net.model.to("cpu", memory_format=torch.contiguous_format)
         save_network(net, paths.finetuned, meta)
         write_curve(paths.finetune_curve, tuned.curve)
         checkpoint.clear(ckpt)  # done: a rerun (forced, or new code) starts afresh
-    distributed.say(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
+    ddp.say(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
                     f"{meta['val_accuracy']:.4f} -> {paths.finetuned}")
     return meta
 
@@ -240,16 +253,16 @@ def launch(params: Params, cfg: Finetune, choice: TrainChoice,
 
 def _worker(job: dict[str, Any]) -> dict:
     """One rank of a torchrun launch: the same loop as one process, on its share."""
-    from tlflow.tasks.lib import distributed
+    from tlflow.tasks.lib.scale import ddp
 
     params = scoped(parse_params(job["params"], "the finetune job"), PARAMS)
     cfg = Finetune.model_validate(job["finetune"])
-    distributed.start(cfg.device)
+    ddp.start(cfg.device)
     return fine_tune(params, cfg, TrainChoice(**job["choice"]), job["then_all"])
 
 
 if __name__ == "__main__":  # a rank, started by torchrun (see launch)
-    from tlflow.tasks.lib.distributed import die_with_parent, worker
+    from tlflow.tasks.lib.scale.ddp import die_with_parent, worker
 
     die_with_parent()
     code = worker(Path(sys.argv[1]), _worker)

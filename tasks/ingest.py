@@ -1,17 +1,17 @@
 """Ingest: turn a source of labelled images into a snapshot under data/images and a manifest
-(relpath under the snapshot, sha256 of the bytes, label, split). See tasks/lib/sources.py."""
+(relpath under the snapshot, sha256 of the bytes, label, split). See tasks/lib/data/sources.py."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-from tlflow.tasks.lib import ownership
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.hashcache import HashCache
-from tlflow.tasks.lib.manifest import SPLITS, Row, read_manifest, write_manifest
-from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.sources import build_manifest, hash_items, scan_source, snapshot
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.data import ownership
+from tlflow.tasks.lib.data.hashcache import HashCache
+from tlflow.tasks.lib.data.manifest import SPLITS, Row, read_manifest, write_manifest
+from tlflow.tasks.lib.data.sources import build_manifest, hash_items, scan_source, snapshot
 
 PARAMS = ("base.seed", "ingest")  # what this stage reads besides base.paths (dvc.yaml: params)
 

@@ -21,14 +21,14 @@ from typing import IO
 
 import numpy as np
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import atomic_path, check_file_path, sha256_file
-from tlflow.tasks.lib.head import LinearHead
-from tlflow.tasks.lib.imagefiles import image_files
-from tlflow.tasks.lib.images import read_image
-from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.registry import PROD
-from tlflow.tasks.lib.serving import load_served
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import atomic_path, check_file_path, sha256_file
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.data.decode import read_image
+from tlflow.tasks.lib.data.imagefiles import image_files
+from tlflow.tasks.lib.models.registry import PROD
+from tlflow.tasks.lib.models.serving import load_served
+from tlflow.tasks.lib.probe.head import LinearHead
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -39,7 +39,7 @@ PARAMS = ("base.seed", "extract", "finetune.device", "finetune.batch_size",
 @dataclass(frozen=True)
 class Prediction:
     """Top-k labels of one image with their probabilities (the model's own), and what
-    tasks/lib/trust.py makes of them: the decision (the top label, or `unsure` below the min
+    tasks/lib/probe/trust.py makes of them: the decision (the top label, or `unsure` below the min
     confidence), the calibrated top probability and whether the image is novel (None: no
     check)."""
 
@@ -80,7 +80,7 @@ def codes_for(files: list[Path], head: LinearHead, params: Params,
     them (content-addressed: the same image bytes, the same codes), else one forward pass each
     with the backbone the head names (unreadable files skipped, or an error with
     `strict`)."""
-    from tlflow.tasks.lib.featurestore import FeatureStore, store_path
+    from tlflow.tasks.lib.features.store import FeatureStore, store_path
 
     keys = [sha256_file(f) for f in files]
     layer = head.meta["layer"]
@@ -109,11 +109,11 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     extract's loader: {index: code} of the readable files, and the unreadable ones."""
     import torch
 
-    from tlflow.tasks.lib.backbones import CodeExtractor
-    from tlflow.tasks.lib.device import resolve_device
-    from tlflow.tasks.lib.extraction import close, encode, make_loader
-    from tlflow.tasks.lib.progress import Progress
-    from tlflow.tasks.lib.serving import served_backbone
+    from tlflow.tasks.lib.core.device import resolve_device
+    from tlflow.tasks.lib.core.progress import Progress
+    from tlflow.tasks.lib.features.backbones import CodeExtractor
+    from tlflow.tasks.lib.features.extraction import close, encode, make_loader
+    from tlflow.tasks.lib.models.serving import served_backbone
 
     device = resolve_device(params.extract.device)
     backbone, cfg = served_backbone(head, params, device)
@@ -185,8 +185,8 @@ def _check_k(k: int, n_classes: int) -> None:
 
 def assess(scores: np.ndarray, kind: str, meta: dict, min_confidence: float | None,
            head: LinearHead | None, codes: np.ndarray | None):
-    """tasks/lib/trust.py's assessment of these scores (probabilities or decision values)."""
-    from tlflow.tasks.lib import trust
+    """tasks/lib/probe/trust.py's assessment of these scores (probabilities or decision values)."""
+    from tlflow.tasks.lib.probe import trust
 
     return trust.assess(trust.logits_for(scores, kind), meta, kind == "probability",
                         min_confidence, head, codes)
@@ -194,7 +194,7 @@ def assess(scores: np.ndarray, kind: str, meta: dict, min_confidence: float | No
 
 def trust_notes(seen, min_confidence: float | None, finetuned: bool = False) -> list[str]:
     """The stderr lines on the images labelled unsure and the novel ones."""
-    from tlflow.tasks.lib.novelty import summary
+    from tlflow.tasks.lib.probe.novelty import summary
 
     lines = []
     if seen.confidence is None:
@@ -240,7 +240,7 @@ def run(params: Params, target: Path, k: int = 1, out: Path | None = None,
         served = load_served(params, "probe")
     source = served.source
     if served.artifact == "finetuned":
-        from tlflow.tasks.lib.ftloop import finetuned_probabilities
+        from tlflow.tasks.lib.finetune.loop import finetuned_probabilities
 
         net = served.model
         _check_k(k, len(net.classes))  # before any forward pass

@@ -1,5 +1,5 @@
 """Train: a linear probe on the cached codes, layer and C chosen on the val split, refit on
-train + val (tasks/lib/probes.py; `sgd` streams the codes, tasks/lib/stream.py).
+train + val (tasks/lib/probe/sweep.py; `sgd` streams the codes, tasks/lib/probe/sgd.py).
 
 A function of its inputs: the same manifest, codes and params give the same head, byte for
 byte, whatever was there before. Which model serves is decided later, by `tlflow promote`.
@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tlflow.tasks.lib import advice, compare
-from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.handoff import (
+from tlflow.tasks.lib.assess import compare
+from tlflow.tasks.lib.core.handoff import (
     Candidate,
     CompareReport,
     ExtractReport,
@@ -27,11 +26,14 @@ from tlflow.tasks.lib.handoff import (
     write_probe_metrics,
     write_sweep,
 )
-from tlflow.tasks.lib.head import LinearHead, save_head
-from tlflow.tasks.lib.manifest import Row, read_manifest, without
-from tlflow.tasks.lib.params import Params
-from tlflow.tasks.lib.params import Train as TrainCfg
-from tlflow.tasks.lib.probes import (
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.core.params import Train as TrainCfg
+from tlflow.tasks.lib.data.manifest import Row, read_manifest, without
+from tlflow.tasks.lib.features.store import FeatureStore
+from tlflow.tasks.lib.probe import strategy
+from tlflow.tasks.lib.probe.head import LinearHead, save_head
+from tlflow.tasks.lib.probe.sgd import sweep_stream
+from tlflow.tasks.lib.probe.sweep import (
     Refit,
     best,
     layer_table,
@@ -39,8 +41,7 @@ from tlflow.tasks.lib.probes import (
     to_head,
     val_set_id,
 )
-from tlflow.tasks.lib.stream import sweep_stream
-from tlflow.tasks.lib.trust import attach, describe
+from tlflow.tasks.lib.probe.trust import attach, describe
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -57,8 +58,8 @@ def choose(params: Params, store: Path, rows: list[Row], table: list[SweepRow],
     """The advice (always measured and written) and the sweep row the probe is refit from:
     the best overall, or under advise.strategy the plan's layer (pooled or an earlier one).
     `layers` is layer_table(table)."""
-    decision = advice.measure(store, rows, layers, params.advise, params.base.seed)
-    layer = advice.layer_for(decision, layers) if decision.carried_out else None
+    decision = strategy.measure(store, rows, layers, params.advise, params.base.seed)
+    layer = strategy.layer_for(decision, layers) if decision.carried_out else None
     return decision, best([r for r in table if layer is None or r.layer == layer])
 
 
@@ -104,7 +105,7 @@ def run(params: Params) -> LinearHead:
     """Sweep layers and C on val, refit the chosen one on train + val; save the head, the
     sweep table, the advice, and what fine-tuning takes from them. With extract.compare, the
     same sweep on each candidate backbone's codes first, and the winner's probe is saved
-    (tasks/lib/compare.py: the rule)."""
+    (tasks/lib/assess/compare.py: the rule)."""
     cfg, paths, seed = params.train, params.base.paths, params.base.seed
     rows = without(read_manifest(paths.manifest), ExtractReport.read(paths.extract_report).bad)
     candidates = read_candidates(paths.features)
@@ -133,7 +134,7 @@ def run(params: Params) -> LinearHead:
     write_probe_metrics(paths.probe_metrics, choice, per_backbone)
     compared.write(paths.compare_report)
     decision.write(paths.strategy)
-    pooled_C = next((r.C for r in layers if r.layer == advice.POOLED), None)
+    pooled_C = next((r.C for r in layers if r.layer == strategy.POOLED), None)
     TrainChoice(pooled_C=pooled_C, plan=decision.plan if decision.carried_out else None,
                 backbone=chosen.backbone, weights=chosen.weights,
                 extractor_id=chosen.extractor_id,

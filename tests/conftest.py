@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tlflow.tasks.lib.params import Params, params_under
+from tlflow.tasks.lib.core.params import Params, params_under
 
 # The suite needs no network: hubs answer "offline" at once instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

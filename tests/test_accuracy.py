@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import HYMENOPTERA, make_params
 from tlflow.tasks import evaluate, extract, ingest, predict, train
-from tlflow.tasks.lib.device import effective_precision
-from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.core.device import effective_precision
+from tlflow.tasks.lib.data.manifest import read_manifest
 
 pytestmark = pytest.mark.accuracy  # `make accuracy` (CI runs it after `make test`)
 

@@ -12,8 +12,8 @@ from PIL import Image
 from tests.conftest import make_params, write_image
 from tlflow.flows.cli import main
 from tlflow.tasks import extract, finetune, ingest, train
-from tlflow.tasks.lib import advice
-from tlflow.tasks.lib.network import read_meta
+from tlflow.tasks.lib.finetune.network import read_meta
+from tlflow.tasks.lib.probe import strategy
 
 
 def test_many_images_per_class_flip_the_size(tmp_path: Path):
@@ -26,7 +26,7 @@ def test_many_images_per_class_flip_the_size(tmp_path: Path):
                 write_image(src / f"c{c}" / f"{i}.png", colour, seed=1000 * c + i, size=8)
         params = make_params(tmp_path / f"p{n}", ingest={"source": "folder", "path": str(src)},
                              advise={"large_per_class": 40})
-        placed[n] = advice.size_of(ingest.run(params), params.advise)[0]
+        placed[n] = strategy.size_of(ingest.run(params), params.advise)[0]
     assert placed == {12: "small", 80: "large"}
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tlflow.flows.stages import STAGES
-from tlflow.tasks.lib.codedeps import STAMP, stage_modules
+from tlflow.tasks.lib.core.codedeps import STAMP, stage_modules
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,10 @@ def test_each_stage_reads_its_own_code_entry(stages):
 def test_code_entries_separate_decoding_from_probes():
     """The image decoder reruns extract, finetune and evaluate; the probe code does not
     rerun extract."""
-    users = {name for name in STAGES if "tlflow.tasks.lib.images" in stage_modules(name)}
+    users = {name for name in STAGES if "tlflow.tasks.lib.data.decode" in stage_modules(name)}
     assert users == {"extract", "finetune", "evaluate"}  # ingest lists files, never decodes
-    assert "tlflow.tasks.lib.probes" in stage_modules("train")
-    assert "tlflow.tasks.lib.probes" not in stage_modules("extract")
+    assert "tlflow.tasks.lib.probe.sweep" in stage_modules("train")
+    assert "tlflow.tasks.lib.probe.sweep" not in stage_modules("extract")
 
 
 def test_params_are_exactly_what_each_stage_declares(stages):

@@ -6,9 +6,9 @@ import pytest
 
 from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import EvalMetrics, PerClass, Predictions
-from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import EvalMetrics, PerClass, Predictions
+from tlflow.tasks.lib.data.manifest import read_manifest
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 from tests.conftest import colour_project, make_params
 from tlflow.flows.cli import main
 from tlflow.tasks import export, predict
-from tlflow.tasks.lib.files import sha256_file
-from tlflow.tasks.lib.imagefiles import image_files
-from tlflow.tasks.lib.onnxexport import ort_session, read_batch, run_onnx
-from tlflow.tasks.lib.params import load_params
+from tlflow.tasks.lib.core.files import sha256_file
+from tlflow.tasks.lib.core.params import load_params
+from tlflow.tasks.lib.data.imagefiles import image_files
+from tlflow.tasks.lib.models.onnxexport import ort_session, read_batch, run_onnx
 
 TOLERANCE = 1e-4  # the issue's: max |p_onnx - p_predict|
 
@@ -99,7 +99,7 @@ def test_a_bad_option_exits_2(args: list[str], needle: str, capsys):
 
 
 def test_bad_names_in_the_shell_are_one_line(project: Path, monkeypatch):
-    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.core.errors import TlflowError
 
     monkeypatch.chdir(project)
     params = load_params()

@@ -8,13 +8,13 @@ import torch
 
 from tests.conftest import COLOURS, make_params, write_image
 from tlflow.tasks import extract, ingest
-from tlflow.tasks.lib.backbones import create_backbone
-from tlflow.tasks.lib.device import resolve_device
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.extraction import encode
-from tlflow.tasks.lib.featurestore import FeatureStore, gc, info, writer_lock
-from tlflow.tasks.lib.handoff import current_store
-from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.core.device import resolve_device
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import current_store
+from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.features.backbones import create_backbone
+from tlflow.tasks.lib.features.extraction import encode
+from tlflow.tasks.lib.features.store import FeatureStore, gc, info, writer_lock
 
 TINY = {"weights": "packaged", "layers": ["pooled", "blocks.2"], "image_size": 32,
         "batch_size": 8}
@@ -75,8 +75,8 @@ def test_codes_match_a_direct_forward_pass(ingested, precision: str):
     in the asked precision (bf16: within bf16's rounding of a direct bf16 pass)."""
     from PIL import Image
 
-    from tlflow.tasks.lib.backbones import CodeExtractor
-    from tlflow.tasks.lib.device import autocast
+    from tlflow.tasks.lib.core.device import autocast
+    from tlflow.tasks.lib.features.backbones import CodeExtractor
 
     params = ingested.model_copy(update={"extract": ingested.extract.model_copy(
         update={"precision": precision})})
@@ -204,7 +204,7 @@ KILLER = """
 import os, signal, sys
 import numpy as np
 from tlflow.flows.cli import main
-from tlflow.tasks.lib.featurestore import FeatureStore
+from tlflow.tasks.lib.features.store import FeatureStore
 
 calls = 0
 real_append = FeatureStore.append
@@ -288,7 +288,7 @@ def test_missing_manifest_and_unknown_device(tmp_path: Path):
 def test_cuda_codes_match_cpu_codes():
     """bf16 autocast and channels_last on the GPU give the CPU's codes within bf16 error."""
 
-    from tlflow.tasks.lib.backbones import CodeExtractor
+    from tlflow.tasks.lib.features.backbones import CodeExtractor
 
     b = create_backbone("timm/tf_efficientnet_lite0", "packaged", image_size=96)
     model = CodeExtractor(b, ("pooled", "blocks.4"))

@@ -18,10 +18,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from tests.conftest import BIN, ROOT, _free_port, colour_images, make_params, wait_for
 from tlflow.tasks import extract, ingest
-from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.manifest import read_manifest
-from tlflow.tasks.lib.params import Params, params_under
-from tlflow.tasks.lib.sharding import read_shard, shard_folder
+from tlflow.tasks.lib.core.params import Params, params_under
+from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.features.store import FeatureStore
+from tlflow.tasks.lib.scale.sharding import read_shard, shard_folder
 
 # batch 32: with every pass padded to it, 1 and 2 threads give the same codes (README)
 TINY = {"weights": "packaged", "layers": ["pooled", "blocks.2"], "image_size": 32,
@@ -150,7 +150,7 @@ def test_a_worker_killed_mid_shard_costs_that_shard_only(tmp_path: Path, images:
 KILLER = """
 import os, signal, sys
 from tlflow.flows.cli import main
-import tlflow.tasks.lib.sharding as sharding
+import tlflow.tasks.lib.scale.sharding as sharding
 
 calls = 0
 real = sharding.commit_shard
@@ -210,8 +210,8 @@ def test_a_stage_killed_mid_run_resumes_without_recomputing(tmp_path: Path, imag
 def test_shard_files_are_checked_and_a_missing_scheduler_is_one_line(tmp_path: Path,
                                                                      images: Path,
                                                                      monkeypatch):
-    from tlflow.tasks.lib import sharding
-    from tlflow.tasks.lib.errors import TlflowError
+    from tlflow.tasks.lib.core.errors import TlflowError
+    from tlflow.tasks.lib.scale import sharding
 
     path = tmp_path / "s.h5"
     codes = {"pooled": np.arange(6, dtype=np.float16).reshape(2, 3)}
@@ -238,11 +238,11 @@ def test_a_shard_of_unreadable_images_only_is_a_record_not_a_failure(tmp_path: P
     in the record, the shard file holds no rows but every layer, and a second call finds it."""
     import torch
 
-    from tlflow.tasks.lib.backbones import create_backbone
-    from tlflow.tasks.lib.extraction import describe_extractor
-    from tlflow.tasks.lib.featurestore import extractor_id, library_versions
-    from tlflow.tasks.lib.params import Extract
-    from tlflow.tasks.lib.sharding import ShardJob, compute_shard
+    from tlflow.tasks.lib.core.params import Extract
+    from tlflow.tasks.lib.features.backbones import create_backbone
+    from tlflow.tasks.lib.features.extraction import describe_extractor
+    from tlflow.tasks.lib.features.store import extractor_id, library_versions
+    from tlflow.tasks.lib.scale.sharding import ShardJob, compute_shard
 
     cfg = Extract(**{**TINY, "layers": ("pooled", "blocks.2")})
     backbone = create_backbone(cfg.backbone, cfg.weights, None, 0)

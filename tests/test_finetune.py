@@ -18,21 +18,21 @@ import yaml
 
 from tests.conftest import ROOT, cli_env, colour_images, make_params
 from tlflow.tasks import evaluate, extract, finetune, ingest, predict, train
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.ftdata import Images, class_indices
-from tlflow.tasks.lib.ftloop import finetuned_probabilities, logits
-from tlflow.tasks.lib.handoff import TrainChoice, current_store
-from tlflow.tasks.lib.head import load_head
-from tlflow.tasks.lib.images import read_image
-from tlflow.tasks.lib.manifest import read_manifest
-from tlflow.tasks.lib.network import (
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import TrainChoice, current_store
+from tlflow.tasks.lib.core.params import parse_params
+from tlflow.tasks.lib.data.decode import read_image
+from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.features.store import FeatureStore
+from tlflow.tasks.lib.finetune.data import Images, class_indices
+from tlflow.tasks.lib.finetune.loop import finetuned_probabilities, logits
+from tlflow.tasks.lib.finetune.network import (
     build,
     init_from_probe,
     load_network,
     read_meta,
 )
-from tlflow.tasks.lib.params import parse_params
+from tlflow.tasks.lib.probe.head import load_head
 
 TINY = {"layers": ["pooled"], "image_size": 32}
 BACKBONE = "timm/tf_efficientnet_lite0"
@@ -80,7 +80,7 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
 def test_the_head_starts_from_a_probe_that_never_saw_val(project):
     """The saved probe is refit on train + val; the network's start must not be, or val
     would score near 1.0 from step 0 and could not choose an epoch."""
-    from tlflow.tasks.lib.probes import make_probe
+    from tlflow.tasks.lib.probe.sweep import make_probe
 
     paths = project.base.paths
     rows = read_manifest(paths.manifest)
@@ -102,7 +102,7 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
 
 
 def _logits(probe, x):
-    from tlflow.tasks.lib.probes import to_head
+    from tlflow.tasks.lib.probe.sweep import to_head
 
     return to_head(probe, {"layer": "pooled"}).logits(x)
 
@@ -144,7 +144,7 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
     # predict's confidence is softmax(logits / T), never the network's own probability
     cal = net.meta["calibration"]
     assert cal["fit_on"] == "val logits" and cal["nll_calibrated"] <= cal["nll"] + 1e-6
-    from tlflow.tasks.lib.calibration import softmax
+    from tlflow.tasks.lib.probe.calibration import softmax
 
     conf = softmax(np.log(proba), cal["temperature"]).max(axis=1)
     np.testing.assert_allclose([p.confidence for p in preds], conf, atol=1e-5)

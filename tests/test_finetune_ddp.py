@@ -2,7 +2,7 @@
 both ranks after every epoch; a killed stage leaves no process behind and the rerun resumes
 to the weights of an uninterrupted run. Tiny colour images at 32 px, the head trains: each
 launch costs mostly torchrun's and the ranks' start. (A dead rank, a rank's bad input and
-the collectives: tests/lib/test_distributed.py, on cheaper launches.)"""
+the collectives: tests/lib/test_ddp.py, on cheaper launches.)"""
 
 import contextlib
 import io
@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import ROOT, cli_env, colour_images, wait_for
 from tlflow.tasks import extract, finetune, ingest, train
-from tlflow.tasks.lib.params import load_params, params_under
+from tlflow.tasks.lib.core.params import load_params, params_under
 
 EPOCHS = 5
 
@@ -142,7 +142,7 @@ def test_a_killed_stage_leaves_no_process_and_the_rerun_resumes_to_the_same_weig
     """SIGKILL of `tlflow stage finetune` itself: torchrun and both ranks end with it (no
     orphan goes on writing checkpoints), and the rerun resumes from the last committed epoch
     to the weights and curve of the uninterrupted run. (A rank that dies alone:
-    tests/lib/test_distributed.py.)"""
+    tests/lib/test_ddp.py.)"""
     assert whole[0] is not None, whole
     root = _copy(project, tmp_path / "killed")
     proc = _stage(root)

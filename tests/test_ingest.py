@@ -6,9 +6,9 @@ import pytest
 
 from tests.conftest import COLOURS, make_params, write_image
 from tlflow.tasks import ingest
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.manifest import read_manifest
-from tlflow.tasks.lib.sources import assign_split
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.data.sources import assign_split
 
 
 def test_assign_split_is_stable_and_proportional():

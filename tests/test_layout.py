@@ -1,12 +1,13 @@
 """The architecture, held by reading the imports (AST): a stage imports only the library,
-the library never imports a stage, there are no import circles, package inits hold no code,
-and everything is imported under the one package name, `tlflow`."""
+the library never imports a stage, its wings import only the wings below them, there are no
+import circles, package inits hold no code, and everything is imported under the one package
+name, `tlflow`."""
 
 import ast
 from pathlib import Path
 
 from tests.conftest import ROOT
-from tlflow.tasks.lib.codedeps import imports_of
+from tlflow.tasks.lib.core.codedeps import imports_of
 
 STAGE_MODULES = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
 LIB = ROOT / "tasks" / "lib"
@@ -39,6 +40,34 @@ def test_the_library_never_imports_a_stage():
         if module.startswith("tlflow.tasks.lib."):
             stages = {m for m in imports if not m.startswith("tlflow.tasks.lib.")}
             assert not stages, f"{module} imports the stage(s) {sorted(stages)}"
+
+
+# The library's wings (tasks/lib/<wing>/), from the ground up: a module imports only modules
+# of its own wing and of the wings before it. Each wing's __init__ docstring says the same.
+WINGS = ("core", "data", "features", "scale", "probe", "assess", "finetune", "models")
+
+
+def _wing(module: str) -> str:
+    return module.split(".")[3]
+
+
+def test_every_library_module_lives_in_a_wing():
+    assert sorted(p.name for p in LIB.glob("*.py")) == ["__init__.py"]
+    assert sorted(p.name for p in LIB.iterdir() if p.is_dir() and p.name != "__pycache__") \
+        == sorted(WINGS)
+    for wing in WINGS:
+        doc = ast.get_docstring(ast.parse((LIB / wing / "__init__.py").read_text()))
+        assert doc and "Imports" in doc, f"{wing}/__init__.py: say what it owns and imports"
+
+
+def test_the_wings_import_only_the_wings_below_them():
+    for module, imports in _graph().items():
+        if not module.startswith("tlflow.tasks.lib."):
+            continue
+        mine = WINGS.index(_wing(module))
+        above = sorted(m for m in imports if m.startswith("tlflow.tasks.lib.")
+                       and WINGS.index(_wing(m)) > mine)
+        assert not above, f"{module} ({WINGS[mine]}) imports {above}, from a wing above it"
 
 
 def test_no_import_circles():
@@ -110,9 +139,9 @@ def test_the_commands_are_one_table():
                                 and target.attr == "add_parser"), f"{path} patches argparse"
 
 
-# The one door to git (tasks/lib/gitrepo.py): no other module runs a git process or opens a
+# The one door to git (tasks/lib/core/gitrepo.py): no other module runs a git process or opens a
 # repository through a git library itself.
-GIT_DOOR = "tlflow.tasks.lib.gitrepo"
+GIT_DOOR = "tlflow.tasks.lib.core.gitrepo"
 GIT_LIBRARIES = ("pygit2", "dulwich", "git", "scmrepo.git")  # git = GitPython
 
 
@@ -163,10 +192,11 @@ def test_git_is_read_and_written_through_one_module():
 
 # The fine-tuning library: data, optimizer and schedule, resume, the loop. The stage shell,
 # tasks/finetune.py, does every read and write; these modules open no file and name no path.
-FINETUNE_LIB = ("ftdata", "ftoptim", "ftresume", "ftloop")
+FINETUNE_LIB = ("data", "optim", "resume", "loop")  # tasks/lib/finetune/
 _FILE_MODULES = {"pathlib", "os", "shutil", "io", "csv", "tempfile", "h5py", "glob"} | {
-    f"tlflow.tasks.lib.{m}" for m in ("files", "handoff", "checkpoint", "featurestore",
-                                      "codedeps", "images", "manifest")}
+    f"tlflow.tasks.lib.{m}" for m in ("core.files", "core.handoff", "core.checkpoint",
+                                      "features.store", "core.codedeps", "data.decode",
+                                      "data.manifest")}
 _FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "unlink",
                "mkdir", "rmdir", "iterdir", "glob", "rglob", "touch", "exists", "is_file",
                "is_dir", "save_file", "load_file", "save_network", "load_network"}
@@ -195,9 +225,10 @@ def _touches_files(path: Path) -> list[str]:
 
 def test_the_finetune_library_opens_no_file_and_the_shell_does():
     for name in FINETUNE_LIB:
-        assert not _touches_files(LIB / f"{name}.py"), (name, _touches_files(LIB / f"{name}.py"))
+        path = LIB / "finetune" / f"{name}.py"
+        assert not _touches_files(path), (name, _touches_files(path))
     shell = _touches_files(ROOT / "tasks" / "finetune.py")  # the check does see I/O
     assert any("open()" in s for s in shell) and any("paths" in s for s in shell), shell
     lib_users = {m for m, imports in _graph().items() if not m.startswith("tlflow.tasks.lib.")
-                 and imports & {f"tlflow.tasks.lib.{n}" for n in FINETUNE_LIB}}
+                 and imports & {f"tlflow.tasks.lib.finetune.{n}" for n in FINETUNE_LIB}}
     assert "tlflow.tasks.finetune" in lib_users

@@ -22,12 +22,12 @@ def trained(tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_cached_image_is_not_recomputed(trained: Path, monkeypatch, capsys):
-    import tlflow.tasks.lib.backbones
+    import tlflow.tasks.lib.features.backbones
 
     def no_model(*_a, **_k):
         raise AssertionError("the backbone was built for an image already in the store")
 
-    monkeypatch.setattr(tlflow.tasks.lib.backbones, "create_backbone", no_model)
+    monkeypatch.setattr(tlflow.tasks.lib.features.backbones, "create_backbone", no_model)
     capsys.readouterr()
     assert main(["predict", "data/images/red/00.png"]) == 0
     out, err = capsys.readouterr()
@@ -57,7 +57,7 @@ def test_new_images_get_codes_in_the_precision_of_the_served_head(trained: Path,
     (a head trained on another machine, whose auto differs)."""
     import torch
 
-    from tlflow.tasks.lib.device import effective_precision
+    from tlflow.tasks.lib.core.device import effective_precision
 
     raw = yaml.safe_load(Path("params.yaml").read_text())
     trained_in = effective_precision(torch.device("cpu"), "auto")

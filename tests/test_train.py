@@ -6,8 +6,8 @@ import pytest
 
 from tests.conftest import COLOURS, make_params, write_image
 from tlflow.tasks import extract, ingest, train
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.head import load_head, tensors_path
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.probe.head import load_head, tensors_path
 
 
 @pytest.mark.parametrize("classifier", ["logistic", "sgd"])
@@ -40,7 +40,7 @@ def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
     the cheaper Lite0 wins although it is not extract.backbone; train's head, train_choice,
     evaluate and predict all take Lite0's codes; a rerun computes no code."""
     from tlflow.tasks import evaluate, predict
-    from tlflow.tasks.lib.handoff import CompareReport, TrainChoice, read_candidates
+    from tlflow.tasks.lib.core.handoff import CompareReport, TrainChoice, read_candidates
 
     lite0, lite1 = "timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1"
     params = make_params(

@@ -152,7 +152,7 @@ def test_a_project_of_ones_own_from_the_wheel(fresh: Path, tmp_path: Path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(v == "up to date" for v in _status(root, env).values())
 
-    _append(installed / "tasks" / "lib" / "probes.py", "# a release whose probe changed\n")
+    _append(installed / "tasks" / "lib" / "probe" / "sweep.py", "# a release whose probe changed\n")
     status = _status(root, env)
     assert status["extract"] == "up to date" and status["ingest"] == "up to date", status
     assert {k for k, v in status.items() if v != "up to date"} == {

@@ -17,8 +17,8 @@ def run(args: argparse.Namespace) -> int:
     bringing ingest, extract and train up to date: never the decision for other data."""
     from tlflow.flows.stages import bring_up_to_date
     from tlflow.tasks import advise
-    from tlflow.tasks.lib.advice import table
-    from tlflow.tasks.lib.params import load_params, scoped
+    from tlflow.tasks.lib.core.params import load_params, scoped
+    from tlflow.tasks.lib.probe.strategy import table
 
     params = load_params()
     bring_up_to_date(("ingest", "extract", "train"), params, "advise")

@@ -17,9 +17,9 @@ def run(args: argparse.Namespace) -> int:
     """The last run's comparison (base.paths.compare_report): a table on stdout, or the
     file's JSON; a line saying how to ask for one when none ran."""
     from tlflow.flows.stages import warn_if_stale
-    from tlflow.tasks.lib.compare import format_table
-    from tlflow.tasks.lib.handoff import CompareReport
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.assess.compare import format_table
+    from tlflow.tasks.lib.core.handoff import CompareReport
+    from tlflow.tasks.lib.core.params import load_params
 
     paths = load_params().base.paths
     warn_if_stale(("ingest", "extract", "train"), "compare")

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from tlflow.flows.commands.base import Command, add_json
-from tlflow.tasks.lib import interrupts
+from tlflow.tasks.lib.core import interrupts
 
 
 def _store(args: argparse.Namespace) -> Path:
     """The store named on the command line, else the current one (the pointer's)."""
-    from tlflow.tasks.lib.handoff import current_store
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.params import load_params
 
     return Path(args.store) if args.store else current_store(load_params().base.paths.features)
 
@@ -26,7 +26,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 def info(args: argparse.Namespace) -> int:
     """A store's facts: a table, or JSON."""
-    from tlflow.tasks.lib.featurestore import info as store_info
+    from tlflow.tasks.lib.features.store import info as store_info
 
     if not args.store:
         from tlflow.flows.stages import warn_if_stale
@@ -51,7 +51,7 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
 
 def verify(args: argparse.Namespace) -> int:
     """Read every chunk; a bad checksum is a TlflowError naming the store."""
-    from tlflow.tasks.lib.featurestore import FeatureStore
+    from tlflow.tasks.lib.features.store import FeatureStore
 
     store = _store(args)
     interrupts.doing("features verify")
@@ -68,7 +68,7 @@ def _gc_arguments(p: argparse.ArgumentParser) -> None:
 def gc(args: argparse.Namespace) -> int:
     """One line per store: rows kept, rows removed (or that would be)."""
     from tlflow.flows.stages import prune_features
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.params import load_params
 
     verb = "would remove" if args.dry_run else "removed"
     for store, kept, removed in prune_features(load_params(), args.dry_run):

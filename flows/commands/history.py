@@ -13,7 +13,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tlflow.flows import history
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.params import load_params
 
     print("\n".join(history.run(load_params(), args.json)))
     return 0

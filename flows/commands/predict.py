@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tlflow.flows.commands.base import MODEL_HELP, MODELS, Command
-from tlflow.tasks.lib import interrupts
+from tlflow.tasks.lib.core import interrupts
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """CSV rows on stdout (and --out); skipped images and notes on stderr."""
     from tlflow.tasks import predict
-    from tlflow.tasks.lib.params import load_params, scoped
+    from tlflow.tasks.lib.core.params import load_params, scoped
 
     if args.model != "promoted":  # a promoted model is a committed version
         from tlflow.flows.stages import warn_if_stale

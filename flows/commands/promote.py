@@ -17,8 +17,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compare HEAD's model with the one in the stage; register and assign it if promoted."""
-    from tlflow.tasks.lib import registry
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.params import load_params
+    from tlflow.tasks.lib.models import registry
 
     params = load_params()
     outcome = registry.promote(Path(), params.base.paths, params.train.promote_margin,

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     before anything else is said or written."""
     from tlflow.flows.html_report import write_report
     from tlflow.flows.stages import STAGES, warn_if_stale
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.params import load_params
 
     paths = load_params().base.paths
     written = write_report(paths, against=args.against)

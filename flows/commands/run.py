@@ -8,10 +8,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from tlflow.flows.commands.base import Command
-from tlflow.tasks.lib import interrupts
+from tlflow.tasks.lib.core import interrupts
 
 if TYPE_CHECKING:
-    from tlflow.tasks.lib.params import Params
+    from tlflow.tasks.lib.core.params import Params
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def summary(results: list, params: Params) -> None:
         table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
     console = Console(soft_wrap=True)  # a line is never broken inside, piped or not
     console.print(table)
-    from tlflow.tasks.lib.handoff import EvalMetrics, ProbeReport
+    from tlflow.tasks.lib.core.handoff import EvalMetrics, ProbeReport
 
     paths = params.base.paths
     if not (paths.eval_metrics.is_file() and paths.probe_report.is_file()):
@@ -79,7 +79,7 @@ def summary(results: list, params: Params) -> None:
         f"{test.macro_f1:.4f}"
     )
     if ft is not None:
-        from tlflow.tasks.lib.network import read_meta
+        from tlflow.tasks.lib.finetune.network import read_meta
 
         meta = read_meta(paths.finetuned)
         console.print(

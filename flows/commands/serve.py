@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from tlflow.flows.commands.base import Command, add_schedule
-from tlflow.tasks.lib import interrupts
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.core import interrupts
+from tlflow.tasks.lib.core.errors import TlflowError
 
 
 def arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tlflow.flows.commands.base import Command
-from tlflow.tasks.lib import interrupts
+from tlflow.tasks.lib.core import interrupts
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -16,8 +16,8 @@ def run(args: argparse.Namespace) -> int:
     """What `dvc repro` runs: the code stamp is refreshed first, so dvc.lock records the code
     that ran."""
     from tlflow.flows.stages import stage_runner
-    from tlflow.tasks.lib.codedeps import refresh_stamp
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.codedeps import refresh_stamp
+    from tlflow.tasks.lib.core.params import load_params
 
     runner = stage_runner(args.name)
     interrupts.doing(args.name)

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import COLOURS, colour_images, copy_project, write_image
 from tests.lib.test_registry import git, inside, run_and_commit, set_params
 from tlflow.flows.cli import main
-from tlflow.tasks.lib.params import load_params
+from tlflow.tasks.lib.core.params import load_params
 
 STAGES = ("ingest", "extract", "train", "finetune", "evaluate")  # finetune off: its sidecar
 RERUN = ("train", "finetune", "evaluate")

@@ -8,9 +8,9 @@ import yaml
 
 from tests.conftest import ROOT, cli_env, copy_project, run_cli
 from tlflow.flows.cli import main
-from tlflow.tasks.lib.featurestore import info
-from tlflow.tasks.lib.handoff import current_store
-from tlflow.tasks.lib.manifest import read_manifest
+from tlflow.tasks.lib.core.handoff import current_store
+from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.features.store import info
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import cli_env, colour_project, run_cli
 from tlflow.tasks import evaluate, extract, finetune, ingest, train
-from tlflow.tasks.lib.handoff import (
+from tlflow.tasks.lib.core.handoff import (
     EvalMetrics,
     ExtractReport,
     ProbeChoice,
@@ -21,7 +21,7 @@ from tlflow.tasks.lib.handoff import (
     write_extract_metrics,
     write_probe_metrics,
 )
-from tlflow.tasks.lib.params import params_under
+from tlflow.tasks.lib.core.params import params_under
 
 WIDTH = 120  # columns a terminal gives `dvc metrics show`
 # metrics/eval.json stays nested by model ({"probe": {"accuracy", ...}}): users' scripts read

@@ -6,8 +6,8 @@ import pytest
 
 from tests.conftest import make_params
 from tlflow.flows import history
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.handoff import Scores
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import Scores
 
 
 def _entry(rev: str, images: set[str], params: dict, acc: float) -> history.Entry:

@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import COLOURS, make_params
 from tlflow.flows.html_report import write_report
 from tlflow.tasks import audit, evaluate, extract, ingest, train
-from tlflow.tasks.lib.handoff import Predictions
+from tlflow.tasks.lib.core.handoff import Predictions
 
 
 def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
@@ -137,7 +137,7 @@ def test_the_map_has_one_point_per_test_image_the_wrong_ones_ringed(project):
 
 def test_the_map_keeps_every_wrong_image_when_it_subsamples():
     from tlflow.flows.embedding_map import subsample
-    from tlflow.tasks.lib.handoff import ImagePrediction
+    from tlflow.tasks.lib.core.handoff import ImagePrediction
 
     preds = [ImagePrediction(model="probe", relpath=f"{i}.png", sha256=f"{i:064x}", label="a",
                              top=("a" if i % 7 else "b",), scores=(1.0,), kind="probability",
@@ -172,8 +172,8 @@ def test_chromium_renders_the_page_offline(project, tmp_path: Path):
 
 def test_a_run_on_other_data_says_so(project):
     """Compared with a run on other data, the page says the changes mix data and model."""
+    from tlflow.flows.artifacts import Snapshot
     from tlflow.flows.html_report import write_html_report
-    from tlflow.flows.report import Snapshot
 
     params, _ = project
     line = write_html_report(params.base.paths, Snapshot("0000other", frozenset(), {}))
@@ -201,7 +201,7 @@ def test_a_weak_probe_s_label_errors_come_with_a_warning(project):
 
 
 def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
-    from tlflow.tasks.lib import compare
+    from tlflow.tasks.lib.assess import compare
     params, _ = project
     paths = params.base.paths
     assert 'id="compare"' not in paths.report.read_text()  # extract.compare: []

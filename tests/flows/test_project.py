@@ -15,8 +15,8 @@ from tlflow.flows.project import (
     render_params,
     source_of,
 )
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.params import Params, project_slug
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.params import Params, project_slug
 
 
 def test_this_repository_is_what_init_writes():

@@ -3,8 +3,8 @@
 import pytest
 
 from tlflow.flows.stages import STAGES, _describe, stage_runner
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.params import UndeclaredParamError
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.params import UndeclaredParamError
 
 
 def test_stages_in_order_and_unknown_names():
@@ -26,7 +26,7 @@ def test_a_stage_sees_only_its_declared_params(monkeypatch):
 
     monkeypatch.setattr(tlflow.tasks.evaluate, "run", peek)
     from tests.conftest import ROOT
-    from tlflow.tasks.lib.params import load_params
+    from tlflow.tasks.lib.core.params import load_params
 
     assert stage_runner("evaluate")(load_params(ROOT / "params.yaml")) == "ok"
     assert seen == {"device": "auto"}

@@ -3,14 +3,14 @@ label errors (confident learning on out-of-fold probabilities), class balance.""
 
 import numpy as np
 
-from tlflow.tasks.lib.audit import (
+from tlflow.tasks.lib.assess.audit import (
     ProbeSetting,
     balance,
     label_conflicts,
     label_issues,
     near_duplicates,
 )
-from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.data.manifest import Row
 
 PROBE = ProbeSetting("pooled", (0.1, 1.0), "standardize", 1000, None)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tlflow.tasks.lib.backbones import POOLED, CodeExtractor, create_backbone, map_in_order
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.features.backbones import POOLED, CodeExtractor, create_backbone, map_in_order
 
 ANT, BEE = 310, 309  # ImageNet class indices
 
@@ -57,7 +57,7 @@ def test_zoo_weights_are_imagenet_weights(n, hymenoptera):
     the stages compute (CodeExtractor, encode) match timm's own
     forward (forward_features -> forward_head(pre_logits)) at cos >= 0.9999 in fp32 (bf16
     codes of Lite1/2 agree with them at a min cosine of 0.9988 here: README, the zoo)."""
-    from tlflow.tasks.lib.extraction import encode
+    from tlflow.tasks.lib.features.extraction import encode
 
     b = create_backbone(f"timm/tf_efficientnet_lite{n}", "packaged")
     assert b.input_size == 224 + 16 * n + 4 * (n == 2)  # the model's own config: 240, 260

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tlflow.tasks.lib import calibration
+from tlflow.tasks.lib.probe import calibration
 
 
 def _overconfident(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,11 @@
-"""What changed between two runs: the pure functions of tasks/lib/changes.py on small tables."""
+"""What changed between two runs: the pure functions of tasks/lib/assess/changes.py on small
+tables."""
 
 from __future__ import annotations
 
-from tlflow.tasks.lib.changes import class_deltas, data_changes, image_changes
-from tlflow.tasks.lib.handoff import ClassScores, ImagePrediction
-from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.assess.changes import class_deltas, data_changes, image_changes
+from tlflow.tasks.lib.core.handoff import ClassScores, ImagePrediction
+from tlflow.tasks.lib.data.manifest import Row
 
 
 def _p(relpath: str, sha: str, label: str, pred: str, loss: float,

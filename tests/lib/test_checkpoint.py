@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from tlflow.tasks.lib import checkpoint
-from tlflow.tasks.lib.ftresume import pack, restore
+from tlflow.tasks.lib.core import checkpoint
+from tlflow.tasks.lib.finetune.resume import pack, restore
 
 
 def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:

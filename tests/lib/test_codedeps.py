@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tlflow import __version__
-from tlflow.tasks.lib.codedeps import (
+from tlflow.tasks.lib.core.codedeps import (
     STAGES,
     STAMP,
     closure,
@@ -49,14 +49,17 @@ def test_imports_anywhere_in_a_module_count(tmp_path: Path):
 def _tree(root: Path, probe: str = "", decode: str = "") -> dict[str, Path]:
     """A small tlflow laid out as the repository is: extract decodes, train probes."""
     files = {"tlflow/__init__.py": "", "tasks/__init__.py": "", "tasks/lib/__init__.py": "",
-             "tasks/lib/images.py": "def read(): pass\n" + decode,
-             "tasks/lib/probes.py": "def fit(): pass\n" + probe,
+             "tasks/lib/data/__init__.py": "", "tasks/lib/probe/__init__.py": "",
+             "tasks/lib/data/decode.py": "def read(): pass\n" + decode,
+             "tasks/lib/probe/sweep.py": "def fit(): pass\n" + probe,
              "tasks/ingest.py": "import os\n",
-             "tasks/extract.py": "from tlflow.tasks.lib import images\n",
-             "tasks/train.py": "from tlflow.tasks.lib import probes\n",
-             "tasks/finetune.py": "from tlflow.tasks.lib import images, probes\n",
-             "tasks/evaluate.py": "from tlflow.tasks.lib import images, probes\n",
-             "tasks/audit.py": "from tlflow.tasks.lib import probes\n"}
+             "tasks/extract.py": "from tlflow.tasks.lib.data import decode\n",
+             "tasks/train.py": "from tlflow.tasks.lib.probe import sweep\n",
+             "tasks/finetune.py": "from tlflow.tasks.lib.data import decode\n"
+                                  "from tlflow.tasks.lib.probe.sweep import fit\n",
+             "tasks/evaluate.py": "import tlflow.tasks.lib.data.decode\n"
+                                  "from tlflow.tasks.lib.probe import sweep\n",
+             "tasks/audit.py": "from tlflow.tasks.lib.probe import sweep\n"}
     return source_dirs(_package(root, files))
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from tlflow.tasks.lib import compare
-from tlflow.tasks.lib.params import Extract
+from tlflow.tasks.lib.assess import compare
+from tlflow.tasks.lib.core.params import Extract
 
 
 def _result(name: str, val: float, n_val: int = 100, gflops: float | None = 1.0,
@@ -64,7 +64,7 @@ def test_the_table_marks_the_winner_and_states_the_rule():
 
 
 def test_cost_counts_flops_and_parameters():
-    from tlflow.tasks.lib.backbones import create_backbone
+    from tlflow.tasks.lib.features.backbones import create_backbone
 
     b = create_backbone("timm/tf_efficientnet_lite0", "none", image_size=224)
     gflops, params = compare.cost(b)
@@ -74,8 +74,8 @@ def test_cost_counts_flops_and_parameters():
 
 def test_the_prefect_table_artifact_rows(tmp_path):
     from tests.conftest import make_params
-    from tlflow.flows.report import compare_rows
-    from tlflow.tasks.lib.handoff import CompareReport
+    from tlflow.flows.artifacts import compare_rows
+    from tlflow.tasks.lib.core.handoff import CompareReport
 
     paths = make_params(tmp_path).base.paths
     assert compare_rows(paths) == []  # no report yet

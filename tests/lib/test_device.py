@@ -3,14 +3,19 @@
 import pytest
 import torch
 
-from tlflow.tasks.lib.device import autocast, effective_precision, resolve_device, resolve_workers
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.core.device import (
+    autocast,
+    effective_precision,
+    resolve_device,
+    resolve_workers,
+)
+from tlflow.tasks.lib.core.errors import TlflowError
 
 
 def test_precision_auto_is_bf16_where_the_hardware_computes_it(monkeypatch):
     """auto: bf16 on a CPU with AMX or AVX512-BF16 (torch's probe), fp32 on one without;
     bf16 and fp32 are taken as asked; fp16 is CUDA's only."""
-    import tlflow.tasks.lib.device as device
+    import tlflow.tasks.lib.core.device as device
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
     probe = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
@@ -46,7 +51,7 @@ def test_cpu_threads_are_set_not_inherited(monkeypatch):
 
     import torch
 
-    from tlflow.tasks.lib.device import set_cpu_threads
+    from tlflow.tasks.lib.core.device import set_cpu_threads
 
     before = torch.get_num_threads()
     try:

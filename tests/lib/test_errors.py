@@ -11,8 +11,8 @@ import pytest
 from prefect.states import Failed
 
 from tlflow.flows.pipeline import _not_bad_input
-from tlflow.tasks.lib.errors import TlflowError, environment_error
-from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path
+from tlflow.tasks.lib.core.errors import TlflowError, environment_error
+from tlflow.tasks.lib.core.files import TEMP_PREFIX, atomic_path
 
 
 @pytest.mark.parametrize(("exc", "needle"), [
@@ -86,8 +86,8 @@ def test_a_full_disk_during_extract_is_one_line_not_a_segfault(tiny_disk: Path):
     script = f"""
 import numpy as np
 from pathlib import Path
-from tlflow.tasks.lib.featurestore import FeatureStore
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.features.store import FeatureStore
+from tlflow.tasks.lib.core.errors import TlflowError
 path = Path({str(tiny_disk)!r}) / "0123456789abcdef.h5"
 with FeatureStore.create(path, {{"id": 1}}, {{"pooled": 64}}, "float16") as fs:
     try:

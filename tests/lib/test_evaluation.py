@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlflow.tasks.lib.evaluation import image_predictions, losses, score, write_confusion
-from tlflow.tasks.lib.handoff import Predictions
-from tlflow.tasks.lib.manifest import Row
+from tlflow.tasks.lib.assess.evaluation import image_predictions, losses, score, write_confusion
+from tlflow.tasks.lib.core.handoff import Predictions
+from tlflow.tasks.lib.data.manifest import Row
 
 
 def test_score_on_known_predictions():

@@ -9,10 +9,10 @@ import torch
 
 from tests.conftest import make_params
 from tests.test_extract import TINY
-from tlflow.tasks.lib.backbones import create_backbone
-from tlflow.tasks.lib.device import cpu_has_bf16
-from tlflow.tasks.lib.extraction import describe_extractor, encode
-from tlflow.tasks.lib.featurestore import extractor_id
+from tlflow.tasks.lib.core.device import cpu_has_bf16
+from tlflow.tasks.lib.features.backbones import create_backbone
+from tlflow.tasks.lib.features.extraction import describe_extractor, encode
+from tlflow.tasks.lib.features.store import extractor_id
 
 
 def test_extractor_id_covers_what_changes_a_code(tmp_path: Path):
@@ -78,7 +78,7 @@ def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
 def test_batches_made_in_the_background_keep_order_errors_and_stop():
     import threading
 
-    from tlflow.tasks.lib.extraction import in_background
+    from tlflow.tasks.lib.features.extraction import in_background
 
     assert list(in_background(iter(range(50)), depth=2)) == list(range(50))
 

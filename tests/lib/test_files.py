@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.files import TEMP_PREFIX, atomic_path, check_file_path, write_text
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import TEMP_PREFIX, atomic_path, check_file_path, write_text
 
 
 def longest_name(suffix: str = ".png") -> str:

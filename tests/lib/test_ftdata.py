@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlflow.tasks.lib.ftdata import Augment, Images, class_indices
+from tlflow.tasks.lib.finetune.data import Augment, Images, class_indices
 
 
 def test_augmentation_draws_only_from_its_own_generator():

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from tests.lib.test_network import BACKBONE
-from tlflow.tasks.lib.ftdata import Images, train_augment
-from tlflow.tasks.lib.ftloop import fine_tune, improves
-from tlflow.tasks.lib.ftresume import pack, resume
-from tlflow.tasks.lib.network import build, state_tensors
-from tlflow.tasks.lib.params import Finetune
+from tlflow.tasks.lib.core.params import Finetune
+from tlflow.tasks.lib.finetune.data import Images, train_augment
+from tlflow.tasks.lib.finetune.loop import fine_tune, improves
+from tlflow.tasks.lib.finetune.network import build, state_tensors
+from tlflow.tasks.lib.finetune.resume import pack, resume
 
 CLASSES = ("blue", "green", "red")
 COLOURS = {"blue": (20, 30, 230), "green": (30, 220, 40), "red": (230, 40, 30)}

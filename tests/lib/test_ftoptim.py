@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from tests.lib.test_network import BACKBONE
-from tlflow.tasks.lib.ftoptim import make_optimizer, make_schedule
-from tlflow.tasks.lib.network import (
+from tlflow.tasks.lib.core.params import Finetune
+from tlflow.tasks.lib.finetune.network import (
     build,
     freeze,
     param_groups,
 )
-from tlflow.tasks.lib.params import Finetune
+from tlflow.tasks.lib.finetune.optim import make_optimizer, make_schedule
 
 
 def test_optimizer_and_schedule_from_timm_keep_each_groups_rate():

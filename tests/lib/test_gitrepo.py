@@ -1,4 +1,4 @@
-"""tasks/lib/gitrepo.py, the one door to git, against git's own answers on small repositories
+"""tasks/lib/core/gitrepo.py, the one door to git, against git's own answers on small repositories
 (git itself builds them and is asked the same questions)."""
 
 import os
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tlflow.tasks.lib import gitrepo
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.gitrepo import GitRepo
+from tlflow.tasks.lib.core import gitrepo
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.gitrepo import GitRepo
 
 ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
       "GIT_COMMITTER_EMAIL": "t@t"}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tlflow.tasks.lib import handoff
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.core import handoff
+from tlflow.tasks.lib.core.errors import TlflowError
 
 IMAGE = {"relpath": "a/1.png", "sha256": "s1", "label": "a", "split": "val"}
 TRAIN_IMAGE = {"relpath": "a/2.png", "sha256": "s2", "label": "a", "split": "train"}

@@ -8,8 +8,8 @@ from tests.conftest import COLOURS, write_image
 def test_unchanged_files_are_not_reread(tmp_path: Path, image_folder: Path):
     """A file is read once to hash it and once more after it is copied (the copy is checked);
     a rerun over unchanged files reads none of them."""
-    from tlflow.tasks.lib.hashcache import HashCache
-    from tlflow.tasks.lib.sources import folder_items, hash_items, snapshot
+    from tlflow.tasks.lib.data.hashcache import HashCache
+    from tlflow.tasks.lib.data.sources import folder_items, hash_items, snapshot
 
     images, cache_path = tmp_path / "images", tmp_path / "cache.sqlite"
     items = folder_items(image_folder)
@@ -31,7 +31,7 @@ def test_unchanged_files_are_not_reread(tmp_path: Path, image_folder: Path):
 
 
 def test_a_corrupt_hash_cache_is_rebuilt(tmp_path: Path, image_folder: Path):
-    from tlflow.tasks.lib.hashcache import HashCache
+    from tlflow.tasks.lib.data.hashcache import HashCache
 
     cache_path = tmp_path / "cache.sqlite"
     cache_path.write_bytes(b"garbage" * 100)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from tests.lib.test_probes import CFG, _blobs
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.head import LinearHead, load_head, save_head, tensors_path
-from tlflow.tasks.lib.probes import make_probe, to_head
+from tests.lib.test_sweep import CFG, _blobs
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.probe.head import LinearHead, load_head, save_head, tensors_path
+from tlflow.tasks.lib.probe.sweep import make_probe, to_head
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tlflow.tasks.lib import interrupts
+from tlflow.tasks.lib.core import interrupts
 
 
 @pytest.fixture

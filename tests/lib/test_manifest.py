@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.manifest import Row, read_manifest, write_manifest
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.data.manifest import Row, read_manifest, write_manifest
 
 
 def test_manifest_missing(tmp_path: Path):

@@ -4,14 +4,14 @@
 import pytest
 import torch
 
-from tlflow.tasks.lib.ftoptim import make_optimizer
-from tlflow.tasks.lib.network import (
+from tlflow.tasks.lib.core.params import Finetune
+from tlflow.tasks.lib.finetune.network import (
     build,
     freeze,
     param_groups,
     train_mode,
 )
-from tlflow.tasks.lib.params import Finetune
+from tlflow.tasks.lib.finetune.optim import make_optimizer
 
 BACKBONE = "timm/tf_efficientnet_lite0"
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from tlflow.tasks.lib import novelty
+from tlflow.tasks.lib.probe import novelty
 
 
 def test_threshold_flags_one_percent_of_held_out_data():

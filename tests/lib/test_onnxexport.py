@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from tests.conftest import colour_images
-from tlflow.tasks.lib.backbones import CodeExtractor, create_backbone
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.extraction import encode
-from tlflow.tasks.lib.head import LinearHead
-from tlflow.tasks.lib.imagefiles import image_files
-from tlflow.tasks.lib.onnxexport import (
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.params import Train
+from tlflow.tasks.lib.data.imagefiles import image_files
+from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.features.extraction import encode
+from tlflow.tasks.lib.models.onnxexport import (
     ProbeGraph,
     SoftmaxGraph,
     export,
@@ -25,8 +25,8 @@ from tlflow.tasks.lib.onnxexport import (
     require_onnx,
     run_onnx,
 )
-from tlflow.tasks.lib.params import Train
-from tlflow.tasks.lib.probes import make_probe, to_head
+from tlflow.tasks.lib.probe.head import LinearHead
+from tlflow.tasks.lib.probe.sweep import make_probe, to_head
 
 NAME = "timm/test_efficientnet"
 
@@ -67,9 +67,9 @@ def test_the_probe_graph_scores_as_the_head_does(images: list[Path], train: dict
 
 
 def test_the_finetuned_graph_in_onnx_runtime_is_predicts(images: list[Path], tmp_path: Path):
-    from tlflow.tasks.lib.ftloop import finetuned_probabilities
-    from tlflow.tasks.lib.images import read_image
-    from tlflow.tasks.lib.network import new_network
+    from tlflow.tasks.lib.data.decode import read_image
+    from tlflow.tasks.lib.finetune.loop import finetuned_probabilities
+    from tlflow.tasks.lib.finetune.network import new_network
 
     net = new_network(_backbone(), ("blue", "green", "red"))
     want = finetuned_probabilities(net, images, read_image, "cpu", batch_size=5)

@@ -10,8 +10,8 @@ import pytest
 from tests.conftest import make_params
 from tlflow.flows.stages import stage_runner
 from tlflow.tasks import ingest
-from tlflow.tasks.lib import ownership
-from tlflow.tasks.lib.errors import TlflowError
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.data import ownership
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

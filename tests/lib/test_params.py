@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.params import load_params, parse_params
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.params import load_params, parse_params
 
 
 def _raw() -> dict:
@@ -64,7 +64,7 @@ def test_a_check_across_keys_names_its_key():
 
 
 def test_a_stage_reads_only_what_it_declares():
-    from tlflow.tasks.lib.params import UndeclaredParamError, scoped
+    from tlflow.tasks.lib.core.params import UndeclaredParamError, scoped
 
     params = load_params(ROOT / "params.yaml")
     view = scoped(params, ("base.seed", "train.max_iter", "finetune"))

@@ -1,6 +1,6 @@
 """Progress on long work: plain lines with rate and ETA on stderr when it is not a terminal."""
 
-from tlflow.tasks.lib.progress import MovingRate, Progress
+from tlflow.tasks.lib.core.progress import MovingRate, Progress
 
 
 def test_plain_lines_report_counts_rate_and_eta(capsys):

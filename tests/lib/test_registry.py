@@ -17,10 +17,10 @@ import yaml
 from tests.conftest import ROOT, colour_images, copy_project
 from tlflow.flows.cli import main
 from tlflow.flows.stages import commit
-from tlflow.tasks.lib import registry
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.head import load_head
-from tlflow.tasks.lib.params import load_params
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.params import load_params
+from tlflow.tasks.lib.models import registry
+from tlflow.tasks.lib.probe.head import load_head
 
 GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
 STAGES = ("ingest", "extract", "train", "finetune")  # finetune off: it writes its sidecar only

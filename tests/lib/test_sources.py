@@ -10,10 +10,10 @@ import pytest
 
 from tests.conftest import COLOURS, make_params
 from tlflow.tasks import ingest
-from tlflow.tasks.lib.errors import TlflowError
-from tlflow.tasks.lib.imagefiles import image_files, metadata_kind
-from tlflow.tasks.lib.manifest import read_manifest
-from tlflow.tasks.lib.sources import scan_csv, scan_folder
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.data.imagefiles import image_files, metadata_kind
+from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.data.sources import scan_csv, scan_folder
 
 APPLEDOUBLE = b"\x00\x05\x16\x07AppleDouble"
 
