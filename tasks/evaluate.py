@@ -23,6 +23,7 @@ from tlflow.tasks.lib.core.handoff import (
     PerClass,
     Predictions,
     chosen_store,
+    write_test_metrics,
 )
 from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data.manifest import Row, read_manifest
@@ -92,7 +93,9 @@ def run(params: Params) -> dict:
         panels.append((y_true, ft_pred, f"fine-tuned: test accuracy {f['accuracy']:.3f}"))
         print(f"evaluate: fine-tuned network: test accuracy {f['accuracy']:.4f}, macro F1 "
               f"{f['macro_f1']:.4f}", flush=True)
-    EvalMetrics.from_scores(metrics).write(paths.eval_metrics)
+    scores = EvalMetrics.from_scores(metrics)
+    scores.write(paths.eval_metrics)
+    write_test_metrics(paths.test_metrics, scores)
     PerClass.from_scores(metrics).write(paths.per_class)
     Predictions(rows=tuple(preds), k=max(len(pr.top) for pr in preds)).write(paths.predictions)
     write_confusion(paths.confusion, y_true, y_pred, relpaths)

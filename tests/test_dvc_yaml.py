@@ -61,7 +61,8 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
                   paths["probe_report"], paths["sweep"], paths["strategy"],
                   paths["train_choice"], paths["compare_report"]},
         "finetune": {f"{finetuned}.safetensors", f"{finetuned}.json", paths["finetune_curve"]},
-        "evaluate": {paths["eval_metrics"], paths["per_class"], paths["confusion"],
+        "evaluate": {paths["eval_metrics"], paths["test_metrics"], paths["per_class"],
+                     paths["confusion"],
                      paths["confusion_png"], paths["confusion_finetune"], paths["predictions"],
                      paths["coverage"]},
         "audit": {paths["duplicates"], paths["label_issues"], paths["balance"],
@@ -114,11 +115,11 @@ def test_metrics_and_plots_are_declared_for_dvc(stages, paths):
     """Metrics are the few numbers of metrics/; the details behind them (reports/) are plain
     git-tracked outputs, the per-class table and the curves are plots."""
     metrics = {str(o.def_path) for s in stages.values() for o in s.outs if o.metric}
-    assert metrics == {paths["extract_metrics"], paths["probe_metrics"], paths["eval_metrics"],
+    assert metrics == {paths["extract_metrics"], paths["probe_metrics"], paths["test_metrics"],
                        paths["audit_metrics"]}
     assert all(m.startswith("metrics/") for m in metrics)
     for key in ("extract_report", "probe_report", "strategy", "duplicates", "label_issues",
-                "balance", "predictions"):
+                "balance", "predictions", "eval_metrics"):
         out = next(o for s in stages.values() for o in s.outs if str(o.def_path) == paths[key])
         assert not out.metric and not out.plot and not out.use_cache, key
     per_class, csv, png, csv_finetune = [o for s in stages.values() for o in s.outs if o.plot]

@@ -20,14 +20,11 @@ from tlflow.tasks.lib.core.handoff import (
     write_audit_metrics,
     write_extract_metrics,
     write_probe_metrics,
+    write_test_metrics,
 )
 from tlflow.tasks.lib.core.params import params_under
 
 WIDTH = 120  # columns a terminal gives `dvc metrics show`
-# metrics/eval.json stays nested by model ({"probe": {"accuracy", ...}}): users' scripts read
-# ["probe"]["accuracy"] (the handed input cases do), so its columns keep their long names;
-# with the fine-tuned network and the calibration errors the table is wider than a terminal
-WIDE = 200
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +54,22 @@ def _leaves(node: object, prefix: str = "") -> dict[str, object]:
 def test_metrics_show_fits_and_leads_with_the_test_accuracy(project):
     root, _, env = project
     lines = _metrics_show(root, env)
-    assert max(map(len, lines)) <= WIDE, "\n".join(lines)
+    assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
     columns = re.split(r"\s{2,}", lines[0].strip())
-    assert "acc" in columns[:3] and "probe.accuracy" in columns, columns
+    assert "acc" in columns[:3] and "f1" in columns, columns
+    test = next(line for line in lines if line.startswith("metrics/test.json"))
+    eval_json = json.loads((root / "metrics/eval.json").read_text())  # scripts' file: all
+    assert float(test.split()[columns.index("acc")]) == round(eval_json["probe"]["accuracy"], 5)
+    assert not any(line.startswith("metrics/eval.json") for line in lines)
 
 
 def test_metrics_still_fit_with_a_fine_tuned_network(project):
-    """The fine-tuned network adds its accuracy and macro F1 (its n is the probe's), with
-    every metric as wide as a real run makes it (DVC prints 5 decimals): WIDE columns."""
+    """The fine-tuned network adds its accuracy and macro F1 (ft_acc, ft_f1), with every
+    metric as wide as a real run makes it (DVC prints 5 decimals): still WIDTH columns."""
     root, params, env = project
     paths = params.base.paths
-    files = (paths.extract_metrics, paths.probe_metrics, paths.eval_metrics, paths.audit_metrics)
+    files = (paths.extract_metrics, paths.probe_metrics, paths.test_metrics,
+             paths.audit_metrics)
     before = [p.read_bytes() if p.is_file() else None for p in files]
     long = 0.9655172413793104
     try:
@@ -77,7 +79,8 @@ def test_metrics_still_fit_with_a_fine_tuned_network(project):
             classifier="logistic", val_accuracy=long, C=0.001, layer="blocks.4",
             extractor_id="x"))
         model = {"accuracy": long, "macro_f1": long, "n": 1234, "ece": long, "ece_t": long}
-        EvalMetrics.from_scores({"probe": model, "finetune": model}).write(paths.eval_metrics)
+        write_test_metrics(paths.test_metrics,
+                           EvalMetrics.from_scores({"probe": model, "finetune": model}))
         write_audit_metrics(paths.audit_metrics, {"near_duplicates": 123, "label_issues": 456})
         lines = _metrics_show(root, env)
     finally:
@@ -86,16 +89,23 @@ def test_metrics_still_fit_with_a_fine_tuned_network(project):
                 p.unlink()
             else:
                 p.write_bytes(b)
-    assert max(map(len, lines)) <= WIDE, "\n".join(lines)
-    assert "finetune.accuracy" in lines[0] and "finetune.n" not in lines[0]
+    assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
+    assert {"ft_acc", "ft_f1"} <= set(lines[0].split())
 
 
 def test_metrics_hold_numbers_and_at_most_a_few_short_strings(project):
     root, _, _ = project
-    registered = [Path(next(iter(m))) for s in yaml.safe_load(
-        (root / "dvc.yaml").read_text())["stages"].values() for m in s.get("metrics", [])]
-    assert len(registered) == 4  # extract, probe, eval, audit
-    for rel in sorted((root / "metrics").glob("*.json")):
+    paths = params_under(root, root / "params.yaml").base.paths
+    registered = [Path(next(iter(m)).replace("${base.paths.", "").rstrip("}"))
+                  for s in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values()
+                  for m in s.get("metrics", [])]
+    registered = [getattr(paths, str(key)) for key in registered]
+    assert [p.name for p in registered] == ["extract.json", "probe.json", "test.json",
+                                            "audit.json"]
+    for rel in registered:
+        rel = root / rel
+        if not rel.is_file():  # the audit's: written by another test
+            continue
         leaves = _leaves(json.loads(rel.read_text()))
         assert 1 <= len(leaves) <= 6, (rel.name, leaves)
         strings = {k: v for k, v in leaves.items() if isinstance(v, str)}

@@ -17,10 +17,12 @@ file's keys, read and written by the same class (`Model.read(path)`, `model.writ
 | balance                      | Balance      | audit      | the report                     |
 
 Files only DVC reads have a writer and no model: the sweep (a plot) and the DVC metrics
-extract_metrics, probe_metrics and audit_metrics, which hold a few numbers each (and the
-probe's layer name) under short names (`acc` is the chosen probe's val accuracy, `n` the
-images in the manifest). eval_metrics is nested by model, as users' scripts read it
-(`["probe"]["accuracy"]`). `dvc metrics diff` compares numbers; the details behind them are
+extract_metrics, probe_metrics, test_metrics and audit_metrics, which hold a few numbers
+each (and the probe's layer name) under short names (`acc` is the chosen probe's val
+accuracy in probe_metrics, its test accuracy in test_metrics; `n` the images in the
+manifest), so `dvc metrics show` fits 120 columns with fine-tuning on. eval_metrics has
+every test score, nested by model as users' scripts read it (`["probe"]["accuracy"]`); it is
+git-tracked, not a DVC metric. `dvc metrics diff` compares numbers; the details behind them are
 reports/ files and plots.
 
 (The manifest's owner is tasks/lib/data/manifest.py; the model files' are head.py and network.py.)
@@ -380,6 +382,16 @@ class EvalMetrics(Handoff):
 
     def as_json(self) -> dict[str, Any]:
         return {m: s.model_dump(exclude_none=True) for m, s in self.models().items()}
+
+
+def write_test_metrics(path: Path, metrics: EvalMetrics) -> None:
+    """metrics/test.json, what `dvc metrics show` reads of the test split: the probe's
+    accuracy and macro F1 (`acc`, `f1`) and the fine-tuned network's (`ft_acc`, `ft_f1`)
+    when it ran; four short columns (metrics/eval.json has them all, nested by model)."""
+    obj = {"acc": metrics.probe.accuracy, "f1": metrics.probe.macro_f1}
+    if metrics.finetune is not None:
+        obj |= {"ft_acc": metrics.finetune.accuracy, "ft_f1": metrics.finetune.macro_f1}
+    write_json(path, obj)
 
 
 PER_CLASS_KEYS = ("precision", "recall", "f1-score")  # per model, scikit-learn's names

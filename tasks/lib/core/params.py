@@ -107,6 +107,8 @@ class Paths(_Section):
     # The keys below have defaults: a project made before them keeps working.
     export: Path = Path("export")  # tlflow export: <export>/<artifact>.onnx + .json (a folder)
     plots_page: Path = Path("report/plots.html")  # `tlflow plots`: DVC's plots as SVG, offline
+    # evaluate: the test scores in short names, the DVC metric (eval_metrics is the full file)
+    test_metrics: Path = Path("metrics/test.json")
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:
