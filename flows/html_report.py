@@ -185,6 +185,19 @@ def map_view(paths: Paths, preds: list[ImagePrediction],
                          paths.report.parent / MAP, thumb)
 
 
+def new_images_view(paths: Paths, thumb: Thumbnails) -> dict[str, Any] | None:
+    """What the last `tlflow run` made of the images it brought (flows/drift.py), the novel
+    ones with thumbnails (at most drift.MAX_LISTED, farthest first); None when it judged
+    nothing or the data changed since."""
+    from tlflow.flows.drift import this_run
+
+    judged = this_run(paths)
+    if judged is None:
+        return None
+    shown = [{**g.model_dump(), "thumb": thumb(g.relpath, g.sha256)} for g in judged.images]
+    return {**judged.model_dump(), "shown": shown}
+
+
 def advice_view(paths: Paths) -> dict[str, Any] | None:
     """The 2x2 table's cells (the data set's marked) and the reasons, from the advice."""
     if not paths.strategy.is_file():
@@ -327,6 +340,7 @@ def render(paths: Paths, before: dict[str, Scores], after: Snapshot, compared_wi
         if committed else None,
         "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
         "compare": compare_view(paths), "coverage": coverage_view(paths, after.metrics),
+        "new_images": new_images_view(paths, thumb),
         "curve": curve_png(paths.finetune_curve),
         "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,

@@ -107,6 +107,8 @@ class Paths(_Section):
     # The keys below have defaults: a project made before them keeps working.
     export: Path = Path("export")  # tlflow export: <export>/<artifact>.onnx + .json (a folder)
     plots_page: Path = Path("report/plots.html")  # `tlflow plots`: DVC's plots as SVG, offline
+    # tlflow run: the images it brought, judged against the probe that served before it
+    new_images: Path = Path("report/new_images.json")
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:
