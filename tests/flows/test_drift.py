@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COLOURS, colour_images, make_params, write_image
+from tests.conftest import (
+    COLOURS,
+    cli_env,
+    colour_images,
+    colour_project,
+    make_params,
+    run_cli,
+    write_image,
+)
 from tlflow.flows import drift
 from tlflow.flows.artifacts import Snapshot, summary_markdown
 from tlflow.flows.html_report import Thumbnails, new_images_view
@@ -142,3 +150,67 @@ def test_the_line_reads_for_one_image_and_for_none_judged():
                                "k-NN distance beyond the val threshold)")
     assert drift.line(NewImages(new=3, novel=None, reason="why")) == \
         "new images: 3, not judged: why"
+
+
+@pytest.mark.accuracy  # two `tlflow run`s (about 30 s): longer than the suite allows
+def test_tlflow_run_says_how_many_new_images_are_novel(tmp_path: Path, prefect_server: str):
+    """The flow end to end: a first run judges nothing; a second, after the batch, says in
+    its output, its summary artifact and its report how many new images are novel."""
+    import httpx
+
+    root = colour_project(tmp_path, extract={"layers": ["blocks.1"]})
+    env = cli_env(root, prefect_server)
+    first = run_cli(["tlflow", "run"], root, env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "new images" not in first.stdout + first.stderr
+    assert not (root / "report/new_images.json").exists()
+    _add_batch(tmp_path / "src")
+    second = run_cli(["tlflow", "run"], root, env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    said = (f"new images: {NOVEL} of {NOVEL + KNOWN} look unlike the training set (novel: "
+            "k-NN distance beyond the val threshold)")
+    assert said in second.stdout, second.stdout
+    page = (root / "report/index.html").read_text()
+    assert 'id="new-images"' in page and page.count("noise") + page.count("yellow") >= NOVEL
+    response = httpx.post(f"{prefect_server}/artifacts/filter", timeout=30, json={
+        "artifacts": {"key": {"any_": ["tlflow-run-summary"]}}, "sort": "CREATED_DESC",
+        "limit": 1})
+    assert f"- {said}" in response.json()[0]["data"]
+
+
+@pytest.mark.accuracy  # hymenoptera at 224 px: about a minute
+def test_digits_brought_to_a_photo_probe_are_novel_and_photos_are_not(tmp_path: Path,
+                                                                      hymenoptera: Path):
+    """A project on hymenoptera's train/ photos (245, split train/val/test by the fractions);
+    then a batch of its val/ photos (153, new to the project) and 200 of scikit-learn's
+    digits (under ants/: the labels play no part): the digits are novel (at least 90%),
+    the photos are not (at most 5%)."""
+    from tests.test_accuracy import _digit_images
+    from tlflow.tasks.lib.features.store import FeatureStore, store_path
+    from tlflow.tasks.lib.probe.head import load_head
+
+    src = tmp_path / "src"
+    shutil.copytree(hymenoptera / "train", src)
+    params = make_params(tmp_path, ingest={"source": "folder", "path": str(src)})
+    paths = params.base.paths
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        for stage in (ingest, extract, train):
+            stage.run(params)
+        head = load_head(paths.head)
+        before = Snapshot.take(paths).images
+        for f in sorted((hymenoptera / "val").glob("*/*")):
+            shutil.copy(f, src / f.parent.name / f"new_{f.name}")
+        _digit_images(src / "ants" / "digits", 200)
+        ingest.run(params)
+        extract.run(params)
+        new = drift.to_judge(paths, before)
+        report = drift.record(paths, new)
+        with FeatureStore(store_path(paths.features, head.meta["extractor_id"])) as s:
+            codes = s.read(head.meta["layer"], [r.sha256 for r in new])
+    novel = trust.novel_codes(head, codes)[1]
+    digit = np.array(["/digits/" in r.relpath for r in new])
+    print(f"\n{drift.line(report)}; digits {novel[digit].sum()} of {digit.sum()}, photos "
+          f"{novel[~digit].sum()} of {(~digit).sum()} (threshold {report.threshold:.3f})")
+    assert (report.new, digit.sum(), report.novel) == (353, 200, novel.sum())
+    assert novel[digit].mean() >= 0.9 and novel[~digit].mean() <= 0.05
