@@ -2,7 +2,8 @@
 beside it (report/thumbs/<sha256>.jpg), written by every `tlflow run` and by `tlflow report`.
 
 It reads only what the stages wrote (metrics, per-class table, per-image predictions, the
-fine-tuning curve, the advice, the audit's summaries) and the ingest snapshot's images for
+fine-tuning curve, the advice, the audit's summaries, and the last run's new images as
+flows/drift.py recorded them) and the ingest snapshot's images for
 the thumbnails: no forward pass. The page loads nothing from the network: no script at all,
 the probe's sweep is inline SVG (drawn by vl-convert), the fine-tuning curve a PNG embedded
 as a data URI, and a Content-Security-Policy forbids any other source, so the folder can be
