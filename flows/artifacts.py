@@ -66,7 +66,8 @@ def _data(snap: Snapshot) -> str:
 
 def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapshot,
                      results: list, failed: str | None = None) -> str:
-    """The run's summary: data version, stages (ran or skipped, and why), metrics."""
+    """The run's summary: data version, how many new images look unlike the training set,
+    stages (ran or skipped, and why), metrics."""
     added, removed = len(after.images - before.images), len(before.images - after.images)
     lines = [f"# {project}: tlflow run", ""]
     if failed:
@@ -78,6 +79,11 @@ def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapsh
         report = ExtractReport.read(paths.extract_report)
         if report.image_size:
             lines.append(f"- input size: {report.image_size} px ({report.image_size_why})")
+    if paths.new_images.is_file():  # what the probe before this run made of its new images
+        from tlflow.flows.drift import line, this_run
+
+        if (judged := this_run(paths)) is not None:
+            lines.append(f"- {line(judged)}")
     lines += ["",
               "| stage | ran | why | seconds |", "|---|---|---|---|"]
     lines += [f"| {r.name} | {'ran' if r.ran else 'skipped'} | {r.reason} | {r.seconds:.1f} |"

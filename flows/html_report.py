@@ -2,7 +2,8 @@
 beside it (report/thumbs/<sha256>.jpg), written by every `tlflow run` and by `tlflow report`.
 
 It reads only what the stages wrote (metrics, per-class table, per-image predictions, the
-fine-tuning curve, the advice, the audit's summaries) and the ingest snapshot's images for
+fine-tuning curve, the advice, the audit's summaries, and the last run's new images as
+flows/drift.py recorded them) and the ingest snapshot's images for
 the thumbnails: no forward pass. The page loads nothing from the network: no script at all,
 the probe's sweep is inline SVG (drawn by vl-convert), the fine-tuning curve a PNG embedded
 as a data URI, and a Content-Security-Policy forbids any other source, so the folder can be
@@ -185,6 +186,19 @@ def map_view(paths: Paths, preds: list[ImagePrediction],
                          paths.report.parent / MAP, thumb)
 
 
+def new_images_view(paths: Paths, thumb: Thumbnails) -> dict[str, Any] | None:
+    """What the last `tlflow run` made of the images it brought (flows/drift.py), the novel
+    ones with thumbnails (at most drift.MAX_LISTED, farthest first); None when it judged
+    nothing or the data changed since."""
+    from tlflow.flows.drift import this_run
+
+    judged = this_run(paths)
+    if judged is None:
+        return None
+    shown = [{**g.model_dump(), "thumb": thumb(g.relpath, g.sha256)} for g in judged.images]
+    return {**judged.model_dump(), "shown": shown}
+
+
 def advice_view(paths: Paths) -> dict[str, Any] | None:
     """The 2x2 table's cells (the data set's marked) and the reasons, from the advice."""
     if not paths.strategy.is_file():
@@ -327,6 +341,7 @@ def render(paths: Paths, before: dict[str, Scores], after: Snapshot, compared_wi
         if committed else None,
         "sweep": sweep_chart(paths), "map": map_view(paths, preds, thumb),
         "compare": compare_view(paths), "coverage": coverage_view(paths, after.metrics),
+        "new_images": new_images_view(paths, thumb),
         "curve": curve_png(paths.finetune_curve),
         "advice": advice_view(paths),
         "audit": _audit(paths, thumb), "max_gallery": MAX_GALLERY,

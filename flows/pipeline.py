@@ -94,6 +94,17 @@ def run_stage(name: str, force: bool = False) -> StageResult | State:
     return StageResult(name, True, reason, time.perf_counter() - t0)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="new images")
+def judge_new_images(new: list) -> str:
+    """Judge the run's new images (manifest rows) by the probe train is about to replace,
+    record it (flows/drift.py) and log the summary line; that line."""
+    from tlflow.flows import drift
+
+    said = drift.line(drift.record(load_params().base.paths, new))
+    get_run_logger().info("%s", said)
+    return said
+
+
 def mark_cancelled(message: str) -> None:
     """Mark this process's flow run, and its task runs that did not finish, Cancelled (an
     interrupt leaves them Crashed, or Running when it struck between two API calls)."""
@@ -144,10 +155,12 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
     """Every stage in order; a stage that fails stops the run and keeps what came before.
 
     Transient failures are retried (run.retries); the summary and the per-class metrics are
-    published as artifacts, against what the previous run left.
+    published as artifacts, against what the previous run left. Between extract and train,
+    the images the run brought are judged by the probe that served before it (flows/drift.py).
     """
     from prefect.context import FlowRunContext
 
+    from tlflow.flows import drift
     from tlflow.flows.artifacts import Snapshot, publish_summary
     from tlflow.flows.html_report import write_html_report
 
@@ -159,6 +172,7 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
                                    retry_delay_seconds=cfg.retry_delay_seconds,
                                    retry_condition_fn=_not_bad_input)
     before = Snapshot.take(paths)
+    drift.forget(paths)  # the summary speaks of this run's new images only
     rev = gitrepo.revision()  # HEAD's short hash (+ -dirty); None outside git
     tags = [f"project:{params.base.project}", *([f"git:{rev}"] if rev else [])]
     results = []
@@ -174,6 +188,8 @@ def pipeline(force: bool = False) -> list[StageResult] | State:
         if name == "ingest":
             tag_run(*tags)
         results.append(state.result())
+        if name == "extract" and (new := drift.to_judge(paths, before.images)):
+            judge_new_images(new)  # by the probe train is about to replace
     print(write_html_report(paths, before))  # before the summary, which links it
     publish_summary(params.base.project, paths, before, results)
     return results

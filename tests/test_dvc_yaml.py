@@ -53,6 +53,7 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     paths.pop("report")  # the HTML report: written by `tlflow run` and `tlflow report`
     paths.pop("export")  # `tlflow export`'s graphs: remade from a model version, not a stage's
+    paths.pop("new_images")  # the flow's judgement of a run's new images: not a stage's
     paths.pop("plots_page")  # DVC's plots drawn: written by `tlflow plots`
     expected = {
         "ingest": {paths["images"], paths["manifest"]},

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(results: list, params: Params) -> None:
-    """The run's table (stage, ran, why, seconds), the probe's layer sweep and the test
-    metrics, on stdout."""
+    """The run's table (stage, ran, why, seconds), how many new images look unlike the
+    training set, the probe's layer sweep and the test metrics, on stdout."""
     from rich.console import Console
     from rich.table import Table
 
@@ -59,9 +59,12 @@ def summary(results: list, params: Params) -> None:
         table.add_row(r.name, "ran" if r.ran else "skipped", r.reason, f"{r.seconds:.1f}")
     console = Console(soft_wrap=True)  # a line is never broken inside, piped or not
     console.print(table)
+    from tlflow.flows.drift import line, this_run
     from tlflow.tasks.lib.core.handoff import EvalMetrics, ProbeReport
 
     paths = params.base.paths
+    if (judged := this_run(paths)) is not None:
+        console.print(line(judged), markup=False, highlight=False)
     if not (paths.eval_metrics.is_file() and paths.probe_report.is_file()):
         return
     probe = ProbeReport.read(paths.probe_report)

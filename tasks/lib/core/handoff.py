@@ -15,6 +15,7 @@ file's keys, read and written by the same class (`Model.read(path)`, `model.writ
 | duplicates                   | Duplicates   | audit      | the run summary, the report    |
 | label_issues                 | LabelIssues  | audit      | the run summary, the report    |
 | balance                      | Balance      | audit      | the report                     |
+| new_images                   | NewImages    | tlflow run | the run summary, the report    |
 
 Files only DVC reads have a writer and no model: the sweep (a plot) and the DVC metrics
 extract_metrics, probe_metrics, test_metrics and audit_metrics, which hold a few numbers
@@ -604,3 +605,52 @@ def write_audit_metrics(path: Path, counts: dict[str, int]) -> None:
     """metrics/audit.json: near-duplicate pairs across splits (`dups`) and likely label errors
     (`label_issues`); the other counts are the audit reports' (duplicates, label_issues)."""
     write_json(path, {"dups": counts["near_duplicates"], "label_issues": counts["label_issues"]})
+
+
+# ---------------------------------------------------------------- the flow: new images
+
+
+class NewImage(Record):
+    """A new image the previous probe finds novel."""
+
+    relpath: str
+    sha256: str
+    label: str
+    split: str
+    distance: float  # to its k-th nearest training code, in the probe's novelty space
+
+
+class NewImages(Handoff):
+    """base.paths.new_images: the images a `tlflow run` brought (in its manifest, not in the
+    previous run's), judged against the probe that served before the run retrained it
+    (flows/drift.py): how many are novel, or why they could not be judged. Written by the
+    flow after extract; read by the run summary, `tlflow run`'s output and the report. No
+    file: the run brought nothing to judge (a first run, or no new image)."""
+
+    STAGE: ClassVar[str] = "run"
+    new: int  # new images with codes (extract's unreadable ones left out)
+    novel: int | None  # None: not judged
+    reason: str = ""  # why not judged ("" when judged)
+    extractor_id: str | None = None  # the previous probe's codes
+    layer: str | None = None
+    k: int | None = None
+    threshold: float | None = None
+    images: tuple[NewImage, ...] = ()  # the novel ones, farthest first, at most max_listed
+    max_listed: int = 0
+    manifest_sha256: str | None = None  # the manifest whose new images these are
+
+    @property
+    def judged(self) -> bool:
+        return self.novel is not None
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        """The file; a missing or malformed one is a TlflowError naming it and `tlflow run`."""
+        from tlflow.tasks.lib.core.errors import TlflowError
+
+        try:
+            return super().read(path)
+        except TlflowError as err:
+            problem = str(err).removeprefix(f"{path}: ").split(" (written by")[0]
+            raise TlflowError(f"{path}: {problem} (written by `tlflow run` after extract, "
+                              "when a run brings new images)") from None

@@ -109,6 +109,8 @@ class Paths(_Section):
     plots_page: Path = Path("report/plots.html")  # `tlflow plots`: DVC's plots as SVG, offline
     # evaluate: the test scores in short names, the DVC metric (eval_metrics is the full file)
     test_metrics: Path = Path("metrics/test.json")
+    # tlflow run: the images it brought, judged against the probe that served before it
+    new_images: Path = Path("report/new_images.json")
 
     @model_validator(mode="after")
     def _apart(self) -> Paths:

@@ -193,12 +193,35 @@ def assess(logits: np.ndarray, meta: dict, probabilities: bool,
     if min_confidence is not None and conf is not None:
         unsure = conf < min_confidence
     novel = distance = None
-    nov = meta.get("novelty")
-    if head is not None and codes is not None and head.reference is not None and nov:
-        distance = novelty.kth_distance(novelty_space(head, head.reference),
-                                        novelty_space(head, codes), nov["k"])
-        novel = novelty.is_novel(distance, nov["threshold"])
+    if head is not None and codes is not None and has_novelty(head):
+        distance, novel = novel_codes(head, codes)
     return Assessment(conf, calibrated, unsure, novel, distance)
+
+
+def has_novelty(head: LinearHead) -> bool:
+    """Whether the head carries a novelty check: reference codes and a threshold (heads
+    trained before tlflow recorded them have neither)."""
+    return head.reference is not None and bool(head.meta.get("novelty"))
+
+
+def novel_codes(head: LinearHead, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance (N,), novel (N,) bool) of raw codes (N, D) of the head's layer: the k-th
+    nearest neighbour's distance to the head's reference codes in its novelty space, and
+    whether it lies beyond the threshold train set on val (novelty.py; Sun et al. 2022).
+    Raises ValueError when the head has no novelty check (`has_novelty`) or the codes' width
+    is not the head's."""
+    if not has_novelty(head):
+        raise ValueError("the head carries no novelty reference")
+    codes = np.asarray(codes, dtype=np.float32)
+    if codes.ndim != 2 or codes.shape[1] != head.mean.shape[0]:
+        raise ValueError(f"codes of shape {codes.shape}; the head reads "
+                         f"(N, {head.mean.shape[0]})")
+    if not len(codes):
+        return np.zeros(0, np.float32), np.zeros(0, bool)
+    nov = head.meta["novelty"]
+    distance = novelty.kth_distance(novelty_space(head, head.reference),
+                                    novelty_space(head, codes), nov["k"])
+    return distance, novelty.is_novel(distance, nov["threshold"])
 
 
 # ---------------------------------------------------------------- scored by evaluate
