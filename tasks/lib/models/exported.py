@@ -62,12 +62,14 @@ def source_model(name: str) -> str | None:
 
 
 def save_disabled(folder: Path, model: str, why: str) -> None:
-    """The stage's outputs for a model it does not export: an empty graph file and a sidecar
-    saying so (DVC needs every declared output; `tlflow promote` refuses this one)."""
+    """The stage's outputs for a model it does not export: a one-line text in place of the
+    graph (not ONNX: a runtime refuses it; not empty: DVC warns of an empty output) and a
+    sidecar saying so (DVC needs every declared output; `tlflow promote` refuses this one)."""
     onnx, sidecar = graph_files(folder, model)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(onnx) as tmp:
-        tmp.write_bytes(b"")
+        tmp.write_text(f"not an ONNX graph: the export stage did not export the {model} "
+                       f"({why}); see {sidecar.name}\n", encoding="utf-8")
     write_json(sidecar, {"format": FORMAT, "enabled": False, "why": why})
 
 
