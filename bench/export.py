@@ -61,7 +61,7 @@ def main() -> None:
     from tlflow.tasks.lib.models.serving import load_served
 
     params = load_params()
-    done = export.run(params, args.model)
+    done = export.export_model(params, args.model)
     meta = json.loads(done.sidecar.read_text())
     files = image_files(images)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,26 +1,39 @@
-"""Export: the served model (the version in prod, or the working tree's probe or fine-tuned
-network: the one predict would use, built the way predict builds it) as one ONNX graph,
-backbone and head together, plus a JSON sidecar: <out>/<artifact>.onnx and <artifact>.json.
+"""Export: a model as one ONNX graph, backbone and head together, plus a JSON sidecar.
 
-Not a pipeline stage: the graph is derived from a model version (its files' sha256 are in
-the sidecar), so registering the model registers what the export computes (README: Export).
+Two ways in. The `export` stage (`run`, the last of `tlflow run`; off by default:
+export.enabled) writes the working tree's export.model (probe or finetuned) as
+<base.paths.exported>/<model>.onnx + .json, DVC outputs that GTO registers as probe-onnx or
+finetuned-onnx (`tlflow promote`), and a marker for the other model (and for both when off).
+`tlflow export` (`export_model`) writes the served model (the version in prod, or the working
+tree's: the one predict would use, built the way predict builds it) to <out>/<artifact>.onnx,
+outside DVC, for ad-hoc use (README: Export).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import check_file_path
 from tlflow.tasks.lib.core.params import Params
-from tlflow.tasks.lib.models.onnxexport import Exported, require_onnx
+from tlflow.tasks.lib.models.exported import (
+    MODELS,
+    check_stage_ready,
+    graph_files,
+    require_onnx,
+    save_disabled,
+)
 from tlflow.tasks.lib.models.registry import PROD
 from tlflow.tasks.lib.models.serving import Served, load_served
 
-# what export reads besides base.paths: the extractor the probe's codes come from
-PARAMS = ("base.seed", "extract")
+if TYPE_CHECKING:  # the exporter imports torch: only when a graph is written
+    from tlflow.tasks.lib.models.onnxexport import Exported
+
+# what export reads besides base.paths: the extractor the probe's codes come from, and the
+# stage's switch (the command reads none of export's keys but the format it is given)
+PARAMS = ("base.seed", "extract", "export")
 FORMATS = ("onnx",)
 
 
@@ -29,10 +42,15 @@ def _note(text: str) -> None:
 
 
 def _model_meta(served: Served) -> dict[str, Any]:
+    """The sidecar's `model`: which model, its version and files, and the terms the
+    promotion rule compares (its val accuracy and val split: a graph's are its model's)."""
     v = served.version
+    terms = {k: served.model.meta[k] for k in ("val_accuracy", "val_set")
+             if k in served.model.meta}
     return {"artifact": served.artifact, "version": v.version if v else None,
             "rev": v.rev if v else None, "stage": PROD if v else None,
-            "source": served.source or "the working tree", "files_sha256": served.files}
+            "source": served.source or "the working tree", "files_sha256": served.files,
+            **terms}
 
 
 def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]]:
@@ -102,14 +120,28 @@ def check_ready(fmt: str = "onnx") -> None:
     require_onnx()
 
 
-def run(params: Params, model: str = "promoted", fmt: str = "onnx",
-        out: Path | None = None) -> Exported:
-    """Write <out>/<artifact>.onnx and its .json sidecar (out: base.paths.export by default);
-    the graph's path on stdout, a summary line on stderr. Raises TlflowError (one line)
-    before any work for an unknown format, a missing optional package, an --out that is a
-    file, or a model that does not exist."""
+def _write(served: Served, params: Params, dest: Path) -> Exported:
+    """Export the served model to dest (.onnx) and its sidecar; the summary on stderr."""
     from tlflow.tasks.lib.models.onnxexport import export
 
+    module, size, scores, meta = graph(served, params)
+    done = export(module, size, "probabilities" if scores == "probability" else "decision",
+                  dest, meta)
+    who = served.source or f"the working tree's {served.artifact}"
+    _note(f"export: {who} -> {done.onnx} ({done.size / 1e6:.1f} MB, {done.seconds:.1f} s), sidecar "
+          f"{done.sidecar}; ONNX Runtime vs torch on the check batch: max |diff| "
+          f"{done.max_diff:.1e}")
+    if "note" in meta:
+        _note(f"export: {meta['note']}")
+    return done
+
+
+def export_model(params: Params, model: str = "promoted", fmt: str = "onnx",
+                 out: Path | None = None) -> Exported:
+    """`tlflow export`: write <out>/<artifact>.onnx and its .json sidecar (out:
+    base.paths.export by default); the graph's path on stdout, a summary line on stderr.
+    Raises TlflowError (one line) before any work for an unknown format, a missing optional
+    package, an --out that is a file, or a model that does not exist."""
     check_ready(fmt)
     out = params.base.paths.export if out is None else out
     served = load_served(params, model)
@@ -119,14 +151,33 @@ def run(params: Params, model: str = "promoted", fmt: str = "onnx",
         served = load_served(params, "probe")
     dest = out / f"{served.artifact}.onnx"
     check_file_path(dest, "--out")
-    module, size, scores, meta = graph(served, params)
-    done = export(module, size, "probabilities" if scores == "probability" else "decision",
-                  dest, meta)
+    done = _write(served, params, dest)
     print(done.onnx)
-    who = served.source or f"the working tree's {served.artifact}"
-    _note(f"export: {who} -> {done.onnx} ({done.size / 1e6:.1f} MB, {done.seconds:.1f} s), sidecar "
-          f"{done.sidecar}; ONNX Runtime vs torch on the check batch: max |diff| "
-          f"{done.max_diff:.1e}")
-    if "note" in meta:
-        _note(f"export: {meta['note']}")
+    return done
+
+
+def run(params: Params) -> Exported | None:
+    """The export stage. export.enabled: the working tree's export.model as
+    <base.paths.exported>/<model>.onnx + .json, and markers for the other model; off: markers
+    for both (an empty .onnx, a sidecar with enabled: false), nothing imported. Raises
+    TlflowError (one line) before anything is written when the optional packages are missing
+    (naming the param and the extra) or the model does not exist (e.g. export.model:
+    finetuned with fine-tuning off)."""
+    cfg, folder = params.export, params.base.paths.exported
+    if not cfg.enabled:
+        for model in MODELS:
+            save_disabled(folder, model, "export.enabled: false")
+        print("export: off (export.enabled: false); wrote its markers only")
+        return None
+    check_stage_ready(True)
+    check_ready(cfg.format)
+    served = load_served(params, cfg.model)  # one line when its files are missing
+    dest, _ = graph_files(folder, cfg.model)
+    check_file_path(dest, "base.paths.exported")
+    done = _write(served, params, dest)
+    for model in MODELS:
+        if model != cfg.model:
+            save_disabled(folder, model, f"export.model: {cfg.model}")
+    print(f"export: {done.onnx} and {done.sidecar} (DVC outputs; `tlflow promote --model "
+          f"{cfg.model}-onnx` registers them)")
     return done

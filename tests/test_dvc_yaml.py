@@ -49,6 +49,7 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
     outs = {name: _outs(s) for name, s in stages.items()}
     paths = dict(paths)
     head, finetuned = paths.pop("head"), paths.pop("finetuned")
+    exported = paths.pop("exported")  # a folder: the export stage's graphs and sidecars
     assert paths.pop("hash_cache").startswith(".")  # a cache, not versioned data
     assert paths.pop("finetune_checkpoints").startswith(".")  # resumable state, not versioned
     paths.pop("report")  # the HTML report: written by `tlflow run` and `tlflow report`
@@ -68,6 +69,8 @@ def test_every_path_is_an_output_of_one_stage(stages, paths):
                      paths["coverage"]},
         "audit": {paths["duplicates"], paths["label_issues"], paths["balance"],
                   paths["audit_metrics"]},
+        "export": {f"{exported}/{m}.{ext}" for m in ("probe", "finetuned")
+                   for ext in ("onnx", "json")},
     }
     assert outs == expected
 
@@ -85,6 +88,9 @@ def test_each_stage_depends_on_the_data_it_reads(stages, paths):
                      f"{finetuned}.safetensors", f"{finetuned}.json"},
         # the codes and the probe's choice (layer, C): no image, no model
         "audit": {*store, paths["probe_report"]},
+        # the models it exports (the probe's backbone is named in its sidecar)
+        "export": {f"{head}.safetensors", f"{head}.json", f"{finetuned}.safetensors",
+                   f"{finetuned}.json"},
     }
     for name, stage in stages.items():
         assert _deps(stage) == data[name], name  # no source file: the code is in the stamp
@@ -101,7 +107,9 @@ def test_code_entries_separate_decoding_from_probes():
     """The image decoder reruns extract, finetune and evaluate; the probe code does not
     rerun extract."""
     users = {name for name in STAGES if "tlflow.tasks.lib.data.decode" in stage_modules(name)}
-    assert users == {"extract", "finetune", "evaluate"}  # ingest lists files, never decodes
+    # ingest lists files, never decodes; export's sidecar describes the decoding (and its
+    # read_batch decodes for a graph's user)
+    assert users == {"extract", "finetune", "evaluate", "export"}
     assert "tlflow.tasks.lib.probe.sweep" in stage_modules("train")
     assert "tlflow.tasks.lib.probe.sweep" not in stage_modules("extract")
 

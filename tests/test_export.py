@@ -1,18 +1,27 @@
-"""tlflow export: the served model as one ONNX graph, run in ONNX Runtime against predict."""
+"""tlflow export: the served model as one ONNX graph, run in ONNX Runtime against predict;
+and the export stage: off, it writes markers only; on, the graph and its sidecar are DVC
+outputs that ONNX Runtime runs as predict does, and `tlflow promote --model probe-onnx`
+registers them on the probe's val accuracy; without the optional packages, one line before
+anything runs."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import colour_project, make_params
+from tests.lib.test_registry import git
 from tlflow.flows.cli import main
+from tlflow.flows.stages import commit, status
 from tlflow.tasks import export, predict
 from tlflow.tasks.lib.core.files import sha256_file
 from tlflow.tasks.lib.core.params import load_params
 from tlflow.tasks.lib.data.imagefiles import image_files
+from tlflow.tasks.lib.models import registry
 from tlflow.tasks.lib.models.onnxexport import ort_session, read_batch, run_onnx
 
 TOLERANCE = 1e-4  # the issue's: max |p_onnx - p_predict|
@@ -104,9 +113,9 @@ def test_bad_names_in_the_shell_are_one_line(project: Path, monkeypatch):
     monkeypatch.chdir(project)
     params = load_params()
     with pytest.raises(TlflowError, match="--model: unknown model 'onnx'"):
-        export.run(params, "onnx")
+        export.export_model(params, "onnx")
     with pytest.raises(TlflowError, match="--format: unknown format 'tflite'"):
-        export.run(params, "probe", "tflite")
+        export.export_model(params, "probe", "tflite")
 
 
 def test_without_the_extra_export_says_what_to_install(project: Path, monkeypatch, capsys):
@@ -117,6 +126,102 @@ def test_without_the_extra_export_says_what_to_install(project: Path, monkeypatc
     assert err == ("error: export: needs the optional package(s) onnxscript: "
                    "pip install 'tlflow[zoo]'")
     assert not Path("elsewhere").exists()
+
+
+# --- the export stage ----------------------------------------------------------------------
+
+RAN = ("ingest", "extract", "train", "finetune", "export")  # evaluate and audit: not needed
+
+
+@pytest.fixture(scope="module")
+def built(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the module's project (its git repo), run up to the export stage, off."""
+    root = Path(shutil.copytree(project, tmp_path_factory.mktemp("stage") / "project",
+                                symlinks=True))
+    (root / ".gitignore").write_text("/.tlflow/\n/export/\n")
+    git(root, "config", "user.name", "t")
+    git(root, "config", "user.email", "t@t")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in ("finetune", "export"):  # ingest, extract, train: the project's
+            assert main(["stage", stage]) == 0
+    return root
+
+
+@pytest.fixture
+def staged(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh copy of `built` for one test, as the current directory."""
+    root = Path(shutil.copytree(built, tmp_path / "staged", symlinks=True))
+    monkeypatch.chdir(root)
+    return root
+
+
+def _enable(root: Path, **values) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["export"].update(enabled=True, **values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_off_it_writes_small_markers(built: Path):
+    folder = built / load_params(built / "params.yaml").base.paths.exported
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "finetuned.json", "finetuned.onnx", "probe.json", "probe.onnx"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 1000  # nothing heavy
+    assert json.loads((folder / "probe.json").read_text())["enabled"] is False
+    assert (folder / "probe.onnx").read_text().startswith("not an ONNX graph")
+
+
+def test_on_the_graph_is_a_dvc_output_that_promote_registers(staged: Path, capsys):
+    _enable(staged)
+    assert main(["stage", "export"]) == 0
+    paths = load_params().base.paths
+    onnx, sidecar = paths.exported / "probe.onnx", paths.exported / "probe.json"
+    assert onnx.stat().st_size > 10_000
+    assert json.loads((paths.exported / "finetuned.json").read_text())["enabled"] is False
+
+    # as `tlflow run` records each stage: then DVC sees every output it declares, unchanged
+    for stage in RAN:
+        commit(stage)
+    report = status()
+    assert all(report[s] is None for s in RAN), report
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]["export"]
+    assert {o["path"] for o in lock["outs"]} >= {str(onnx), str(sidecar)}
+
+    files = image_files(Path("data/images"))
+    preds = predict.run(load_params(), Path("data/images"), k=3, model="probe")
+    assert _compare(onnx, files, preds) <= TOLERANCE
+
+    git(staged, "add", "-A")
+    git(staged, "commit", "-qm", "run with export")
+    head = git(staged, "rev-parse", "HEAD").strip()
+    capsys.readouterr()
+    assert main(["promote", "--model", "probe-onnx"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"promoted probe-onnx v0.0.1 ({head[:7]}) to prod: no model serves yet\n"
+    terms = registry.sidecar_at(staged, paths, "probe-onnx", head)
+    assert terms["val_accuracy"] == json.loads(Path("models/head.json").read_text())[
+        "val_accuracy"]  # the graph's metric is its model's
+    assert registry.promoted(staged) is None  # predict serves models only: unchanged
+    assert main(["promote", "--model", "finetuned-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "no exported finetuned graph" in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_the_extra_run_and_the_stage_stop_in_one_line(staged: Path, monkeypatch,
+                                                               capsys):
+    _enable(staged)
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    before = {p: p.read_bytes() for p in Path("models/exported").iterdir()}
+    for args in (["run"], ["stage", "export"]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err == ("error: params.yaml: export.enabled: true (the export stage): needs the "
+                       "optional package(s) onnx, onnxscript, onnxruntime: pip install "
+                       "'tlflow[zoo]'"), err
+    assert not Path("dvc.lock").exists()  # the run started no stage
+    assert {p: p.read_bytes() for p in Path("models/exported").iterdir()} == before
 
 
 @pytest.mark.accuracy
@@ -135,7 +240,7 @@ def test_export_matches_predict_on_hymenoptera(tmp_path: Path, hymenoptera: Path
     ingest.run(params)
     extract.run(params)
     train.run(params)
-    done = export.run(params, "probe")
+    done = export.export_model(params, "probe")
     val = image_files(hymenoptera / "val")
     preds = predict.run(params, hymenoptera / "val", k=2, model="probe")
     assert len(preds) == len(val) == 153

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
         warn_if_stale(("extract", "train")
                       + (("finetune",) if args.model == "finetuned" else ()), "export")
-    export.run(scoped(load_params(), export.PARAMS), args.model, args.format, args.out)
+    export.export_model(scoped(load_params(), export.PARAMS), args.model, args.format,
+                        args.out)
     return 0
 
 

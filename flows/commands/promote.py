@@ -1,4 +1,5 @@
-"""`tlflow promote [--model probe|finetuned] [--stage S] [--force]`: GTO registration."""
+"""`tlflow promote [--model probe|finetuned|probe-onnx|finetuned-onnx] [--stage S] [--force]`:
+GTO registration."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from tlflow.flows.commands.base import Command
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("probe", "finetuned"), default="probe",
-                   help="which artifact (default probe)")
+    from tlflow.tasks.lib.models.exported import MODELS, artifact
+
+    p.add_argument("--model", choices=(*MODELS, *map(artifact, MODELS)), default="probe",
+                   help="which artifact (default probe; probe-onnx, finetuned-onnx: the export "
+                        "stage's graph, promoted on its model's val accuracy)")
     p.add_argument("--force", action="store_true", help="promote even when the rule says no")
     p.add_argument("--stage", default="prod", help="the GTO stage (default prod)")
 

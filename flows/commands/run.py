@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from tlflow.flows.stages import check_project
 
     params = check_project()
+    from tlflow.tasks.lib.models.exported import check_stage_ready
+
+    check_stage_ready(params.export.enabled)  # its optional packages: before any stage runs
     from tlflow.flows.pipeline import BAD_INPUT, mark_cancelled, pipeline
     from tlflow.flows.tempserver import prefect_api
 

@@ -8,7 +8,8 @@ from tlflow.tasks.lib.core.params import UndeclaredParamError
 
 
 def test_stages_in_order_and_unknown_names():
-    assert STAGES == ("ingest", "extract", "train", "finetune", "evaluate", "audit")
+    assert STAGES == ("ingest", "extract", "train", "finetune", "evaluate", "audit",
+                      "export")
     with pytest.raises(TlflowError, match=r"unknown stage 'nope'"):
         stage_runner("nope")
 

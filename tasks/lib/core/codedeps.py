@@ -28,7 +28,7 @@ import yaml
 
 PACKAGE = "tlflow"
 STAMP = "tlflow-code.yaml"  # the stamp's file name, in the project root beside dvc.yaml
-STAGES = ("ingest", "extract", "train", "finetune", "evaluate", "audit")
+STAGES = ("ingest", "extract", "train", "finetune", "evaluate", "audit", "export")
 _HEADER = (
     "# Written by tlflow before DVC reads the pipeline (tlflow run, status, stage, ...): for\n"
     "# each stage, the sha256 of the tlflow modules it runs and the version that code came\n"

@@ -106,6 +106,8 @@ class Paths(_Section):
     report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
     # The keys below have defaults: a project made before them keeps working.
     export: Path = Path("export")  # tlflow export: <export>/<artifact>.onnx + .json (a folder)
+    # the export stage (export.enabled): <exported>/<artifact>.onnx + .json, DVC outputs
+    exported: Path = Path("models/exported")
     plots_page: Path = Path("report/plots.html")  # `tlflow plots`: DVC's plots as SVG, offline
     # evaluate: the test scores in short names, the DVC metric (eval_metrics is the full file)
     test_metrics: Path = Path("metrics/test.json")
@@ -129,7 +131,7 @@ class Paths(_Section):
                                  "above it")
             stems = (".safetensors", ".json") if key in _STEMS else ("",)
             files[key] = [resolved.with_name(resolved.name + s) for s in stems]
-            _check_kind(key, value, files[key], folder=key in (*_FOLDERS, "export"))
+            _check_kind(key, value, files[key], folder=key in (*_FOLDERS, "export", "exported"))
         seen: dict[Path, str] = {}
         for key, paths in files.items():
             for f in paths:
@@ -380,6 +382,16 @@ class Predict(_Section):
     min_confidence: float | None = Field(None, gt=0, le=1)
 
 
+class Export(_Section):
+    """The export stage (tasks/export.py): the working tree's model as an ONNX graph, a DVC
+    output GTO can register (`tlflow promote --model probe-onnx`); off by default, as its
+    packages are the optional extra tlflow[zoo]."""
+
+    enabled: StrictBool = False
+    model: Literal["probe", "finetuned"] = "probe"  # which model's graph (the other: a marker)
+    format: Literal["onnx"] = "onnx"
+
+
 class Run(_Section):
     """How `tlflow run` and scheduled runs behave."""
 
@@ -396,6 +408,7 @@ class Params(_Section):
     advise: Advise = Advise()
     audit: Audit = Audit()
     predict: Predict = Predict()
+    export: Export = Export()
     run: Run = Run()
 
 

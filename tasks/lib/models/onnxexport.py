@@ -35,23 +35,12 @@ from torch import nn
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import atomic_path, sha256_file, write_json
 from tlflow.tasks.lib.features.backbones import Backbone, CodeExtractor
+from tlflow.tasks.lib.models.exported import FORMAT, require_onnx
 from tlflow.tasks.lib.probe.head import LinearHead
 
-FORMAT = "tlflow.onnx/1"
 INPUT = "images"
 OPSET = 18  # the dynamo exporter's default opset in torch 2.9+
 TOLERANCE = 1e-4  # ORT against torch, on the check batch, per score
-_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-
-
-def require_onnx() -> None:
-    """One line when the optional packages are missing (exit 2), before any work."""
-    import importlib.util
-
-    missing = [p for p in _PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        raise TlflowError(f"export: needs the optional package(s) {', '.join(missing)}: "
-                          "pip install 'tlflow[zoo]'")
 
 
 class ProbeGraph(nn.Module):

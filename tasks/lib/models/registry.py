@@ -21,13 +21,27 @@ import yaml
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.gitrepo import GitRepo
 from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.models.exported import (
+    MODELS,
+    artifact,
+    graph_files,
+    promotion_terms,
+    source_model,
+)
 
-# artifact name -> the base.paths key of its stem (<stem>.safetensors + <stem>.json)
+# artifact name -> the base.paths key of its stem (<stem>.safetensors + <stem>.json): the
+# models predict serves
 ARTIFACTS = {"probe": "head", "finetuned": "finetuned"}
+# the export stage's graphs (<base.paths.exported>/<model>.onnx + .json): registered and
+# assigned like the models, never served by predict; a graph's val accuracy is its model's
+EXPORTS = tuple(artifact(m) for m in MODELS)  # probe-onnx, finetuned-onnx
+NAMES = (*ARTIFACTS, *EXPORTS)  # what `tlflow promote --model` takes
 PROD = "prod"
 INDEX = "artifacts.yaml"  # where GTO 1.x reads the artifacts' declarations (its config INDEX)
 _DESCRIPTIONS = {"probe": "linear probe on the cached codes (tlflow stage train)",
-                 "finetuned": "fine-tuned network (tlflow stage finetune)"}
+                 "finetuned": "fine-tuned network (tlflow stage finetune)",
+                 **{artifact(m): f"ONNX graph of the {m} model (tlflow stage export; "
+                                 f"export.model: {m})" for m in MODELS}}
 
 
 def promotion(current: dict[str, Any] | None, candidate: dict[str, Any],
@@ -53,9 +67,12 @@ def promotion(current: dict[str, Any] | None, candidate: dict[str, Any],
 
 
 def model_files(paths: Paths, name: str) -> tuple[str, str]:
-    """The artifact's (tensors, sidecar) paths, from base.paths."""
-    if name not in ARTIFACTS:
-        raise TlflowError(f"--model: unknown artifact {name!r}; artifacts: {list(ARTIFACTS)}")
+    """The artifact's (tensors or graph, sidecar) paths, from base.paths."""
+    if name not in NAMES:
+        raise TlflowError(f"--model: unknown artifact {name!r}; artifacts: {list(NAMES)}")
+    model = source_model(name)
+    if model is not None:
+        return tuple(f.as_posix() for f in graph_files(paths.exported, model))
     stem = getattr(paths, ARTIFACTS[name]).as_posix()
     return f"{stem}.safetensors", f"{stem}.json"
 
@@ -63,7 +80,7 @@ def model_files(paths: Paths, name: str) -> tuple[str, str]:
 def artifacts_index(paths: Paths) -> dict[str, dict[str, Any]]:
     """artifacts.yaml as derived from base.paths: each artifact's tensors and sidecar."""
     index = {}
-    for name in ARTIFACTS:
+    for name in NAMES:
         tensors, sidecar = model_files(paths, name)
         index[name] = {"type": "model", "path": tensors, "description": _DESCRIPTIONS[name],
                        "custom": {"sidecar": sidecar}}
@@ -154,12 +171,22 @@ def read_at(root: Path, path: str, rev: str, binary: bool = False) -> str | byte
 
 
 def sidecar_at(root: Path, paths: Paths, name: str, rev: str) -> dict[str, Any]:
-    """The artifact's JSON sidecar at `rev`; an error when it holds no trained model."""
+    """The artifact's JSON sidecar at `rev` (for an exported graph, the promotion terms of
+    its model: tasks/lib/models/exported.promotion_terms); an error when it holds no trained
+    model or no exported graph."""
     path = model_files(paths, name)[1]
     try:
         meta = json.loads(read_at(root, path, rev))
     except json.JSONDecodeError as err:
         raise TlflowError(f"{path} at {rev[:7]}: not valid JSON: {err}") from None
+    model = source_model(name)
+    if model is not None:
+        terms = promotion_terms(meta) if isinstance(meta, dict) else None
+        if terms is None:
+            raise TlflowError(f"{path} at {rev[:7]}: no exported {model} graph (set "
+                              f"export.enabled: true and export.model: {model}, then "
+                              "`tlflow run` and commit the run)")
+        return terms
     if not isinstance(meta, dict) or meta.get("enabled") is False or "val_accuracy" not in meta:
         raise TlflowError(f"{path} at {rev[:7]}: no trained {name} model (no val_accuracy; "
                           "for finetuned, finetune.enabled: true)")
