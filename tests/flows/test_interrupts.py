@@ -100,17 +100,22 @@ def test_an_unwritable_prefect_home_is_one_line_at_once(tmp_path, variable):
     assert not (root / "data").exists()  # nothing ran
 
 
-def test_identical_files_each_named_in_the_reports(tmp_path, prefect_server):
+def test_identical_files_each_named_in_the_reports(tmp_path):
+    """Empty files and one file under two labels: every stage runs (here in this process, as
+    `dvc repro` runs them), and `tlflow report` names each copy."""
+    from tlflow.flows.stages import STAGES, stage_runner
+    from tlflow.tasks.lib.core.params import params_under
+
     root = colour_project(tmp_path)
     src = tmp_path / "src"
     for name in ("empty0.png", "empty1.png"):
         (src / "red" / name).write_bytes(b"")
     (src / "blue" / "empty2.png").write_bytes(b"")
     (src / "blue" / "copy.png").write_bytes((src / "red" / "00.png").read_bytes())  # two labels
-    env = cli_env(tmp_path, prefect_server)
-    run = run_cli([str(BIN / "tlflow"), "run"], root, env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = run_cli([str(BIN / "tlflow"), "report"], root, env)
+    params = params_under(root, root / "params.yaml")
+    for stage in STAGES:
+        stage_runner(stage)(params)
+    report = run_cli([str(BIN / "tlflow"), "report"], root, cli_env(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     paths = yaml.safe_load((root / "params.yaml").read_text())["base"]["paths"]
     extract = yaml.safe_load((root / paths["extract_report"]).read_text())

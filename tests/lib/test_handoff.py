@@ -64,6 +64,8 @@ EXAMPLES = [
                                  "p_suggested": 0.9},)),
     handoff.Balance(classes=("a", "b"), splits={"train": {"a": 2, "b": 1}},
                     imbalance={"train": 2.0}, missing={"train": []}),
+    handoff.NewImages(new=3, novel=1, extractor_id="e1", layer="pooled", k=5, threshold=1.5,
+                      images=({**IMAGE, "distance": 2.0},), max_listed=100),
 ]
 
 
