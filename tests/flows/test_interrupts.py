@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -32,14 +33,28 @@ def _flow_run_states(url: str) -> list[str]:
     return [r.state.name for r in sorted(runs, key=lambda r: r.created)]
 
 
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Path:
+    """A project after a first good `tlflow run` (base/project, its images in base/src), run
+    once for the module: each test interrupts a copy of it."""
+    base = tmp_path_factory.mktemp("interrupts")
+    root = colour_project(base, extract={"image_size": 224, "batch_size": 8})
+    first = run_cli([str(BIN / "tlflow"), "run"], root, cli_env(base, prefect_server))
+    assert first.returncode == 0, first.stderr[-2000:]
+    return base
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_group_stops_the_run_cancelled_with_one_line(tmp_path, prefect_server,
-                                                                     sig):
-    root = colour_project(tmp_path, extract={"image_size": 224, "batch_size": 8})
+                                                                     good_run, sig):
+    shutil.copytree(good_run / "project", tmp_path / "project", symlinks=True)
+    shutil.copytree(good_run / "src", tmp_path / "src")
+    root = tmp_path / "project"
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["ingest"]["path"] = str(tmp_path / "src")  # the copy's own images
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**cli_env(tmp_path, prefect_server), "PREFECT_HOME": str(tmp_path / ".prefect")}
-    first = run_cli([str(BIN / "tlflow"), "run"], root, env)
-    assert first.returncode == 0, first.stderr[-2000:]
     before = _digest(root)
     colour_images(tmp_path / "src", per_class=80)  # many more images: extract takes a while
     log = open(tmp_path / "run.txt", "w")  # noqa: SIM115 - closed below
