@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,10 +26,19 @@ FOLDERS = {"tlflow": "tlflow", "flows": "tlflow/flows", "tasks": "tlflow/tasks"}
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip wheel --no-deps` of this tree (the test extra brings setuptools: no download)."""
+    """`pip wheel --no-deps` of the files git tracks in this tree, copied apart (the test
+    extra brings setuptools: no download): a build/ folder an earlier build left in the
+    working tree would put modules that no longer exist into the wheel."""
     out = tmp_path_factory.mktemp("wheel")
+    tree = tmp_path_factory.mktemp("tree")
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        if (ROOT / rel).is_file():  # a file deleted but not yet staged is not part of it
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, tree / rel)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                           "--no-build-isolation", "-w", str(out), str(ROOT)],
+                           "--no-build-isolation", "-w", str(out), str(tree)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not re.search(r"deprecat", proc.stdout + proc.stderr, re.I), proc.stderr
@@ -51,6 +61,8 @@ def test_the_wheel_holds_every_module_and_data_file(wheel: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = _package_files() - names
     assert not missing, f"missing from the wheel: {sorted(missing)} (pyproject.toml packages)"
+    stale = {n for n in names if n.endswith(".py")} - _package_files()
+    assert not stale, f"modules in the wheel that the tree does not hold: {sorted(stale)}"
     assert "tlflow/flows/templates/report.html.j2" in names
     assert "tlflow/flows/templates/project/params.yaml.j2" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
