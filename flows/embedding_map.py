@@ -12,9 +12,9 @@ hymenoptera photos (3.0 s against 11.7 s); umap-learn would add numba and llvmli
 nothing. The projection is kept beside the page (map/<hash>.json) while the codes, layer and
 seed are the same, so a `tlflow run` that changes no result does not compute it again.
 
-At most MAX_POINTS test images are drawn: beyond, every wrongly answered one, then a random
-sample of the rest (seed SEED: the same test set gives the same map); the page says how many
-of how many.
+At most MAX_POINTS test images are drawn: beyond, every wrongly answered one while they fill
+at most half of them (else a random half), then a random sample of the rest (seed SEED: the
+same test set gives the same map); the page says how many of how many.
 """
 
 from __future__ import annotations
@@ -45,14 +45,18 @@ _CACHED = re.compile(r"^[0-9a-f]{16}\.json$")
 
 
 def subsample(preds: list[ImagePrediction], limit: int, seed: int) -> list[ImagePrediction]:
-    """At most `limit` of them, in their order: every wrong one (up to the limit), then a
-    seeded uniform sample of the right ones."""
+    """At most `limit` of them, in their order: every wrong one while they fill at most half
+    the limit (beyond, a seeded sample of them: the map keeps the data's shape), then a
+    seeded uniform sample of the right ones for the rest."""
     if len(preds) <= limit:
         return preds
-    wrong = [i for i, p in enumerate(preds) if not p.correct][:limit]
+    wrong = [i for i, p in enumerate(preds) if not p.correct]
     right = [i for i, p in enumerate(preds) if p.correct]
+    n_wrong = min(len(wrong), max(limit // 2, limit - len(right)))
     rng = np.random.default_rng(seed)
-    keep = set(wrong) | set(rng.choice(right, limit - len(wrong), replace=False).tolist())
+    keep = set(wrong) if n_wrong == len(wrong) else \
+        set(rng.choice(wrong, n_wrong, replace=False).tolist())
+    keep |= set(rng.choice(right, limit - n_wrong, replace=False).tolist())
     return [p for i, p in enumerate(preds) if i in keep]
 
 

@@ -146,6 +146,9 @@ def test_the_map_keeps_every_wrong_image_when_it_subsamples():
     assert len(shown) == 30 and shown == sorted(shown, key=lambda p: int(p.relpath[:-4]))
     assert {p.relpath for p in preds if not p.correct} <= {p.relpath for p in shown}
     assert subsample(preds, 30, seed=0) == shown and subsample(preds, 200, 0) == preds
+    mostly_wrong = [p.model_copy(update={"correct": not p.correct}) for p in preds]  # 85 wrong
+    half = subsample(mostly_wrong, 30, seed=0)  # at most half wrong: the data's shape stays
+    assert len(half) == 30 and sum(not p.correct for p in half) == 15
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
