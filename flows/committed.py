@@ -60,15 +60,10 @@ def _label(rev: str, sha: str | None) -> str:
 
 def resolve(root: Path, rev: str) -> str | None:
     """The commit `rev` names in the git repository at root; None when root is no git
-    repository or has no commit yet."""
-    from tlflow.tasks.lib.core.gitrepo import GitRepo
+    repository or has no commit yet (tlflow.tasks.lib.core.gitrepo.commit_of)."""
+    from tlflow.tasks.lib.core.gitrepo import commit_of
 
-    try:
-        repo = GitRepo(root)
-    except TlflowError:
-        return None
-    with repo:
-        return None if repo.head() is None else repo.resolve(rev)
+    return commit_of(rev, root)
 
 
 def _inside(root: Path, path: Path) -> str | None:

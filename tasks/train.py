@@ -16,6 +16,7 @@ from tlflow.tasks.lib.assess import compare
 from tlflow.tasks.lib.core.handoff import (
     Candidate,
     CompareReport,
+    CompareRow,
     ExtractReport,
     ProbeChoice,
     ProbeReport,
@@ -84,7 +85,7 @@ def sweep_store(path: Path, rows: list[Row], cfg: TrainCfg, seed: int) -> tuple[
 
 
 def measure(c: Candidate, path: Path, rows: list[Row], table: list[SweepRow],
-            refit: Refit) -> compare.Result:
+            refit: Refit) -> CompareRow:
     """One candidate's row of the comparison: its best (layer, C) on val, refit on train +
     val and scored on test (reported, never used to choose), and its costs."""
     top = best(table)
@@ -95,10 +96,11 @@ def measure(c: Candidate, path: Path, rows: list[Row], table: list[SweepRow],
         x = store.read(top.layer, [r.sha256 for r in test]) if test else None
     accuracy = float(np.mean(head.predict(x) == np.array([r.label for r in test]))) \
         if test else None
-    return compare.Result(
-        c.backbone, c.extractor_id, c.input_size, c.dims[top.layer], top.layer,
-        top.C, top.val_accuracy, sum(r.split == "val" for r in rows), accuracy,
-        speed, c.gflops, c.parameters, size)
+    return CompareRow(
+        backbone=c.backbone, extractor_id=c.extractor_id, input_size=c.input_size,
+        code_dim=c.dims[top.layer], layer=top.layer, C=top.C, val_accuracy=top.val_accuracy,
+        n_val=sum(r.split == "val" for r in rows), test_accuracy=accuracy, images_per_s=speed,
+        gflops=c.gflops, parameters=c.parameters, store_mb=size)
 
 
 def run(params: Params) -> LinearHead:

@@ -205,11 +205,14 @@ def test_a_weak_probe_s_label_errors_come_with_a_warning(project):
 
 def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
     from tlflow.tasks.lib.assess import compare
+    from tlflow.tasks.lib.core.handoff import CompareRow
     params, _ = project
     paths = params.base.paths
     assert 'id="compare"' not in paths.report.read_text()  # extract.compare: []
-    rows = [compare.Result(f"timm/{n}", f"id{i}", 224, 1280, "pooled", 1.0, acc, 42, 0.95,
-                           60.0, g, 5_000_000, 1.7)
+    rows = [CompareRow(backbone=f"timm/{n}", extractor_id=f"id{i}", input_size=224,
+                       code_dim=1280, layer="pooled", C=1.0, val_accuracy=acc, n_val=42,
+                       test_accuracy=0.95, images_per_s=60.0, gflops=g, parameters=5_000_000,
+                       store_mb=1.7)
             for i, (n, acc, g) in enumerate([("tf_efficientnet_lite0", 0.9524, 0.77),
                                              ("tf_efficientnet_lite1", 0.9762, 1.20)])]
     before = paths.compare_report.read_bytes()

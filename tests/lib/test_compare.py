@@ -1,13 +1,15 @@
 import pytest
 
 from tlflow.tasks.lib.assess import compare
+from tlflow.tasks.lib.core.handoff import CompareRow
 from tlflow.tasks.lib.core.params import Extract
 
 
 def _result(name: str, val: float, n_val: int = 100, gflops: float | None = 1.0,
-            parameters: int | None = 1000) -> compare.Result:
-    return compare.Result(name, f"id-{name}", 224, 1280, "pooled", 1.0, val, n_val, 0.9,
-                          50.0, gflops, parameters, 3.0)
+            parameters: int | None = 1000) -> CompareRow:
+    return CompareRow(backbone=name, extractor_id=f"id-{name}", input_size=224, code_dim=1280,
+                      layer="pooled", C=1.0, val_accuracy=val, n_val=n_val, test_accuracy=0.9,
+                      images_per_s=50.0, gflops=gflops, parameters=parameters, store_mb=3.0)
 
 
 def test_the_best_on_val_wins_beyond_one_standard_error():

@@ -12,7 +12,6 @@ reported beside it and never used to choose.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tlflow.tasks.lib.core.handoff import CompareReport, CompareRow
@@ -55,32 +54,7 @@ def cost(backbone: Backbone) -> tuple[float, int]:
     return counter.get_total_flops() / 1e9, int(params)
 
 
-@dataclass(frozen=True)
-class Result:
-    """One candidate's probe under the shared protocol, and its costs."""
-
-    backbone: str
-    extractor_id: str
-    input_size: int  # pixels
-    code_dim: int  # D of the chosen layer
-    layer: str
-    C: float
-    val_accuracy: float
-    n_val: int
-    test_accuracy: float | None  # reported only; None when the test split is empty
-    images_per_s: float | None  # measured when its store was filled, on this machine
-    gflops: float | None
-    parameters: int | None
-    store_mb: float
-
-    @property
-    def val_se(self) -> float:
-        """The binomial standard error of the val accuracy (0 without val images)."""
-        p = self.val_accuracy
-        return math.sqrt(p * (1 - p) / self.n_val) if self.n_val else 0.0
-
-
-def pick(results: list[Result]) -> int:
+def pick(results: list[CompareRow]) -> int:
     """The index of the winner under RULE."""
     best = max(r.val_accuracy for r in results)
     se = next(r.val_se for r in results if r.val_accuracy == best)
@@ -94,11 +68,10 @@ def pick(results: list[Result]) -> int:
     return min(tied, key=cheap)
 
 
-def report(results: list[Result], winner: int) -> CompareReport:
+def report(results: list[CompareRow], winner: int) -> CompareReport:
     """reports/compare.json: the rows, the rule, the winner."""
-    rows = tuple(CompareRow(**r.__dict__, val_se=r.val_se) for r in results)
     return CompareReport(compared=True, rule=RULE, winner=results[winner].backbone,
-                         winner_extractor_id=results[winner].extractor_id, rows=rows)
+                         winner_extractor_id=results[winner].extractor_id, rows=tuple(results))
 
 
 def val_accuracies(rep: CompareReport) -> dict[str, float]:

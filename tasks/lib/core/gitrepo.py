@@ -239,14 +239,29 @@ def toplevel(root: Path = Path()) -> Path | None:
         return None
 
 
+def _opened(root: Path) -> GitRepo | None:
+    """The repository root lies in, open; None outside one."""
+    try:
+        return GitRepo(root)
+    except TlflowError:
+        return None
+
+
 def revision(root: Path = Path()) -> str | None:
     """HEAD's short hash, with "-dirty" when a tracked file differs from it; None outside a
     repository or before the first commit."""
-    try:
-        repo = GitRepo(root)
-    except TlflowError:
+    if (repo := _opened(root)) is None:
         return None
     with repo:
         head = repo.head()
         return None if head is None else repo.short(head) + ("-dirty" if repo.is_dirty()
                                                               else "")
+
+
+def commit_of(rev: str, root: Path = Path()) -> str | None:
+    """The commit (full hexsha) `rev` names; None outside a repository or before the first
+    commit. Raises TlflowError when the repository has commits but `rev` names none."""
+    if (repo := _opened(root)) is None:
+        return None
+    with repo:
+        return None if repo.head() is None else repo.resolve(rev)

@@ -41,7 +41,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from tlflow.tasks.lib.core.errors import handoff_error
 from tlflow.tasks.lib.core.files import write_json, write_text
@@ -298,7 +298,7 @@ class TrainChoice(Handoff):
 
 class CompareRow(Record):
     """One candidate backbone's probe under the shared protocol, and its costs
-    (tasks/lib/assess/compare.py's Result)."""
+    (tasks/lib/assess/compare.py measures and picks them)."""
 
     backbone: str
     extractor_id: str
@@ -307,13 +307,20 @@ class CompareRow(Record):
     layer: str
     C: float
     val_accuracy: float
-    n_val: int
-    val_se: float  # the binomial standard error of val_accuracy
+    n_val: int  # val images
     test_accuracy: float | None  # reported only; None when the test split is empty
     images_per_s: float | None  # measured when its store was filled, on this machine
     gflops: float | None  # per image at input_size
     parameters: int | None
     store_mb: float  # the store's size on disk, MiB
+
+    @computed_field  # written to the file beside the others; computed, never read back
+    @property
+    def val_se(self) -> float:
+        """The binomial standard error of the val accuracy, sqrt(p (1 - p) / n_val) (0
+        without val images)."""
+        p = self.val_accuracy
+        return math.sqrt(p * (1 - p) / self.n_val) if self.n_val else 0.0
 
 
 class CompareReport(Handoff):
