@@ -252,28 +252,23 @@ def build_versions(s: Suite) -> tuple[dict, dict, dict, Path]:
     """A: the project run once; B: three images more per class. Returns A's and B's output
     digests, B's store codes, and a copy of the project as A left it."""
     from tests.conftest import COLOURS
+    from tlflow.flows.stages import STAGES
 
-    for name in ("ingest", "extract", "train", "finetune", "evaluate", "audit"):
-        s.in_process(name) if _has_stage(name) else None
+    for name in STAGES:  # every stage, as `tlflow run` runs them
+        s.in_process(name)
     a = s.outputs()
     snapshot_a = s.base / "project-A"
     shutil.copytree(s.project, snapshot_a, symlinks=True)
     for c, (name, colour) in enumerate(COLOURS.items()):
         for i in range(12, 15):
             write_image(s.base / "src" / name / f"{i:02d}.png", colour, seed=100 * c + i)
-    for name in ("ingest", "extract", "train", "finetune", "evaluate", "audit"):
-        s.in_process(name) if _has_stage(name) else None
+    for name in STAGES:  # every stage, as `tlflow run` runs them
+        s.in_process(name)
     b = s.outputs()
     b_codes = {rel: _codes(s.project / rel) for rel in b if rel.endswith(".h5")}
     shutil.copytree(s.project, s.base / "project-B", symlinks=True)
     _restore(s, snapshot_a)
     return a, b, b_codes, snapshot_a
-
-
-def _has_stage(name: str) -> bool:
-    from tlflow.flows.stages import STAGES
-
-    return name in STAGES
 
 
 def _restore(s: Suite, snapshot: Path) -> None:
