@@ -117,7 +117,7 @@ def _weights(root: Path) -> dict:
 @pytest.mark.slow
 def test_two_processes_hold_identical_weights_after_every_epoch(project: Path, whole):
     meta, out, err = whole
-    assert meta is not None and meta["epochs_run"] == EPOCHS, out + err
+    assert meta is not None and meta.epochs_run == EPOCHS, out + err
     epochs = [line for line in out.splitlines() if line.startswith("finetune: epoch ")]
     assert len(epochs) == EPOCHS, out
     for line in epochs:  # every epoch, the ranks' digests were gathered and compared

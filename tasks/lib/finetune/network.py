@@ -42,6 +42,7 @@ class NetworkMeta(ModelMeta):
     to None (not recorded then)."""
 
     STAGE: ClassVar[str] = "finetune"
+    FORMAT: ClassVar[str | None] = FORMAT
     format: Literal["tlflow.finetuned/1"]
     enabled: bool  # False: the stage did not fine-tune (finetune.enabled off, no plan)
     backbone: str | None = None  # <source>/<model>, built with weights none, then loaded

@@ -13,14 +13,15 @@ written back with the same bytes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 
-from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.errors import TlflowError, handoff_error
 from tlflow.tasks.lib.core.files import atomic_path, sha256_file
 from tlflow.tasks.lib.core.handoff import Handoff, Record
 
@@ -62,7 +63,20 @@ class ModelMeta(Handoff):
     calibration (None: not calibrated, or a sidecar from before tlflow calibrated)."""
 
     STAGE: ClassVar[str] = "train"
+    FORMAT: ClassVar[str | None] = None  # a sidecar file's `format`, checked before the rest
     calibration: Calibration | None = None
+
+    @classmethod
+    def parse(cls, text: str | bytes, path: Path) -> Self:
+        """The sidecar from its JSON text; another file (another format) is named as such."""
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None  # Handoff.parse says what is wrong with it
+        if cls.FORMAT is not None and obj is not None and (
+                not isinstance(obj, dict) or obj.get("format") != cls.FORMAT):
+            raise handoff_error(path, cls.STAGE, f"not a {cls.FORMAT} sidecar")
+        return super().parse(text, path)
 
     def as_json(self) -> dict[str, Any]:
         """The keys it was given (an older sidecar's bytes stay the same)."""
@@ -97,6 +111,7 @@ class HeadSidecar(HeadMeta):
     the sha256 of the tensors it goes with (None in a sidecar from before it was recorded,
     which `check_pair` refuses)."""
 
+    FORMAT: ClassVar[str | None] = FORMAT
     format: Literal["tlflow.linear_head/1"]
     classes: tuple[str, ...]
     tensors_sha256: str | None = None
