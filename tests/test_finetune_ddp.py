@@ -21,6 +21,7 @@ import yaml
 from tests.conftest import ROOT, cli_env, colour_images, wait_for
 from tlflow.tasks import extract, finetune, ingest, train
 from tlflow.tasks.lib.core.params import load_params, params_under
+from tlflow.tasks.lib.finetune.network import read_meta
 
 EPOCHS = 5
 
@@ -124,7 +125,7 @@ def test_two_processes_hold_identical_weights_after_every_epoch(project: Path, w
         assert "weights identical on 2 ranks (sha256 " in line, line
     assert "Traceback" not in err and "torch/distributed" not in err, err
     assert "finetune: 2 processes (2 per machine x 1) under torchrun" in out
-    assert json.loads((project / "models/finetuned.json").read_text())["enabled"]
+    assert read_meta(project / "models/finetuned").enabled
     assert len((project / "plots/finetune.csv").read_text().splitlines()) == EPOCHS + 1
     assert not (project / ".tlflow/finetune").exists()  # done: checkpoints cleared
     _none_left(project)
