@@ -102,7 +102,7 @@ def main() -> None:
     for r in runs:
         m = r["meta"]
         print(f"| {r['label']} | {statistics.mean(r['epochs']):.1f} | {r['stage']:.0f} | "
-              f"{m['best_epoch']} of {m['epochs_run']} | {m['val_accuracy']:.4f} | "
+              f"{m.best_epoch} of {m.epochs_run} | {m.val_accuracy:.4f} | "
               f"{r['test']:.4f} |")
     one, many, again = runs
     single = statistics.mean(one["epochs"] + again["epochs"])

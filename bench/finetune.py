@@ -113,8 +113,8 @@ def main() -> None:
     for (name, seed), r in results.items():
         m, s = r["meta"], r["seconds"]
         print(f"  {name:12s} seed {seed}  probe test {r['probe']['accuracy']:.4f}  fine-tuned "
-              f"test {r['finetune']['accuracy']:.4f} ({m['trainable']}, best epoch "
-              f"{m['best_epoch']} of {m['epochs_run']}, val {m['val_accuracy']:.4f})  "
+              f"test {r['finetune']['accuracy']:.4f} ({m.trainable}, best epoch "
+              f"{m.best_epoch} of {m.epochs_run}, val {m.val_accuracy:.4f})  "
               f"finetune stage {s['finetune']:.0f} s, all stages {sum(s.values()):.0f} s")
     for name in dict.fromkeys(n for n, _ in results):
         runs = [r for (n, _), r in results.items() if n == name]

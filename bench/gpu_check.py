@@ -285,13 +285,13 @@ def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
     seconds = time.perf_counter() - t0
     text = out.getvalue()
     backend = {"cuda": "nccl", "cpu": "gloo"}[device.type]
-    done = meta is not None and text.count(", weights sha256 ") == meta["epochs_run"]
+    done = meta is not None and text.count(", weights sha256 ") == meta.epochs_run
     if not done:
         print(text, flush=True)
     metrics = _quiet(evaluate.run, params)
     test = metrics["finetune"]["accuracy"]
     table.add(f"DDP over {backend}, 1 process under torchrun, hymenoptera {size} px, "
-              f"{epochs} epochs", f"{seconds:.0f} s, val {meta['val_accuracy']:.3f}, "
+              f"{epochs} epochs", f"{seconds:.0f} s, val {meta.val_accuracy:.3f}, "
               f"test {test:.3f} (probe {metrics['probe']['accuracy']:.3f})",
               "completes, test >= 0.8", done and test >= 0.8)
 

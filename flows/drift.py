@@ -73,7 +73,7 @@ def judge(paths: Paths, new: list[Row]) -> NewImages:
         head = load_head(paths.head)
     except TlflowError as err:
         return NewImages(**base, reason=f"the previous probe could not be read ({err})")
-    ext, layer = head.meta.get("extractor_id"), head.meta.get("layer")
+    ext, layer = head.meta.extractor_id, head.meta.layer
     base |= {"extractor_id": ext, "layer": layer}
     if not trust.has_novelty(head):
         return NewImages(**base, reason="the previous probe carries no novelty reference "
@@ -94,9 +94,9 @@ def judge(paths: Paths, new: list[Row]) -> NewImages:
                             label=new[i].label, split=new[i].split,
                             distance=round(float(distance[i]), 6))
                    for i in farthest[:MAX_LISTED])
-    nov = head.meta["novelty"]
-    return NewImages(**base | {"novel": int(novel.sum())}, k=nov["k"],
-                     threshold=nov["threshold"], images=images)
+    nov = head.meta.novelty
+    return NewImages(**base | {"novel": int(novel.sum())}, k=nov.k,
+                     threshold=nov.threshold, images=images)
 
 
 def line(report: NewImages) -> str:

@@ -27,7 +27,7 @@ from tlflow.tasks.lib.core.gitrepo import GitRepo, toplevel
 from tlflow.tasks.lib.core.handoff import EvalMetrics, Scores
 from tlflow.tasks.lib.core.params import Params, Paths
 from tlflow.tasks.lib.models.registry import read_at
-from tlflow.tasks.lib.probe.head import parse_meta
+from tlflow.tasks.lib.probe.head import HeadSidecar, parse_meta
 
 DATA_VERSION_LEN = 8
 LOCK = "dvc.lock"
@@ -42,7 +42,7 @@ class Entry:
     manifest: str | None
     images: frozenset[str] | None
     model: str | None
-    head: dict[str, Any]
+    head: HeadSidecar | None  # the head's sidecar at that commit; None without one
     params: dict[str, Any]
     metrics: dict[str, Scores]  # by model: probe, finetune
     promotions: tuple[str, ...] = ()  # GTO: "probe v0.0.2 (prod)" for versions at this commit
@@ -104,7 +104,7 @@ def entry(repo: GitRepo, rev: str, when: str, params: Params,
         images = frozenset(r["sha256"] for r in csv.DictReader(io.StringIO(text)))
     model_md5 = _out_md5(lock, "train", f"{paths.head}.safetensors")
     head_json = _dvc_read(f"{paths.head}.json", rev)
-    head = parse_meta(head_json, f"{rev}:{paths.head}.json") if head_json else {}
+    head = parse_meta(head_json, f"{rev}:{paths.head}.json") if head_json else None
     metrics_text = repo.show(rev, paths.eval_metrics.as_posix())
     metrics = EvalMetrics.parse(metrics_text, paths.eval_metrics).models() if metrics_text \
         else {}
@@ -160,7 +160,7 @@ def records(history: list[Entry]) -> list[dict[str, Any]]:
             "images": images,
             "images_added": len(e.images - before.images) if known else None,
             "images_removed": len(before.images - e.images) if known else None,
-            "extractor_id": e.head.get("extractor_id"),
+            "extractor_id": e.head.extractor_id if e.head else None,
             "model": e.model[:DATA_VERSION_LEN] if e.model else None,
             "probe_accuracy": e.metrics["probe"].accuracy if "probe" in e.metrics else None,
             "finetune_accuracy": e.metrics["finetune"].accuracy if "finetune" in e.metrics

@@ -33,7 +33,9 @@ from tlflow.tasks.lib.core.handoff import (
     AuditImage,
     Balance,
     ClassScores,
+    Coverage,
     Duplicates,
+    FinetuneCurve,
     ImagePrediction,
     LabelIssues,
     PerClass,
@@ -107,26 +109,23 @@ def confusion(preds: list[ImagePrediction], classes: list[str]) -> dict[str, Any
 def curve_png(path: Path) -> str | None:
     """The fine-tuning curve (train loss and val accuracy per epoch) as a PNG data URI; None
     without a curve."""
-    import csv
-
     if not path.is_file():
         return None
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("epoch")]
-    if not rows:
+    points = FinetuneCurve.read(path).points
+    if not points:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epoch = [int(r["epoch"]) for r in rows]
+    epoch = [p.epoch for p in points]
     fig, loss_ax = plt.subplots(figsize=(6, 3.2))
-    loss_ax.plot(epoch, [float(r["train_loss"]) for r in rows], "o-", color="tab:red")
+    loss_ax.plot(epoch, [p.train_loss for p in points], "o-", color="tab:red")
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("train loss", color="tab:red")
     acc_ax = loss_ax.twinx()
-    acc_ax.plot(epoch, [float(r["val_accuracy"]) for r in rows], "s-", color="tab:blue")
+    acc_ax.plot(epoch, [p.val_accuracy for p in points], "s-", color="tab:blue")
     acc_ax.set_ylabel("val accuracy", color="tab:blue")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -150,11 +149,9 @@ def coverage_view(paths: Paths, metrics: dict[str, Scores]) -> dict[str, Any] | 
     """The probe's reject option: at each min confidence the share of test images kept and
     the accuracy on them (plots/coverage.csv), with the calibration error before and after
     temperature scaling; None when evaluate wrote none."""
-    from tlflow.tasks.lib.probe.trust import read_coverage
-
     if not paths.coverage.is_file():
         return None
-    rows = read_coverage(paths.coverage)
+    rows = Coverage.read(paths.coverage).rows
     if not rows:
         return None
     probe = metrics.get("probe")

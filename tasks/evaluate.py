@@ -18,6 +18,7 @@ from tlflow.tasks.lib.assess.evaluation import (
 )
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.handoff import (
+    Coverage,
     EvalMetrics,
     ExtractReport,
     PerClass,
@@ -30,7 +31,7 @@ from tlflow.tasks.lib.data.manifest import Row, read_manifest
 from tlflow.tasks.lib.features.store import FeatureStore
 from tlflow.tasks.lib.finetune.network import read_meta
 from tlflow.tasks.lib.probe.head import load_head
-from tlflow.tasks.lib.probe.trust import calibration_scores, head_logits, write_coverage
+from tlflow.tasks.lib.probe.trust import calibration_scores, head_logits
 
 # what this stage reads besides base.paths (dvc.yaml: params): where and how many images
 # at a time the fine-tuned network scores
@@ -41,7 +42,7 @@ def finetuned_scores(params: Params, test: list[Row]) -> tuple[np.ndarray, tuple
     """The fine-tuned network's probabilities (N, K) on the test images and its classes;
     None when finetune is off."""
     paths = params.base.paths
-    if not read_meta(paths.finetuned).get("enabled"):
+    if not read_meta(paths.finetuned).enabled:
         return None
     from tlflow.tasks.lib.data.decode import read_image
     from tlflow.tasks.lib.finetune.loop import finetuned_probabilities
@@ -64,9 +65,9 @@ def run(params: Params) -> dict:
     if not test:
         raise TlflowError("evaluate: the test split is empty; set ingest.test_fraction above 0")
     head = load_head(paths.head)
-    path = chosen_store(paths.features, head.meta["extractor_id"], paths.head)
+    path = chosen_store(paths.features, head.meta.extractor_id, paths.head)
     with FeatureStore(path) as store:
-        codes = store.read(head.meta["layer"], [r.sha256 for r in test])
+        codes = store.read(head.meta.layer, [r.sha256 for r in test])
     kind = "probability" if head.has_probabilities else "decision"
     probe_scores = head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
     y_pred = head.predict(codes)
@@ -81,7 +82,7 @@ def run(params: Params) -> dict:
     metrics["probe"].update(ece)
     preds = image_predictions("probe", test, probe_scores, head.classes, kind)
     p = metrics["probe"]
-    panels = [(y_true, y_pred, f"probe on {head.meta['layer']}: test accuracy "
+    panels = [(y_true, y_pred, f"probe on {head.meta.layer}: test accuracy "
                                f"{p['accuracy']:.3f}")]
     ft_pred = np.array([], dtype=str)
     finetuned = finetuned_scores(params, test)
@@ -103,7 +104,7 @@ def run(params: Params) -> dict:
     write_confusion(paths.confusion_finetune, y_true[: len(ft_pred)], ft_pred,
                     relpaths[: len(ft_pred)])
     plot_confusion(paths.confusion_png, panels, head.classes)
-    write_coverage(paths.coverage, coverage)
+    coverage.write(paths.coverage)
     print(f"evaluate: test accuracy {p['accuracy']:.4f}, macro F1 {p['macro_f1']:.4f} "
           f"on {p['n']} images, {p['n'] - sum(pr.correct for pr in preds[:p['n']])} wrong "
           f"-> {paths.eval_metrics}, {paths.predictions}", flush=True)
@@ -113,13 +114,13 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def _say_calibration(ece: dict, coverage: list[dict]) -> None:
+def _say_calibration(ece: dict, coverage: Coverage) -> None:
     """The probe's calibration error before and after, and its accuracy-coverage table."""
     if ece:
         names = {"ece": "as the probe says", "ece_t": "after temperature scaling"}
         print("evaluate: expected calibration error " + ", ".join(
             f"{v:.4f} {names[k]}" for k, v in ece.items()), flush=True)
-    for r in coverage:
-        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-        print(f"evaluate: min confidence {r['min_confidence']:g}: keeps {r['kept']} "
-              f"({r['coverage']:.1%}), accuracy on them {acc}", flush=True)
+    for r in coverage.rows:
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
+        print(f"evaluate: min confidence {r.min_confidence:g}: keeps {r.kept} "
+              f"({r.coverage:.1%}), accuracy on them {acc}", flush=True)

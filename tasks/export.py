@@ -45,8 +45,8 @@ def _model_meta(served: Served) -> dict[str, Any]:
     """The sidecar's `model`: which model, its version and files, and the terms the
     promotion rule compares (its val accuracy and val split: a graph's are its model's)."""
     v = served.version
-    terms = {k: served.model.meta[k] for k in ("val_accuracy", "val_set")
-             if k in served.model.meta}
+    given = served.model.meta.as_json()  # the keys its sidecar holds
+    terms = {k: given[k] for k in ("val_accuracy", "val_set") if k in given}
     return {"artifact": served.artifact, "version": v.version if v else None,
             "rev": v.rev if v else None, "stage": PROD if v else None,
             "source": served.source or "the working tree", "files_sha256": served.files,
@@ -67,13 +67,13 @@ def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any
     meta = {
         "classes": list(head.classes), "scores": scores,
         "preprocess": preprocess(backbone, cfg.decode),
-        "model": {**_model_meta(served), "extractor_id": head.meta["extractor_id"],
+        "model": {**_model_meta(served), "extractor_id": head.meta.extractor_id,
                   "backbone": backbone.name, "weights": backbone.weights_id,
-                  "layer": head.meta["layer"]},
+                  "layer": head.meta.layer},
         "predict_precision": served_in,
     }
-    if "calibration" in head.meta:  # the temperature predict's --min-confidence divides by
-        meta["calibration"] = head.meta["calibration"]
+    if "calibration" in head.meta.model_fields_set:  # the temperature --min-confidence uses
+        meta["calibration"] = head.meta.as_json()["calibration"]
     notes = []
     if served_in != "fp32":
         notes.append(f"the head was trained on {served_in} codes and predict computes "
@@ -101,8 +101,8 @@ def _finetuned(served: Served) -> tuple[Any, int, str, dict[str, Any]]:
         "model": {**_model_meta(served), "backbone": net.backbone.name},
         "predict_precision": "fp32",
     }
-    if net.meta.get("calibration"):  # the temperature predict's --min-confidence divides by
-        meta["calibration"] = net.meta["calibration"]
+    if net.meta.calibration:  # the temperature predict's --min-confidence divides by
+        meta["calibration"] = net.meta.as_json()["calibration"]
     return SoftmaxGraph(net.model), net.backbone.input_size, "probability", meta
 
 

@@ -17,7 +17,6 @@ every rank (tasks/lib/ddp.py), with the params this stage declares, and waits.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -28,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlflow.tasks.lib.core import checkpoint
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.files import atomic_path
-from tlflow.tasks.lib.core.handoff import TrainChoice
+from tlflow.tasks.lib.core.handoff import FinetuneCurve, TrainChoice
 from tlflow.tasks.lib.core.params import Finetune, Params, parse_params, scoped
 from tlflow.tasks.lib.data import ownership
 from tlflow.tasks.lib.scale import torchrun
@@ -39,6 +37,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tlflow.tasks.lib.data.manifest import Row
+    from tlflow.tasks.lib.finetune.network import NetworkMeta
     from tlflow.tasks.lib.finetune.resume import Schedule
     from tlflow.tasks.lib.probe.head import LinearHead
 
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 # (the backbone, its weights and the input size come from train's choice: extract.compare's
 # winner, at the size extract resolved extract.image_size to)
 PARAMS = ("base.seed", "train.max_iter", "train.class_weight", "finetune", "advise.strategy")
-CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
 
 
 def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, str]:
@@ -63,7 +61,7 @@ def plan(params: Params, choice: TrainChoice) -> tuple[Finetune | None, bool, st
     return None, False, why
 
 
-def run(params: Params) -> dict | None:
+def run(params: Params) -> NetworkMeta | None:
     """Fine-tune when enabled or planned (resuming a matching checkpoint); else say so. The
     checkpoints folder must be new, empty or tlflow's own (`ownership`), and is marked after."""
     paths = params.base.paths
@@ -73,7 +71,7 @@ def run(params: Params) -> dict | None:
     return result
 
 
-def _run(params: Params) -> dict | None:
+def _run(params: Params) -> NetworkMeta | None:
     paths = params.base.paths
     choice = TrainChoice.read(paths.train_choice)
     cfg, then_all, why = plan(params, choice)
@@ -83,18 +81,10 @@ def _run(params: Params) -> dict | None:
 
     if cfg is None:
         save_disabled(paths.finetuned)
-        write_curve(paths.finetune_curve, [])
+        FinetuneCurve(points=()).write(paths.finetune_curve)
         print(f"finetune: off ({why})", flush=True)
         return None
     return fine_tune(params, cfg, choice, then_all)
-
-
-def write_curve(dest: Path, curve: list[dict]) -> None:
-    """plots/finetune.csv: epoch, train loss, val accuracy (for `dvc plots show`)."""
-    with atomic_path(dest) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, CURVE_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(curve)
 
 
 @dataclass(frozen=True)
@@ -141,6 +131,7 @@ def probe_for_init(params: Params, train_rows: list[Row], choice: TrainChoice) -
     from tlflow.tasks.lib.features.backbones import POOLED
     from tlflow.tasks.lib.features.store import FeatureStore
     from tlflow.tasks.lib.finetune.loop import head_from_probe
+    from tlflow.tasks.lib.probe.head import HeadMeta
     from tlflow.tasks.lib.scale.ddp import say
 
     paths = params.base.paths
@@ -152,20 +143,20 @@ def probe_for_init(params: Params, train_rows: list[Row], choice: TrainChoice) -
         x = s.read(POOLED, [r.sha256 for r in train_rows])
     C = 1.0 if choice.pooled_C is None else choice.pooled_C
     head = head_from_probe(x, [r.label for r in train_rows], C, params.train, params.base.seed,
-                           {"layer": POOLED, "extractor_id": store.stem})
+                           HeadMeta(layer=POOLED, extractor_id=store.stem))
     say(f"finetune: the head starts from a probe on the train split's {POOLED} codes "
         f"(C={C:g})")
     return head
 
 
 def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
-              then_all: bool = False) -> dict:
+              then_all: bool = False) -> NetworkMeta:
     """Fine-tune (cfg, default params.finetune) on this process's share: read the inputs,
     build the network (train's backbone: extract.compare's winner, its head from a
     train-split probe at the choice's pooled C) and the datasets, run finetune.loop.fine_tune
     (resuming matching checkpoints; with then_all a second phase trains everything), then
     write the best-on-val network, its sidecar and the curve (rank 0, under torchrun) and
-    clear the checkpoints. Returns the sidecar's values."""
+    clear the checkpoints. Returns the sidecar (without the tensors' sha256)."""
     import torch
 
     from tlflow.tasks.lib.core.codedeps import code_hash
@@ -175,7 +166,7 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
     from tlflow.tasks.lib.data.manifest import of_split, read_manifest, without
     from tlflow.tasks.lib.finetune.data import Images, class_indices, train_augment
     from tlflow.tasks.lib.finetune.loop import fine_tune as loop
-    from tlflow.tasks.lib.finetune.network import build, init_from_probe, save_network
+    from tlflow.tasks.lib.finetune.network import build, init_from_probe, save_network, sidecar
     from tlflow.tasks.lib.finetune.resume import fingerprint
     from tlflow.tasks.lib.scale import ddp
 
@@ -207,18 +198,18 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
     ckpt = paths.finetune_checkpoints
     tuned = loop(net, train_ds, val_ds, cfg, seed, device, key, CheckpointsFolder(ckpt),
                  CheckpointsFolder(ckpt / "all") if then_all else None)
-    meta = {"trainable": "+".join(tuned.phases), "n_blocks": cfg.n_blocks,
-            "init_head": cfg.init_head, "image_size": image_size,
-            "best_epoch": tuned.best_epoch, "val_accuracy": tuned.val_accuracy,
-            "epochs_run": len(tuned.curve), "stopped_early": tuned.stopped_early,
-            "calibration": tuned.calibration}
+    meta = sidecar(net, trainable="+".join(tuned.phases), n_blocks=cfg.n_blocks,
+                   init_head=cfg.init_head, image_size=image_size,
+                   best_epoch=tuned.best_epoch, val_accuracy=tuned.val_accuracy,
+                   epochs_run=len(tuned.curve), stopped_early=tuned.stopped_early,
+                   calibration=tuned.calibration)
     if ddp.current().main:
         net.model.to("cpu", memory_format=torch.contiguous_format)
         save_network(net, paths.finetuned, meta)
-        write_curve(paths.finetune_curve, tuned.curve)
+        FinetuneCurve(points=tuple(tuned.curve)).write(paths.finetune_curve)
         checkpoint.clear(ckpt)  # done: a rerun (forced, or new code) starts afresh
-    ddp.say(f"finetune: best epoch {meta['best_epoch']}, val accuracy "
-                    f"{meta['val_accuracy']:.4f} -> {paths.finetuned}")
+    ddp.say(f"finetune: best epoch {meta.best_epoch}, val accuracy "
+            f"{meta.val_accuracy:.4f} -> {paths.finetuned}")
     return meta
 
 
@@ -237,9 +228,9 @@ def _declared(params: Params) -> dict[str, Any]:
 
 
 def launch(params: Params, cfg: Finetune, choice: TrainChoice,
-           then_all: bool = False) -> dict | None:
+           then_all: bool = False) -> NetworkMeta | None:
     """Fine-tune under torchrun (DDP) on world_size(cfg) processes, even one; rank 0's
-    sidecar values (None when rank 0 ran on another machine, which holds the outputs)."""
+    sidecar (None when rank 0 ran on another machine, which holds the outputs)."""
     job = {"params": _declared(params), "finetune": cfg.model_dump(mode="json"),
            "then_all": then_all, "choice": choice.model_dump()}
     # the rendezvous id: the same on every machine that runs the same job
@@ -248,17 +239,21 @@ def launch(params: Params, cfg: Finetune, choice: TrainChoice,
                                 run_id, params.base.paths.finetune_checkpoints)
     if result is None:
         print("finetune: rank 0 ran on another machine; its outputs are there", flush=True)
-    return result
+        return None
+    from tlflow.tasks.lib.finetune.network import NetworkMeta
+
+    return NetworkMeta.model_validate(result)
 
 
 def _worker(job: dict[str, Any]) -> dict:
-    """One rank of a torchrun launch: the same loop as one process, on its share."""
+    """One rank of a torchrun launch: the same loop as one process, on its share; the
+    sidecar as JSON (rank 0's is launch's result)."""
     from tlflow.tasks.lib.scale import ddp
 
     params = scoped(parse_params(job["params"], "the finetune job"), PARAMS)
     cfg = Finetune.model_validate(job["finetune"])
     ddp.start(cfg.device)
-    return fine_tune(params, cfg, TrainChoice(**job["choice"]), job["then_all"])
+    return fine_tune(params, cfg, TrainChoice(**job["choice"]), job["then_all"]).as_json()
 
 
 if __name__ == "__main__":  # a rank, started by torchrun (see launch)

@@ -28,7 +28,7 @@ from tlflow.tasks.lib.data.decode import read_image
 from tlflow.tasks.lib.data.imagefiles import image_files
 from tlflow.tasks.lib.models.registry import PROD
 from tlflow.tasks.lib.models.serving import load_served
-from tlflow.tasks.lib.probe.head import LinearHead
+from tlflow.tasks.lib.probe.head import LinearHead, ModelMeta
 
 # what predict reads besides base.paths: the extractor (to compute codes the store lacks)
 # and where the fine-tuned network runs
@@ -83,8 +83,8 @@ def codes_for(files: list[Path], head: LinearHead, params: Params,
     from tlflow.tasks.lib.features.store import FeatureStore, store_path
 
     keys = [sha256_file(f) for f in files]
-    layer = head.meta["layer"]
-    path = store_path(params.base.paths.features, head.meta.get("extractor_id", "-"))
+    layer = head.meta.layer
+    path = store_path(params.base.paths.features, head.meta.extractor_id)
     stored: dict[str, np.ndarray] = {}
     if path.is_file():  # the store of the head's own extractor: its codes are reused
         with FeatureStore(path) as store:
@@ -183,7 +183,7 @@ def _check_k(k: int, n_classes: int) -> None:
         raise TlflowError(f"--top-k: must be between 1 and {n_classes}, got {k}")
 
 
-def assess(scores: np.ndarray, kind: str, meta: dict, min_confidence: float | None,
+def assess(scores: np.ndarray, kind: str, meta: ModelMeta, min_confidence: float | None,
            head: LinearHead | None, codes: np.ndarray | None):
     """tasks/lib/probe/trust.py's assessment of these scores (probabilities or decision values)."""
     from tlflow.tasks.lib.probe import trust

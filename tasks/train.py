@@ -32,7 +32,7 @@ from tlflow.tasks.lib.core.params import Train as TrainCfg
 from tlflow.tasks.lib.data.manifest import Row, read_manifest, without
 from tlflow.tasks.lib.features.store import FeatureStore
 from tlflow.tasks.lib.probe import strategy
-from tlflow.tasks.lib.probe.head import LinearHead, save_head
+from tlflow.tasks.lib.probe.head import HeadMeta, LinearHead, save_head
 from tlflow.tasks.lib.probe.sgd import sweep_stream
 from tlflow.tasks.lib.probe.sweep import (
     Refit,
@@ -89,7 +89,7 @@ def measure(c: Candidate, path: Path, rows: list[Row], table: list[SweepRow],
     """One candidate's row of the comparison: its best (layer, C) on val, refit on train +
     val and scored on test (reported, never used to choose), and its costs."""
     top = best(table)
-    head = to_head(refit(top), {"layer": top.layer, "extractor_id": c.extractor_id})
+    head = to_head(refit(top), HeadMeta(layer=top.layer, extractor_id=c.extractor_id))
     test = [r for r in rows if r.split == "test"]
     with FeatureStore(path) as store:
         speed, size = store.images_per_second, store.size_bytes() / 1e6
@@ -129,7 +129,8 @@ def run(params: Params) -> LinearHead:
                          C=top.C, val_accuracy=top.val_accuracy, val_set=val_set_id(rows),
                          backbone=chosen.backbone, weights=chosen.weights,
                          input_size=chosen.input_size)
-    head = attach(to_head(refit(top), choice.model_dump()), path, rows, cfg, seed)
+    head = attach(to_head(refit(top), HeadMeta.model_validate(choice.model_dump())), path,
+                  rows, cfg, seed)
     save_head(head, paths.head)  # ^ calibration, novelty
     ProbeReport(best=choice, layers=tuple(layers), sweep=tuple(table)).write(paths.probe_report)
     write_sweep(paths.sweep, table)

@@ -30,7 +30,7 @@ def test_probe_on_hymenoptera(tmp_path: Path, hymenoptera: Path):
     assert report["image_size"] == 224, report["image_size_why"]
     head = train.run(params)
     metrics = evaluate.run(params)
-    assert head.meta["layer"] == "pooled"  # ants and bees are ImageNet-like: late codes win
+    assert head.meta.layer == "pooled"  # ants and bees are ImageNet-like: late codes win
     assert metrics["probe"]["accuracy"] >= 0.93, metrics["probe"]
 
     advice = json.loads(params.base.paths.strategy.read_text())

@@ -86,9 +86,9 @@ def test_forced_finetune_top_trains_the_last_blocks_then_all(textures):
     train.run(params)
     assert json.loads(params.base.paths.strategy.read_text())["plan"] == "finetune_top"
     meta = finetune.run(params)
-    assert meta["trainable"] in ("last_n_blocks", "last_n_blocks+all")
-    assert meta["epochs_run"] == 2  # one epoch per phase
-    assert read_meta(params.base.paths.finetuned)["enabled"]
+    assert meta.trainable in ("last_n_blocks", "last_n_blocks+all")
+    assert meta.epochs_run == 2  # one epoch per phase
+    assert read_meta(params.base.paths.finetuned).enabled
     assert len(params.base.paths.finetune_curve.read_text().splitlines()) == 3
 
 

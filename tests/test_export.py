@@ -23,6 +23,7 @@ from tlflow.tasks.lib.core.params import load_params
 from tlflow.tasks.lib.data.imagefiles import image_files
 from tlflow.tasks.lib.models import registry
 from tlflow.tasks.lib.models.onnxexport import ort_session, read_batch, run_onnx
+from tlflow.tasks.lib.probe.head import HeadSidecar
 
 TOLERANCE = 1e-4  # the issue's: max |p_onnx - p_predict|
 
@@ -65,12 +66,12 @@ def test_the_graph_gives_predicts_probabilities(project: Path, monkeypatch, caps
     assert _compare(onnx, files, preds) <= TOLERANCE
 
     meta = json.loads(onnx.with_suffix(".json").read_text())
-    head = json.loads(Path("models/head.json").read_text())
+    head = HeadSidecar.read(Path("models/head.json"))
     assert meta["model"]["files_sha256"] == {
         "models/head.safetensors": sha256_file(Path("models/head.safetensors")),
         "models/head.json": sha256_file(Path("models/head.json"))}
-    assert meta["model"]["extractor_id"] == head["extractor_id"]
-    assert meta["calibration"] == head["calibration"]  # the temperature, for abstaining
+    assert meta["model"]["extractor_id"] == head.extractor_id
+    assert meta["calibration"] == head.as_json()["calibration"]  # the temperature, to abstain
     assert meta["sha256"] == sha256_file(onnx)
     assert meta["input"]["shape"] == ["batch", 3, 32, 32]
     assert meta["preprocess"]["input_size"] == [3, 32, 32]

@@ -62,7 +62,7 @@ def _with(params, **finetune_values):
 def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
     paths = project.base.paths
     head = load_head(paths.head)
-    assert head.meta["layer"] == "pooled"
+    assert head.meta.layer == "pooled"
     net = build(BACKBONE, "packaged", 32, 0, head.classes)
     init_from_probe(net, head)
     rows = [r for r in read_manifest(paths.manifest) if r.split == "val"]
@@ -102,16 +102,17 @@ def test_the_head_starts_from_a_probe_that_never_saw_val(project):
 
 
 def _logits(probe, x):
+    from tlflow.tasks.lib.probe.head import HeadMeta
     from tlflow.tasks.lib.probe.sweep import to_head
 
-    return to_head(probe, {"layer": "pooled"}).logits(x)
+    return to_head(probe, HeadMeta(layer="pooled", extractor_id="e")).logits(x)
 
 
 def test_early_stopping_stops(project):
     params = _with(project, enabled=True, epochs=10, patience=1, lr=1e-12, batch_size=16,
                    init_head="random")
     meta = finetune.run(params)
-    assert meta["stopped_early"] and meta["epochs_run"] == 2 and meta["best_epoch"] == 1
+    assert meta.stopped_early and meta.epochs_run == 2 and meta.best_epoch == 1
     lines = params.base.paths.finetune_curve.read_text().splitlines()
     assert lines[0] == "epoch,train_loss,val_accuracy" and len(lines) == 3
     assert not params.base.paths.finetune_checkpoints.exists()  # done: a rerun starts afresh
@@ -120,7 +121,7 @@ def test_early_stopping_stops(project):
 def test_finetuned_network_is_evaluated_and_predicts(project):
     params = _with(project, enabled=True, epochs=2, batch_size=8)
     finetune.run(params)
-    assert read_meta(params.base.paths.finetuned)["enabled"] is True
+    assert read_meta(params.base.paths.finetuned).enabled is True
     metrics = evaluate.run(params)
     assert set(metrics["finetune"]) >= {"accuracy", "macro_f1", "per_class"}
     assert metrics["finetune"]["n"] == metrics["probe"]["n"]
@@ -142,11 +143,11 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
         np.testing.assert_allclose(p.scores, row[top], atol=1e-6)
     # temperature scaling on val (held out from training): recorded with the network, and
     # predict's confidence is softmax(logits / T), never the network's own probability
-    cal = net.meta["calibration"]
-    assert cal["fit_on"] == "val logits" and cal["nll_calibrated"] <= cal["nll"] + 1e-6
+    cal = net.meta.calibration
+    assert cal.fit_on == "val logits" and cal.nll_calibrated <= cal.nll + 1e-6
     from tlflow.tasks.lib.probe.calibration import softmax
 
-    conf = softmax(np.log(proba), cal["temperature"]).max(axis=1)
+    conf = softmax(np.log(proba), cal.temperature).max(axis=1)
     np.testing.assert_allclose([p.confidence for p in preds], conf, atol=1e-5)
 
 
@@ -191,8 +192,8 @@ def test_finetune_before_train_names_the_missing_file(tmp_path: Path):
 def test_disabled_stage_says_so(project):
     params = _with(project, enabled=False)
     assert finetune.run(params) is None
-    assert read_meta(params.base.paths.finetuned) == {"format": "tlflow.finetuned/1",
-                                                      "enabled": False}
+    assert read_meta(params.base.paths.finetuned).as_json() == {"format": "tlflow.finetuned/1",
+                                                                "enabled": False}
     assert "finetune" not in evaluate.run(params)
     with pytest.raises(TlflowError, match="no fine-tuned network"):
         predict.run(params, Path(project.ingest.path) / "red", model="finetuned")

@@ -21,6 +21,7 @@ import yaml
 from tests.conftest import ROOT, cli_env, colour_images, wait_for
 from tlflow.tasks import extract, finetune, ingest, train
 from tlflow.tasks.lib.core.params import load_params, params_under
+from tlflow.tasks.lib.finetune.network import read_meta
 
 EPOCHS = 5
 
@@ -117,14 +118,14 @@ def _weights(root: Path) -> dict:
 @pytest.mark.slow
 def test_two_processes_hold_identical_weights_after_every_epoch(project: Path, whole):
     meta, out, err = whole
-    assert meta is not None and meta["epochs_run"] == EPOCHS, out + err
+    assert meta is not None and meta.epochs_run == EPOCHS, out + err
     epochs = [line for line in out.splitlines() if line.startswith("finetune: epoch ")]
     assert len(epochs) == EPOCHS, out
     for line in epochs:  # every epoch, the ranks' digests were gathered and compared
         assert "weights identical on 2 ranks (sha256 " in line, line
     assert "Traceback" not in err and "torch/distributed" not in err, err
     assert "finetune: 2 processes (2 per machine x 1) under torchrun" in out
-    assert json.loads((project / "models/finetuned.json").read_text())["enabled"]
+    assert read_meta(project / "models/finetuned").enabled
     assert len((project / "plots/finetune.csv").read_text().splitlines()) == EPOCHS + 1
     assert not (project / ".tlflow/finetune").exists()  # done: checkpoints cleared
     _none_left(project)

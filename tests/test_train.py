@@ -23,15 +23,15 @@ def test_train_stage_on_tiny_images(tmp_path: Path, image_folder: Path, classifi
     probe = json.loads(params.base.paths.probe_report.read_text())
     assert len(probe["sweep"]) == 2 * len(params.train.C_grid)
     assert sorted(r["layer"] for r in probe["layers"]) == ["blocks.2", "pooled"]
-    assert probe["best"]["layer"] == head.meta["layer"]
-    assert head.meta["classifier"] == classifier
+    assert probe["best"]["layer"] == head.meta.layer
+    assert head.meta.classifier == classifier
     assert head.classes == ("blue", "green", "red")
     assert probe["best"]["val_accuracy"] >= 0.8  # colour is easy
     metrics = json.loads(params.base.paths.probe_metrics.read_text())
     assert metrics == {"acc": probe["best"]["val_accuracy"],
                        **{k: probe["best"][k] for k in ("C", "layer")}}
     assert json.loads(params.base.paths.compare_report.read_text()) == {"compared": False}
-    assert (head.meta["backbone"], head.meta["input_size"]) == (params.extract.backbone, 32)
+    assert (head.meta.backbone, head.meta.input_size) == (params.extract.backbone, 32)
 
 
 def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
@@ -58,8 +58,8 @@ def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
     assert [r.backbone for r in rep.rows] == [lite1, lite0]
     assert all(r.val_accuracy == 1.0 and r.images_per_s > 0 and r.store_mb > 0
                for r in rep.rows)
-    assert rep.winner == lite0 == head.meta["backbone"]
-    assert head.meta["extractor_id"] == rep.winner_extractor_id == cands[1].extractor_id
+    assert rep.winner == lite0 == head.meta.backbone
+    assert head.meta.extractor_id == rep.winner_extractor_id == cands[1].extractor_id
     assert TrainChoice.read(paths.train_choice).backbone == lite0
     metrics = json.loads(paths.probe_metrics.read_text())
     assert metrics["compare"] == {"lite1": 1.0, "lite0": 1.0}
@@ -84,7 +84,7 @@ def test_train_uses_cv_without_a_val_split(tmp_path: Path, image_folder: Path):
     )
     for stage in (ingest, extract):
         stage.run(params)
-    assert train.run(params).meta["val_accuracy"] >= 0.8
+    assert train.run(params).meta.val_accuracy >= 0.8
 
 
 def test_train_needs_a_val_split(tmp_path: Path, image_folder: Path):
@@ -111,7 +111,7 @@ def test_train_writes_the_head_it_fitted_whatever_was_there(tmp_path: Path,
     raw = params.model_dump(mode="json")
     raw["train"]["C_grid"] = [1e-7]  # weights shrink to nothing: the majority class
     head = train.run(type(params).model_validate(raw))
-    assert head.meta["C"] == 1e-7
+    assert head.meta.C == 1e-7
     assert tensors_path(params.base.paths.head).read_bytes() != first
     train.run(params)
     assert tensors_path(params.base.paths.head).read_bytes() == first

@@ -89,8 +89,9 @@ def summary(results: list, params: Params) -> None:
 
         meta = read_meta(paths.finetuned)
         console.print(
-            f"fine-tuned: {meta.get('trainable')}, best epoch {meta.get('best_epoch')}, val "
-            f"accuracy {meta.get('val_accuracy', float('nan')):.4f}, test accuracy "
+            f"fine-tuned: {meta.trainable}, best epoch {meta.best_epoch}, val accuracy "
+            f"{meta.val_accuracy if meta.val_accuracy is not None else float('nan'):.4f}, "
+            "test accuracy "
             f"{ft.accuracy:.4f}, macro F1 {ft.macro_f1:.4f}"
         )
 

@@ -26,7 +26,7 @@ from tlflow.flows.html_report import Thumbnails, new_images_view
 from tlflow.tasks import extract, ingest, train
 from tlflow.tasks.lib.core.handoff import NewImages
 from tlflow.tasks.lib.probe import trust
-from tlflow.tasks.lib.probe.head import LinearHead
+from tlflow.tasks.lib.probe.head import HeadMeta, LinearHead, Novelty
 
 NOVEL, KNOWN = 10, 4  # 4 yellow and 6 noise images; 4 more green ones
 
@@ -126,7 +126,9 @@ def _head(reference: np.ndarray, threshold: float) -> LinearHead:
     d = reference.shape[1]
     return LinearHead(weight=np.zeros((2, d)), bias=np.zeros(2), mean=np.zeros(d),
                       scale=np.ones(d), classes=("a", "b"),
-                      meta={"novelty": {"k": 1, "threshold": threshold}},
+                      meta=HeadMeta(layer="pooled", extractor_id="e", novelty=Novelty(
+                          k=1, threshold=threshold, rate=0.05, threshold_on="val",
+                          reference_rows=len(reference), train_rows=len(reference))),
                       reference=reference.astype(np.float16))
 
 
@@ -141,7 +143,8 @@ def test_novel_codes_flags_what_lies_beyond_the_threshold():
         trust.novel_codes(head, np.zeros((2, 4)))
     with pytest.raises(ValueError, match="no novelty reference"):
         trust.novel_codes(LinearHead(head.weight, head.bias, head.mean, head.scale,
-                                     head.classes), codes)
+                                     head.classes, HeadMeta(layer="pooled", extractor_id="e")),
+                          codes)
 
 
 def test_the_line_reads_for_one_image_and_for_none_judged():
@@ -206,8 +209,8 @@ def test_digits_brought_to_a_photo_probe_are_novel_and_photos_are_not(tmp_path: 
         extract.run(params)
         new = drift.to_judge(paths, before)
         report = drift.record(paths, new)
-        with FeatureStore(store_path(paths.features, head.meta["extractor_id"])) as s:
-            codes = s.read(head.meta["layer"], [r.sha256 for r in new])
+        with FeatureStore(store_path(paths.features, head.meta.extractor_id)) as s:
+            codes = s.read(head.meta.layer, [r.sha256 for r in new])
     novel = trust.novel_codes(head, codes)[1]
     digit = np.array(["/digits/" in r.relpath for r in new])
     print(f"\n{drift.line(report)}; digits {novel[digit].sum()} of {digit.sum()}, photos "

@@ -8,11 +8,15 @@ from tests.conftest import make_params
 from tlflow.flows import history
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.handoff import Scores
+from tlflow.tasks.lib.probe.head import HeadSidecar
+
+HEAD = HeadSidecar(format="tlflow.linear_head/1", layer="pooled", extractor_id="e1",
+                   classes=("a", "b"))
 
 
 def _entry(rev: str, images: set[str], params: dict, acc: float) -> history.Entry:
     return history.Entry(rev, "2026-11-29T10:00:00+00:00", f"{rev}md5", frozenset(images),
-                         f"{rev}model", {"extractor_id": "e1"}, params,
+                         f"{rev}model", HEAD, params,
                          {"probe": Scores(accuracy=acc, macro_f1=acc)})
 
 

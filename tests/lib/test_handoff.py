@@ -66,6 +66,12 @@ EXAMPLES = [
                     imbalance={"train": 2.0}, missing={"train": []}),
     handoff.NewImages(new=3, novel=1, extractor_id="e1", layer="pooled", k=5, threshold=1.5,
                       images=({**IMAGE, "distance": 2.0},), max_listed=100),
+    handoff.Coverage(rows=({"min_confidence": 0.5, "coverage": 0.75, "accuracy": 0.9,
+                            "kept": 3},
+                           {"min_confidence": 0.95, "coverage": 0.0, "accuracy": None,
+                            "kept": 0})),
+    handoff.FinetuneCurve(points=({"epoch": 1, "train_loss": 1.146754, "val_accuracy": 0.5},
+                                  {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.666667})),
 ]
 
 
@@ -192,3 +198,38 @@ def test_a_missing_or_malformed_csv_names_its_stage(tmp_path: Path):
     path.write_text("model,relpath\nprobe,a.png\n")
     with pytest.raises(TlflowError, match=r"predictions.csv: not a predictions table"):
         handoff.Predictions.read(path)
+
+
+def test_the_plots_keep_their_columns(tmp_path: Path):
+    """DVC plots these CSVs by column name; evaluate and finetune wrote these bytes before
+    the models read them."""
+    EXAMPLES[-2].write(tmp_path / "coverage.csv")
+    assert (tmp_path / "coverage.csv").read_text() == (
+        "min_confidence,coverage,accuracy,kept\n0.5,0.75,0.9,3\n0.95,0,,0\n")
+    EXAMPLES[-1].write(tmp_path / "finetune.csv")
+    assert (tmp_path / "finetune.csv").read_text() == (
+        "epoch,train_loss,val_accuracy\n1,1.146754,0.5\n2,0.5,0.666667\n")
+    handoff.FinetuneCurve(points=()).write(tmp_path / "off.csv")  # fine-tuning off
+    assert handoff.FinetuneCurve.read(tmp_path / "off.csv").points == ()
+
+
+@pytest.mark.parametrize(("model", "name", "stage", "text", "problem"), [
+    (handoff.Coverage, "coverage.csv", "evaluate", "min_confidence,coverage\n0.5,1\n",
+     "not a coverage table"),
+    (handoff.Coverage, "coverage.csv", "evaluate",
+     "min_confidence,coverage,accuracy,kept\n0.5,most,,3\n", "not a coverage table"),
+    (handoff.FinetuneCurve, "finetune.csv", "finetune", "epoch,train_loss\n1,0.5\n",
+     "not a fine-tuning curve"),
+    (handoff.FinetuneCurve, "finetune.csv", "finetune",
+     "epoch,train_loss,val_accuracy\none,0.5,0.5\n", "not a fine-tuning curve"),
+])
+def test_a_missing_or_malformed_plot_names_its_stage(tmp_path: Path, model, name, stage, text,
+                                                     problem):
+    path = tmp_path / name
+    with pytest.raises(TlflowError, match=rf"{name}: not found \(written by the {stage}"):
+        model.read(path)
+    path.write_text(text)
+    with pytest.raises(TlflowError, match=rf"^{path}: {problem} .*\(written by the {stage} "
+                                          "stage") as err:
+        model.read(path)
+    assert "\n" not in str(err.value)

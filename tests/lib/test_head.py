@@ -8,7 +8,18 @@ from sklearn.linear_model import LogisticRegression
 
 from tests.lib.test_sweep import CFG, _blobs
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.probe.head import LinearHead, load_head, save_head, tensors_path
+from tlflow.tasks.lib.probe.head import (
+    Calibration,
+    HeadMeta,
+    HeadSidecar,
+    LinearHead,
+    Novelty,
+    load_head,
+    meta_path,
+    parse_meta,
+    save_head,
+    tensors_path,
+)
 from tlflow.tasks.lib.probe.sweep import make_probe, to_head
 
 
@@ -18,7 +29,7 @@ def test_head_matches_sklearn_and_round_trips(tmp_path: Path, n_classes: int):
     keep = np.isin(y, [str(i) for i in range(n_classes)])
     x, y = x[keep], y[keep]
     probe = make_probe(1.0, CFG, 0).fit(x, y)
-    head = to_head(probe, {"layer": "a", "extractor_id": "e1"})
+    head = to_head(probe, HeadMeta(layer="a", extractor_id="e1"))
     np.testing.assert_allclose(head.predict_proba(x), probe.predict_proba(x), atol=1e-6)
     save_head(head, tmp_path / "head")
     again = load_head(tmp_path / "head", extractor_id="e1")
@@ -30,7 +41,7 @@ def _saved_head(tmp_path: Path) -> Path:
     x, y = _blobs(30, True, 0)
     clf = LogisticRegression().fit(x, y)
     head = LinearHead(clf.coef_, clf.intercept_, np.zeros(8), np.ones(8), tuple(clf.classes_),
-                      {"layer": "a", "extractor_id": "e1"})
+                      HeadMeta(layer="a", extractor_id="e1"))
     save_head(head, tmp_path / "head")
     return tmp_path / "head"
 
@@ -67,3 +78,61 @@ def test_tensors_without_their_sidecar_are_refused(tmp_path: Path):
         load_head(stem)
     save_head(head, stem)  # the stage rerun
     np.testing.assert_allclose(load_head(stem).logits(x), head.logits(x), atol=1e-5)
+
+
+# what train wrote before it recorded the backbone, the calibration and the novelty check
+_OLD = {"C": 1.0, "classes": ["a", "b"], "classifier": "logistic", "extractor_id": "e1",
+        "format": "tlflow.linear_head/1", "layer": "pooled", "tensors_sha256": "0" * 64,
+        "val_accuracy": 0.9}
+
+
+def test_the_sidecar_round_trips_and_an_old_one_keeps_its_bytes(tmp_path: Path):
+    """HeadSidecar reads what save_head writes into typed fields (the calibration and the
+    novelty check as records); a sidecar from an older tlflow reads with defaults for what it
+    lacks and is written back byte for byte (key-sorted JSON: DVC sees no change)."""
+    import json
+
+    stem = _saved_head(tmp_path)
+    cal = Calibration(temperature=1.5, folds=5, fit_on="out-of-fold logits, train + val",
+                      nll=0.3, nll_calibrated=0.2)
+    nov = Novelty(k=1, threshold=0.8, rate=0.05, threshold_on="val", reference_rows=20,
+                  train_rows=30)
+    head = load_head(stem)
+    save_head(LinearHead(head.weight, head.bias, head.mean, head.scale, head.classes,
+                         head.meta.with_(calibration=cal, novelty=nov, C=0.5)), stem)
+    got = HeadSidecar.read(meta_path(stem))
+    assert (got.layer, got.extractor_id, got.C, got.classes) == ("a", "e1", 0.5, head.classes)
+    assert got.calibration == cal and got.novelty == nov and got.scores == "probability"
+    assert load_head(stem).meta == got.meta()
+    written = meta_path(stem).read_bytes()
+    HeadSidecar.read(meta_path(stem)).write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == written
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_OLD, indent=2, sort_keys=True) + "\n")
+    meta = HeadSidecar.read(old)
+    assert (meta.backbone, meta.calibration, meta.novelty) == (None, None, None)
+    assert (meta.normalize, meta.scores) == ("standardize", "probability")
+    meta.write(tmp_path / "old-again.json")
+    assert (tmp_path / "old-again.json").read_bytes() == old.read_bytes()
+
+
+_OTHER = '{"format": "tlflow.finetuned/1", "enabled": false}'  # the network's, off
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("{not json", "not valid JSON"),
+    (_OTHER, "not a tlflow.linear_head/1 sidecar"),
+    (_OTHER.replace("finetuned", "linear_head"), "layer: field required"),
+    ('{"format": "tlflow.linear_head/1", "layer": "a", "extractor_id": "e", "classes": [],'
+     ' "novelty": {"k": 1}}', "novelty.threshold: field required"),
+])
+def test_a_malformed_sidecar_is_one_line_naming_it_and_train(tmp_path: Path, text: str,
+                                                               problem: str):
+    path = tmp_path / "head.json"
+    path.write_text(text)
+    for read in (lambda: HeadSidecar.read(path), lambda: parse_meta(text, str(path))):
+        with pytest.raises(TlflowError, match=rf"^{path}: {problem}.*\(written by the train "
+                                              r"stage") as err:
+            read()
+        assert "\n" not in str(err.value)

@@ -1,17 +1,28 @@
 """The backbone as a network to fine-tune: what trains, BatchNorm policy, learning-rate groups."""
 
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.params import Finetune
 from tlflow.tasks.lib.finetune.network import (
+    NetworkMeta,
     build,
     freeze,
+    load_network,
     param_groups,
+    read_meta,
+    save_disabled,
+    save_network,
+    sidecar,
     train_mode,
 )
 from tlflow.tasks.lib.finetune.optim import make_optimizer
+from tlflow.tasks.lib.probe.head import Calibration, meta_path
 
 BACKBONE = "timm/tf_efficientnet_lite0"
 
@@ -78,3 +89,63 @@ def test_learning_rates_and_weight_decay_per_group():
     assert wd_of[id(params["blocks.6.0.conv_pw.weight"])] == 0.05
     assert wd_of[id(params["blocks.6.0.bn1.weight"])] == 0.0
     assert wd_of[id(params["classifier.bias"])] == 0.0
+
+
+# a sidecar the fine-tune stage wrote before it recorded epochs_run, stopped_early and the
+# calibration (tensors_sha256 made up: only the sidecar is read)
+_OLD = {"backbone": BACKBONE, "best_epoch": 2, "classes": ["blue", "green", "red"],
+        "data_config": {"crop_mode": "center", "crop_pct": 0.875, "input_size": [3, 32, 32],
+                        "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3},
+        "enabled": True, "format": "tlflow.finetuned/1", "image_size": 32,
+        "init_head": "probe", "n_blocks": 1, "tensors_sha256": "0" * 64,
+        "trainable": "last_n_blocks", "val_accuracy": 0.75}
+
+
+def test_the_sidecar_round_trips_and_an_old_one_keeps_its_bytes(tmp_path: Path):
+    """NetworkMeta reads what save_network and save_disabled write, typed (the calibration a
+    record); no sidecar reads as not enabled; an older tlflow's sidecar reads with None for
+    what it lacks and is written back byte for byte."""
+    stem = tmp_path / "finetuned"
+    assert read_meta(stem) == NetworkMeta(format="tlflow.finetuned/1", enabled=False)
+    save_disabled(stem)
+    assert read_meta(stem).as_json() == {"format": "tlflow.finetuned/1", "enabled": False}
+
+    net = build(BACKBONE, "none", 32, 0, ("blue", "green", "red"))
+    cal = Calibration(temperature=0.8, fit_on="val logits", nll=0.5, nll_calibrated=0.4)
+    save_network(net, stem, sidecar(net, trainable="head", best_epoch=3, val_accuracy=0.9,
+                                    epochs_run=4, stopped_early=False, calibration=cal))
+    meta = read_meta(stem)
+    assert (meta.enabled, meta.backbone, meta.classes) == (True, BACKBONE,
+                                                           ("blue", "green", "red"))
+    assert (meta.best_epoch, meta.val_accuracy, meta.calibration) == (3, 0.9, cal)
+    assert meta.data_config["input_size"] == [3, 32, 32] and meta.tensors_sha256
+    assert load_network(stem).meta == meta
+    written = meta_path(stem).read_bytes()
+    assert "folds" not in json.loads(written)["calibration"]  # only the keys it was given
+    meta.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == written
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_OLD, indent=2, sort_keys=True) + "\n")
+    meta = NetworkMeta.read(old)
+    assert (meta.epochs_run, meta.stopped_early, meta.calibration) == (None, None, None)
+    meta.write(tmp_path / "old-again.json")
+    assert (tmp_path / "old-again.json").read_bytes() == old.read_bytes()
+
+
+@pytest.mark.parametrize(("obj", "problem"), [
+    ("{not json", "not valid JSON"),
+    ({"format": "tlflow.linear_head/1", "layer": "a"}, "not a tlflow.finetuned/1 sidecar"),
+    ({"format": "tlflow.finetuned/1"}, "enabled: field required"),
+    ({"format": "tlflow.finetuned/1", "enabled": True},
+     "enabled, but backbone, classes or data_config is missing"),
+    ({**_OLD, "best_epoch": "two"}, "best_epoch: input should be a valid integer"),
+])
+def test_a_malformed_sidecar_is_one_line_naming_it_and_finetune(tmp_path: Path, obj,
+                                                                  problem: str):
+    stem = tmp_path / "finetuned"
+    meta_path(stem).write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    with pytest.raises(TlflowError, match=rf"^{meta_path(stem)}: .*{problem}.*\(written by "
+                                          r"the finetune stage") as err:
+        read_meta(stem)
+    assert "\n" not in str(err.value)

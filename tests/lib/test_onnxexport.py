@@ -25,7 +25,7 @@ from tlflow.tasks.lib.models.onnxexport import (
     require_onnx,
     run_onnx,
 )
-from tlflow.tasks.lib.probe.head import LinearHead
+from tlflow.tasks.lib.probe.head import HeadMeta, LinearHead
 from tlflow.tasks.lib.probe.sweep import make_probe, to_head
 
 NAME = "timm/test_efficientnet"
@@ -55,11 +55,11 @@ def test_the_probe_graph_scores_as_the_head_does(images: list[Path], train: dict
     codes = encode(CodeExtractor(backbone, ("pooled",)), x, torch.device("cpu"),
                    "fp32")["pooled"]
     head = to_head(make_probe(1.0, Train(**train), 0).fit(codes, _labels(images)),
-                   {"layer": "pooled", "extractor_id": "e"})
+                   HeadMeta(layer="pooled", extractor_id="e"))
     if scores == "ovr_probability":  # what an sgd log-loss head on 3 classes records
         head = LinearHead(head.weight, head.bias, head.mean, head.scale, head.classes,
-                          {**head.meta, "scores": scores})
-    assert head.meta["scores"] == scores
+                          head.meta.with_(scores=scores))
+    assert head.meta.scores == scores
     want = head.predict_proba(codes) if head.has_probabilities else head.logits(codes)
     with torch.inference_mode():
         got = ProbeGraph(backbone, head).eval()(x).numpy()

@@ -9,7 +9,7 @@ from sklearn.preprocessing import StandardScaler
 from tlflow.tasks.lib.core.params import Train
 from tlflow.tasks.lib.features.store import FeatureStore
 from tlflow.tasks.lib.probe import sgd
-from tlflow.tasks.lib.probe.head import load_head, save_head
+from tlflow.tasks.lib.probe.head import HeadMeta, load_head, save_head
 from tlflow.tasks.lib.probe.sweep import make_probe, to_head
 
 N_CLASSES, DIM = 3, 8
@@ -90,12 +90,12 @@ def test_sgd_head_exports_exactly(store, tmp_path: Path, loss, normalize):
     path, train, val = store
     cfg = Train(classifier="sgd", loss=loss, normalize=normalize, class_weight="balanced")
     probe = sgd.probe(sgd.Stream(path, "signal", train), 1.0, cfg, 0)
-    save_head(to_head(probe, {"layer": "signal", "extractor_id": "e"}), tmp_path / "h")
+    save_head(to_head(probe, HeadMeta(layer="signal", extractor_id="e")), tmp_path / "h")
     head = load_head(tmp_path / "h")
     x, _ = _in_memory(path, val, "signal")
     np.testing.assert_array_equal(head.predict(x), probe.predict(x))
     if loss == "log_loss":
-        assert head.meta["scores"] == "ovr_probability"
+        assert head.meta.scores == "ovr_probability"
         np.testing.assert_allclose(head.predict_proba(x), probe.predict_proba(x), atol=1e-5)
     else:
         assert not head.has_probabilities

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tlflow.tasks.lib.core.params import Train
-from tlflow.tasks.lib.probe.head import load_head, save_head
+from tlflow.tasks.lib.probe.head import HeadMeta, load_head, save_head
 from tlflow.tasks.lib.probe.sweep import Split, best, make_probe, sweep, to_head
 
 CFG = Train(C_grid=(0.01, 1.0, 100.0))
@@ -59,7 +59,7 @@ def test_every_classifier_and_normalization_exports_exactly(tmp_path, classifier
     cfg = Train(classifier=classifier, normalize=normalize, class_weight="balanced")
     probe = make_probe(1.0, cfg, 0).fit(x, y)
     assert probe.score(x, y) > 0.9  # separable
-    head = to_head(probe, {"layer": "a", "extractor_id": "e1"})
+    head = to_head(probe, HeadMeta(layer="a", extractor_id="e1"))
     save_head(head, tmp_path / "head")
     head = load_head(tmp_path / "head")
     np.testing.assert_array_equal(head.predict(x), probe.predict(x))

@@ -12,6 +12,8 @@ file's keys, read and written by the same class (`Model.read(path)`, `model.writ
 | eval_metrics                 | EvalMetrics  | evaluate   | the run summary, history       |
 | per_class                    | PerClass     | evaluate   | the run summary, the report    |
 | predictions                  | Predictions  | evaluate   | the run summary, the report    |
+| coverage                     | Coverage     | evaluate   | the report                     |
+| finetune_curve               | FinetuneCurve| finetune   | the report                     |
 | duplicates                   | Duplicates   | audit      | the run summary, the report    |
 | label_issues                 | LabelIssues  | audit      | the run summary, the report    |
 | balance                      | Balance      | audit      | the report                     |
@@ -26,7 +28,8 @@ every test score, nested by model as users' scripts read it (`["probe"]["accurac
 git-tracked, not a DVC metric. `dvc metrics diff` compares numbers; the details behind them are
 reports/ files and plots.
 
-(The manifest's owner is tasks/lib/data/manifest.py; the model files' are head.py and network.py.)
+(The manifest's owner is tasks/lib/data/manifest.py; the model files' sidecars are
+tasks/lib/probe/head.py's HeadSidecar and tasks/lib/finetune/network.py's NetworkMeta.)
 A missing or malformed file is a TlflowError naming the file and the stage that writes it. A
 model ignores keys it does not know (a newer tlflow's file still reads) and requires the ones
 it does, unless a default says what an older tlflow's file meant without them.
@@ -457,6 +460,89 @@ class PerClass(Handoff):
             w.writerow([c, cell[models[0], c].support]
                        + [f"{v:.6g}" for m in models for v in
                           (cell[m, c].precision, cell[m, c].recall, cell[m, c].f1)])
+        write_text(path, buf.getvalue())
+
+
+class CoverageRow(Record):
+    """The reject option at one min confidence (tasks/lib/probe/calibration.coverage_table)."""
+
+    min_confidence: float  # P in [0, 1]: images below it are "unsure"
+    coverage: float  # the share of test images kept (confidence >= P), in [0, 1]
+    accuracy: float | None  # on those kept, in [0, 1]; None when none is
+    kept: int  # test images kept
+
+
+COVERAGE_COLUMNS = ("min_confidence", "coverage", "accuracy", "kept")
+
+
+class Coverage(Handoff):
+    """plots/coverage.csv (a DVC plot): one row per min confidence, the probe's calibrated
+    confidence on the test split; no row for decision values without a temperature."""
+
+    STAGE: ClassVar[str] = "evaluate"
+    rows: tuple[CoverageRow, ...]
+
+    @classmethod
+    def parse(cls, text: str | bytes, path: Path) -> Coverage:
+        try:
+            table = list(csv.DictReader(io.StringIO(
+                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            if table and set(COVERAGE_COLUMNS) - set(table[0]):
+                raise KeyError(f"expected the columns {list(COVERAGE_COLUMNS)}")
+            return cls(rows=tuple(CoverageRow(
+                min_confidence=float(r["min_confidence"]), coverage=float(r["coverage"]),
+                accuracy=float(r["accuracy"]) if r["accuracy"] != "" else None,
+                kept=int(r["kept"])) for r in table))
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+            raise handoff_error(path, cls.STAGE, f"not a coverage table ({err})") from None
+
+    def write(self, path: Path) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COVERAGE_COLUMNS)
+        for r in self.rows:
+            w.writerow([f"{r.min_confidence:g}", f"{r.coverage:.6g}",
+                        "" if r.accuracy is None else f"{r.accuracy:.6g}", r.kept])
+        write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- finetune
+
+
+class CurvePoint(Record):
+    """One fine-tuning epoch (tasks/lib/finetune/loop.py, rounded to 6 decimals there)."""
+
+    epoch: int  # numbered along the whole curve (a second phase continues the first's)
+    train_loss: float  # mean cross-entropy over the epoch's batches, nats per image
+    val_accuracy: float  # after the epoch, in [0, 1]
+
+
+CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
+
+
+class FinetuneCurve(Handoff):
+    """plots/finetune.csv (a DVC plot): one row per epoch run, in order; only the header when
+    fine-tuning is off."""
+
+    STAGE: ClassVar[str] = "finetune"
+    points: tuple[CurvePoint, ...]
+
+    @classmethod
+    def parse(cls, text: str | bytes, path: Path) -> FinetuneCurve:
+        try:
+            table = list(csv.DictReader(io.StringIO(
+                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            return cls(points=tuple(CurvePoint(
+                epoch=int(r["epoch"]), train_loss=float(r["train_loss"]),
+                val_accuracy=float(r["val_accuracy"])) for r in table))
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+            raise handoff_error(path, cls.STAGE, f"not a fine-tuning curve ({err})") from None
+
+    def write(self, path: Path) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(CURVE_COLUMNS)
+        w.writerows((p.epoch, p.train_loss, p.val_accuracy) for p in self.points)
         write_text(path, buf.getvalue())
 
 

@@ -44,13 +44,13 @@ from tlflow.tasks.lib.scale import ddp
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
 
-    from tlflow.tasks.lib.probe.head import LinearHead
+    from tlflow.tasks.lib.probe.head import Calibration, HeadMeta, LinearHead
 
 say = ddp.say
 
 
 def head_from_probe(codes: np.ndarray, labels: list[str], C: float, train: Train, seed: int,
-                    meta: dict[str, Any]) -> LinearHead:
+                    meta: HeadMeta) -> LinearHead:
     """The head's start: a logistic probe (probes.make_probe, scikit-learn's, standardized)
     on the train split's pooled codes (N, D) and labels, at C (the sweep's choice for
     pooled), as a LinearHead with `meta`.
@@ -115,15 +115,16 @@ def logits(net: Network, batches, device: torch.device, precision: str = "fp32")
     return np.concatenate(out) if out else np.empty((0, len(net.classes)))
 
 
-def val_temperature(net: Network, val: Images, cfg: Finetune, device: torch.device) -> dict:
+def val_temperature(net: Network, val: Images, cfg: Finetune,
+                    device: torch.device) -> Calibration:
     """Temperature scaling of the chosen network on the val split's logits (trust.py): the
     record its sidecar keeps, which predict's --min-confidence divides the logits by."""
     from tlflow.tasks.lib.probe.trust import fit_network_temperature
 
     z = logits(net, loader(val, cfg, device, False), device, cfg.precision)
     record = fit_network_temperature(z, np.array(val.targets))
-    say(f"finetune: temperature {record['temperature']:.3f} on val (NLL "
-        f"{record['nll']:.4f} -> {record['nll_calibrated']:.4f})")
+    say(f"finetune: temperature {record.temperature:.3f} on val (NLL "
+        f"{record.nll:.4f} -> {record.nll_calibrated:.4f})")
     return record
 
 
@@ -223,7 +224,7 @@ class Tuned:
     val_accuracy: float
     stopped_early: bool
     curve: list[dict]
-    calibration: dict | None
+    calibration: Calibration | None
 
 
 def fine_tune(net: Network, train_ds: Images, val_ds: Images, cfg: Finetune, seed: int,

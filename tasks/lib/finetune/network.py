@@ -3,25 +3,68 @@
 Blocks are the backbone's stages (timm's feature_info, torchvision's top-level children with
 parameters). `last_n_blocks` trains the last N of them and everything after them (for
 EfficientNet: conv_head, bn2 and the classifier); everything before stays frozen.
+
+The network's sidecar <finetuned>.json is a hand-off file (finetune writes it; evaluate, the
+run summary, predict, export and the history read it): one pydantic model, `NetworkMeta`,
+written back with the keys it was given (tasks/lib/probe/head.py's ModelMeta).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
-from tlflow.tasks.lib.core.errors import TlflowError, handoff_error
-from tlflow.tasks.lib.core.files import atomic_path, write_json
+from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.files import atomic_path
 from tlflow.tasks.lib.core.params import Finetune
 from tlflow.tasks.lib.features.backbones import Backbone, create_backbone
-from tlflow.tasks.lib.probe.head import LinearHead, check_pair, meta_path, tensors_path, write_pair
+from tlflow.tasks.lib.probe.head import (
+    LinearHead,
+    ModelMeta,
+    check_pair,
+    meta_path,
+    tensors_path,
+    write_pair,
+)
 
 FORMAT = "tlflow.finetuned/1"
+
+
+class NetworkMeta(ModelMeta):
+    """<finetuned>.json: whether the fine-tune stage ran (`enabled`); when it did, what
+    rebuilds the network (backbone, classes, timm's data config, the tensors' sha256), how it
+    was trained and its calibration on val. Keys a sidecar from an older tlflow lacks default
+    to None (not recorded then)."""
+
+    STAGE: ClassVar[str] = "finetune"
+    FORMAT: ClassVar[str | None] = FORMAT
+    format: Literal["tlflow.finetuned/1"]
+    enabled: bool  # False: the stage did not fine-tune (finetune.enabled off, no plan)
+    backbone: str | None = None  # <source>/<model>, built with weights none, then loaded
+    classes: tuple[str, ...] = ()  # in the classifier's output order
+    # timm's data config: input_size [3, H, W] pixels, mean, std, interpolation, crop_pct...
+    data_config: dict[str, Any] | None = None
+    tensors_sha256: str | None = None  # the safetensors file it goes with
+    trainable: str | None = None  # the phases, "+"-joined: head | last_n_blocks | all
+    n_blocks: int | None = None  # finetune.n_blocks
+    init_head: str | None = None  # finetune.init_head: probe | random
+    image_size: int | None = None  # pixels, the input size it was trained at
+    best_epoch: int | None = None  # the epoch kept (best on val), numbered along the curve
+    val_accuracy: float | None = None  # of that epoch, in [0, 1]
+    epochs_run: int | None = None  # epochs trained, every phase
+    stopped_early: bool | None = None  # early stopping (finetune.patience) ended the kept phase
+
+    @model_validator(mode="after")
+    def _rebuildable(self) -> NetworkMeta:
+        if self.enabled and (self.backbone is None or not self.classes
+                             or self.data_config is None):
+            raise ValueError("enabled, but backbone, classes or data_config is missing")
+        return self
 
 
 @dataclass
@@ -30,8 +73,9 @@ class Network:
 
     backbone: Backbone
     classes: tuple[str, ...]
-    # the sidecar it was loaded from (load_network): its calibration, epochs, ...; {} when built
-    meta: dict[str, Any] = field(default_factory=dict)
+    # the sidecar it was loaded from (load_network): its calibration, epochs, ...; when built,
+    # not yet fine-tuned (enabled False)
+    meta: NetworkMeta = field(default_factory=lambda: NetworkMeta(format=FORMAT, enabled=False))
 
     @property
     def model(self) -> nn.Module:
@@ -66,7 +110,7 @@ def init_from_probe(net: Network, head: LinearHead) -> None:
 
     logits = ((x - mean) / scale) @ W.T + b = x @ (W / scale).T + (b - (W / scale) @ mean)
     """
-    if head.meta.get("normalize") == "l2":
+    if head.meta.normalize == "l2":
         raise TlflowError("finetune.init_head: a probe with train.normalize: l2 is not linear in "
                           "the codes and cannot start the network's head; use init_head: random")
     if tuple(head.classes) != net.classes:
@@ -171,32 +215,33 @@ def save_disabled(stem: Path) -> None:
 
     with atomic_path(tensors_path(stem)) as tmp:
         save_file({}, str(tmp), metadata={"format": FORMAT})
-    write_json(meta_path(stem), {"format": FORMAT, "enabled": False})
+    NetworkMeta(format=FORMAT, enabled=False).write(meta_path(stem))
 
 
-def read_meta(stem: Path) -> dict[str, Any]:
-    """The fine-tuned network's sidecar; {"enabled": False} before the stage has run."""
+def read_meta(stem: Path) -> NetworkMeta:
+    """The fine-tuned network's sidecar; enabled False (and nothing else) before the stage has
+    run. A malformed one is a TlflowError naming it and the finetune stage."""
     path = meta_path(stem)
     if not path.is_file():
-        return {"enabled": False}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise handoff_error(path, "finetune", f"not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise handoff_error(path, "finetune", f"not a {FORMAT} sidecar")
-    return meta
+        return NetworkMeta(format=FORMAT, enabled=False)
+    return NetworkMeta.read(path)
 
 
-def save_network(net: Network, stem: Path, meta: dict[str, Any]) -> None:
-    """<stem>.safetensors (the state dict) and <stem>.json (what rebuilds the network)."""
+def sidecar(net: Network, **record: Any) -> NetworkMeta:
+    """The fine-tuned network's sidecar: how it was trained (`record`: NetworkMeta's training
+    keys, trainable ... calibration) and what rebuilds it (its backbone, classes, data config);
+    save_network adds the tensors' sha256."""
+    return NetworkMeta.model_validate({
+        **record, "format": FORMAT, "enabled": True, "backbone": net.backbone.name,
+        "classes": net.classes, "data_config": net.backbone.identity()["preprocess"]})
+
+
+def save_network(net: Network, stem: Path, meta: NetworkMeta) -> None:
+    """<stem>.safetensors (the state dict) and <stem>.json (`meta`, from `sidecar`)."""
     from safetensors.torch import save_file
 
     state = state_tensors(net.model)
-    write_pair(stem, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}), {
-        **meta, "format": FORMAT, "enabled": True, "backbone": net.backbone.name,
-        "classes": list(net.classes), "data_config": net.backbone.identity()["preprocess"],
-    })
+    write_pair(stem, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}), meta)
 
 
 def load_network(stem: Path) -> Network:
@@ -205,14 +250,14 @@ def load_network(stem: Path) -> Network:
     from safetensors.torch import load_file
 
     meta = read_meta(stem)
-    if not meta.get("enabled"):
+    if not meta.enabled:
         raise TlflowError(f"{meta_path(stem)}: no fine-tuned network (set finetune.enabled: true "
                           "and run `tlflow run`)")
     check_pair(stem, meta, "finetune")
-    backbone = create_backbone(meta["backbone"], "none")
-    cfg = meta["data_config"]
+    backbone = create_backbone(meta.backbone, "none")
+    cfg = meta.data_config or {}
     backbone.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    net = new_network(backbone, tuple(meta["classes"]))
+    net = new_network(backbone, meta.classes)
     net.meta = meta
     try:
         state = load_file(str(tensors_path(stem)))
@@ -221,7 +266,7 @@ def load_network(stem: Path) -> Network:
     try:
         net.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise TlflowError(f"{tensors_path(stem)}: does not fit {meta['backbone']}: "
+        raise TlflowError(f"{tensors_path(stem)}: does not fit {meta.backbone}: "
                           f"{err}") from None
     net.model.eval()
     return net

@@ -48,10 +48,10 @@ class ProbeGraph(nn.Module):
 
     def __init__(self, backbone: Backbone, head: LinearHead) -> None:
         super().__init__()
-        self.layer = head.meta["layer"]
+        self.layer = head.meta.layer
         self.extractor = CodeExtractor(backbone, (self.layer,))
-        self.l2 = head.meta.get("normalize") == "l2"
-        self.scores = head.meta.get("scores", "probability")
+        self.l2 = head.meta.normalize == "l2"
+        self.scores = head.meta.scores
         for name in ("weight", "bias", "mean", "scale"):
             self.register_buffer(name, torch.as_tensor(np.asarray(getattr(head, name)),
                                                        dtype=torch.float32))

@@ -92,12 +92,12 @@ def served_backbone(head: LinearHead, params: Params,
 
     backbone = head_backbone(head, params)
     cfg = served_extractor(params.extract, backbone.identity(), device,
-                           head.meta["extractor_id"])
+                           head.meta.extractor_id)
     ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
-    if ext_id != head.meta["extractor_id"]:
+    if ext_id != head.meta.extractor_id:
         raise TlflowError(
             f"params.yaml: extract describes extractor {ext_id} on {device}, the head was "
-            f"trained on {head.meta['extractor_id']}; run `tlflow run` first"
+            f"trained on {head.meta.extractor_id}; run `tlflow run` first"
         )
     return backbone, cfg
 
@@ -109,9 +109,9 @@ def head_backbone(head: LinearHead, params: Params) -> Backbone:
     from tlflow.tasks.lib.features.backbones import create_backbone
 
     cfg, meta = params.extract, head.meta
-    if "backbone" in meta:
-        backbone = create_backbone(meta["backbone"], meta["weights"], None, params.base.seed)
-        backbone.resize(int(meta["input_size"]))
+    if meta.backbone is not None:
+        backbone = create_backbone(meta.backbone, meta.weights, None, params.base.seed)
+        backbone.resize(int(meta.input_size))
         return backbone
     backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
     if cfg.image_size == "auto":  # as extract resolved it for the current store

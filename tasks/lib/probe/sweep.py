@@ -27,7 +27,7 @@ from tlflow.tasks.lib.core.handoff import SweepRow
 from tlflow.tasks.lib.core.params import Train
 from tlflow.tasks.lib.data.manifest import Row
 from tlflow.tasks.lib.features.store import FeatureStore
-from tlflow.tasks.lib.probe.head import LinearHead
+from tlflow.tasks.lib.probe.head import HeadMeta, LinearHead
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,9 @@ def best(table: list[SweepRow]) -> SweepRow:
     return max(table, key=lambda r: r.val_accuracy)
 
 
-def to_head(probe: Pipeline, meta: dict) -> LinearHead:
-    """Export a fitted normalization + linear classifier pipeline as plain tensors."""
+def to_head(probe: Pipeline, meta: HeadMeta) -> LinearHead:
+    """Export a fitted normalization + linear classifier pipeline as plain tensors; the head's
+    record is `meta` with what the pipeline says (normalize, scores) added."""
     norm, clf = probe.named_steps["norm"], probe.named_steps["clf"]
     w, b = clf.coef_, clf.intercept_
     if w.shape[0] == 1:  # binary: sklearn keeps one logit; softmax over (-z/2, z/2) is sigmoid(z)
@@ -117,8 +118,8 @@ def to_head(probe: Pipeline, meta: dict) -> LinearHead:
         mean, scale = np.zeros(dim), np.ones(dim)
         kind = "l2" if isinstance(norm, Normalizer) else "none"
     scores = _scores(clf, len(clf.classes_))
-    meta = {**meta, "normalize": kind, "scores": scores}
-    return LinearHead(w, b, mean, scale, tuple(map(str, clf.classes_)), meta)
+    return LinearHead(w, b, mean, scale, tuple(map(str, clf.classes_)),
+                      meta.with_(normalize=kind, scores=scores))
 
 
 def _scores(clf, n_classes: int) -> str:

@@ -20,19 +20,18 @@ only), by the fine-tune stage.
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tlflow.tasks.lib.core.handoff import Coverage, CoverageRow
 from tlflow.tasks.lib.probe import calibration, novelty
-from tlflow.tasks.lib.probe.head import LinearHead
+from tlflow.tasks.lib.probe.head import Calibration, HeadMeta, LinearHead, ModelMeta, Novelty
 
 FOLDS = 5  # out-of-fold logits for the probe's temperature
-COVERAGE_COLUMNS = ("min_confidence", "coverage", "accuracy", "kept")
+_FOLD = HeadMeta(layer="", extractor_id="")  # a fold's probe: only its logits are read
 
 
 # ---------------------------------------------------------------- fitted by train
@@ -48,13 +47,13 @@ def logits_for(scores: np.ndarray, kind: str) -> np.ndarray:
 def head_logits(head: LinearHead, codes: np.ndarray) -> np.ndarray:
     """The scores temperature scaling divides (N, K): a softmax head's logits, an SVM's
     decision values, the log of a one-vs-rest head's normalized probabilities."""
-    if head.meta.get("scores") == "ovr_probability":
+    if head.meta.scores == "ovr_probability":
         return calibration.logits_of(head.predict_proba(codes))
     return head.logits(codes)
 
 
 def fit_probe_temperature(x: np.ndarray, y: np.ndarray, C: float, cfg: Any,
-                          seed: int) -> dict | None:
+                          seed: int) -> Calibration | None:
     """The calibration record of a probe at C (train.* as `cfg`, logistic or linear_svm) refit
     on codes x (N, D) with labels y (N,): out-of-fold logits over k = min(5, smallest class)
     stratified folds (seeded), the temperature fitted on them, and their NLL before and
@@ -73,12 +72,12 @@ def fit_probe_temperature(x: np.ndarray, y: np.ndarray, C: float, cfg: Any,
         return None
     z = np.zeros((len(y), max(len(classes), 2)))
     for fit, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
-        z[held] = head_logits(to_head(make_probe(C, cfg, seed).fit(x[fit], y[fit]), {}),
+        z[held] = head_logits(to_head(make_probe(C, cfg, seed).fit(x[fit], y[fit]), _FOLD),
                               x[held])
     t = calibration.fit_temperature(z, y_idx)
-    return {"method": "temperature", "temperature": t, "folds": k,
-            "fit_on": "out-of-fold logits, train + val",
-            "nll": calibration.nll(z, y_idx), "nll_calibrated": calibration.nll(z, y_idx, t)}
+    return Calibration(method="temperature", temperature=t, folds=k,
+                       fit_on="out-of-fold logits, train + val", nll=calibration.nll(z, y_idx),
+                       nll_calibrated=calibration.nll(z, y_idx, t))
 
 
 def novelty_space(head: LinearHead, codes: np.ndarray) -> np.ndarray:
@@ -87,19 +86,21 @@ def novelty_space(head: LinearHead, codes: np.ndarray) -> np.ndarray:
     return novelty.unit(head.features(np.asarray(codes, dtype=np.float32)))
 
 
-def fit_novelty(head: LinearHead, x_train: np.ndarray,
-                x_held: np.ndarray | None, seed: int) -> tuple[np.ndarray, dict]:
+def fit_novelty(head: LinearHead, x_train: np.ndarray, x_held: np.ndarray | None, seed: int,
+                train_rows: int | None = None) -> tuple[np.ndarray, Novelty]:
     """The reference codes (R, D) float16 (novelty.reference_rows of x_train, raw codes as
     the store holds them) and the record: k, the threshold set on x_held (the val codes; None:
-    train's own codes, each left out of its search), the rate, the rows kept."""
+    train's own codes, each left out of its search), the rate, the rows kept, the train
+    images they were drawn from (`train_rows`; default len(x_train))."""
     rows = novelty.reference_rows(len(x_train), novelty.MAX_REFERENCE, seed)
     reference = x_train[rows].astype(np.float16)
     space = novelty_space(head, reference)  # what predict will compare to
     held = None if x_held is None or not len(x_held) else novelty_space(head, x_held)
     limit = novelty.threshold(novelty.kth_distance(space, held, novelty.K), novelty.RATE)
-    return reference, {"k": novelty.K, "threshold": limit, "rate": novelty.RATE,
-                       "threshold_on": "train, leave one out" if held is None else "val",
-                       "reference_rows": len(rows), "train_rows": len(x_train)}
+    return reference, Novelty(k=novelty.K, threshold=limit, rate=novelty.RATE,
+                              threshold_on="train, leave one out" if held is None else "val",
+                              reference_rows=len(rows),
+                              train_rows=len(x_train) if train_rows is None else train_rows)
 
 
 def attach(head: LinearHead, store_path: Path, rows: list, cfg: Any, seed: int) -> LinearHead:
@@ -112,7 +113,7 @@ def attach(head: LinearHead, store_path: Path, rows: list, cfg: Any, seed: int) 
     val = [r for r in rows if r.split == "val"]
     keep = novelty.reference_rows(len(train), novelty.MAX_REFERENCE, seed)
     held = novelty.reference_rows(len(val), 4 * novelty.MAX_REFERENCE, seed)
-    layer, in_memory = head.meta["layer"], cfg.classifier != "sgd"
+    layer, in_memory = head.meta.layer, cfg.classifier != "sgd"
     with FeatureStore(store_path) as store:
         x_train = store.read(layer, [r.sha256 for r in (train if in_memory else
                                                         [train[i] for i in keep])])
@@ -120,22 +121,23 @@ def attach(head: LinearHead, store_path: Path, rows: list, cfg: Any, seed: int) 
     cal = None
     if in_memory:
         y = np.array([r.label for r in train + val])
-        cal = fit_probe_temperature(np.vstack([x_train, x_val]), y, head.meta["C"], cfg, seed)
+        cal = fit_probe_temperature(np.vstack([x_train, x_val]), y, head.meta.C, cfg, seed)
         x_train = x_train[keep]
-    reference, nov = fit_novelty(head, x_train, x_val[held] if len(val) else None, seed)
-    nov["train_rows"] = len(train)
-    return replace(head, meta={**head.meta, "calibration": cal, "novelty": nov},
-                   reference=reference)
+    reference, nov = fit_novelty(head, x_train, x_val[held] if len(val) else None, seed,
+                                 len(train))
+    return replace(head, meta=head.meta.with_(
+        calibration=cal and cal.model_dump(exclude_unset=True),
+        novelty=nov.model_dump(exclude_unset=True)), reference=reference)
 
 
-def describe(meta: dict) -> str:
+def describe(meta: HeadMeta) -> str:
     """One line on what train fitted: the temperature and the novelty threshold."""
-    cal, nov = meta.get("calibration"), meta.get("novelty")
-    a = (f"temperature {cal['temperature']:.3f} (out-of-fold NLL {cal['nll']:.4f} -> "
-         f"{cal['nll_calibrated']:.4f}, {cal['folds']} folds)" if cal else "not calibrated")
-    b = (f"novel beyond a distance of {nov['threshold']:.3f} to the {nov['k']}th neighbour "
-         f"({nov['rate']:.0%} of {nov['threshold_on']}; {nov['reference_rows']} of "
-         f"{nov['train_rows']} train codes kept)" if nov else "no novelty check")
+    cal, nov = meta.calibration, meta.novelty
+    a = (f"temperature {cal.temperature:.3f} (out-of-fold NLL {cal.nll:.4f} -> "
+         f"{cal.nll_calibrated:.4f}, {cal.folds} folds)" if cal else "not calibrated")
+    b = (f"novel beyond a distance of {nov.threshold:.3f} to the {nov.k}th neighbour "
+         f"({nov.rate:.0%} of {nov.threshold_on}; {nov.reference_rows} of "
+         f"{nov.train_rows} train codes kept)" if nov else "no novelty check")
     return f"{a}; {b}"
 
 
@@ -154,24 +156,23 @@ class Assessment:
     distance: np.ndarray | None  # (N,) k-th neighbour distance
 
 
-def fit_network_temperature(z: np.ndarray, y_idx: np.ndarray) -> dict:
+def fit_network_temperature(z: np.ndarray, y_idx: np.ndarray) -> Calibration:
     """The calibration record of the fine-tuned network from its val logits z (N, K) and
     true class indices (N,): val took no part in its training (it only chose the epoch), so
     its logits are held out, as in Guo et al. (2017). Rounded (T to 4 decimals, the NLLs to
     6): the same run gives the same sidecar bytes, whatever the last bits of its logits."""
     t = round(calibration.fit_temperature(z, y_idx), 4)
-    return {"method": "temperature", "temperature": t, "fit_on": "val logits",
-            "nll": round(calibration.nll(z, y_idx), 6),
-            "nll_calibrated": round(calibration.nll(z, y_idx, t), 6)}
+    return Calibration(method="temperature", temperature=t, fit_on="val logits",
+                       nll=round(calibration.nll(z, y_idx), 6),
+                       nll_calibrated=round(calibration.nll(z, y_idx, t), 6))
 
 
-def temperature(meta: dict) -> float | None:
+def temperature(meta: ModelMeta) -> float | None:
     """The temperature a model's sidecar records; None when it was not calibrated."""
-    cal = meta.get("calibration") or {}
-    return cal.get("temperature")
+    return meta.calibration.temperature if meta.calibration else None
 
 
-def confidence(logits: np.ndarray, meta: dict, probabilities: bool) -> tuple[np.ndarray | None,
+def confidence(logits: np.ndarray, meta: ModelMeta, probabilities: bool) -> tuple[np.ndarray | None,
                                                                              bool]:
     """(top probability per image, calibrated?): softmax(logits / T) when the sidecar has a
     temperature, else the model's own probabilities, or None for uncalibrated decision
@@ -182,7 +183,7 @@ def confidence(logits: np.ndarray, meta: dict, probabilities: bool) -> tuple[np.
     return (calibration.softmax(logits).max(axis=1), False) if probabilities else (None, False)
 
 
-def assess(logits: np.ndarray, meta: dict, probabilities: bool,
+def assess(logits: np.ndarray, meta: ModelMeta, probabilities: bool,
            min_confidence: float | None, head: LinearHead | None = None,
            codes: np.ndarray | None = None) -> Assessment:
     """The calibrated confidence of each image (logits (N, K)), which are below
@@ -201,7 +202,7 @@ def assess(logits: np.ndarray, meta: dict, probabilities: bool,
 def has_novelty(head: LinearHead) -> bool:
     """Whether the head carries a novelty check: reference codes and a threshold (heads
     trained before tlflow recorded them have neither)."""
-    return head.reference is not None and bool(head.meta.get("novelty"))
+    return head.reference is not None and head.meta.novelty is not None
 
 
 def novel_codes(head: LinearHead, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,21 +219,21 @@ def novel_codes(head: LinearHead, codes: np.ndarray) -> tuple[np.ndarray, np.nda
                          f"(N, {head.mean.shape[0]})")
     if not len(codes):
         return np.zeros(0, np.float32), np.zeros(0, bool)
-    nov = head.meta["novelty"]
+    nov = head.meta.novelty
     distance = novelty.kth_distance(novelty_space(head, head.reference),
-                                    novelty_space(head, codes), nov["k"])
-    return distance, novelty.is_novel(distance, nov["threshold"])
+                                    novelty_space(head, codes), nov.k)
+    return distance, novelty.is_novel(distance, nov.threshold)
 
 
 # ---------------------------------------------------------------- scored by evaluate
 
 
-def calibration_scores(logits: np.ndarray, y_idx: np.ndarray, meta: dict,
-                       probabilities: bool) -> tuple[dict, list[dict]]:
+def calibration_scores(logits: np.ndarray, y_idx: np.ndarray, meta: ModelMeta,
+                       probabilities: bool) -> tuple[dict, Coverage]:
     """On the test split (logits (N, K), true class indices (N,)): {ece, ece_t}
     (each only when there are such probabilities) and the accuracy-coverage rows at
-    calibration.COVERAGE_AT, from the calibrated confidence (the model's own without a
-    temperature)."""
+    calibration.COVERAGE_AT (plots/coverage.csv; none for uncalibrated decision values), from
+    the calibrated confidence (the model's own without a temperature)."""
     out: dict[str, float] = {}
     if probabilities:
         out["ece"] = calibration.expected_calibration_error(calibration.softmax(logits), y_idx)
@@ -242,31 +243,7 @@ def calibration_scores(logits: np.ndarray, y_idx: np.ndarray, meta: dict,
             calibration.softmax(logits, t), y_idx)
     conf, _ = confidence(logits, meta, probabilities)
     if conf is None:
-        return out, []
-    return out, calibration.coverage_table(conf, logits.argmax(axis=1) == y_idx)
-
-
-def write_coverage(path: Path, rows: list[dict]) -> None:
-    """plots/coverage.csv (evaluate; DVC plots it): min_confidence, coverage, accuracy (empty
-    when nothing is kept), kept; one row per min confidence."""
-    from tlflow.tasks.lib.core.files import write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COVERAGE_COLUMNS)
-    for r in rows:
-        w.writerow([f"{r['min_confidence']:g}", f"{r['coverage']:.6g}",
-                    "" if r["accuracy"] is None else f"{r['accuracy']:.6g}", r["kept"]])
-    write_text(path, buf.getvalue())
-
-
-def read_coverage(path: Path) -> list[dict[str, str]]:
-    """plots/coverage.csv as rows (column -> text), for the report; a file without the
-    columns write_coverage writes is an error naming it and the evaluate stage."""
-    from tlflow.tasks.lib.core.errors import handoff_error
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(COVERAGE_COLUMNS) - set(rows[0]):
-        raise handoff_error(path, "evaluate", f"expected the columns {list(COVERAGE_COLUMNS)}")
-    return rows
+        return out, Coverage(rows=())
+    return out, Coverage(rows=tuple(CoverageRow.model_validate(r) for r in
+                                    calibration.coverage_table(conf, logits.argmax(axis=1)
+                                                               == y_idx)))
