@@ -200,7 +200,7 @@ def test_on_the_graph_is_a_dvc_output_that_promote_registers(staged: Path, capsy
     out = capsys.readouterr().out
     assert out == f"promoted probe-onnx v0.0.1 ({head[:7]}) to prod: no model serves yet\n"
     terms = registry.sidecar_at(staged, paths, "probe-onnx", head)
-    assert terms["val_accuracy"] == json.loads(Path("models/head.json").read_text())[
+    assert terms.val_accuracy == json.loads(Path("models/head.json").read_text())[
         "val_accuracy"]  # the graph's metric is its model's
     assert registry.promoted(staged) is None  # predict serves models only: unchanged
     assert main(["promote", "--model", "finetuned-onnx"]) == 2

@@ -54,7 +54,8 @@ SAME = {"extractor_id": "e1", "val_set": "v1", "classes": ["a", "b"]}
     ],
 )
 def test_promotion_rule(current, candidate, margin, promoted, why):
-    yes, reason = registry.promotion(current, candidate, margin)
+    terms = registry.Terms.model_validate
+    yes, reason = registry.promotion(current and terms(current), terms(candidate), margin)
     assert yes is promoted
     assert why in reason
 

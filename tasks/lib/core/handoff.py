@@ -82,7 +82,7 @@ class Handoff(Record):
         try:
             return cls.model_validate(obj)
         except ValidationError as err:
-            raise handoff_error(path, cls.STAGE, _problem(err)) from None
+            raise handoff_error(path, cls.STAGE, problem(err)) from None
 
     def as_json(self) -> dict[str, Any]:
         """The file's JSON object."""
@@ -93,7 +93,7 @@ class Handoff(Record):
         write_json(path, self.as_json())
 
 
-def _problem(err: ValidationError) -> str:
+def problem(err: ValidationError) -> str:
     """pydantic's first complaint as a phrase: where in the file, and what."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "the file"

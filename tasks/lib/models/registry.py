@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.gitrepo import GitRepo
+from tlflow.tasks.lib.core.handoff import Record, problem
 from tlflow.tasks.lib.core.params import Paths
 from tlflow.tasks.lib.models.exported import (
     MODELS,
@@ -44,7 +46,17 @@ _DESCRIPTIONS = {"probe": "linear probe on the cached codes (tlflow stage train)
                                  f"export.model: {m})" for m in MODELS}}
 
 
-def promotion(current: dict[str, Any] | None, candidate: dict[str, Any],
+class Terms(Record):
+    """What the promotion rule compares of a model version, from its sidecar at that commit
+    (a probe's, a fine-tuned network's, or an exported graph's source model's)."""
+
+    val_accuracy: float  # on the val split the model was chosen on
+    extractor_id: str | None = None  # the codes it reads (None: a fine-tuned network's own)
+    val_set: str | None = None  # the val split's identity (probes.val_set_id)
+    classes: tuple[str, ...] | None = None
+
+
+def promotion(current: Terms | None, candidate: Terms,
               margin: float | None) -> tuple[bool, str]:
     """Does the candidate replace the current model? Only if its val accuracy is not worse
     than the current one's by more than `margin`, when the two are comparable (same
@@ -54,9 +66,9 @@ def promotion(current: dict[str, Any] | None, candidate: dict[str, Any],
     if current is None:
         return True, "no model serves yet"
     for key in ("extractor_id", "val_set", "classes"):
-        if current.get(key) != candidate.get(key):
+        if getattr(current, key) != getattr(candidate, key):
             return True, f"the serving model has other {key}: not comparable"
-    new, old = candidate["val_accuracy"], current["val_accuracy"]
+    new, old = candidate.val_accuracy, current.val_accuracy
     if new >= old - margin:
         return True, f"val accuracy {new:.4f} >= serving {old:.4f} - margin {margin:g}"
     return False, (f"val accuracy {new:.4f} < serving {old:.4f} - margin {margin:g}: "
@@ -170,7 +182,7 @@ def read_at(root: Path, path: str, rev: str, binary: bool = False) -> str | byte
                           f"({type(err).__name__}: {err}); `dvc pull` it?") from None
 
 
-def sidecar_at(root: Path, paths: Paths, name: str, rev: str) -> dict[str, Any]:
+def sidecar_at(root: Path, paths: Paths, name: str, rev: str) -> Terms:
     """The artifact's JSON sidecar at `rev` (for an exported graph, the promotion terms of
     its model: tasks/lib/models/exported.promotion_terms); an error when it holds no trained
     model or no exported graph."""
@@ -186,11 +198,16 @@ def sidecar_at(root: Path, paths: Paths, name: str, rev: str) -> dict[str, Any]:
             raise TlflowError(f"{path} at {rev[:7]}: no exported {model} graph (set "
                               f"export.enabled: true and export.model: {model}, then "
                               "`tlflow run` and commit the run)")
-        return terms
-    if not isinstance(meta, dict) or meta.get("enabled") is False or "val_accuracy" not in meta:
+        meta = terms
+    elif not isinstance(meta, dict) or meta.get("enabled") is False \
+            or "val_accuracy" not in meta:
         raise TlflowError(f"{path} at {rev[:7]}: no trained {name} model (no val_accuracy; "
                           "for finetuned, finetune.enabled: true)")
-    return meta
+    try:
+        return Terms.model_validate(meta)
+    except ValidationError as err:
+        raise TlflowError(f"{path} at {rev[:7]}: not a model's sidecar ({problem(err)})") \
+            from None
 
 
 def fetch_model(root: Path, paths: Paths, version: Version, dest: Path) -> Path:
