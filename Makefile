@@ -24,8 +24,8 @@ run: install  ## run the default pipeline as a Prefect flow and print the result
 
 # Two workers (pytest-xdist), one test module each at a time: module fixtures are built once,
 # and one worker computes while the other waits on a subprocess or the Prefect server.
-# The kill-and-resume tests (marked faults) run with the fault suite: `make faults`; the
-# accuracy claims (marked accuracy: the probe on hymenoptera, bf16 against fp32 on it and on
+# The kill-and-resume and interrupt tests (marked faults) run with the fault suite: `make
+# faults`; the accuracy claims (marked accuracy: the probe on hymenoptera, bf16 against fp32 on it and on
 # the digits, the zoo, the export, abstain and drift) with `make accuracy`; the wheel in a
 # fresh venv (marked package) with `make package`; CI runs all four.
 test: install  ## the suite (no network, no GPU; about 6 minutes on 2 cores)

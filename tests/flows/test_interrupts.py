@@ -44,7 +44,7 @@ def good_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> P
     return base
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # an interrupted run and its last good outputs: `make faults`
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_group_stops_the_run_cancelled_with_one_line(tmp_path, prefect_server,
                                                                      good_run, sig):

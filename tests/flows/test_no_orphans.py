@@ -57,7 +57,7 @@ def test_a_bound_process_dies_with_its_killed_parent():
     _kill_and_check(BOUND, dict(os.environ))
 
 
-@pytest.mark.slow  # a temporary Prefect server starts: 10 s, 40 s on a busy machine
+@pytest.mark.faults  # a killed run: `make faults` (a temporary Prefect server starts: 10-40 s)
 def test_the_temporary_server_dies_with_a_killed_run(tmp_path: Path):
     url, born = _kill_and_check(SERVER, cli_env(tmp_path))  # no PREFECT_API_URL
     assert url.startswith("http://127.0.0.1:"), url
