@@ -90,10 +90,19 @@ def run(params: Params) -> dict:
         proba, classes = finetuned
         ft_pred = np.asarray(classes)[proba.argmax(axis=1)]
         metrics["finetune"] = f = score(y_true, ft_pred, classes)
+        # log-probabilities are its logits up to a constant per image: the same softmax at
+        # any temperature, so the ECE before and after the val temperature of its sidecar
+        column = {c: i for i, c in enumerate(classes)}
+        ft_ece, _ = calibration_scores(np.log(np.clip(proba, 1e-12, None)),
+                                       np.array([column.get(y, -1) for y in y_true]),
+                                       read_meta(paths.finetuned), True)
+        f.update(ft_ece)
         preds += image_predictions("finetune", test, proba, classes, "probability")
         panels.append((y_true, ft_pred, f"fine-tuned: test accuracy {f['accuracy']:.3f}"))
+        calibrated = f", expected calibration error {f['ece']:.4f}" + (
+            f" ({f['ece_t']:.4f} after temperature scaling)" if "ece_t" in f else "")
         print(f"evaluate: fine-tuned network: test accuracy {f['accuracy']:.4f}, macro F1 "
-              f"{f['macro_f1']:.4f}", flush=True)
+              f"{f['macro_f1']:.4f}{calibrated}", flush=True)
     scores = EvalMetrics.from_scores(metrics)
     scores.write(paths.eval_metrics)
     write_test_metrics(paths.test_metrics, scores)

@@ -127,8 +127,11 @@ def test_finetuned_network_is_evaluated_and_predicts(project):
     assert metrics["finetune"]["n"] == metrics["probe"]["n"]
     on_disk = json.loads(params.base.paths.eval_metrics.read_text())
     assert (on_disk["finetune"]["accuracy"], on_disk["finetune"]["macro_f1"]) == (
-        metrics["finetune"]["accuracy"],
-                                                     metrics["finetune"]["macro_f1"])
+        metrics["finetune"]["accuracy"], metrics["finetune"]["macro_f1"])
+    # its calibration: the ECE of its softmax, and after the val temperature its sidecar holds
+    ft = on_disk["finetune"]
+    assert 0 <= ft["ece"] <= 1 and 0 <= ft["ece_t"] <= 1 and "n" not in ft
+    assert read_meta(params.base.paths.finetuned).calibration.temperature > 0
     header = params.base.paths.per_class.read_text().splitlines()[0].split(",")
     assert header[:2] == ["class", "support"] and "finetune_f1" in header
     net = load_network(params.base.paths.finetuned)

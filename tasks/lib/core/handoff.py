@@ -362,10 +362,11 @@ _FLAT_PREFIX = {"probe": "", "finetune": "ft_"}
 
 class EvalMetrics(Handoff):
     """metrics/eval.json: {"probe": {accuracy, macro_f1, n, ece, ece_t}, "finetune":
-    {accuracy, macro_f1}}. Nested by model, as every tlflow release wrote it: users' scripts
-    read `["probe"]["accuracy"]`. The fine-tuned network is scored on the probe's test images,
-    so its n is left out, and its ECEs too (fewer columns in `dvc metrics show`). A file
-    committed while it had short names (acc, f1, n, ft_acc, ft_f1) reads into the same."""
+    {accuracy, macro_f1, ece, ece_t}}. Nested by model, as every tlflow release wrote it:
+    users' scripts read `["probe"]["accuracy"]`. The fine-tuned network is scored on the
+    probe's test images, so its n is left out. `ece`, `ece_t`: the expected calibration error
+    before and after the temperature its sidecar records (fit on val). A file committed while
+    it had short names (acc, f1, n, ft_acc, ft_f1) reads into the same."""
 
     STAGE: ClassVar[str] = "evaluate"
     probe: Scores
@@ -383,7 +384,7 @@ class EvalMetrics(Handoff):
     @classmethod
     def from_scores(cls, scores: dict[str, dict[str, Any]]) -> EvalMetrics:
         """From evaluation.score's results per model (the ECEs where evaluate adds them)."""
-        keep = {"probe": set(_FLAT), "finetune": {"accuracy", "macro_f1"}}
+        keep = {"probe": set(_FLAT), "finetune": {"accuracy", "macro_f1", "ece", "ece_t"}}
         return cls.model_validate({m: {k: v for k, v in s.items() if k in keep[m]}
                                    for m, s in scores.items()})
 
