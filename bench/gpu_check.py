@@ -230,7 +230,7 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
     import torch
 
     from tlflow.tasks import extract, ingest
-    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.handoff.extract import current_store
     from tlflow.tasks.lib.features.store import FeatureStore
 
     cap_gib, batch = 1.5, 1024
@@ -262,7 +262,7 @@ def check_oom(table: Table, work: Path, images: Path, size: int, device, referen
 
 def check_ddp(table: Table, work: Path, size: int, device, epochs: int) -> None:
     from tlflow.tasks import evaluate, extract, finetune, ingest, train
-    from tlflow.tasks.lib.core.handoff import TrainChoice
+    from tlflow.tasks.lib.core.handoff.train import TrainChoice
     from tlflow.tasks.lib.core.params import params_under
 
     params = params_under(work, ROOT / "params.yaml",

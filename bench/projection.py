@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _codes(project: Path, layer: str) -> tuple[np.ndarray, np.ndarray]:
-    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.handoff.extract import current_store
     from tlflow.tasks.lib.core.params import params_under
     from tlflow.tasks.lib.data.manifest import read_manifest
     from tlflow.tasks.lib.features.store import FeatureStore

@@ -35,7 +35,7 @@ HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
 from tlflow.flows.html_report import write_report  # noqa: E402
 from tlflow.tasks import audit, evaluate, extract, ingest, train  # noqa: E402
-from tlflow.tasks.lib.core.handoff import EvalMetrics  # noqa: E402
+from tlflow.tasks.lib.core.handoff.evaluate import EvalMetrics  # noqa: E402
 from tlflow.tasks.lib.core.params import Params, params_under  # noqa: E402
 from tlflow.tasks.lib.data.manifest import read_manifest  # noqa: E402
 
@@ -128,7 +128,7 @@ def main() -> None:
              == p["train_image"]["relpath"]}
     import numpy as np
 
-    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.handoff.extract import current_store
     from tlflow.tasks.lib.features.store import FeatureStore
 
     prow = read_manifest(pp.manifest)

@@ -26,9 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 def build_state(dest: Path, n: int, classes: int):
     """The project's files for a probe scored on n test images; its Paths."""
+    from types import SimpleNamespace
+
     from PIL import Image
 
-    from tlflow.tasks.lib.core import handoff as h
+    from tlflow.tasks.lib.core.handoff import evaluate, extract, train
+    h = SimpleNamespace(**vars(extract), **vars(train), **vars(evaluate))
     from tlflow.tasks.lib.core.params import params_under
     from tlflow.tasks.lib.data.manifest import Row, write_manifest
     from tlflow.tasks.lib.features.store import FeatureStore

@@ -91,7 +91,7 @@ def bench_speed(codes: Codes, rows: int, grid: tuple[float, ...]) -> dict:
 
 def write_project(dest: Path, codes: Codes, rows: int, epochs: int) -> Path:
     """A project whose store holds `rows` generated codes, ready for `tlflow stage train`."""
-    from tlflow.tasks.lib.core.handoff import Candidate, ExtractReport, Pointer
+    from tlflow.tasks.lib.core.handoff.extract import Candidate, ExtractReport, Pointer
     from tlflow.tasks.lib.data.manifest import Row, write_manifest
     from tlflow.tasks.lib.features.store import FeatureStore
 
@@ -151,7 +151,7 @@ def bench_memory(codes: Codes, rows: int, epochs: int) -> dict:
         if proc.returncode:
             raise SystemExit(f"tlflow stage train failed with {proc.returncode}")
         peak = int(proc.stdout.rsplit("VmHWM:", 1)[1].split()[0]) * 1024  # kB
-        from tlflow.tasks.lib.core.handoff import ProbeReport
+        from tlflow.tasks.lib.core.handoff.train import ProbeReport
 
         report = yaml.safe_load((work / "params.yaml").read_text())["base"]["paths"]["probe_report"]
         best = ProbeReport.read(work / report).best.model_dump()

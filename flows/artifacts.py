@@ -17,14 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tlflow.flows.history import current_data_version
-from tlflow.tasks.lib.core.handoff import (
-    ClassScores,
-    EvalMetrics,
-    ExtractReport,
-    PerClass,
-    Scores,
-    Strategy,
-)
+from tlflow.tasks.lib.core.handoff.evaluate import ClassScores, EvalMetrics, PerClass, Scores
+from tlflow.tasks.lib.core.handoff.extract import ExtractReport
+from tlflow.tasks.lib.core.handoff.train import Strategy
 from tlflow.tasks.lib.core.params import Paths
 from tlflow.tasks.lib.data.manifest import read_manifest
 
@@ -104,7 +99,8 @@ def summary_markdown(project: str, paths: Paths, before: Snapshot, after: Snapsh
 def audit_lines(paths: Paths) -> list[str]:
     """The counts behind the report: test images each model gets wrong, near-duplicates
     across splits, files under two labels, likely label errors (each when written)."""
-    from tlflow.tasks.lib.core.handoff import Duplicates, LabelIssues, Predictions
+    from tlflow.tasks.lib.core.handoff.audit import Duplicates, LabelIssues
+    from tlflow.tasks.lib.core.handoff.evaluate import Predictions
 
     lines = []
     if paths.predictions.is_file():
@@ -128,7 +124,7 @@ def audit_lines(paths: Paths) -> list[str]:
 
 def misclassified_rows(paths: Paths) -> list[dict[str, Any]]:
     """The test images a model gets wrong, hardest (highest loss) first: the table artifact."""
-    from tlflow.tasks.lib.core.handoff import Predictions
+    from tlflow.tasks.lib.core.handoff.evaluate import Predictions
 
     if not paths.predictions.is_file():
         return []
@@ -200,7 +196,7 @@ def compare_table(paths: Paths) -> tuple[list[str], list[list[str]]] | None:
     """The comparison of backbones as (header, rows of cells), the winner marked; None when
     none ran (reports/compare.json from train)."""
     from tlflow.tasks.lib.assess.compare import table
-    from tlflow.tasks.lib.core.handoff import CompareReport
+    from tlflow.tasks.lib.core.handoff.train import CompareReport
 
     if not paths.compare_report.is_file():
         return None

@@ -18,7 +18,7 @@ from typing import Any
 
 from tlflow.flows.dvc_plots import to_svg
 from tlflow.tasks.lib.core.files import write_text
-from tlflow.tasks.lib.core.handoff import ProbeChoice, ProbeReport, SweepRow
+from tlflow.tasks.lib.core.handoff.train import ProbeChoice, ProbeReport, SweepRow
 
 VEGA_LITE = "https://vega.github.io/schema/vega-lite/v5.json"  # the schema's id, not fetched
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import (
+from tlflow.tasks.lib.core.handoff.evaluate import (
     ClassScores,
     EvalMetrics,
     ImagePrediction,

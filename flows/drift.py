@@ -26,7 +26,8 @@ import numpy as np
 
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import sha256_file
-from tlflow.tasks.lib.core.handoff import ExtractReport, NewImage, NewImages
+from tlflow.tasks.lib.core.handoff.extract import ExtractReport
+from tlflow.tasks.lib.core.handoff.flow import NewImage, NewImages
 from tlflow.tasks.lib.core.params import Paths
 from tlflow.tasks.lib.data.manifest import Row, read_manifest, without
 

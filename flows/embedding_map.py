@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tlflow.tasks.lib.core.files import write_text
-from tlflow.tasks.lib.core.handoff import ImagePrediction
+from tlflow.tasks.lib.core.handoff.evaluate import ImagePrediction
 
 SEED = 0  # the sample's and t-SNE's
 MAX_POINTS = 1000  # t-SNE on 1,000 codes: a few seconds on 2 cores, once per new result

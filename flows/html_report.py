@@ -29,21 +29,17 @@ from tlflow.flows.history import current_data_version
 from tlflow.tasks.lib.assess.changes import ImageChange
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import atomic_path, write_text
-from tlflow.tasks.lib.core.handoff import (
-    AuditImage,
-    Balance,
+from tlflow.tasks.lib.core.handoff.audit import AuditImage, Balance, Duplicates, LabelIssues
+from tlflow.tasks.lib.core.handoff.evaluate import (
     ClassScores,
     Coverage,
-    Duplicates,
-    FinetuneCurve,
     ImagePrediction,
-    LabelIssues,
     PerClass,
     Predictions,
-    ProbeReport,
     Scores,
-    Strategy,
 )
+from tlflow.tasks.lib.core.handoff.finetune import FinetuneCurve
+from tlflow.tasks.lib.core.handoff.train import ProbeReport, Strategy
 from tlflow.tasks.lib.core.params import Paths
 
 # out-of-fold accuracy of the audit's probes below which the page warns that the likely label
@@ -176,7 +172,7 @@ def map_view(paths: Paths, preds: list[ImagePrediction],
     if not mine or not paths.probe_report.is_file():
         return None
     from tlflow.flows.embedding_map import MAP, embedding_map
-    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.handoff.extract import current_store
 
     layer = ProbeReport.read(paths.probe_report).best.layer
     return embedding_map(mine, current_store(paths.features), layer,

@@ -4,13 +4,8 @@ store, plus the backbone's own ImageNet classifier for a reported (unused) confi
 
 from __future__ import annotations
 
-from tlflow.tasks.lib.core.handoff import (
-    ExtractReport,
-    ProbeChoice,
-    ProbeReport,
-    Strategy,
-    chosen_store,
-)
+from tlflow.tasks.lib.core.handoff.extract import ExtractReport, chosen_store
+from tlflow.tasks.lib.core.handoff.train import ProbeChoice, ProbeReport, Strategy
 from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data.manifest import read_manifest, without
 from tlflow.tasks.lib.probe import strategy

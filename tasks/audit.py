@@ -8,15 +8,14 @@ models stay as they are (tasks/lib/assess/audit.py)."""
 from __future__ import annotations
 
 from tlflow.tasks.lib.assess import audit
-from tlflow.tasks.lib.core.handoff import (
+from tlflow.tasks.lib.core.handoff.audit import (
     Balance,
     Duplicates,
-    ExtractReport,
     LabelIssues,
-    ProbeReport,
-    chosen_store,
     write_audit_metrics,
 )
+from tlflow.tasks.lib.core.handoff.extract import ExtractReport, chosen_store
+from tlflow.tasks.lib.core.handoff.train import ProbeReport
 from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data.manifest import read_manifest, without
 from tlflow.tasks.lib.features.store import FeatureStore

@@ -17,15 +17,14 @@ from tlflow.tasks.lib.assess.evaluation import (
     write_confusion,
 )
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import (
+from tlflow.tasks.lib.core.handoff.evaluate import (
     Coverage,
     EvalMetrics,
-    ExtractReport,
     PerClass,
     Predictions,
-    chosen_store,
     write_test_metrics,
 )
+from tlflow.tasks.lib.core.handoff.extract import ExtractReport, chosen_store
 from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data.manifest import Row, read_manifest
 from tlflow.tasks.lib.features.store import FeatureStore

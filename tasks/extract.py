@@ -20,7 +20,12 @@ import torch
 from tlflow.tasks.lib.assess.compare import candidate_specs, cost
 from tlflow.tasks.lib.core.device import resolve_device
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import Candidate, ExtractReport, Pointer, write_extract_metrics
+from tlflow.tasks.lib.core.handoff.extract import (
+    Candidate,
+    ExtractReport,
+    Pointer,
+    write_extract_metrics,
+)
 from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data import ownership
 from tlflow.tasks.lib.data.decode import SIZE_SAMPLE, input_size_for

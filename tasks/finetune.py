@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from tlflow.tasks.lib.core import checkpoint
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import FinetuneCurve, TrainChoice
+from tlflow.tasks.lib.core.handoff.finetune import FinetuneCurve
+from tlflow.tasks.lib.core.handoff.train import TrainChoice
 from tlflow.tasks.lib.core.params import Finetune, Params, parse_params, scoped
 from tlflow.tasks.lib.data import ownership
 from tlflow.tasks.lib.scale import torchrun
@@ -127,7 +128,7 @@ def probe_for_init(params: Params, train_rows: list[Row], choice: TrainChoice) -
     """The head's start: a logistic probe on the chosen store's pooled codes of the train
     split only (finetune.loop.head_from_probe), at the C the sweep chose for pooled (train.C_grid on
     val; 1.0 when it was not swept)."""
-    from tlflow.tasks.lib.core.handoff import chosen_store
+    from tlflow.tasks.lib.core.handoff.extract import chosen_store
     from tlflow.tasks.lib.features.backbones import POOLED
     from tlflow.tasks.lib.features.store import FeatureStore
     from tlflow.tasks.lib.finetune.loop import head_from_probe
@@ -161,7 +162,7 @@ def fine_tune(params: Params, cfg: Finetune, choice: TrainChoice,
 
     from tlflow.tasks.lib.core.codedeps import code_hash
     from tlflow.tasks.lib.core.files import sha256_file
-    from tlflow.tasks.lib.core.handoff import ExtractReport
+    from tlflow.tasks.lib.core.handoff.extract import ExtractReport
     from tlflow.tasks.lib.data.decode import read_image
     from tlflow.tasks.lib.data.manifest import of_split, read_manifest, without
     from tlflow.tasks.lib.finetune.data import Images, class_indices, train_augment

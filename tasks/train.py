@@ -13,17 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlflow.tasks.lib.assess import compare
-from tlflow.tasks.lib.core.handoff import (
-    Candidate,
+from tlflow.tasks.lib.core.handoff.extract import Candidate, ExtractReport, read_candidates
+from tlflow.tasks.lib.core.handoff.train import (
     CompareReport,
     CompareRow,
-    ExtractReport,
     ProbeChoice,
     ProbeReport,
     Strategy,
     SweepRow,
     TrainChoice,
-    read_candidates,
     write_probe_metrics,
     write_sweep,
 )

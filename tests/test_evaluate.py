@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import make_params
 from tlflow.tasks import evaluate, extract, ingest, train
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import EvalMetrics, PerClass, Predictions
+from tlflow.tasks.lib.core.handoff.evaluate import EvalMetrics, PerClass, Predictions
 from tlflow.tasks.lib.data.manifest import read_manifest
 
 

@@ -10,7 +10,7 @@ from tests.conftest import COLOURS, make_params, write_image
 from tlflow.tasks import extract, ingest
 from tlflow.tasks.lib.core.device import resolve_device
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import current_store
+from tlflow.tasks.lib.core.handoff.extract import current_store
 from tlflow.tasks.lib.data.manifest import read_manifest
 from tlflow.tasks.lib.features.backbones import create_backbone
 from tlflow.tasks.lib.features.extraction import encode

@@ -19,7 +19,8 @@ import yaml
 from tests.conftest import ROOT, cli_env, colour_images, make_params
 from tlflow.tasks import evaluate, extract, finetune, ingest, predict, train
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import TrainChoice, current_store
+from tlflow.tasks.lib.core.handoff.extract import current_store
+from tlflow.tasks.lib.core.handoff.train import TrainChoice
 from tlflow.tasks.lib.core.params import parse_params
 from tlflow.tasks.lib.data.decode import read_image
 from tlflow.tasks.lib.data.manifest import read_manifest

@@ -210,7 +210,8 @@ def _touches_files(path: Path) -> list[str]:
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                  [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
         found += [f"{node.lineno}: import {n}" for n in names
-                  if n in _FILE_MODULES or n.split(".")[0] in _FILE_MODULES]
+                  if n in _FILE_MODULES or n.split(".")[0] in _FILE_MODULES
+                  or n.startswith("tlflow.tasks.lib.core.handoff.")]  # any hand-off file
         if isinstance(node, ast.Call):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)

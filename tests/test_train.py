@@ -40,7 +40,8 @@ def test_compare_backbones_and_every_stage_serves_the_winner(tmp_path: Path,
     the cheaper Lite0 wins although it is not extract.backbone; train's head, train_choice,
     evaluate and predict all take Lite0's codes; a rerun computes no code."""
     from tlflow.tasks import evaluate, predict
-    from tlflow.tasks.lib.core.handoff import CompareReport, TrainChoice, read_candidates
+    from tlflow.tasks.lib.core.handoff.extract import read_candidates
+    from tlflow.tasks.lib.core.handoff.train import CompareReport, TrainChoice
 
     lite0, lite1 = "timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1"
     params = make_params(

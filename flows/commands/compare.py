@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     file's JSON; a line saying how to ask for one when none ran."""
     from tlflow.flows.stages import warn_if_stale
     from tlflow.tasks.lib.assess.compare import format_table
-    from tlflow.tasks.lib.core.handoff import CompareReport
+    from tlflow.tasks.lib.core.handoff.train import CompareReport
     from tlflow.tasks.lib.core.params import load_params
 
     paths = load_params().base.paths

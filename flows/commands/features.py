@@ -13,7 +13,7 @@ from tlflow.tasks.lib.core import interrupts
 
 def _store(args: argparse.Namespace) -> Path:
     """The store named on the command line, else the current one (the pointer's)."""
-    from tlflow.tasks.lib.core.handoff import current_store
+    from tlflow.tasks.lib.core.handoff.extract import current_store
     from tlflow.tasks.lib.core.params import load_params
 
     return Path(args.store) if args.store else current_store(load_params().base.paths.features)

@@ -63,7 +63,8 @@ def summary(results: list, params: Params) -> None:
     console = Console(soft_wrap=True)  # a line is never broken inside, piped or not
     console.print(table)
     from tlflow.flows.drift import line, this_run
-    from tlflow.tasks.lib.core.handoff import EvalMetrics, ProbeReport
+    from tlflow.tasks.lib.core.handoff.evaluate import EvalMetrics
+    from tlflow.tasks.lib.core.handoff.train import ProbeReport
 
     paths = params.base.paths
     if (judged := this_run(paths)) is not None:

@@ -5,7 +5,7 @@ from pathlib import Path
 from tests.conftest import make_params
 from tlflow.flows.artifacts import Snapshot, per_class_rows, summary_markdown
 from tlflow.flows.pipeline import StageResult
-from tlflow.tasks.lib.core.handoff import ClassScores, Scores
+from tlflow.tasks.lib.core.handoff.evaluate import ClassScores, Scores
 
 METRICS = {"probe": Scores(accuracy=0.9, macro_f1=0.8, n=10)}
 
@@ -38,7 +38,7 @@ def test_a_project_without_a_manifest_has_no_data_version(tmp_path: Path):
 
 
 def test_summary_says_which_input_size_was_used_and_why(tmp_path: Path):
-    from tlflow.tasks.lib.core.handoff import ExtractReport
+    from tlflow.tasks.lib.core.handoff.extract import ExtractReport
 
     paths = make_params(tmp_path).base.paths
     ExtractReport(extractor_id="e1", images=3, bad_images=(), image_size=64,

@@ -8,7 +8,7 @@ import yaml
 
 from tests.conftest import ROOT, cli_env, copy_project, run_cli
 from tlflow.flows.cli import main
-from tlflow.tasks.lib.core.handoff import current_store
+from tlflow.tasks.lib.core.handoff.extract import current_store
 from tlflow.tasks.lib.data.manifest import read_manifest
 from tlflow.tasks.lib.features.store import info
 

@@ -24,7 +24,7 @@ from tlflow.flows import drift
 from tlflow.flows.artifacts import Snapshot, summary_markdown
 from tlflow.flows.html_report import Thumbnails, new_images_view
 from tlflow.tasks import extract, ingest, train
-from tlflow.tasks.lib.core.handoff import NewImages
+from tlflow.tasks.lib.core.handoff.flow import NewImages
 from tlflow.tasks.lib.probe import trust
 from tlflow.tasks.lib.probe.head import HeadMeta, LinearHead, Novelty
 

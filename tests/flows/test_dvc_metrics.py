@@ -13,15 +13,10 @@ import yaml
 
 from tests.conftest import cli_env, colour_project, run_cli
 from tlflow.tasks import evaluate, extract, finetune, ingest, train
-from tlflow.tasks.lib.core.handoff import (
-    EvalMetrics,
-    ExtractReport,
-    ProbeChoice,
-    write_audit_metrics,
-    write_extract_metrics,
-    write_probe_metrics,
-    write_test_metrics,
-)
+from tlflow.tasks.lib.core.handoff.audit import write_audit_metrics
+from tlflow.tasks.lib.core.handoff.evaluate import EvalMetrics, write_test_metrics
+from tlflow.tasks.lib.core.handoff.extract import ExtractReport, write_extract_metrics
+from tlflow.tasks.lib.core.handoff.train import ProbeChoice, write_probe_metrics
 from tlflow.tasks.lib.core.params import params_under
 
 WIDTH = 120  # columns a terminal gives `dvc metrics show`

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import make_params
 from tlflow.flows import history
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import Scores
+from tlflow.tasks.lib.core.handoff.evaluate import Scores
 from tlflow.tasks.lib.probe.head import HeadSidecar
 
 HEAD = HeadSidecar(format="tlflow.linear_head/1", layer="pooled", extractor_id="e1",

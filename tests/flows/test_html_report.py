@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import COLOURS, make_params
 from tlflow.flows.html_report import write_report
 from tlflow.tasks import audit, evaluate, extract, ingest, train
-from tlflow.tasks.lib.core.handoff import Predictions
+from tlflow.tasks.lib.core.handoff.evaluate import Predictions
 
 
 def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
@@ -137,7 +137,7 @@ def test_the_map_has_one_point_per_test_image_the_wrong_ones_ringed(project):
 
 def test_the_map_keeps_every_wrong_image_when_it_subsamples():
     from tlflow.flows.embedding_map import subsample
-    from tlflow.tasks.lib.core.handoff import ImagePrediction
+    from tlflow.tasks.lib.core.handoff.evaluate import ImagePrediction
 
     preds = [ImagePrediction(model="probe", relpath=f"{i}.png", sha256=f"{i:064x}", label="a",
                              top=("a" if i % 7 else "b",), scores=(1.0,), kind="probability",
@@ -205,7 +205,7 @@ def test_a_weak_probe_s_label_errors_come_with_a_warning(project):
 
 def test_the_page_shows_the_backbone_comparison_when_one_ran(project):
     from tlflow.tasks.lib.assess import compare
-    from tlflow.tasks.lib.core.handoff import CompareRow
+    from tlflow.tasks.lib.core.handoff.train import CompareRow
     params, _ = project
     paths = params.base.paths
     assert 'id="compare"' not in paths.report.read_text()  # extract.compare: []

@@ -4,7 +4,7 @@ tables."""
 from __future__ import annotations
 
 from tlflow.tasks.lib.assess.changes import class_deltas, data_changes, image_changes
-from tlflow.tasks.lib.core.handoff import ClassScores, ImagePrediction
+from tlflow.tasks.lib.core.handoff.evaluate import ClassScores, ImagePrediction
 from tlflow.tasks.lib.data.manifest import Row
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from tlflow.tasks.lib.assess import compare
-from tlflow.tasks.lib.core.handoff import CompareRow
+from tlflow.tasks.lib.core.handoff.train import CompareRow
 from tlflow.tasks.lib.core.params import Extract
 
 
@@ -77,7 +77,7 @@ def test_cost_counts_flops_and_parameters():
 def test_the_prefect_table_artifact_rows(tmp_path):
     from tests.conftest import make_params
     from tlflow.flows.artifacts import compare_rows
-    from tlflow.tasks.lib.core.handoff import CompareReport
+    from tlflow.tasks.lib.core.handoff.train import CompareReport
 
     paths = make_params(tmp_path).base.paths
     assert compare_rows(paths) == []  # no report yet

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tlflow.tasks.lib.assess.evaluation import image_predictions, losses, score, write_confusion
-from tlflow.tasks.lib.core.handoff import Predictions
+from tlflow.tasks.lib.core.handoff.evaluate import Predictions
 from tlflow.tasks.lib.data.manifest import Row
 
 

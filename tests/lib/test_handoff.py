@@ -3,11 +3,16 @@ malformed one is one line naming the file, the key and the stage that writes it.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tlflow.tasks.lib.core import handoff
 from tlflow.tasks.lib.core.errors import TlflowError
+from tlflow.tasks.lib.core.handoff import audit, base, evaluate, extract, finetune, flow, train
+
+# the package's models and helpers under one name, as the tests below spell them
+handoff = SimpleNamespace(**{k: v for m in (base, extract, train, evaluate, finetune, audit, flow)
+                             for k, v in vars(m).items() if not k.startswith("__")})
 
 IMAGE = {"relpath": "a/1.png", "sha256": "s1", "label": "a", "split": "val"}
 TRAIN_IMAGE = {"relpath": "a/2.png", "sha256": "s2", "label": "a", "split": "train"}

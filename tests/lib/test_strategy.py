@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tlflow.tasks.lib.core.handoff import SweepRow
+from tlflow.tasks.lib.core.handoff.train import SweepRow
 from tlflow.tasks.lib.core.params import Advise
 from tlflow.tasks.lib.data.manifest import Row
 from tlflow.tasks.lib.probe import strategy

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tlflow.tasks.lib.core.handoff import ClassScores, ImagePrediction
+from tlflow.tasks.lib.core.handoff.evaluate import ClassScores, ImagePrediction
 from tlflow.tasks.lib.data.manifest import Row
 
 MAX_CHANGED = 48  # images shown per list (newly wrong, newly right) and model; counts complete

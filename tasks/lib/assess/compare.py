@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from tlflow.tasks.lib.core.handoff import CompareReport, CompareRow
+from tlflow.tasks.lib.core.handoff.train import CompareReport, CompareRow
 from tlflow.tasks.lib.features.backbones import PACKAGED
 
 if TYPE_CHECKING:

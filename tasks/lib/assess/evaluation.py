@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from tlflow.tasks.lib.core.files import atomic_path
-from tlflow.tasks.lib.core.handoff import ImagePrediction
+from tlflow.tasks.lib.core.handoff.evaluate import ImagePrediction
 from tlflow.tasks.lib.data.manifest import Row
 
 TOP_K = 3  # labels kept per image in the predictions table

@@ -115,7 +115,7 @@ def head_backbone(head: LinearHead, params: Params) -> Backbone:
         return backbone
     backbone = create_backbone(cfg.backbone, cfg.weights, None, params.base.seed)
     if cfg.image_size == "auto":  # as extract resolved it for the current store
-        from tlflow.tasks.lib.core.handoff import current_input_size
+        from tlflow.tasks.lib.core.handoff.extract import current_input_size
 
         backbone.resize(current_input_size(params.base.paths.features))
     elif cfg.image_size is not None:

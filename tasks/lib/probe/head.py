@@ -23,7 +23,7 @@ import numpy as np
 
 from tlflow.tasks.lib.core.errors import TlflowError, handoff_error
 from tlflow.tasks.lib.core.files import atomic_path, sha256_file
-from tlflow.tasks.lib.core.handoff import Handoff, Record
+from tlflow.tasks.lib.core.handoff.base import Handoff, Record
 
 FORMAT = "tlflow.linear_head/1"
 _TENSORS = ("weight", "bias", "mean", "scale")

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import SweepRow
+from tlflow.tasks.lib.core.handoff.train import SweepRow
 from tlflow.tasks.lib.core.params import Train
 from tlflow.tasks.lib.data.manifest import Row
 from tlflow.tasks.lib.features.store import FeatureStore

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import Strategy, SweepRow
+from tlflow.tasks.lib.core.handoff.train import Strategy, SweepRow
 from tlflow.tasks.lib.core.params import Advise
 from tlflow.tasks.lib.data.manifest import Row
 from tlflow.tasks.lib.features.store import FeatureStore

@@ -23,7 +23,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.handoff import SweepRow
+from tlflow.tasks.lib.core.handoff.train import SweepRow
 from tlflow.tasks.lib.core.params import Train
 from tlflow.tasks.lib.data.manifest import Row
 from tlflow.tasks.lib.features.store import FeatureStore

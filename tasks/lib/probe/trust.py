@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tlflow.tasks.lib.core.handoff import Coverage, CoverageRow
+from tlflow.tasks.lib.core.handoff.evaluate import Coverage, CoverageRow
 from tlflow.tasks.lib.probe import calibration, novelty
 from tlflow.tasks.lib.probe.head import Calibration, HeadMeta, LinearHead, ModelMeta, Novelty
 

@@ -1,0 +1,49 @@
+"""The file finetune writes for others: the learning curve."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import ClassVar
+
+from tlflow.tasks.lib.core.errors import handoff_error
+from tlflow.tasks.lib.core.files import write_text
+from tlflow.tasks.lib.core.handoff.base import Handoff, Record
+
+
+class CurvePoint(Record):
+    """One fine-tuning epoch (tasks/lib/finetune/loop.py, rounded to 6 decimals there)."""
+
+    epoch: int  # numbered along the whole curve (a second phase continues the first's)
+    train_loss: float  # mean cross-entropy over the epoch's batches, nats per image
+    val_accuracy: float  # after the epoch, in [0, 1]
+
+
+CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
+
+
+class FinetuneCurve(Handoff):
+    """plots/finetune.csv (a DVC plot): one row per epoch run, in order; only the header when
+    fine-tuning is off."""
+
+    STAGE: ClassVar[str] = "finetune"
+    points: tuple[CurvePoint, ...]
+
+    @classmethod
+    def parse(cls, text: str | bytes, path: Path) -> FinetuneCurve:
+        try:
+            table = list(csv.DictReader(io.StringIO(
+                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            return cls(points=tuple(CurvePoint(
+                epoch=int(r["epoch"]), train_loss=float(r["train_loss"]),
+                val_accuracy=float(r["val_accuracy"])) for r in table))
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+            raise handoff_error(path, cls.STAGE, f"not a fine-tuning curve ({err})") from None
+
+    def write(self, path: Path) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(CURVE_COLUMNS)
+        w.writerows((p.epoch, p.train_loss, p.val_accuracy) for p in self.points)
+        write_text(path, buf.getvalue())
