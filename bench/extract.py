@@ -110,7 +110,8 @@ def forward_limit(precision: str) -> dict[str, float]:
     import torch
 
     from tlflow.tasks.lib.core.device import autocast
-    from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.features.backbones import create_backbone
+    from tlflow.tasks.lib.features.codes import CodeExtractor
 
     model = CodeExtractor(create_backbone(MODEL, "packaged", None, 0), ("pooled",))
     model = model.to(memory_format=torch.channels_last)

@@ -165,7 +165,8 @@ def _forward_rate(params, files: list[Path], device, batch: int) -> float:
 
     from tlflow.tasks.lib.core.device import autocast
     from tlflow.tasks.lib.data.decode import read_image
-    from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.features.backbones import create_backbone
+    from tlflow.tasks.lib.features.codes import CodeExtractor
 
     cfg = params.extract
     backbone = create_backbone(BACKBONE, "packaged", cfg.image_size)

@@ -20,7 +20,7 @@ from tlflow.flows.history import current_data_version
 from tlflow.tasks.lib.core.handoff.evaluate import ClassScores, EvalMetrics, PerClass, Scores
 from tlflow.tasks.lib.core.handoff.extract import ExtractReport
 from tlflow.tasks.lib.core.handoff.train import Strategy
-from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.core.paths import Paths
 from tlflow.tasks.lib.data.manifest import read_manifest
 
 MODELS = ("probe", "finetune")

@@ -26,7 +26,7 @@ from tlflow.tasks.lib.core.handoff.evaluate import (
     Predictions,
     Scores,
 )
-from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.core.paths import Paths
 from tlflow.tasks.lib.data.manifest import Row, read_manifest
 
 T = TypeVar("T")

@@ -28,7 +28,7 @@ from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import sha256_file
 from tlflow.tasks.lib.core.handoff.extract import ExtractReport
 from tlflow.tasks.lib.core.handoff.flow import NewImage, NewImages
-from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.core.paths import Paths
 from tlflow.tasks.lib.data.manifest import Row, read_manifest, without
 
 MAX_LISTED = 100  # novel images kept in the file and shown in the report, farthest first

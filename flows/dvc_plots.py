@@ -17,7 +17,7 @@ from typing import Any
 
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import write_text
-from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.core.paths import Paths
 
 # the image types DVC plots as pictures, by suffix (DVC's own data URIs say only "image")
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",

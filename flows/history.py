@@ -25,7 +25,8 @@ import yaml
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.gitrepo import GitRepo, toplevel
 from tlflow.tasks.lib.core.handoff.evaluate import EvalMetrics, Scores
-from tlflow.tasks.lib.core.params import Params, Paths
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.core.paths import Paths
 from tlflow.tasks.lib.models.registry import read_at
 from tlflow.tasks.lib.probe.head import HeadSidecar, parse_meta
 

@@ -40,7 +40,7 @@ from tlflow.tasks.lib.core.handoff.evaluate import (
 )
 from tlflow.tasks.lib.core.handoff.finetune import FinetuneCurve
 from tlflow.tasks.lib.core.handoff.train import ProbeReport, Strategy
-from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.core.paths import Paths
 
 # out-of-fold accuracy of the audit's probes below which the page warns that the likely label
 # errors it lists are as much the probes' own mistakes (hymenoptera at 64 px, a probe of test

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tlflow.tasks.lib.core.codedeps import STAGES, STAMP, describe_change, read_stamp, refresh_stamp
-from tlflow.tasks.lib.core.params import Params, scoped
+from tlflow.tasks.lib.core.params import Params
+from tlflow.tasks.lib.core.scope import scoped
 
 
 def stage_runner(name: str) -> Callable[[Params], object]:

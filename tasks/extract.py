@@ -30,7 +30,8 @@ from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data import ownership
 from tlflow.tasks.lib.data.decode import SIZE_SAMPLE, input_size_for
 from tlflow.tasks.lib.data.manifest import Row, read_manifest
-from tlflow.tasks.lib.features.backbones import Backbone, CodeExtractor, create_backbone
+from tlflow.tasks.lib.features.backbones import Backbone, create_backbone
+from tlflow.tasks.lib.features.codes import CodeExtractor
 from tlflow.tasks.lib.features.extraction import (
     describe_extractor,
     fill,

@@ -29,7 +29,8 @@ from tlflow.tasks.lib.core import checkpoint
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.handoff.finetune import FinetuneCurve
 from tlflow.tasks.lib.core.handoff.train import TrainChoice
-from tlflow.tasks.lib.core.params import Finetune, Params, parse_params, scoped
+from tlflow.tasks.lib.core.params import Finetune, Params, parse_params
+from tlflow.tasks.lib.core.scope import scoped
 from tlflow.tasks.lib.data import ownership
 from tlflow.tasks.lib.scale import torchrun
 

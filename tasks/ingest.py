@@ -11,7 +11,8 @@ from tlflow.tasks.lib.core.params import Params
 from tlflow.tasks.lib.data import ownership
 from tlflow.tasks.lib.data.hashcache import HashCache
 from tlflow.tasks.lib.data.manifest import SPLITS, Row, read_manifest, write_manifest
-from tlflow.tasks.lib.data.sources import build_manifest, hash_items, scan_source, snapshot
+from tlflow.tasks.lib.data.snapshot import hash_items, snapshot
+from tlflow.tasks.lib.data.sources import build_manifest, scan_source
 
 PARAMS = ("base.seed", "ingest")  # what this stage reads besides base.paths (dvc.yaml: params)
 

@@ -111,7 +111,7 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
 
     from tlflow.tasks.lib.core.device import resolve_device
     from tlflow.tasks.lib.core.progress import Progress
-    from tlflow.tasks.lib.features.backbones import CodeExtractor
+    from tlflow.tasks.lib.features.codes import CodeExtractor
     from tlflow.tasks.lib.features.extraction import close, encode, make_loader
     from tlflow.tasks.lib.models.serving import served_backbone
 

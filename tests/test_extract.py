@@ -76,7 +76,7 @@ def test_codes_match_a_direct_forward_pass(ingested, precision: str):
     from PIL import Image
 
     from tlflow.tasks.lib.core.device import autocast
-    from tlflow.tasks.lib.features.backbones import CodeExtractor
+    from tlflow.tasks.lib.features.codes import CodeExtractor
 
     params = ingested.model_copy(update={"extract": ingested.extract.model_copy(
         update={"precision": precision})})
@@ -288,7 +288,7 @@ def test_missing_manifest_and_unknown_device(tmp_path: Path):
 def test_cuda_codes_match_cpu_codes():
     """bf16 autocast and channels_last on the GPU give the CPU's codes within bf16 error."""
 
-    from tlflow.tasks.lib.features.backbones import CodeExtractor
+    from tlflow.tasks.lib.features.codes import CodeExtractor
 
     b = create_backbone("timm/tf_efficientnet_lite0", "packaged", image_size=96)
     model = CodeExtractor(b, ("pooled", "blocks.4"))

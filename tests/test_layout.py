@@ -233,3 +233,19 @@ def test_the_finetune_library_opens_no_file_and_the_shell_does():
     lib_users = {m for m, imports in _graph().items() if not m.startswith("tlflow.tasks.lib.")
                  and imports & {f"tlflow.tasks.lib.finetune.{n}" for n in FINETUNE_LIB}}
     assert "tlflow.tasks.finetune" in lib_users
+
+
+def test_the_readme_draws_the_wings_as_they_are():
+    """README.md's table of the wings (Development) names each wing's modules: the picture of
+    the house is checked against the files, as the import rules are."""
+    import re
+
+    rows = {m.group(1): set(re.findall(r"`(\w+)`", m.group(2))) for m in re.finditer(
+        r"^\| `(\w+)` \| (.*) \|$", (ROOT / "README.md").read_text(), re.M)
+        if m.group(1) in WINGS}
+    assert list(rows) == list(WINGS)
+    for wing, named in rows.items():
+        here = {p.stem for p in (LIB / wing).glob("*.py")} - {"__init__"}
+        here |= {p.name for p in (LIB / wing).iterdir() if (p / "__init__.py").is_file()}
+        assert named == here, (f"README's {wing} row: lacks {sorted(here - named)}, names "
+                               f"{sorted(named - here)} that are not there")

@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
     bringing ingest, extract and train up to date: never the decision for other data."""
     from tlflow.flows.stages import bring_up_to_date
     from tlflow.tasks import advise
-    from tlflow.tasks.lib.core.params import load_params, scoped
+    from tlflow.tasks.lib.core.params import load_params
+    from tlflow.tasks.lib.core.scope import scoped
     from tlflow.tasks.lib.probe.strategy import table
 
     params = load_params()

@@ -16,7 +16,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tlflow.tasks import export
-    from tlflow.tasks.lib.core.params import load_params, scoped
+    from tlflow.tasks.lib.core.params import load_params
+    from tlflow.tasks.lib.core.scope import scoped
 
     export.check_ready(args.format)
     if args.model != "promoted":  # as predict: the working tree's model may be stale

@@ -24,7 +24,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """CSV rows on stdout (and --out); skipped images and notes on stderr."""
     from tlflow.tasks import predict
-    from tlflow.tasks.lib.core.params import load_params, scoped
+    from tlflow.tasks.lib.core.params import load_params
+    from tlflow.tasks.lib.core.scope import scoped
 
     if args.model != "promoted":  # a promoted model is a committed version
         from tlflow.flows.stages import warn_if_stale

@@ -4,7 +4,7 @@ import pytest
 
 from tlflow.flows.stages import STAGES, _describe, stage_runner
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.params import UndeclaredParamError
+from tlflow.tasks.lib.core.scope import UndeclaredParamError
 
 
 def test_stages_in_order_and_unknown_names():

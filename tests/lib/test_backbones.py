@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.features.backbones import POOLED, CodeExtractor, create_backbone, map_in_order
+from tlflow.tasks.lib.features.backbones import POOLED, create_backbone, map_in_order
+from tlflow.tasks.lib.features.codes import CodeExtractor
 
 ANT, BEE = 310, 309  # ImageNet class indices
 

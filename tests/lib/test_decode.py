@@ -16,7 +16,8 @@ from PIL import Image
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.data.decode import BACKGROUND, DECODING, decode, read_image
 from tlflow.tasks.lib.data.imagefiles import IMAGE_SUFFIXES
-from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.features.backbones import create_backbone
+from tlflow.tasks.lib.features.codes import CodeExtractor
 
 ORIENTATION = 0x0112
 

@@ -9,7 +9,8 @@ def test_unchanged_files_are_not_reread(tmp_path: Path, image_folder: Path):
     """A file is read once to hash it and once more after it is copied (the copy is checked);
     a rerun over unchanged files reads none of them."""
     from tlflow.tasks.lib.data.hashcache import HashCache
-    from tlflow.tasks.lib.data.sources import folder_items, hash_items, snapshot
+    from tlflow.tasks.lib.data.snapshot import hash_items, snapshot
+    from tlflow.tasks.lib.data.sources import folder_items
 
     images, cache_path = tmp_path / "images", tmp_path / "cache.sqlite"
     items = folder_items(image_folder)

@@ -13,7 +13,8 @@ from tests.conftest import colour_images
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.params import Train
 from tlflow.tasks.lib.data.imagefiles import image_files
-from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
+from tlflow.tasks.lib.features.backbones import create_backbone
+from tlflow.tasks.lib.features.codes import CodeExtractor
 from tlflow.tasks.lib.features.extraction import encode
 from tlflow.tasks.lib.models.onnxexport import (
     ProbeGraph,

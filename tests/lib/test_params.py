@@ -64,7 +64,7 @@ def test_a_check_across_keys_names_its_key():
 
 
 def test_a_stage_reads_only_what_it_declares():
-    from tlflow.tasks.lib.core.params import UndeclaredParamError, scoped
+    from tlflow.tasks.lib.core.scope import UndeclaredParamError, scoped
 
     params = load_params(ROOT / "params.yaml")
     view = scoped(params, ("base.seed", "train.max_iter", "finetune"))

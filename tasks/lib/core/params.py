@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     ValidationError,
@@ -19,155 +15,10 @@ from pydantic import (
 )
 
 from tlflow.tasks.lib.core.errors import TlflowError
-from tlflow.tasks.lib.core.files import wrong_kind
+from tlflow.tasks.lib.core.paths import Paths
+from tlflow.tasks.lib.core.section import _Section
 
 PARAMS_FILE = "params.yaml"
-
-
-class _Section(BaseModel):
-    # finite numbers only: C_grid: [.nan] passed "C > 0" and crashed scikit-learn
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_coercion(cls, data: Any) -> Any:
-        """No silent coercion: `seed: true` is not 1, `image_size: "64"` is not 64 (pydantic's
-        lax mode would take both); a value of the wrong kind is an error naming its key."""
-        if not isinstance(data, dict):
-            return data
-        for name, value in data.items():
-            field = cls.model_fields.get(name)
-            if field is None:
-                continue
-            items = value if isinstance(value, list) and _is_tuple(field.annotation) else [value]
-            kinds = _kinds(field.annotation)
-            for item in items:
-                if isinstance(item, bool) and bool not in kinds:
-                    raise ValueError(f"{name}: expected {_expected(kinds)}, got {item!r}")
-                if isinstance(item, str) and not ({str, Path} & kinds or item in kinds):
-                    raise ValueError(f"{name}: expected {_expected(kinds)}, got the string "
-                                     f"{item!r}")
-        return data
-
-
-def _kinds(annotation: Any) -> set:
-    """The scalar types (and Literal values) an annotation admits, tuples' items included."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return set(get_args(annotation))
-    if origin is not None:  # Union, Optional, tuple[...]
-        return set().union(*(_kinds(a) for a in get_args(annotation) if a is not Ellipsis))
-    return {annotation}
-
-
-def _is_tuple(annotation: Any) -> bool:
-    return get_origin(annotation) is tuple or any(
-        get_origin(a) is tuple for a in get_args(annotation))
-
-
-def _expected(kinds: set) -> str:
-    names = [k.__name__ if isinstance(k, type) else repr(k) for k in kinds if k is not type(None)]
-    return " or ".join(sorted(names)) + (" or null" if type(None) in kinds else "")
-
-
-class Paths(_Section):
-    """Every path the pipeline reads or writes, relative to the project root."""
-
-    images: Path
-    manifest: Path
-    hash_cache: Path
-    features: Path
-    extract_report: Path
-    extract_metrics: Path
-    head: Path
-    probe_metrics: Path
-    probe_report: Path
-    # train: one row per backbone of extract.compare (a default: projects from before it)
-    compare_report: Path = Path("reports/compare.json")
-    # train: the sweep as a DVC plot (val accuracy per C, a column per layer)
-    sweep: Path = Path("plots/sweep.csv")
-    eval_metrics: Path
-    per_class: Path
-    confusion: Path
-    confusion_png: Path
-    strategy: Path
-    train_choice: Path
-    finetuned: Path
-    finetune_curve: Path
-    finetune_checkpoints: Path
-    predictions: Path  # evaluate: one row per (model, test image)
-    # evaluate: accuracy against coverage at four min confidences (DVC plot)
-    coverage: Path = Path("plots/coverage.csv")
-    confusion_finetune: Path  # evaluate: the fine-tuned network's confusion CSV
-    duplicates: Path  # audit: near-duplicates across splits, one image under two labels
-    label_issues: Path  # audit: likely label errors on train + val
-    balance: Path  # audit: images per class and split
-    audit_metrics: Path  # audit: the counts
-    report: Path  # the HTML report (tlflow run, tlflow report); thumbnails beside it
-    # The keys below have defaults: a project made before them keeps working.
-    export: Path = Path("export")  # tlflow export: <export>/<artifact>.onnx + .json (a folder)
-    # the export stage (export.enabled): <exported>/<artifact>.onnx + .json, DVC outputs
-    exported: Path = Path("models/exported")
-    plots_page: Path = Path("report/plots.html")  # `tlflow plots`: DVC's plots as SVG, offline
-    # evaluate: the test scores in short names, the DVC metric (eval_metrics is the full file)
-    test_metrics: Path = Path("metrics/test.json")
-    # tlflow run: the images it brought, judged against the probe that served before it
-    new_images: Path = Path("report/new_images.json")
-
-    @model_validator(mode="after")
-    def _apart(self) -> Paths:
-        """Checked before anything is written: no path is the project root or one of its
-        ancestors, no two paths are the same, and no path lies inside a folder tlflow
-        mirrors or clears (images, features, finetune_checkpoints): a wrong path must never
-        make a clean-up delete the project or another output."""
-        root = Path.cwd().resolve()
-        files = {}  # key -> the resolved paths it writes
-        for key, value in self:
-            if str(value).strip() in ("", "."):
-                raise ValueError(f"{key}: {str(value)!r} is the project root itself")
-            resolved = (root / value).resolve()
-            if resolved == root or resolved in root.parents:
-                raise ValueError(f"{key}: {str(value)!r} is the project root or a folder "
-                                 "above it")
-            stems = (".safetensors", ".json") if key in _STEMS else ("",)
-            files[key] = [resolved.with_name(resolved.name + s) for s in stems]
-            _check_kind(key, value, files[key], folder=key in (*_FOLDERS, "export", "exported"))
-        seen: dict[Path, str] = {}
-        for key, paths in files.items():
-            for f in paths:
-                if f in seen:
-                    raise ValueError(f"{key}: {f} is also base.paths.{seen[f]}")
-                seen[f] = key
-        for folder in _FOLDERS:
-            (top,) = files[folder]
-            for key, paths in files.items():
-                inside = [f for f in paths if key != folder and top in f.parents]
-                if inside:
-                    raise ValueError(f"{key}: {inside[0]} lies inside base.paths.{folder} "
-                                     f"({top}), which tlflow mirrors or clears")
-        return self
-
-
-def _check_kind(key: str, value: Path, paths: list[Path], folder: bool) -> None:
-    """A file's path that is an existing folder, or a folder's that is an existing file, is
-    refused before anything runs (an atomic rename onto a folder fails after the work)."""
-    for f in paths:
-        # a folder that cannot be searched: the stage that writes there says so in one line
-        with contextlib.suppress(OSError):
-            wrong = wrong_kind(f, folder)
-            if wrong is None:
-                continue
-            if wrong[0] == "is a file":
-                raise ValueError(f"{key}: {str(value)!r} is a file; it names a folder")
-            if wrong[0] == "is a folder":
-                raise ValueError(f"{key}: {str(value)!r} is a folder; it names a file "
-                                 f"({f.name}): remove that folder or name another path")
-            raise ValueError(f"{key}: {str(value)!r} lies under {wrong[1]}, which is a file")
-
-
-_STEMS = ("head", "finetuned")  # a model: <stem>.safetensors and <stem>.json
-_FOLDERS = ("images", "features", "finetune_checkpoints")  # folders tlflow prunes or clears
-
 
 
 # base.project: lowercase letters, digits and single dashes, as Prefect's artifact keys are
@@ -508,45 +359,3 @@ def params_under(root: Path | str, source: Path | str = PARAMS_FILE,
     for name, values in sections.items():
         raw[name] = {**raw[name], **values}
     return parse_params(raw, str(source))
-
-
-# ---------------------------------------------------------------- what a stage may read
-
-
-class UndeclaredParamError(RuntimeError):
-    """A stage read a param its PARAMS do not declare: dvc.yaml would not rerun it when that
-    param changes. A bug in tlflow, never the user's: it is not a TlflowError."""
-
-
-class _View:
-    """Read-only view of a params model in which only some dotted keys can be read."""
-
-    __slots__ = ("_keys", "_model", "_prefix")
-
-    def __init__(self, model: BaseModel, keys: frozenset[str], prefix: str) -> None:
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_keys", keys)
-        object.__setattr__(self, "_prefix", prefix)
-
-    def __getattr__(self, name: str) -> Any:
-        key = f"{self._prefix}{name}"
-        value = getattr(self._model, name)
-        if key in self._keys or any(key.startswith(k + ".") for k in self._keys):
-            return value
-        if any(k.startswith(key + ".") for k in self._keys):
-            return _View(value, self._keys, key + ".")
-        raise UndeclaredParamError(
-            f"{key}: read by a stage whose PARAMS do not declare it (add it there and to the "
-            "stage's params in dvc.yaml)")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("params are read-only")
-
-
-def scoped(params: Params, keys: Iterable[str]) -> Params:
-    """`params` as a stage may see them: the declared keys (a section or section.key),
-    base.paths, whose files dvc.yaml declares as deps and outs, and base.project, the name
-    that no output depends on (flow runs and artifacts carry it). Reading anything else raises
-    UndeclaredParamError, so the declaration that dvc.yaml is checked against (PARAMS in
-    tasks/<stage>.py) cannot fall behind the code."""
-    return _View(params, frozenset(keys) | {"base.paths", "base.project"}, "")  # type: ignore[return-value]

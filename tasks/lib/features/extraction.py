@@ -25,7 +25,8 @@ from tlflow.tasks.lib.core.params import Extract
 from tlflow.tasks.lib.core.progress import Progress
 from tlflow.tasks.lib.data.decode import DECODING, read_image
 from tlflow.tasks.lib.data.manifest import Row
-from tlflow.tasks.lib.features.backbones import Backbone, CodeExtractor
+from tlflow.tasks.lib.features.backbones import Backbone
+from tlflow.tasks.lib.features.codes import CodeExtractor
 from tlflow.tasks.lib.features.store import FeatureStore
 
 POOLING = "avg"

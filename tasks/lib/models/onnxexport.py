@@ -34,7 +34,8 @@ from torch import nn
 
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import atomic_path, sha256_file, write_json
-from tlflow.tasks.lib.features.backbones import Backbone, CodeExtractor
+from tlflow.tasks.lib.features.backbones import Backbone
+from tlflow.tasks.lib.features.codes import CodeExtractor
 from tlflow.tasks.lib.models.exported import FORMAT, require_onnx
 from tlflow.tasks.lib.probe.head import LinearHead
 

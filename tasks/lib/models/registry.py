@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.gitrepo import GitRepo
 from tlflow.tasks.lib.core.handoff.base import Record, problem
-from tlflow.tasks.lib.core.params import Paths
+from tlflow.tasks.lib.core.paths import Paths
 from tlflow.tasks.lib.models.exported import (
     MODELS,
     artifact,

@@ -178,7 +178,8 @@ def _model(job: ShardJob) -> tuple[Any, Any, int | None, torch.device]:
     if job.ext_id in _MODELS:
         return _MODELS[job.ext_id]
     from tlflow.tasks.lib.core.device import resolve_device
-    from tlflow.tasks.lib.features.backbones import CodeExtractor, create_backbone
+    from tlflow.tasks.lib.features.backbones import create_backbone
+    from tlflow.tasks.lib.features.codes import CodeExtractor
     from tlflow.tasks.lib.features.extraction import decode_side, describe_extractor
 
     ours = library_versions()
