@@ -1,10 +1,13 @@
 """What every hand-off model is: a `Record` (a typed row, frozen, unknown keys ignored)
-and a `Handoff` (a file: `read`, `parse`, `write`), and `problem`, pydantic's complaint as a
-phrase."""
+and a `Handoff` (a file: `read`, `parse`, `write`); `problem`, pydantic's complaint as a
+phrase; `csv_rows` and `csv_text`, how the CSV files among them are read and written."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -61,3 +64,19 @@ def problem(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "the file"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{where}: {first['msg'].lower()}{more}"
+
+
+def csv_rows(text: str | bytes) -> list[dict[str, str]]:
+    """A CSV file's rows (its text, or its bytes as UTF-8), each a dict by the header's
+    names (csv.DictReader)."""
+    return list(csv.DictReader(io.StringIO(text.decode("utf-8") if isinstance(text, bytes)
+                                           else text)))
+
+
+def csv_text(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
+    """The CSV text of a header and its rows, "\n" line ends (csv.writer)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()

@@ -3,8 +3,6 @@ per-class table, the accuracy-coverage table and the per-image predictions."""
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,7 +10,7 @@ from pydantic import Field, model_validator
 
 from tlflow.tasks.lib.core.errors import handoff_error
 from tlflow.tasks.lib.core.files import write_json, write_text
-from tlflow.tasks.lib.core.handoff.base import Handoff, Record
+from tlflow.tasks.lib.core.handoff.base import Handoff, Record, csv_rows, csv_text
 
 
 class Scores(Record):
@@ -109,8 +107,7 @@ class PerClass(Handoff):
     @classmethod
     def parse(cls, text: str | bytes, path: Path) -> PerClass:
         try:
-            table = list(csv.DictReader(io.StringIO(
-                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            table = csv_rows(text)
             models = [h[: -len("_precision")] for h in table[0] if h.endswith("_precision")] \
                 if table else []
             return cls(rows=tuple(ClassScores(
@@ -124,15 +121,12 @@ class PerClass(Handoff):
         models = list(dict.fromkeys(r.model for r in self.rows))
         labels = list(dict.fromkeys(r.label for r in self.rows if r.model == models[0]))
         cell = {(r.model, r.label): r for r in self.rows}
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["class", "support"] + [f"{m}_{k}" for m in models
-                                           for k in ("precision", "recall", "f1")])
-        for c in labels:
-            w.writerow([c, cell[models[0], c].support]
-                       + [f"{v:.6g}" for m in models for v in
-                          (cell[m, c].precision, cell[m, c].recall, cell[m, c].f1)])
-        write_text(path, buf.getvalue())
+        header = ["class", "support"] + [f"{m}_{k}" for m in models
+                                         for k in ("precision", "recall", "f1")]
+        write_text(path, csv_text(header, ([c, cell[models[0], c].support]
+                                           + [f"{v:.6g}" for m in models for v in
+                                              (cell[m, c].precision, cell[m, c].recall,
+                                               cell[m, c].f1)] for c in labels)))
 
 
 class CoverageRow(Record):
@@ -157,8 +151,7 @@ class Coverage(Handoff):
     @classmethod
     def parse(cls, text: str | bytes, path: Path) -> Coverage:
         try:
-            table = list(csv.DictReader(io.StringIO(
-                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            table = csv_rows(text)
             if table and set(COVERAGE_COLUMNS) - set(table[0]):
                 raise KeyError(f"expected the columns {list(COVERAGE_COLUMNS)}")
             return cls(rows=tuple(CoverageRow(
@@ -169,16 +162,9 @@ class Coverage(Handoff):
             raise handoff_error(path, cls.STAGE, f"not a coverage table ({err})") from None
 
     def write(self, path: Path) -> None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(COVERAGE_COLUMNS)
-        for r in self.rows:
-            w.writerow([f"{r.min_confidence:g}", f"{r.coverage:.6g}",
-                        "" if r.accuracy is None else f"{r.accuracy:.6g}", r.kept])
-        write_text(path, buf.getvalue())
-
-
-
+        write_text(path, csv_text(COVERAGE_COLUMNS, (
+            [f"{r.min_confidence:g}", f"{r.coverage:.6g}",
+             "" if r.accuracy is None else f"{r.accuracy:.6g}", r.kept] for r in self.rows)))
 
 
 class ImagePrediction(Record):
@@ -211,8 +197,7 @@ class Predictions(Handoff):
     @classmethod
     def parse(cls, text: str | bytes, path: Path) -> Predictions:
         try:
-            table = list(csv.DictReader(io.StringIO(
-                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            table = csv_rows(text)
             k = sum(1 for c in table[0] if c.startswith("pred_")) if table else 1
             out = []
             for r in table:
@@ -227,13 +212,12 @@ class Predictions(Handoff):
             raise handoff_error(path, cls.STAGE, f"not a predictions table ({err})") from None
 
     def write(self, path: Path) -> None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow([*PREDICTION_COLUMNS, *(f"{c}_{i}" for i in range(1, self.k + 1)
-                                           for c in ("pred", "score"))])
-        for p in self.rows:
+        def row(p: ImagePrediction) -> list[object]:
             tops = [v for i in range(self.k) for v in ((p.top[i], f"{p.scores[i]:.6g}")
                                                        if i < len(p.top) else ("", ""))]
-            w.writerow([p.model, p.relpath, p.sha256, p.label, int(p.correct),
-                        f"{p.loss:.6g}", p.kind, *tops])
-        write_text(path, buf.getvalue())
+            return [p.model, p.relpath, p.sha256, p.label, int(p.correct), f"{p.loss:.6g}",
+                    p.kind, *tops]
+
+        header = [*PREDICTION_COLUMNS, *(f"{c}_{i}" for i in range(1, self.k + 1)
+                                         for c in ("pred", "score"))]
+        write_text(path, csv_text(header, map(row, self.rows)))

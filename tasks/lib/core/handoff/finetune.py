@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import ClassVar
 
 from tlflow.tasks.lib.core.errors import handoff_error
 from tlflow.tasks.lib.core.files import write_text
-from tlflow.tasks.lib.core.handoff.base import Handoff, Record
+from tlflow.tasks.lib.core.handoff.base import Handoff, Record, csv_rows, csv_text
 
 
 class CurvePoint(Record):
@@ -33,8 +31,7 @@ class FinetuneCurve(Handoff):
     @classmethod
     def parse(cls, text: str | bytes, path: Path) -> FinetuneCurve:
         try:
-            table = list(csv.DictReader(io.StringIO(
-                text.decode("utf-8") if isinstance(text, bytes) else text)))
+            table = csv_rows(text)
             return cls(points=tuple(CurvePoint(
                 epoch=int(r["epoch"]), train_loss=float(r["train_loss"]),
                 val_accuracy=float(r["val_accuracy"])) for r in table))
@@ -42,8 +39,5 @@ class FinetuneCurve(Handoff):
             raise handoff_error(path, cls.STAGE, f"not a fine-tuning curve ({err})") from None
 
     def write(self, path: Path) -> None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(CURVE_COLUMNS)
-        w.writerows((p.epoch, p.train_loss, p.val_accuracy) for p in self.points)
-        write_text(path, buf.getvalue())
+        write_text(path, csv_text(CURVE_COLUMNS, ((p.epoch, p.train_loss, p.val_accuracy)
+                                                  for p in self.points)))

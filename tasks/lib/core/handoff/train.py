@@ -3,8 +3,6 @@ strategy, what fine-tuning takes from train, and the comparison of backbones."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +10,7 @@ from typing import Any, ClassVar
 from pydantic import computed_field
 
 from tlflow.tasks.lib.core.files import write_json, write_text
-from tlflow.tasks.lib.core.handoff.base import Handoff, Record
+from tlflow.tasks.lib.core.handoff.base import Handoff, Record, csv_text
 
 
 class SweepRow(Record):
@@ -67,13 +65,10 @@ def write_sweep(path: Path, sweep: list[SweepRow]) -> None:
     the sweep did not fit that layer at that C."""
     layers = list(dict.fromkeys(r.layer for r in sweep))
     acc = {(r.layer, r.C): r.val_accuracy for r in sweep}
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["C", "log10_C", *layers])
-    for C in sorted({r.C for r in sweep}):
-        w.writerow([f"{C:g}", f"{math.log10(C):.6g}",
-                    *(f"{acc[layer, C]:.6g}" if (layer, C) in acc else "" for layer in layers)])
-    write_text(path, buf.getvalue())
+    write_text(path, csv_text(["C", "log10_C", *layers], (
+        [f"{C:g}", f"{math.log10(C):.6g}",
+         *(f"{acc[layer, C]:.6g}" if (layer, C) in acc else "" for layer in layers)]
+        for C in sorted({r.C for r in sweep}))))
 
 
 class Strategy(Handoff):
