@@ -92,8 +92,8 @@ def test_each_model_reads_what_it_wrote(tmp_path: Path, model: handoff.Handoff):
 
 def test_every_handoff_model_has_an_example():
     models = {c for c in vars(handoff).values()
-              if isinstance(c, type) and issubclass(c, handoff.Handoff) and c is not
-              handoff.Handoff}
+              if isinstance(c, type) and issubclass(c, handoff.Handoff)
+              and c not in (handoff.Handoff, handoff.CsvHandoff)}  # the bases are no file
     assert models == {type(m) for m in EXAMPLES}
 
 

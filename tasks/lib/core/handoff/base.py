@@ -80,3 +80,22 @@ def csv_text(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+
+class CsvHandoff(Handoff):
+    """A CSV file one stage writes and another reads: `from_rows` builds the model from its
+    rows (dicts by the header's names); a file that does not make one is one line, "not
+    <WHAT> (why)", naming it and STAGE."""
+
+    WHAT: ClassVar[str]  # what the file is, as the error says it: "a coverage table"
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, str]]) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, text: str | bytes, path: Path) -> Self:
+        try:
+            return cls.from_rows(csv_rows(text))
+        except (KeyError, ValueError, TypeError) as err:  # UnicodeDecodeError, pydantic's too
+            raise handoff_error(path, cls.STAGE, f"not {cls.WHAT} ({err})") from None

@@ -8,9 +8,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from tlflow.tasks.lib.core.errors import handoff_error
 from tlflow.tasks.lib.core.files import write_json, write_text
-from tlflow.tasks.lib.core.handoff.base import Handoff, Record, csv_rows, csv_text
+from tlflow.tasks.lib.core.handoff.base import CsvHandoff, Handoff, Record, csv_text
 
 
 class Scores(Record):
@@ -89,11 +88,12 @@ class ClassScores(Record):
     support: int  # test images of the class
 
 
-class PerClass(Handoff):
+class PerClass(CsvHandoff):
     """plots/per_class.csv: one row per class (the first model's order), its support, then
     <model>_precision, <model>_recall, <model>_f1 for each model (DVC's bar chart of F1)."""
 
     STAGE: ClassVar[str] = "evaluate"
+    WHAT: ClassVar[str] = "a per-class table"
     rows: tuple[ClassScores, ...]
 
     @classmethod
@@ -105,17 +105,13 @@ class PerClass(Handoff):
             for m, s in scores.items() for c, v in s["per_class"].items()))
 
     @classmethod
-    def parse(cls, text: str | bytes, path: Path) -> PerClass:
-        try:
-            table = csv_rows(text)
-            models = [h[: -len("_precision")] for h in table[0] if h.endswith("_precision")] \
-                if table else []
-            return cls(rows=tuple(ClassScores(
-                model=m, label=r["class"], precision=float(r[f"{m}_precision"]),
-                recall=float(r[f"{m}_recall"]), f1=float(r[f"{m}_f1"]),
-                support=int(r["support"])) for m in models for r in table))
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-            raise handoff_error(path, cls.STAGE, f"not a per-class table ({err})") from None
+    def from_rows(cls, table: list[dict[str, str]]) -> PerClass:
+        models = [h[: -len("_precision")] for h in table[0] if h.endswith("_precision")] \
+            if table else []
+        return cls(rows=tuple(ClassScores(
+            model=m, label=r["class"], precision=float(r[f"{m}_precision"]),
+            recall=float(r[f"{m}_recall"]), f1=float(r[f"{m}_f1"]),
+            support=int(r["support"])) for m in models for r in table))
 
     def write(self, path: Path) -> None:
         models = list(dict.fromkeys(r.model for r in self.rows))
@@ -141,25 +137,22 @@ class CoverageRow(Record):
 COVERAGE_COLUMNS = ("min_confidence", "coverage", "accuracy", "kept")
 
 
-class Coverage(Handoff):
+class Coverage(CsvHandoff):
     """plots/coverage.csv (a DVC plot): one row per min confidence, the probe's calibrated
     confidence on the test split; no row for decision values without a temperature."""
 
     STAGE: ClassVar[str] = "evaluate"
+    WHAT: ClassVar[str] = "a coverage table"
     rows: tuple[CoverageRow, ...]
 
     @classmethod
-    def parse(cls, text: str | bytes, path: Path) -> Coverage:
-        try:
-            table = csv_rows(text)
-            if table and set(COVERAGE_COLUMNS) - set(table[0]):
-                raise KeyError(f"expected the columns {list(COVERAGE_COLUMNS)}")
-            return cls(rows=tuple(CoverageRow(
-                min_confidence=float(r["min_confidence"]), coverage=float(r["coverage"]),
-                accuracy=float(r["accuracy"]) if r["accuracy"] != "" else None,
-                kept=int(r["kept"])) for r in table))
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-            raise handoff_error(path, cls.STAGE, f"not a coverage table ({err})") from None
+    def from_rows(cls, table: list[dict[str, str]]) -> Coverage:
+        if table and set(COVERAGE_COLUMNS) - set(table[0]):
+            raise KeyError(f"expected the columns {list(COVERAGE_COLUMNS)}")
+        return cls(rows=tuple(CoverageRow(
+            min_confidence=float(r["min_confidence"]), coverage=float(r["coverage"]),
+            accuracy=float(r["accuracy"]) if r["accuracy"] != "" else None,
+            kept=int(r["kept"])) for r in table))
 
     def write(self, path: Path) -> None:
         write_text(path, csv_text(COVERAGE_COLUMNS, (
@@ -186,30 +179,27 @@ class ImagePrediction(Record):
 PREDICTION_COLUMNS = ("model", "relpath", "sha256", "label", "correct", "loss", "kind")
 
 
-class Predictions(Handoff):
+class Predictions(CsvHandoff):
     """plots/predictions.csv: one row per (model, test image), then pred_i, score_i for the
     k best labels (empty where a model knows fewer classes)."""
 
     STAGE: ClassVar[str] = "evaluate"
+    WHAT: ClassVar[str] = "a predictions table"
     rows: tuple[ImagePrediction, ...]
     k: int = Field(default=1, ge=1)  # labels kept per image
 
     @classmethod
-    def parse(cls, text: str | bytes, path: Path) -> Predictions:
-        try:
-            table = csv_rows(text)
-            k = sum(1 for c in table[0] if c.startswith("pred_")) if table else 1
-            out = []
-            for r in table:
-                ranks = [i for i in range(1, k + 1) if r[f"pred_{i}"] != ""]
-                out.append(ImagePrediction(
-                    model=r["model"], relpath=r["relpath"], sha256=r["sha256"],
-                    label=r["label"], top=tuple(r[f"pred_{i}"] for i in ranks),
-                    scores=tuple(float(r[f"score_{i}"]) for i in ranks), kind=r["kind"],
-                    loss=float(r["loss"]), correct=r["correct"] == "1"))
-            return cls(rows=tuple(out), k=max(k, 1))
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-            raise handoff_error(path, cls.STAGE, f"not a predictions table ({err})") from None
+    def from_rows(cls, table: list[dict[str, str]]) -> Predictions:
+        k = sum(1 for c in table[0] if c.startswith("pred_")) if table else 1
+        out = []
+        for r in table:
+            ranks = [i for i in range(1, k + 1) if r[f"pred_{i}"] != ""]
+            out.append(ImagePrediction(
+                model=r["model"], relpath=r["relpath"], sha256=r["sha256"],
+                label=r["label"], top=tuple(r[f"pred_{i}"] for i in ranks),
+                scores=tuple(float(r[f"score_{i}"]) for i in ranks), kind=r["kind"],
+                loss=float(r["loss"]), correct=r["correct"] == "1"))
+        return cls(rows=tuple(out), k=max(k, 1))
 
     def write(self, path: Path) -> None:
         def row(p: ImagePrediction) -> list[object]:

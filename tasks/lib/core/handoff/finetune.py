@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from tlflow.tasks.lib.core.errors import handoff_error
 from tlflow.tasks.lib.core.files import write_text
-from tlflow.tasks.lib.core.handoff.base import Handoff, Record, csv_rows, csv_text
+from tlflow.tasks.lib.core.handoff.base import CsvHandoff, Record, csv_text
 
 
 class CurvePoint(Record):
@@ -21,22 +20,19 @@ class CurvePoint(Record):
 CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy")
 
 
-class FinetuneCurve(Handoff):
+class FinetuneCurve(CsvHandoff):
     """plots/finetune.csv (a DVC plot): one row per epoch run, in order; only the header when
     fine-tuning is off."""
 
     STAGE: ClassVar[str] = "finetune"
+    WHAT: ClassVar[str] = "a fine-tuning curve"
     points: tuple[CurvePoint, ...]
 
     @classmethod
-    def parse(cls, text: str | bytes, path: Path) -> FinetuneCurve:
-        try:
-            table = csv_rows(text)
-            return cls(points=tuple(CurvePoint(
-                epoch=int(r["epoch"]), train_loss=float(r["train_loss"]),
-                val_accuracy=float(r["val_accuracy"])) for r in table))
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-            raise handoff_error(path, cls.STAGE, f"not a fine-tuning curve ({err})") from None
+    def from_rows(cls, table: list[dict[str, str]]) -> FinetuneCurve:
+        return cls(points=tuple(CurvePoint(
+            epoch=int(r["epoch"]), train_loss=float(r["train_loss"]),
+            val_accuracy=float(r["val_accuracy"])) for r in table))
 
     def write(self, path: Path) -> None:
         write_text(path, csv_text(CURVE_COLUMNS, ((p.epoch, p.train_loss, p.val_accuracy)
