@@ -38,6 +38,7 @@ from tlflow.tasks.lib.features.extraction import (
     make_loader,
     missing_images,
 )
+from tlflow.tasks.lib.features.runtime import code_model
 from tlflow.tasks.lib.features.store import (
     FeatureStore,
     extractor_id,
@@ -128,9 +129,9 @@ def extract_one(params: Params, rows: list[Row], device: torch.device, name: str
             job = ShardJob(ext_id, one, params.base.seed, size, library_versions(), (), (), "")
             bad = extract_on_dask(store, todo, paths.images, job)
         elif todo:
-            model = model.to(device, memory_format=torch.channels_last)
             loader = make_loader([paths.images / r.relpath for r in todo], backbone, cfg, device)
-            bad = fill(store, model, todo, iter(loader), cfg, device)
+            bad = fill(store, code_model(model, size, cfg, device), todo, iter(loader), cfg,
+                       device)
         unread = len({b["sha256"] for b in bad})
         store.record_throughput(len(todo) - unread, time.perf_counter() - start)
         clean_folder(path)

@@ -107,20 +107,20 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
              strict: bool) -> tuple[dict[int, np.ndarray], list[str]]:
     """Forward passes with the extractor the head was trained on (checked by its id), through
     extract's loader: {index: code} of the readable files, and the unreadable ones."""
-    import torch
 
     from tlflow.tasks.lib.core.device import resolve_device
     from tlflow.tasks.lib.core.progress import Progress
     from tlflow.tasks.lib.features.codes import CodeExtractor
     from tlflow.tasks.lib.features.extraction import close, encode, make_loader
+    from tlflow.tasks.lib.features.runtime import code_model
     from tlflow.tasks.lib.models.serving import served_backbone
 
     device = resolve_device(params.extract.device)
     backbone, cfg = served_backbone(head, params, device)
-    model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
     codes, skipped = {}, []
+    batches = make_loader(files, backbone, cfg, device)  # sets the threads the model takes
+    model = code_model(CodeExtractor(backbone, (layer,)), backbone.input_size, cfg, device)
     progress = Progress("predict: computing codes", len(files))
-    batches = make_loader(files, backbone, cfg, device)
     try:
         for batch in batches:
             for _, err in batch.errors:

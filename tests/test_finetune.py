@@ -24,6 +24,7 @@ from tlflow.tasks.lib.core.handoff.train import TrainChoice
 from tlflow.tasks.lib.core.params import parse_params
 from tlflow.tasks.lib.data.decode import read_image
 from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.features.runtime import code_precision
 from tlflow.tasks.lib.features.store import FeatureStore
 from tlflow.tasks.lib.finetune.data import Images, class_indices
 from tlflow.tasks.lib.finetune.loop import finetuned_probabilities, logits
@@ -73,7 +74,8 @@ def test_head_from_the_probe_gives_the_probes_logits_at_step_0(project):
                 class_indices([r.label for r in rows], head.classes), read_image,
                 net.backbone.transform())
     got = logits(net, torch.utils.data.DataLoader(ds, batch_size=8),
-                 torch.device("cpu"), project.extract.precision)  # the codes' own
+                 torch.device("cpu"),
+                 code_precision(project.extract, torch.device("cpu")))  # the codes' own
     np.testing.assert_allclose(got, want, atol=0.05, rtol=0.01)  # the store keeps float16
     assert (got.argmax(1) == want.argmax(1)).all()
 

@@ -63,16 +63,22 @@ def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
     cfg = make_params(tmp_path, extract=TINY).extract
     b = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
 
-    def ext_id(device: str, precision: str) -> str:
-        c = cfg.model_copy(update={"precision": precision})
+    def ext_id(device: str, precision: str, runtime: str = "auto") -> str:
+        c = cfg.model_copy(update={"precision": precision, "runtime": runtime})
         return extractor_id(describe_extractor(b.identity(), c, torch.device(device)))
 
     fp32 = ext_id("cpu", "fp32")
     assert ext_id("cpu", "fp16") == ext_id("cuda", "fp32") == fp32
     assert ext_id("cpu", "bf16") == ext_id("cuda", "bf16") != fp32
     assert len({fp32, ext_id("cuda", "bf16"), ext_id("cuda", "fp16")}) == 3
-    auto = ext_id("cpu", "auto")
-    assert auto == (ext_id("cpu", "bf16") if cpu_has_bf16() else fp32)
+    torch_auto = ext_id("cpu", "auto", "torch")
+    assert torch_auto == (ext_id("cpu", "bf16") if cpu_has_bf16() else fp32)
+    # auto on a CPU: fp32 in ONNX Runtime, its own store (its codes are not torch's bit
+    # for bit); the runtime asked by name gives the same id
+    ort = ext_id("cpu", "auto")
+    assert ort == ext_id("cpu", "fp32", "onnxruntime") == ext_id("cpu", "auto", "onnxruntime")
+    assert ort not in {fp32, torch_auto, ext_id("cpu", "bf16")}
+    assert ext_id("cuda", "bf16") == ext_id("cuda", "bf16", "torch")  # a GPU: torch
 
 
 def test_batches_made_in_the_background_keep_order_errors_and_stop():

@@ -78,6 +78,8 @@ class Extract(_Section):
     dtype: Literal["float16", "float32"] = "float16"
     # auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere (device.py)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # auto: ONNX Runtime on a CPU with precision auto, torch elsewhere (features/runtime.py)
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     # scaled: a JPEG at least twice the resize target is decoded at the smallest DCT scale
     # (1/2, 1/4, 1/8) that still covers it (Pillow's Image.draft); full: every pixel
     decode: Literal["scaled", "full"] = "scaled"

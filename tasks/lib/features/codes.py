@@ -49,6 +49,7 @@ class CodeExtractor(nn.Module):
                 )
         self.model = backbone.model
         self.layers = tuple(layers)
+        self.name = backbone.name
         self.source = backbone.name.partition("/")[0]
         stages = [name for name in backbone.layer_names if name in self.layers]
         if self.source == "timm":

@@ -14,12 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlflow.tasks.lib.core.device import (
-    autocast,
-    effective_precision,
-    resolve_workers,
-    set_cpu_threads,
-)
+from tlflow.tasks.lib.core.device import autocast, resolve_workers, set_cpu_threads
 from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.params import Extract
 from tlflow.tasks.lib.core.progress import Progress
@@ -27,6 +22,13 @@ from tlflow.tasks.lib.data.decode import DECODING, read_image
 from tlflow.tasks.lib.data.manifest import Row
 from tlflow.tasks.lib.features.backbones import Backbone
 from tlflow.tasks.lib.features.codes import CodeExtractor
+from tlflow.tasks.lib.features.runtime import (
+    ORT,
+    OrtCodes,
+    code_model,
+    code_precision,
+    effective_runtime,
+)
 from tlflow.tasks.lib.features.store import FeatureStore
 
 POOLING = "avg"
@@ -36,14 +38,18 @@ def describe_extractor(identity: dict[str, Any], cfg: Extract,
                        device: torch.device) -> dict[str, Any]:
     """The canonical description hashed into the extractor id: backbone, weights,
     preprocessing, decoding rules and policy (`extract.decode`, named only when scaled),
-    layers, pooling, storage dtype, and the precision the codes are computed in (bf16 codes
-    differ from fp32 ones). Not the device itself, nor the
-    batch size: fp32 codes agree across devices to float tolerance."""
+    layers, pooling, storage dtype, the precision the codes are computed in (bf16 codes
+    differ from fp32 ones) and, when it is ONNX Runtime, the runtime (named only then:
+    torch's ids are those from before it). Not the device itself, nor the batch size: fp32
+    codes agree across devices to float tolerance. Raises TlflowError for a runtime that
+    cannot run here (runtime.effective_runtime)."""
     described = {**identity, "layers": sorted(cfg.layers), "pooling": POOLING,
                  "dtype": cfg.dtype, "decoding": DECODING,
-                 "precision": effective_precision(device, cfg.precision)}
+                 "precision": code_precision(cfg, device)}
     if cfg.decode != "full":  # absent for full: stores and heads from before it are reused
         described["decode"] = cfg.decode
+    if effective_runtime(cfg, device) == ORT:
+        described["runtime"] = ORT
     return described
 
 
@@ -98,10 +104,13 @@ def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
     )
 
 
-def encode(model: CodeExtractor, x: torch.Tensor, device: torch.device,
+def encode(model: CodeExtractor | OrtCodes, x: torch.Tensor, device: torch.device,
            precision: str) -> dict[str, np.ndarray]:
     """Codes of one batch x (N, 3, H, W): {layer: (N, D) float32 numpy}, from one forward pass
-    of the CodeExtractor; on CUDA out-of-memory, halve the batch and retry."""
+    of the CodeExtractor (in ONNX Runtime: `model` an OrtCodes, fp32); on CUDA out-of-memory,
+    halve the batch and retry."""
+    if isinstance(model, OrtCodes):
+        return {k: v.numpy() for k, v in model(x).items()}
     try:
         with torch.inference_mode(), autocast(device, precision):
             x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
@@ -115,7 +124,7 @@ def encode(model: CodeExtractor, x: torch.Tensor, device: torch.device,
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def encode_batch(model: CodeExtractor, images: torch.Tensor, cfg: Extract,
+def encode_batch(model: CodeExtractor | OrtCodes, images: torch.Tensor, cfg: Extract,
                  device: torch.device) -> dict[str, np.ndarray]:
     """Codes of one loader batch (n, 3, H, W), n <= batch_size: {layer: (n, D)} in the
     store's dtype. A short batch (the last one, one with unreadable images) is padded with
@@ -131,8 +140,8 @@ def encode_batch(model: CodeExtractor, images: torch.Tensor, cfg: Extract,
     return {k: v[:n].astype(cfg.dtype) for k, v in codes.items()}
 
 
-def fill(store: FeatureStore, model: CodeExtractor, todo: list[Row], loader: Iterator[Batch],
-         cfg: Extract, device: torch.device) -> list[dict[str, str]]:
+def fill(store: FeatureStore, model: CodeExtractor | OrtCodes, todo: list[Row],
+         loader: Iterator[Batch], cfg: Extract, device: torch.device) -> list[dict[str, str]]:
     """Compute and commit the codes of `todo` batch by batch; return the unreadable images."""
     bad: list[dict[str, str]] = []
     progress = Progress("extract", len(todo))
@@ -223,7 +232,8 @@ def make_loader(files: list[Path], backbone: Backbone, cfg: Extract,
 def compute_codes(files: list[Path], backbone: Backbone, layer: str, cfg: Extract,
                   device: torch.device) -> list[np.ndarray]:
     """Codes of one layer for image files, in order; an unreadable file is an error."""
-    model = CodeExtractor(backbone, (layer,)).to(device, memory_format=torch.channels_last)
+    set_cpu_threads(device, 0)
+    model = code_model(CodeExtractor(backbone, (layer,)), backbone.input_size, cfg, device)
     transform, side = backbone.transform(), decode_side(backbone, cfg)
     out: list[np.ndarray] = []
     for start in range(0, len(files), cfg.batch_size):

@@ -41,7 +41,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "timm", "torchvision", "h5py", "numpy", "pillow"):
+    for pkg in ("torch", "timm", "torchvision", "h5py", "numpy", "pillow", "onnxruntime"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -7,6 +7,7 @@ Nothing heavy is imported at module level: predict's start-up stays short.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,7 @@ def head_backbone(head: LinearHead, params: Params) -> Backbone:
 
 def served_extractor(cfg: Extract, identity: dict, device: torch.device,
                      served: str) -> Extract:
-    """extract's params with the precision and decoding the served head's codes were
+    """extract's params with the precision, runtime and decoding the served head's codes were
     computed with (its extractor id says which): a head trained on bf16 codes (a CPU with
     AMX, say) computes bf16 codes here too, emulated where this CPU lacks it, and a head from
     before `extract.decode` decodes every pixel, rather than codes of another extractor.
@@ -135,8 +136,11 @@ def served_extractor(cfg: Extract, identity: dict, device: torch.device,
 
     for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
         for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
-            trial = cfg.model_copy(update={"precision": precision, "decode": decode})
-            if extractor_id(describe_extractor(identity, trial, device)) == served:
-                return trial
+            for runtime in dict.fromkeys((cfg.runtime, "auto", "torch")):
+                trial = cfg.model_copy(update={"precision": precision, "decode": decode,
+                                               "runtime": runtime})
+                with contextlib.suppress(TlflowError):  # a runtime that cannot run here
+                    if extractor_id(describe_extractor(identity, trial, device)) == served:
+                        return trial
     return cfg
 

@@ -157,7 +157,8 @@ def clean_folder(store: Path) -> None:
 
 # ---------------------------------------------------------------- the worker's side
 
-# extractor id -> (CodeExtractor, transform, decode side, device), built once per worker process
+# extractor id -> (CodeExtractor or OrtCodes, transform, decode side, device), built once per
+# worker process
 _MODELS: dict[str, tuple[Any, Any, int | None, torch.device]] = {}
 _ONE_SHARD_AT_A_TIME = threading.Lock()  # a worker's threads compute one shard, with all of them
 
@@ -181,6 +182,7 @@ def _model(job: ShardJob) -> tuple[Any, Any, int | None, torch.device]:
     from tlflow.tasks.lib.features.backbones import create_backbone
     from tlflow.tasks.lib.features.codes import CodeExtractor
     from tlflow.tasks.lib.features.extraction import decode_side, describe_extractor
+    from tlflow.tasks.lib.features.runtime import code_model
 
     ours = library_versions()
     differ = sorted(k for k in job.versions if ours.get(k) != job.versions[k])
@@ -194,10 +196,12 @@ def _model(job: ShardJob) -> tuple[Any, Any, int | None, torch.device]:
     own = extractor_id(describe_extractor(backbone.identity(), job.cfg, device))
     if own != job.ext_id:
         raise TlflowError(f"extract: a Dask worker computes extractor {own}, the stage "
-                          f"{job.ext_id} (other weights file, preprocessing or precision on "
-                          f"{device}); give every worker the same weights and set "
-                          "extract.device and extract.precision explicitly")
-    model = CodeExtractor(backbone, job.cfg.layers).to(device, memory_format=torch.channels_last)
+                          f"{job.ext_id} (other weights file, preprocessing, precision or runtime "
+                          f"on {device}); give every worker the same weights and set "
+                          "extract.device, extract.precision and extract.runtime explicitly")
+    if device.type == "cpu":  # before an ONNX Runtime session takes its thread count
+        torch.set_num_threads(_worker_threads())
+    model = code_model(CodeExtractor(backbone, job.cfg.layers), job.size, job.cfg, device)
     _MODELS[job.ext_id] = model, backbone.transform(), decode_side(backbone, job.cfg), device
     return _MODELS[job.ext_id]
 
