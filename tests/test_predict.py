@@ -1,11 +1,13 @@
 import csv
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import COLOURS, ROOT, write_image
+from tests.conftest import COLOURS, ROOT, cli_env, run_cli, write_image
 from tlflow.flows.cli import main
 
 
@@ -133,3 +135,38 @@ def test_min_confidence_and_novel_images(trained: Path, tmp_path: Path, capsys):
         assert r["prediction"] == ("unsure" if unsure else r["label_1"])
     assert main(["predict", "data/images", "--min-confidence", "1.5"]) == 2
     assert "--min-confidence: must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+# `tlflow predict IMAGE`, writing the top-level names of sys.modules at exit to argv[1]
+LIST_MODULES = """
+import atexit, json, sys
+listing = sys.argv[1]
+def dump():
+    with open(listing, "w") as f:
+        json.dump(sorted({m.partition(".")[0] for m in sys.modules}), f)
+atexit.register(dump)
+sys.argv = ["tlflow", "predict", sys.argv[2]]
+from tlflow.flows.cli import console
+console()
+"""
+
+
+def test_predict_imports_only_what_it_needs(trained: Path, tmp_path: Path):
+    """One new image through `tlflow predict` in a fresh process, in a git repo with no model
+    promoted: codes computed, the novelty check run, and neither Prefect nor DVC imported,
+    nor scikit-learn (the novelty distance is numpy), scipy, pandas or GTO (asked only when a
+    tag assigns a model to a stage). bench/predict_startup.py times it."""
+    from tlflow.tasks.lib.core.gitrepo import GitRepo
+
+    GitRepo.init(trained)
+    image = write_image(tmp_path / "new" / "x.png", COLOURS["red"], seed=31337)
+    listing = tmp_path / "modules.json"
+    done = run_cli([sys.executable, "-c", LIST_MODULES, str(listing), str(image)], trained,
+                   cli_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].startswith(f"{image},red,")
+    assert "0 codes from the store, 1 computed" in done.stderr
+    assert "new image looks" in done.stderr  # the novelty check ran
+    loaded = set(json.loads(listing.read_text()))
+    assert {"torch", "timm", "tlflow"} <= loaded
+    assert not loaded & {"prefect", "dvc", "sklearn", "scipy", "pandas", "gto"}

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from tlflow.tasks.lib.probe import novelty
 
@@ -41,3 +42,26 @@ def test_unit_rows_and_the_summary_line():
     assert novelty.summary(np.array([True] * 12 + [False] * 28)) == \
         "12 of 40 new images look unlike the training set"
     assert novelty.summary(np.array([False])) == "0 of 1 new image looks unlike the training set"
+
+
+@pytest.mark.parametrize("chunk", [novelty.CHUNK, 1000])  # one block; blocks of 5 queries
+def test_kth_distance_is_scikit_learns_nearest_neighbours(monkeypatch, chunk):
+    """The numpy brute force finds the distances of sklearn's NearestNeighbors, queries and
+    leave one out (duplicate rows included), on raw and on unit rows, block by block."""
+    from sklearn.neighbors import NearestNeighbors
+
+    monkeypatch.setattr(novelty, "CHUNK", chunk)
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(200, 24)).astype(np.float32)
+    ref[10] = ref[11]  # a duplicate: its own copy is its nearest neighbour, at 0
+    queries = rng.normal(size=(37, 24)).astype(np.float32)
+    for r, q in ((ref, queries), (novelty.unit(ref), novelty.unit(queries))):
+        for k in (1, 5):
+            nn = NearestNeighbors(n_neighbors=k).fit(r)
+            np.testing.assert_allclose(novelty.kth_distance(r, q, k),
+                                       nn.kneighbors(q)[0][:, -1], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(novelty.kth_distance(r, None, k),
+                                       nn.kneighbors()[0][:, -1], rtol=1e-5, atol=1e-6)
+    assert novelty.kth_distance(ref, None, 1)[10] < 1e-6  # 0 up to float64 rounding
+    with pytest.raises(ValueError, match="needs reference rows"):
+        novelty.kth_distance(ref[:1], None)

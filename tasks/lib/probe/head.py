@@ -154,10 +154,10 @@ class LinearHead:
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
         """Softmax of the logits; for a one-vs-rest head (sgd, log loss) the normalized
         sigmoids, as scikit-learn computes them."""
-        from scipy.special import expit
-
         z = self.logits(codes)
         if self.meta.scores == "ovr_probability":
+            from scipy.special import expit  # here: softmax heads never import scipy
+
             p = expit(z)
             return p / p.sum(axis=1, keepdims=True)
         z = np.exp(z - z.max(axis=1, keepdims=True))
