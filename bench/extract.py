@@ -5,13 +5,17 @@ Each way runs in a fresh process on the same images, so its peak RSS is its own:
   tutorial     PyTorch's transfer-learning tutorial loop: torchvision ImageFolder +
                DataLoader (batch 32, no workers: the cores compute), the same timm network and
                eval transform, fp32, every JPEG pixel decoded
-  fp32 full    the extract stage, extract.precision fp32, extract.decode full (tlflow before
-               bf16 and scaled decoding)
-  fp32         the extract stage, fp32, scaled JPEG decoding (extract.decode: scaled)
-  auto         the extract stage with its defaults (precision auto: bf16 on a CPU with AMX or
-               AVX512-BF16; scaled decoding)
+  fp32 full    the extract stage, extract.precision fp32, extract.decode full (torch's eager
+               pass: tlflow before bf16, scaled decoding and ONNX Runtime)
+  fp32         the extract stage, torch fp32, scaled JPEG decoding (extract.decode: scaled)
+  bf16         the extract stage, torch bf16 autocast (the default before ONNX Runtime on a
+               CPU with AMX or AVX512-BF16), scaled decoding
+  auto         the extract stage with its defaults (runtime auto: ONNX Runtime fp32 on a CPU;
+               scaled decoding), its graph already in the cache (the export, once per
+               backbone, layers and size, is timed apart)
 
-and the forward-only limit of each precision (pre-decoded tensors, channels_last, batch 64).
+and the forward-only limit of each (pre-decoded tensors, batch 32 as the stage: torch fp32 and
+bf16 in channels_last, ONNX Runtime fp32).
 Two image sets: the hymenoptera photos (398, about 500 x 375) and N 12-megapixel JPEGs made
 from them (upscaled to 4000 x 3000, quality 92). Ratios are printed last.
 
@@ -67,7 +71,8 @@ def big_jpegs(dest: Path, n: int) -> Path:
 
 
 def tutorial(folder: Path) -> dict[str, float]:
-    """ImageFolder + DataLoader + the network in fp32, as the tutorial writes it."""
+    """ImageFolder + DataLoader + the network in fp32, as the tutorial writes it; timed from
+    the libraries imported, its network built within (as the stage)."""
     import torch
     from torchvision import datasets
 
@@ -83,13 +88,15 @@ def tutorial(folder: Path) -> dict[str, float]:
     with torch.no_grad():
         for x, _ in loader:
             codes.append(model.forward_head(model.forward_features(x), pre_logits=True))
-    return {"n": len(ds), "seconds": time.perf_counter() - start,
-            "setup": start - t0}
+    return {"n": len(ds), "seconds": time.perf_counter() - t0, "setup": start - t0}
 
 
 def stage(folder: Path, work: Path, precision: str, decode: str, workers: int | None,
-          batch_size: int | None = None) -> dict[str, float]:
-    """The extract stage (ingest first, untimed), layers pooled only, at 224 px."""
+          batch_size: int | None = None, runtime: str = "auto") -> dict[str, float]:
+    """The extract stage (ingest first, untimed), layers pooled only, at 224 px; timed from
+    the libraries imported (timm, as the tutorial's), its network built within."""
+    import timm  # noqa: F401  (imported before the clock, as for the tutorial)
+
     from tlflow.tasks import extract, ingest
     from tlflow.tasks.lib.core.params import params_under
 
@@ -97,7 +104,7 @@ def stage(folder: Path, work: Path, precision: str, decode: str, workers: int | 
                           ingest={"source": "folder", "path": str(folder)},
                           extract={"layers": ["pooled"], "image_size": 224,
                                    "precision": precision, "decode": decode,
-                                   "num_workers": workers,
+                                   "num_workers": workers, "runtime": runtime,
                                    **({"batch_size": batch_size} if batch_size else {})})
     rows = ingest.run(params)
     t0 = time.perf_counter()
@@ -105,24 +112,32 @@ def stage(folder: Path, work: Path, precision: str, decode: str, workers: int | 
     return {"n": len(rows), "seconds": time.perf_counter() - t0}
 
 
-def forward_limit(precision: str) -> dict[str, float]:
-    """Images per second of forward passes alone, batch 64 at 224 px, channels_last."""
+def forward_limit(precision: str, runtime: str) -> dict[str, float]:
+    """Images per second of forward passes alone, batch 32 at 224 px, as the stage computes
+    them (features.runtime.code_model: channels_last for torch, ONNX Runtime's session), the
+    graph's export (ONNX Runtime, when not in the cache yet) timed apart."""
     import torch
 
-    from tlflow.tasks.lib.core.device import autocast
+    from tlflow.tasks.lib.core.device import autocast, set_cpu_threads
+    from tlflow.tasks.lib.core.params import Extract
     from tlflow.tasks.lib.features.backbones import create_backbone
     from tlflow.tasks.lib.features.codes import CodeExtractor
+    from tlflow.tasks.lib.features.runtime import code_model
 
-    model = CodeExtractor(create_backbone(MODEL, "packaged", None, 0), ("pooled",))
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(64, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     cpu = torch.device("cpu")
+    set_cpu_threads(cpu, 0)
+    cfg = Extract(precision=precision, runtime=runtime, layers=("pooled",))
+    t0 = time.perf_counter()
+    model = code_model(CodeExtractor(create_backbone(MODEL, "packaged", None, 0), ("pooled",)),
+                       224, cfg, cpu)
+    made = time.perf_counter() - t0
+    x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(cpu, precision):
         model(x)  # warm-up: oneDNN picks its kernels
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(6):
             model(x)
-        return {"n": 192, "seconds": time.perf_counter() - t0}
+        return {"n": 192, "seconds": time.perf_counter() - t0, "made": made}
 
 
 def one(args: argparse.Namespace) -> None:
@@ -132,10 +147,10 @@ def one(args: argparse.Namespace) -> None:
     if args.way == "tutorial":
         out = tutorial(args.folder)
     elif args.way.startswith("forward"):
-        out = forward_limit(args.precision)
+        out = forward_limit(args.precision, args.runtime)
     else:
         out = stage(args.folder, args.work, args.precision, args.decode, args.workers,
-                    args.batch_size)
+                    args.batch_size, args.runtime)
     out |= {"rss": peak_rss_mib(), "threads": torch.get_num_threads()}
     print(json.dumps(out))
 
@@ -153,7 +168,8 @@ def run_way(*argv: str) -> dict[str, float]:
 
 def measure(folder: Path, work: Path) -> dict[str, dict[str, float]]:
     ways = {"tutorial": ("tutorial",), "fp32 full": ("stage", "fp32", "full"),
-            "fp32": ("stage", "fp32", "scaled"), "auto": ("stage", "auto", "scaled")}
+            "fp32": ("stage", "fp32", "scaled"), "bf16": ("stage", "bf16", "scaled"),
+            "auto": ("stage", "auto", "scaled")}
     out = {}
     for name, (way, *rest) in ways.items():
         argv = ["--way", way, "--folder", str(folder), "--work", str(work / name.replace(" ", "-"))]
@@ -185,6 +201,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--decode", default="scaled", help=argparse.SUPPRESS)
+    ap.add_argument("--runtime", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=lambda v: None if v == "null" else int(v),
                     default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -194,25 +211,31 @@ def main() -> None:
         sys.exit(f"bench: needs the photos at {HYMENOPTERA}")
     import torch
 
-    from tlflow.tasks.lib.core.device import cpu_has_bf16, effective_precision
+    from tlflow.tasks.lib.core.device import cpu_has_bf16
+    from tlflow.tasks.lib.core.params import Extract
+    from tlflow.tasks.lib.features.runtime import effective_runtime
 
-    auto = effective_precision(torch.device("cpu"), "auto")
+    runtime = effective_runtime(Extract(), torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 in hardware: "
-          f"{cpu_has_bf16()}; precision auto = {auto}")
+          f"{cpu_has_bf16()}; runtime auto = {runtime}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small = photos(tmp / "photos")
         big = big_jpegs(tmp / "big", args.big)
-        limits = {p: run_way("--way", "forward", "--precision", p) for p in ("fp32", "auto")}
+        # ONNX Runtime's first: its graph is exported (timed) into the cache the stage reads
+        limits = {name: run_way("--way", "forward", "--precision", p, "--runtime", r)
+                  for name, p, r in (("onnxruntime fp32", "auto", "auto"),
+                                     ("torch fp32", "fp32", "torch"),
+                                     ("torch bf16", "bf16", "torch"))}
         res_small = measure(small, tmp / "w-small")
         res_big = measure(big, tmp / "w-big")
         workers = {w: run_way("--way", "stage", "--folder", str(small), "--work",
                               str(tmp / f"w-workers-{w}"), "--precision", "auto",
                               "--workers", w)
                    for w in (("null", "0", "1") if args.decode_workers else ())}
-    for p, r in limits.items():
-        print(f"forward only, {p:<4} ({effective_precision(torch.device('cpu'), p)}): "
-              f"{r['n'] / r['seconds']:6.1f} img/s")
+    for name, r in limits.items():
+        print(f"forward only, {name:<16}: {r['n'] / r['seconds']:6.1f} img/s "
+              f"(model made in {r['made']:.1f} s)")
     table("hymenoptera photos", res_small)
     table(f"{args.big} 12-megapixel JPEGs", res_big)
     for w, r in workers.items():
@@ -222,10 +245,13 @@ def main() -> None:
     for title, res in (("photos", res_small), ("12-MP JPEGs", res_big)):
         t, a = res["tutorial"], res["auto"]
         print(f"ratio {title}: auto / tutorial speed {t['seconds'] / a['seconds']:.2f}x, "
+              f"bf16 / tutorial {t['seconds'] / res['bf16']['seconds']:.2f}x, "
               f"fp32 / tutorial {t['seconds'] / res['fp32']['seconds']:.2f}x, "
               f"peak RSS auto / tutorial {a['rss'] / t['rss']:.2f}")
-    f32, f16 = (limits[p]["n"] / limits[p]["seconds"] for p in ("fp32", "auto"))
-    print(f"ratio forward only: auto / fp32 {f16 / f32:.2f}x")
+    rate = {name: r["n"] / r["seconds"] for name, r in limits.items()}
+    print(f"ratio forward only: onnxruntime fp32 / torch fp32 "
+          f"{rate['onnxruntime fp32'] / rate['torch fp32']:.2f}x, torch bf16 / torch fp32 "
+          f"{rate['torch bf16'] / rate['torch fp32']:.2f}x")
 
 
 if __name__ == "__main__":

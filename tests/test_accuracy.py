@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import HYMENOPTERA, make_params
 from tlflow.tasks import evaluate, extract, ingest, predict, train
-from tlflow.tasks.lib.core.device import effective_precision
 from tlflow.tasks.lib.data.manifest import read_manifest
+from tlflow.tasks.lib.features.runtime import effective_runtime
 
 pytestmark = pytest.mark.accuracy  # `make accuracy` (CI runs it after `make test`)
 
@@ -37,11 +37,12 @@ def test_probe_on_hymenoptera(tmp_path: Path, hymenoptera: Path):
     assert (advice["size"], advice["similarity"], advice["plan"]) == ("small", "similar", "probe")
     assert advice["evidence"]["similarity"]["spread"]["top10_variance"] < 0.5
 
-    # the other precision than auto's (bf16 on CPUs with AMX or AVX512-BF16): within 0.005
-    other = "fp32" if effective_precision(torch.device("cpu"), "auto") == "bf16" else "bf16"
-    accuracy, _ = _probe_accuracy(tmp_path, other, source="folder", path=str(hymenoptera))
-    assert abs(accuracy - metrics["probe"]["accuracy"]) <= 0.005, (other, accuracy, metrics)
     _abstain_and_drift(tmp_path, params, metrics, hymenoptera)
+    # torch's fp32 and bf16 codes (auto's are ONNX Runtime's fp32 on a CPU): within 0.005
+    assert effective_runtime(params.extract, torch.device("cpu")) == "onnxruntime"
+    for other in ("fp32", "bf16"):
+        accuracy, _ = _probe_accuracy(tmp_path, other, source="folder", path=str(hymenoptera))
+        assert abs(accuracy - metrics["probe"]["accuracy"]) <= 0.005, (other, accuracy, metrics)
 
 
 def _abstain_and_drift(tmp_path: Path, params, metrics: dict, hymenoptera: Path) -> None:
@@ -87,13 +88,15 @@ def _probe_accuracy(tmp_path: Path, precision: str, **ingest_cfg) -> float:
 
 @pytest.mark.slow
 def test_bf16_codes_train_as_accurate_a_probe_as_fp32_on_digits(tmp_path: Path):
-    """extract.precision auto computes bf16 on CPUs with AMX or AVX512-BF16: the probe on
-    bf16 codes must score within 0.005 of the probe on fp32 codes (the same test images).
+    """The probe on bf16 codes, and on ONNX Runtime's fp32 codes (extract.runtime auto on a
+    CPU), must score within 0.005 of the probe on torch's fp32 codes (the same test images).
     The same check on hymenoptera closes test_probe_on_hymenoptera."""
     fp32, fp32_store = _probe_accuracy(tmp_path, "fp32", source="digits")
+    ort, ort_store = _probe_accuracy(tmp_path, "auto", source="digits")  # ONNX Runtime, fp32
     bf16, bf16_store = _probe_accuracy(tmp_path, "bf16", source="digits")
-    assert fp32_store != bf16_store  # the precision is part of the extractor id
+    assert len({fp32_store, ort_store, bf16_store}) == 3  # precision and runtime: in the id
     assert abs(bf16 - fp32) <= 0.005, (bf16, fp32)
+    assert abs(ort - fp32) <= 0.005, (ort, fp32)
 
     # drift, from the digits' side: the photos are novel, the digits' own test images are not
     params = make_params(tmp_path, ingest={"source": "digits"}, extract={"precision": "bf16"})

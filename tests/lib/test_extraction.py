@@ -81,35 +81,42 @@ def test_the_extractor_id_covers_the_precision_not_the_device(tmp_path: Path):
     assert ext_id("cuda", "bf16") == ext_id("cuda", "bf16", "torch")  # a GPU: torch
 
 
-def test_batches_made_in_the_background_keep_order_errors_and_stop():
+def test_images_decoded_in_threads_keep_order_errors_and_stop():
     import threading
 
-    from tlflow.tasks.lib.features.extraction import in_background
+    from tlflow.tasks.lib.features.extraction import decoded_in_threads
 
-    assert list(in_background(iter(range(50)), depth=2)) == list(range(50))
+    class Files:  # ImageFiles' contract: (index, image or None, error or None)
+        def __init__(self, n: int, broken: int = -1) -> None:
+            self.n, self.broken, self.read = n, broken, []
 
-    def broken():
-        yield 1
-        raise ValueError("bad batch")
+        def __len__(self) -> int:
+            return self.n
+
+        def __getitem__(self, i: int):
+            self.read.append(i)
+            if i == self.broken:
+                raise ValueError("a bug, not a bad file")
+            if i % 7 == 3:
+                return i, None, f"file {i}: unreadable"
+            return i, torch.full((1, 2, 2), float(i)), None
+
+    batches = list(decoded_in_threads(Files(50), 8, 3))
+    assert [len(b.indices) + len(b.errors) for b in batches] == [8] * 6 + [2]
+    assert [i for b in batches for i in b.indices] == [i for i in range(50) if i % 7 != 3]
+    assert [i for b in batches for i, _ in b.errors] == [i for i in range(50) if i % 7 == 3]
+    for b in batches:  # each image where its index says
+        assert [float(x[0, 0, 0]) for x in b.images] == [float(i) for i in b.indices]
 
     got = []
-    with pytest.raises(ValueError, match="bad batch"):
-        for b in in_background(broken()):
+    with pytest.raises(ValueError, match="a bug"):
+        for b in decoded_in_threads(Files(40, broken=20), 8, 2):
             got.append(b)
-    assert got == [1]  # what came before the error was handed over
+    assert len(got) == 2  # the batches before the broken one's were handed over
 
-    made = []
-
-    def endless():
-        while True:
-            made.append(len(made))
-            yield made[-1]
-
-    for b in in_background(endless(), depth=2):
-        if b == 3:
-            break  # the consumer leaves: the thread stops at its next batch
-    for t in threading.enumerate():
-        if t.name == "tlflow-decode":
-            t.join(timeout=5)
-    assert not any(t.name == "tlflow-decode" for t in threading.enumerate())
-    assert len(made) <= 3 + 2 + 2  # at most depth ahead, plus the one it was putting
+    files = Files(10_000)
+    for n, _ in enumerate(decoded_in_threads(files, 8, 2, depth=2)):
+        if n == 3:
+            break  # the consumer leaves: what has not started is cancelled, threads joined
+    assert not any(t.name.startswith("tlflow-decode") for t in threading.enumerate())
+    assert len(files.read) <= 8 * (3 + 1 + 2)  # at most depth batches ahead
