@@ -56,14 +56,14 @@ def _model_meta(served: Served) -> dict[str, Any]:
 def _probe(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]]:
     import torch
 
-    from tlflow.tasks.lib.core.device import effective_precision
+    from tlflow.tasks.lib.features.runtime import code_precision
     from tlflow.tasks.lib.models.onnxexport import ProbeGraph, preprocess
     from tlflow.tasks.lib.models.serving import served_backbone
 
     head = served.model
     backbone, cfg = served_backbone(head, params, torch.device("cpu"))
     scores = "probability" if head.has_probabilities else "decision"
-    served_in = effective_precision(torch.device("cpu"), cfg.precision)
+    served_in = code_precision(cfg, torch.device("cpu"))  # fp32 in ONNX Runtime
     meta = {
         "classes": list(head.classes), "scores": scores,
         "preprocess": preprocess(backbone, cfg.decode),
