@@ -22,8 +22,9 @@ from them (upscaled to 4000 x 3000, quality 92). Ratios are printed last.
     python bench/extract.py [--big 40] [--decode-workers]
 
 --decode-workers also times the stage on the photos with extract.num_workers null (the CPU's
-default: one decoding thread beside the forward pass), 0 (decoding in turn with it) and 1 (a
-decoder process, the forward pass on the cores left), the measurement behind the default.
+default: a pool of decoding threads, one per core, beside the forward pass), 0 (decoding in
+turn with it) and 1 (a decoder process, the forward pass on the cores left), the measurement
+behind the default.
 """
 
 from __future__ import annotations

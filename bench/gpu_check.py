@@ -135,7 +135,8 @@ def check_codes(table: Table, files: list[Path], size: int, device) -> None:
     from tlflow.tasks.lib.features.extraction import compute_codes
 
     backbone = create_backbone(BACKBONE, "packaged", size)
-    cpu = np.stack(compute_codes(files, backbone, "pooled", Extract(batch_size=32),
+    cpu = np.stack(compute_codes(files, backbone, "pooled",  # torch's fp32 on the CPU
+                                 Extract(batch_size=32, precision="fp32"),
                                  torch.device("cpu")))
     scale = float(np.abs(cpu).max())
     for precision, tolerance in (("fp32", FP32_TOLERANCE), ("bf16", BF16_TOLERANCE)):

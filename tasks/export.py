@@ -113,7 +113,7 @@ def graph(served: Served, params: Params) -> tuple[Any, int, str, dict[str, Any]
 
 
 def check_ready(fmt: str = "onnx") -> None:
-    """Before any work: the format is known and its optional packages are installed
+    """Before any work: the format is known and its packages are installed
     (TlflowError, one line, otherwise)."""
     if fmt not in FORMATS:
         raise TlflowError(f"--format: unknown format {fmt!r}; one of {list(FORMATS)}")
@@ -160,7 +160,7 @@ def run(params: Params) -> Exported | None:
     """The export stage. export.enabled: the working tree's export.model as
     <base.paths.exported>/<model>.onnx + .json, and markers for the other model; off: markers
     for both (an empty .onnx, a sidecar with enabled: false), nothing imported. Raises
-    TlflowError (one line) before anything is written when the optional packages are missing
+    TlflowError (one line) before anything is written when the ONNX packages are missing
     (naming the param and the extra) or the model does not exist (e.g. export.model:
     finetuned with fine-tuning off)."""
     cfg, folder = params.export, params.base.paths.exported

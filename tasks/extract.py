@@ -38,7 +38,7 @@ from tlflow.tasks.lib.features.extraction import (
     make_loader,
     missing_images,
 )
-from tlflow.tasks.lib.features.runtime import code_model
+from tlflow.tasks.lib.features.runtime import ORT, code_model, effective_runtime
 from tlflow.tasks.lib.features.store import (
     FeatureStore,
     extractor_id,
@@ -125,6 +125,8 @@ def extract_one(params: Params, rows: list[Row], device: torch.device, name: str
               f"images to compute ({len(rows)} files: a copy is computed once)", flush=True)
         bad, start = [], time.perf_counter()
         if todo and cfg.executor == "dask":
+            if effective_runtime(cfg, device) == ORT:  # the graph into the cache once, not
+                code_model(model, size, cfg, device)  # by each worker of a LocalCluster
             one = cfg.model_copy(update={"backbone": name, "weights": weights})
             job = ShardJob(ext_id, one, params.base.seed, size, library_versions(), (), (), "")
             bad = extract_on_dask(store, todo, paths.images, job)

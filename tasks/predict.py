@@ -115,11 +115,12 @@ def _compute(files: list[Path], layer: str, head: LinearHead, params: Params,
     from tlflow.tasks.lib.features.runtime import code_model
     from tlflow.tasks.lib.models.serving import served_backbone
 
-    device = resolve_device(params.extract.device)
-    backbone, cfg = served_backbone(head, params, device)
+    backbone, cfg = served_backbone(head, params, resolve_device(params.extract.device))
+    device = resolve_device(cfg.device)  # the CPU for a head on ONNX Runtime's codes
     codes, skipped = {}, []
     batches = make_loader(files, backbone, cfg, device)  # sets the threads the model takes
-    model = code_model(CodeExtractor(backbone, (layer,)), backbone.input_size, cfg, device)
+    # every layer extract computes: the same graph as extract's, already in the cache
+    model = code_model(CodeExtractor(backbone, cfg.layers), backbone.input_size, cfg, device)
     progress = Progress("predict: computing codes", len(files))
     try:
         for batch in batches:

@@ -1,7 +1,7 @@
 """tlflow export: the served model as one ONNX graph, run in ONNX Runtime against predict;
 and the export stage: off, it writes markers only; on, the graph and its sidecar are DVC
 outputs that ONNX Runtime runs as predict does, and `tlflow promote --model probe-onnx`
-registers them on the probe's val accuracy; without the optional packages, one line before
+registers them on the probe's val accuracy; without the ONNX packages, one line before
 anything runs."""
 
 import json
@@ -124,8 +124,8 @@ def test_without_the_extra_export_says_what_to_install(project: Path, monkeypatc
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     assert main(["export", "--model", "probe", "--out", "elsewhere"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: export: needs the optional package(s) onnxscript: "
-                   "pip install 'tlflow[zoo]'")
+    assert err == ("error: export: needs the package(s) onnxscript, tlflow's dependencies, "
+                   "missing here: pip install onnxscript")
     assert not Path("elsewhere").exists()
 
 
@@ -219,8 +219,8 @@ def test_without_the_extra_run_and_the_stage_stop_in_one_line(staged: Path, monk
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert err == ("error: params.yaml: export.enabled: true (the export stage): needs the "
-                       "optional package(s) onnx, onnxscript, onnxruntime: pip install "
-                       "'tlflow[zoo]'"), err
+                       "package(s) onnx, onnxscript, onnxruntime, tlflow's dependencies, "
+                       "missing here: pip install onnx onnxscript onnxruntime"), err
     assert not Path("dvc.lock").exists()  # the run started no stage
     assert {p: p.read_bytes() for p in Path("models/exported").iterdir()} == before
 

@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     "export", "write the served model as one ONNX graph (backbone and head) plus a JSON "
-              "sidecar; needs tlflow[zoo]", run, arguments,
+              "sidecar", run, arguments,
     description="Write the model predict would serve (--model) as one ONNX graph, backbone "
                 "and head together: a preprocessed float32 batch (N, 3, H, W) in, class "
                 "probabilities out, in <out>/<artifact>.onnx, and a JSON sidecar beside it "
                 "(classes, preprocessing, the model's version and sha256). Prints the graph's "
-                "path. Needs pip install 'tlflow[zoo]'.")
+                "path.")

@@ -89,5 +89,6 @@ def test_a_missing_package_is_named(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "onnx", None)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(TlflowError, match=r"optional package\(s\) onnx, onnxruntime: pip "):
+    with pytest.raises(TlflowError, match=r"package\(s\) onnx, onnxruntime, tlflow's "
+                                          r"dependencies, missing here: pip "):
         require_onnx()

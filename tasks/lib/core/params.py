@@ -238,7 +238,7 @@ class Predict(_Section):
 class Export(_Section):
     """The export stage (tasks/export.py): the working tree's model as an ONNX graph, a DVC
     output GTO can register (`tlflow promote --model probe-onnx`); off by default, as its
-    packages are the optional extra tlflow[zoo]."""
+    packages are tlflow's dependencies (also named by the extra tlflow[zoo])."""
 
     enabled: StrictBool = False
     model: Literal["probe", "finetuned"] = "probe"  # which model's graph (the other: a marker)

@@ -32,6 +32,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,12 @@ def code_model(extractor: CodeExtractor, size: int, cfg: Extract,
     torch."""
     if effective_runtime(cfg, device) == "torch":
         return extractor.to(device, memory_format=torch.channels_last)
-    return OrtCodes(_session(_graph(extractor, size), torch.get_num_threads()),
-                    extractor.layers)
+    threads = torch.get_num_threads()
+    try:
+        session = _session(_graph(extractor, size), threads)
+    except Exception:  # a damaged file in the cache (ONNX Runtime's own error types)
+        session = _session(_graph(extractor, size, fresh=True), threads)
+    return OrtCodes(session, extractor.layers)
 
 
 class _Outputs(nn.Module):
@@ -127,16 +132,19 @@ class _Outputs(nn.Module):
 
 
 def graph_key(extractor: CodeExtractor, size: int) -> str:
-    """sha256 naming a graph: the weights and buffers' bytes, the layers, the input size and
-    the exporter's versions (a change to any exports again)."""
+    """sha256 naming a graph: the weights and buffers' bytes, the backbone's name and
+    structure (its repr), the layers, the input size and the versions of the libraries that
+    build and export it (a change to any exports again)."""
     from importlib.metadata import version
 
     h = hashlib.sha256()
     for name, t in extractor.model.state_dict().items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    meta = (extractor.source, extractor.layers, size, torch.__version__, version("onnxscript"),
-            OPSET, type(extractor.model).__qualname__)
+    # the model's name and its structure (batch-norm eps, padding, activations: none of them
+    # a weight), and every library that turns it into a graph
+    meta = (extractor.name, extractor.layers, size, repr(extractor.model), OPSET,
+            *(version(p) for p in ("torch", "timm", "torchvision", "onnxscript", "onnx")))
     h.update(repr(meta).encode())
     return h.hexdigest()
 
@@ -148,13 +156,16 @@ def graph_cache() -> Path:
     return Path(root) / "tlflow" / "graphs"
 
 
-def _graph(extractor: CodeExtractor, size: int) -> bytes:
-    """The extractor's graph at `size` px (dynamic batch), from the cache or exported now."""
+def _graph(extractor: CodeExtractor, size: int, fresh: bool = False) -> bytes:
+    """The extractor's graph at `size` px (dynamic batch), from the cache or (`fresh`, or
+    not there) exported now and kept there."""
     path = graph_cache() / f"{graph_key(extractor, size)}.onnx"
-    with contextlib.suppress(OSError):
-        return path.read_bytes()
+    if not fresh:
+        with contextlib.suppress(OSError):
+            return path.read_bytes()
     graph = _export(extractor, size)
-    with contextlib.suppress(OSError):  # an unwritable cache: the graph lives in memory
+    # an unwritable cache (read-only, full: atomic_path's TlflowError): kept in memory
+    with contextlib.suppress(OSError, TlflowError):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_bytes(graph)
@@ -171,7 +182,8 @@ def _export(extractor: CodeExtractor, size: int) -> bytes:
     module = _Outputs(extractor).float().eval().cpu()
     example = torch.zeros(2, 3, size, size)
     print(f"{extractor.name}: exporting layers {', '.join(extractor.layers)} at {size} px to "
-          f"ONNX for ONNX Runtime (once; kept in {graph_cache()})", flush=True)
+          f"ONNX for ONNX Runtime (once; kept in {graph_cache()})", file=sys.stderr,
+          flush=True)  # stderr: predict's stdout is its CSV
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes
         program = torch.onnx.export(

@@ -1,7 +1,7 @@
 """The exported graphs as files and registry artifacts: where the export stage writes each
 model's graph (<base.paths.exported>/<model>.onnx and its .json sidecar), the marker it writes
 for a model it does not export, the GTO artifact each graph is (`probe-onnx`,
-`finetuned-onnx`), and the optional packages the export needs.
+`finetuned-onnx`), and the packages the export needs.
 
 Light on purpose (no torch, no onnx): `tlflow run` checks the packages before any stage
 runs, and the stage writes its markers without importing the exporter.
@@ -17,22 +17,22 @@ from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import atomic_path, write_json
 
 FORMAT = "tlflow.onnx/1"  # the sidecar's format
-PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the extra tlflow[zoo]
+PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # dependencies (and in tlflow[zoo])
 MODELS = ("probe", "finetuned")  # the models a graph is exported from
 SUFFIX = "-onnx"  # GTO artifact of a model's graph: probe -> probe-onnx
 
 
 def missing_packages() -> list[str]:
-    """The optional packages the export needs that are not installed."""
+    """The packages the export needs that are not installed."""
     return [p for p in PACKAGES if importlib.util.find_spec(p) is None]
 
 
 def require_onnx(who: str = "export") -> None:
-    """One line when the optional packages are missing (exit 2), before any work."""
+    """One line when the packages are missing (exit 2), before any work."""
     missing = missing_packages()
     if missing:
-        raise TlflowError(f"{who}: needs the optional package(s) {', '.join(missing)}: "
-                          "pip install 'tlflow[zoo]'")
+        raise TlflowError(f"{who}: needs the package(s) {', '.join(missing)}, tlflow's "
+                          f"dependencies, missing here: pip install {' '.join(missing)}")
 
 
 def check_stage_ready(enabled: bool) -> None:

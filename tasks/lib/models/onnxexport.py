@@ -15,7 +15,7 @@ Always fp32, whatever precision the head's codes were computed in (the sidecar s
 predict computes in another). Exported with torch.onnx.export(dynamo=True) (the torch.export
 based exporter, torch's default since 2.9; it needs onnx and onnxscript), the batch dimension
 a torch.export.Dim; the written file is checked against the torch module in ONNX Runtime
-before its sidecar lands. The three packages are the optional extra `tlflow[zoo]`.
+before its sidecar lands. The three packages are tlflow's dependencies (extract.runtime).
 """
 
 from __future__ import annotations

@@ -86,14 +86,17 @@ def load_served(params: Params, model: str = "promoted", root: Path = Path()) ->
 def served_backbone(head: LinearHead, params: Params,
                     device: torch.device) -> tuple[Backbone, Extract]:
     """The backbone the head's codes come from, at their input size (`head_backbone`), and
-    extract's params as those codes were computed (precision, decoding: `served_extractor`).
+    extract's params as those codes were computed (precision, runtime, decoding, and the
+    device to compute them on: `served_extractor`; `resolve_device(cfg.device)`).
     Raises TlflowError when params.yaml describes another extractor than the head's."""
+    from tlflow.tasks.lib.core.device import resolve_device
     from tlflow.tasks.lib.features.extraction import describe_extractor
     from tlflow.tasks.lib.features.store import extractor_id
 
     backbone = head_backbone(head, params)
     cfg = served_extractor(params.extract, backbone.identity(), device,
                            head.meta.extractor_id)
+    device = resolve_device(cfg.device)
     ext_id = extractor_id(describe_extractor(backbone.identity(), cfg, device))
     if ext_id != head.meta.extractor_id:
         raise TlflowError(
@@ -126,21 +129,26 @@ def head_backbone(head: LinearHead, params: Params) -> Backbone:
 
 def served_extractor(cfg: Extract, identity: dict, device: torch.device,
                      served: str) -> Extract:
-    """extract's params with the precision, runtime and decoding the served head's codes were
-    computed with (its extractor id says which): a head trained on bf16 codes (a CPU with
-    AMX, say) computes bf16 codes here too, emulated where this CPU lacks it, and a head from
-    before `extract.decode` decodes every pixel, rather than codes of another extractor.
+    """extract's params with the precision, runtime, decoding and device (`device`, else the
+    CPU: a head on ONNX Runtime's codes is served on a GPU machine by its CPU) the served
+    head's codes were computed with (its extractor id says which): a head trained on bf16
+    codes (a CPU with AMX, say) computes bf16 codes here too, emulated where this CPU lacks
+    it, and a head from before `extract.decode` decodes every pixel, rather than codes of
+    another extractor.
     Unchanged when no combination gives the head's id."""
+    import torch
+
     from tlflow.tasks.lib.features.extraction import describe_extractor
     from tlflow.tasks.lib.features.store import extractor_id
 
-    for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
-        for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
-            for runtime in dict.fromkeys((cfg.runtime, "auto", "torch")):
-                trial = cfg.model_copy(update={"precision": precision, "decode": decode,
-                                               "runtime": runtime})
-                with contextlib.suppress(TlflowError):  # a runtime that cannot run here
-                    if extractor_id(describe_extractor(identity, trial, device)) == served:
-                        return trial
+    for on in dict.fromkeys((device, torch.device("cpu"))):
+        for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
+            for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
+                for runtime in dict.fromkeys((cfg.runtime, "auto", "torch")):
+                    trial = cfg.model_copy(update={"precision": precision, "decode": decode,
+                                                   "runtime": runtime, "device": str(on)})
+                    with contextlib.suppress(TlflowError):  # a runtime that cannot run here
+                        if extractor_id(describe_extractor(identity, trial, on)) == served:
+                            return trial
     return cfg
 
