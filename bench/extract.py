@@ -193,7 +193,8 @@ def table(title: str, res: dict[str, dict[str, float]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--big", type=int, default=40, help="12-megapixel JPEGs to make")
+    ap.add_argument("--big", type=int, default=40,
+                    help="12-megapixel JPEGs to make (at most 57: every 7th photo)")
     ap.add_argument("--decode-workers", action="store_true")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -238,7 +239,7 @@ def main() -> None:
         print(f"forward only, {name:<16}: {r['n'] / r['seconds']:6.1f} img/s "
               f"(model made in {r['made']:.1f} s)")
     table("hymenoptera photos", res_small)
-    table(f"{args.big} 12-megapixel JPEGs", res_big)
+    table("12-megapixel JPEGs", res_big)
     for w, r in workers.items():
         print(f"extract.num_workers {w:<4}: {r['n'] / r['seconds']:5.1f} img/s "
               f"(torch threads {r['threads']}), peak RSS {r['rss']:.0f} MiB")
