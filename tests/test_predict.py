@@ -137,18 +137,16 @@ def test_min_confidence_and_novel_images(trained: Path, tmp_path: Path, capsys):
     assert "--min-confidence: must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-# `tlflow predict IMAGE`, writing the top-level names of sys.modules at exit to argv[1]
-LIST_MODULES = """
-import atexit, json, sys
-listing = sys.argv[1]
-def dump():
-    with open(listing, "w") as f:
-        json.dump(sorted({m.partition(".")[0] for m in sys.modules}), f)
-atexit.register(dump)
-sys.argv = ["tlflow", "predict", sys.argv[2]]
-from tlflow.flows.cli import console
-console()
-"""
+def _list_modules() -> str:
+    """bench/predict_startup.py's MODULES: `tlflow predict IMAGE`, writing the top-level
+    names of sys.modules at exit to argv[1] (one script for the bench and this test)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("predict_startup",
+                                                  ROOT / "bench" / "predict_startup.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.MODULES
 
 
 def test_predict_imports_only_what_it_needs(trained: Path, tmp_path: Path):
@@ -161,7 +159,7 @@ def test_predict_imports_only_what_it_needs(trained: Path, tmp_path: Path):
     GitRepo.init(trained)
     image = write_image(tmp_path / "new" / "x.png", COLOURS["red"], seed=31337)
     listing = tmp_path / "modules.json"
-    done = run_cli([sys.executable, "-c", LIST_MODULES, str(listing), str(image)], trained,
+    done = run_cli([sys.executable, "-c", _list_modules(), str(listing), str(image)], trained,
                    cli_env(tmp_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1].startswith(f"{image},red,")
