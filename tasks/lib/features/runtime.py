@@ -49,7 +49,7 @@ from tlflow.tasks.lib.features.codes import CodeExtractor
 
 ORT = "onnxruntime"
 OPSET = 18  # the dynamo exporter's default opset in torch 2.9+
-TOLERANCE = 1e-4  # ORT against torch on the check batch, relative to the largest code
+TOLERANCE = 1e-4  # ORT against torch on the check batch, relative to the largest value
 _PACKAGES = ("onnxruntime", "onnx", "onnxscript")  # to run, and to export with dynamo
 
 
@@ -113,9 +113,9 @@ def code_model(extractor: CodeExtractor, size: int, cfg: Extract,
         return extractor.to(device, memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
-        session = _session(_graph(extractor, size), threads)
+        session = ort_session(_graph(extractor, size), threads)
     except Exception:  # a damaged file in the cache (ONNX Runtime's own error types)
-        session = _session(_graph(extractor, size, fresh=True), threads)
+        session = ort_session(_graph(extractor, size, fresh=True), threads)
     return OrtCodes(session, extractor.layers)
 
 
@@ -172,30 +172,40 @@ def _graph(extractor: CodeExtractor, size: int, fresh: bool = False) -> bytes:
     return graph
 
 
-def _check_batch(size: int) -> torch.Tensor:
-    return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+def check_batch(size: int, n: int = 3) -> torch.Tensor:
+    """A fixed batch of `n` images for the checks against torch (seeded: the same each
+    time); (n, 3, size, size) float32."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str,
+            output_names: list[str]) -> Any:
+    """`module`'s forward(x) as an ONNX program (torch.onnx.export with dynamo=True, the
+    torch.export-based exporter, opset OPSET), the batch dimension of x dynamic; its progress
+    lines kept off stdout. Returns torch's ONNXProgram (`.save`, `.model_proto`)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return torch.onnx.export(
+            module, (example,), dynamo=True, verbose=False, input_names=[input_name],
+            output_names=output_names,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
+        )
 
 
 def _export(extractor: CodeExtractor, size: int) -> bytes:
-    """Export with torch.onnx.export(dynamo=True) and check the graph in ONNX Runtime against
-    torch's fp32 codes on a fixed batch (TOLERANCE)."""
+    """Export with to_onnx and check the graph in ONNX Runtime against torch's fp32 codes on
+    a fixed batch (TOLERANCE)."""
     module = _Outputs(extractor).float().eval().cpu()
-    example = torch.zeros(2, 3, size, size)
     print(f"{extractor.name}: exporting layers {', '.join(extractor.layers)} at {size} px to "
           f"ONNX for ONNX Runtime (once; kept in {graph_cache()})", file=sys.stderr,
           flush=True)  # stderr: predict's stdout is its CSV
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, verbose=False, input_names=["x"],
-            output_names=list(extractor.layers),
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
-        )
+        program = to_onnx(module, torch.zeros(2, 3, size, size), "x", list(extractor.layers))
     graph = program.model_proto.SerializeToString()
-    check = _check_batch(size)
+    check = check_batch(size)
     with torch.inference_mode():
         want = module(check)
-    got = _session(graph, torch.get_num_threads()).run(None, {"x": check.numpy()})
+    got = ort_session(graph, torch.get_num_threads()).run(None, {"x": check.numpy()})
     for name, w, g in zip(extractor.layers, want, got, strict=True):
         diff = float(np.abs(g - w.numpy()).max())
         if not diff <= TOLERANCE * max(1.0, float(w.abs().max())):
@@ -205,13 +215,16 @@ def _export(extractor: CodeExtractor, size: int) -> bytes:
     return graph
 
 
-def _session(graph: bytes, threads: int) -> Any:
-    """An ONNX Runtime CPU session on the graph: `threads` intra-op threads that sleep rather
-    than spin when idle (the decoding thread shares the cores)."""
+def ort_session(graph: bytes | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session on a graph (its bytes, or a .onnx file): `threads`
+    intra-op threads that sleep rather than spin when idle (decoding threads share the
+    cores), or with None ORT's defaults (a thread per core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = graph if isinstance(graph, bytes) else str(graph)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

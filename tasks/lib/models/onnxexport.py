@@ -20,8 +20,6 @@ before its sidecar lands. The three packages are tlflow's dependencies (extract.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import platform
 import time
 from dataclasses import dataclass
@@ -36,12 +34,17 @@ from tlflow.tasks.lib.core.errors import TlflowError
 from tlflow.tasks.lib.core.files import atomic_path, sha256_file, write_json
 from tlflow.tasks.lib.features.backbones import Backbone
 from tlflow.tasks.lib.features.codes import CodeExtractor
+from tlflow.tasks.lib.features.runtime import (
+    OPSET,
+    TOLERANCE,
+    check_batch,
+    ort_session,
+    to_onnx,
+)
 from tlflow.tasks.lib.models.exported import FORMAT, require_onnx
 from tlflow.tasks.lib.probe.head import LinearHead
 
 INPUT = "images"
-OPSET = 18  # the dynamo exporter's default opset in torch 2.9+
-TOLERANCE = 1e-4  # ORT against torch, on the check batch, per score
 
 
 class ProbeGraph(nn.Module):
@@ -102,11 +105,6 @@ def preprocess(backbone: Backbone, decode: str) -> dict[str, Any]:
     }
 
 
-def _check_batch(size: int, n: int = 3) -> torch.Tensor:
-    """A fixed batch of `n` images for the checks (seeded: the same file each time)."""
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-
-
 @dataclass(frozen=True)
 class Exported:
     """The written graph, its sidecar, and what its writing measured."""
@@ -116,17 +114,6 @@ class Exported:
     seconds: float  # the export alone (tracing, translation, optimization, saving)
     max_diff: float  # max |ORT - torch| over the check batch's scores
     size: int  # bytes of the .onnx
-
-
-def ort_session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session on the graph (`threads`: intra-op threads, None: ORT's
-    default, one per core)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session: Any, images: np.ndarray) -> np.ndarray:
@@ -145,17 +132,12 @@ def export(module: nn.Module, size: int, output: str, dest: Path,
     import onnxruntime
 
     module = module.float().eval().cpu()
-    example = _check_batch(size, 2)
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, input_names=[INPUT], output_names=[output],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
-        )
+    program = to_onnx(module, check_batch(size, 2), INPUT, [output])
     with atomic_path(dest) as tmp:
         program.save(str(tmp), external_data=False)
     seconds = time.perf_counter() - start
-    check = _check_batch(size)
+    check = check_batch(size)
     with torch.inference_mode():
         want = module(check).numpy()
     got = run_onnx(ort_session(dest), check.numpy())

@@ -8,6 +8,7 @@ Nothing heavy is imported at module level: predict's start-up stays short.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,14 +142,15 @@ def served_extractor(cfg: Extract, identity: dict, device: torch.device,
     from tlflow.tasks.lib.features.extraction import describe_extractor
     from tlflow.tasks.lib.features.store import extractor_id
 
-    for on in dict.fromkeys((device, torch.device("cpu"))):
-        for decode in dict.fromkeys((cfg.decode, "scaled", "full")):
-            for precision in dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")):
-                for runtime in dict.fromkeys((cfg.runtime, "auto", "torch")):
-                    trial = cfg.model_copy(update={"precision": precision, "decode": decode,
-                                                   "runtime": runtime, "device": str(on)})
-                    with contextlib.suppress(TlflowError):  # a runtime that cannot run here
-                        if extractor_id(describe_extractor(identity, trial, on)) == served:
-                            return trial
+    trials = itertools.product(dict.fromkeys((device, torch.device("cpu"))),
+                               dict.fromkeys((cfg.decode, "scaled", "full")),
+                               dict.fromkeys((cfg.precision, "auto", "fp32", "bf16", "fp16")),
+                               dict.fromkeys((cfg.runtime, "auto", "torch")))
+    for on, decode, precision, runtime in trials:  # the asked ones first
+        trial = cfg.model_copy(update={"precision": precision, "decode": decode,
+                                       "runtime": runtime, "device": str(on)})
+        with contextlib.suppress(TlflowError):  # a runtime that cannot run here
+            if extractor_id(describe_extractor(identity, trial, on)) == served:
+                return trial
     return cfg
 

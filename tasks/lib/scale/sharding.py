@@ -199,8 +199,6 @@ def _model(job: ShardJob) -> tuple[Any, Any, int | None, torch.device]:
                           f"{job.ext_id} (other weights file, preprocessing, precision or runtime "
                           f"on {device}); give every worker the same weights and set "
                           "extract.device, extract.precision and extract.runtime explicitly")
-    if device.type == "cpu":  # before an ONNX Runtime session takes its thread count
-        torch.set_num_threads(_worker_threads())
     model = code_model(CodeExtractor(backbone, job.cfg.layers), job.size, job.cfg, device)
     _MODELS[job.ext_id] = model, backbone.transform(), decode_side(backbone, job.cfg), device
     return _MODELS[job.ext_id]
@@ -213,6 +211,7 @@ def compute_shard(job: ShardJob) -> ShardDone:
     so the codes are the local executor's on the same CPU type. A finished
     file of the same name is taken as it is (atomic rename: it is whole). Raises TlflowError
     when the worker cannot compute the stage's codes (see `_model`)."""
+    from tlflow.tasks.lib.core.device import resolve_device
     from tlflow.tasks.lib.features.extraction import ImageFiles, collate, encode_batch
 
     path = Path(job.path)
@@ -221,9 +220,9 @@ def compute_shard(job: ShardJob) -> ShardDone:
             keys, _, bad = read_shard(path, job.ext_id)
             return ShardDone(job.path, len(keys), tuple(bad), reused=True)
     with _ONE_SHARD_AT_A_TIME:
+        if resolve_device(job.cfg.device).type == "cpu":  # set before _model's first call:
+            torch.set_num_threads(_worker_threads())  # an ORT session takes the count then
         model, transform, side, device = _model(job)
-        if device.type == "cpu":
-            torch.set_num_threads(_worker_threads())
         loader = torch.utils.data.DataLoader(
             ImageFiles([Path(f) for f in job.files], transform, side),
             batch_size=job.cfg.batch_size,
